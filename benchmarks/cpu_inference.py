@@ -1,0 +1,119 @@
+"""CPU inference: eager PyTorch fp32 vs ONNX Runtime fp32 vs ONNX Runtime INT8, same run, same machine.
+
+    python benchmarks/cpu_inference.py [--model CKPT] [--data ../shared/data/fracatlas] [--n-val 200] [--json F]
+
+Reports batch-1 latency (median) and batch-32 throughput per back-end, ratios to eager fp32, and the AUROC of
+fp32 vs INT8 on a fixed, stratified subset of FracAtlas. Without --model it uses models/fracatlas_effnet_lite
+when present, else a freshly initialised tf_efficientnet_lite0 at 384 px (AUROC is then meaningless: ~0.5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from bonefrac import checkpoint
+from bonefrac.backends import load_backend
+from bonefrac.export import export
+from bonefrac.io import read_image
+from bonefrac.metrics import _auroc
+from bonefrac.models import create
+from bonefrac.predict import Predictor
+
+log = logging.getLogger("bench")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def shipped_or_fresh(tmp: Path, size: int) -> tuple[Path, str]:
+    shipped = ROOT / "models" / "fracatlas_effnet_lite"
+    if (shipped / checkpoint.META_FILE).is_file():
+        return shipped, "shipped models/fracatlas_effnet_lite"
+    torch.manual_seed(0)
+    meta = {"arch": "tf_efficientnet_lite0", "class_names": ["no_fracture", "fracture"], "positive_index": 1,
+            "preprocess": {"size": size, "mean": [0.5] * 3, "std": [0.5] * 3, "channels": 3},
+            "threshold": 0.5, "temperature": 1.0, "manifest_sha256": "random-init"}
+    path = checkpoint.save(tmp / "fresh", create("tf_efficientnet_lite0", 2).eval(), meta)
+    return path, f"freshly initialised tf_efficientnet_lite0 at {size} px (no shipped model yet)"
+
+
+def subsets(data: Path, n_calib: int, n_val: int, seed: int = 0):
+    """(calibration paths, val paths, val labels): disjoint, fixed by the seed, val stratified."""
+    rows = pd.read_csv(data / "labels.csv").sample(frac=1.0, random_state=seed)
+    val = pd.concat([g.head(n_val // 2) for _, g in rows.groupby("fractured")])
+    calib = rows.drop(val.index).head(n_calib)
+    return [data / p for p in calib.image], [data / p for p in val.image], val.fractured.to_numpy()
+
+
+def latency_ms(fn, image, reps: int) -> float:
+    fn([image])
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn([image])
+        times.append(time.perf_counter() - t)
+    return 1000 * float(np.median(times))
+
+
+def throughput(fn, images, reps: int) -> float:
+    fn(images)
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn(images)
+    return reps * len(images) / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model")
+    ap.add_argument("--size", type=int, default=384)
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "fracatlas"))
+    ap.add_argument("--n-calib", type=int, default=64)
+    ap.add_argument("--n-val", type=int, default=200)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        ckpt, model_note = (Path(args.model), args.model) if args.model else shipped_or_fresh(tmp, args.size)
+        calib, val, y = subsets(Path(args.data), args.n_calib, args.n_val)
+        export(ckpt, tmp / "fp32.onnx", images=calib, n_parity=16)
+        export(ckpt, tmp / "int8.onnx", images=calib, int8=True, n_parity=16)
+        backends = {"eager_fp32": Predictor.from_checkpoint(ckpt, "cpu", batch_size=32),
+                    "ort_fp32": load_backend(tmp / "fp32.onnx", "cpu"),
+                    "ort_int8": load_backend(tmp / "int8.onnx", "cpu")}
+        sizes = {"ort_fp32": (tmp / "fp32.onnx").stat().st_size, "ort_int8": (tmp / "int8.onnx").stat().st_size}
+        val_images = [read_image(p) for p in val]
+        batch = (val_images * 2)[:32]
+        rows = {}
+        for name, pred in backends.items():
+            rows[name] = {"batch1_ms": round(latency_ms(pred.predict_arrays, batch[0], 5 * args.reps), 1),
+                          "batch32_img_s": round(throughput(pred.predict_arrays, batch, args.reps), 1),
+                          "val_auroc": round(_auroc(y, pred.predict_arrays(val_images), 1), 4),
+                          "size_mb": round(sizes.get(name, 0) / 1e6, 1) or None}
+            log.info("%s %s", name, rows[name])
+    base = rows["eager_fp32"]
+    for r in rows.values():
+        r["throughput_x_eager"] = round(r["batch32_img_s"] / base["batch32_img_s"], 2)
+        r["latency_x_eager"] = round(base["batch1_ms"] / r["batch1_ms"], 2)
+    result = {"model": model_note, "n_val": len(val), "torch_threads": torch.get_num_threads(),
+              "cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
+              "date": time.strftime("%Y-%m-%d"), "auroc_change_int8": round(
+                  rows["ort_int8"]["val_auroc"] - rows["ort_fp32"]["val_auroc"], 4), "backends": rows}
+    print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

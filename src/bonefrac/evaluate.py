@@ -1,0 +1,286 @@
+"""Evaluate a checkpoint (or an ensemble) on a manifest split: the only stage that reads test data.
+
+`evaluate(models, manifest, split, out_dir)` writes `metrics.json` (point values, group-bootstrap 95 % intervals,
+operating points, calibration), `predictions.csv` (sorted by loss, worst first), plots and one self-contained
+`report.html`. Thresholds come from the checkpoint (chosen on validation), never from the data evaluated here.
+
+Validation-only helpers live here too: `calibrate(ckpt, manifest)` re-fits a checkpoint's temperature and
+operating points, `fit_ensemble(...)` fits an ensemble's weights and threshold and `build_ensemble(...)` writes an
+ensemble directory that every command accepts as a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import checkpoint, metrics, report
+from .data import build_cache
+from .errors import BonefracError
+from .io import read_image
+from .manifest import load_manifest
+from .predict import ENSEMBLE_FILE, Ensemble, Predictor, decide, load_predictor
+
+log = logging.getLogger(__name__)
+
+
+def predict_manifest(predictor, df: pd.DataFrame, cache_dir: Path) -> np.ndarray:
+    """(n, K) calibrated probabilities for manifest rows, decoding through the shared uint8 cache."""
+    members = predictor.members if isinstance(predictor, Ensemble) else [predictor]
+    weights = predictor.weights if isinstance(predictor, Ensemble) else [1.0]
+    total = 0.0
+    for weight, member in zip(weights, members):
+        cache = build_cache(df.path.tolist(), df.sha256.tolist(), member.size, cache_dir)
+        total = total + weight * member.probs_uint8(torch.from_numpy(np.asarray(cache))[:, None])
+    return total
+
+
+def select_rows(df: pd.DataFrame, split: str, class_names: list[str], manifest) -> pd.DataFrame:
+    rows = df if split == "all" else df[df.split == split]
+    if rows.empty:
+        raise BonefracError(f"{manifest}: no rows in split '{split}' (splits present: "
+                            f"{', '.join(sorted(df.split.unique()))})")
+    unknown = sorted(set(rows.label) - set(class_names))
+    if unknown:
+        raise BonefracError(f"{manifest}: labels {unknown} are not classes of the model ({class_names})")
+    return rows.reset_index(drop=True)
+
+
+def evaluate(models: list[str], manifest: str | Path, split: str = "test", out_dir: str | Path = "eval",
+             positive_class: str | None = None, tta: bool = False, device: str = "auto", n_boot: int = 1000,
+             reference: str | None = None, seed: int = 0) -> dict:
+    """Compute and write every evaluation artefact; returns the metrics dict (also in metrics.json)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    predictor = load_predictor(models, device, tta)
+    names = predictor.class_names
+    df = load_manifest(manifest)
+    rows = select_rows(df, split, names, manifest)
+    y = rows.label.map({c: i for i, c in enumerate(names)}).to_numpy()
+    cache_dir = Path(manifest).parent / "cache"
+    ensemble_fit = None
+    if isinstance(predictor, Ensemble) and "ensemble_dir" not in predictor.meta:
+        ensemble_fit = _fit_loose_ensemble(predictor, df, names, cache_dir, split)
+    probs = predict_manifest(predictor, rows, cache_dir)
+
+    pos = predictor.positive_index
+    if positive_class is not None:
+        pos = metrics.positive_class_index(names, positive_class)
+    threshold = predictor.threshold if pos == predictor.positive_index else None
+    result = metrics.classification_metrics(y, probs, names, pos, threshold)
+    result.update(split=split, manifest=str(manifest), models=[str(m) for m in models], tta=tta)
+    if isinstance(predictor, Ensemble):
+        result["ensemble"] = ensemble_fit or {"weights": [float(w) for w in predictor.weights],
+                                              "fitted_on": predictor.meta.get("ensemble_dir")}
+    result["calibration"] = {"ece": metrics.expected_calibration_error(y, probs),
+                             "temperature": getattr(predictor, "temperature", None)}
+    if n_boot:
+        result["ci"] = metrics.metrics_with_ci(y, probs, names, rows.group.to_numpy(), pos, threshold, n_boot, seed)
+    points = predictor.meta.get("operating_points") if pos == predictor.positive_index else None
+    if pos is not None and points:
+        y_bin = (y == pos).astype(int)
+        result["operating_points"] = {k: metrics.threshold_metrics(y_bin, probs[:, pos], t)
+                                      for k, t in points.items()}
+    if reference:
+        ref = json.loads(Path(reference).read_text())
+        ref_scores = np.asarray(ref.get("scores", []), dtype=float)
+        result["domain_shift"] = metrics.domain_shift_summary(ref, result, ref_scores, _scores(probs, pos))
+    pred = decide(probs, pos, threshold)
+    _write_predictions(out_dir, rows, y, probs, pred, names)
+    result["scores"] = _scores(probs, pos).round(6).tolist()  # kept for later domain-shift comparisons
+    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+    _write_report(out_dir, result, rows, y, probs, pred, names, pos, points, reference, predictor)
+    return result
+
+
+def _fit_loose_ensemble(ens: Ensemble, df: pd.DataFrame, names, cache_dir: Path, split: str) -> dict:
+    """Several checkpoints named on the command line: weights and thresholds from this manifest's val split."""
+    val = df[df.split == "val"]
+    if val.empty or val.label.nunique() < 2:
+        log.warning("no usable val split to fit ensemble weights on; using equal weights and the first "
+                    "member's thresholds")
+        return {"weights": [float(w) for w in ens.weights], "fitted_on": None}
+    if split in ("val", "all"):
+        log.warning("ensemble weights are fitted on the val split that is also being evaluated: optimistic")
+    fit = fit_ensemble(ens, select_rows(df, "val", names, "val split"), cache_dir)
+    apply_ensemble_fit(ens, fit)
+    return {**fit, "fitted_on": "val split of this manifest"}
+
+
+def fit_ensemble(ens: Ensemble, val_rows: pd.DataFrame, cache_dir: Path) -> dict:
+    """Member weights minimising the validation log loss of the mix, then the mix's threshold and operating
+    points on the same rows: {weights, threshold, operating_points, val_n, val_member_log_loss}."""
+    names = ens.class_names
+    y = val_rows.label.map({c: i for i, c in enumerate(names)}).to_numpy()
+    member_probs = [predict_manifest(m, val_rows, cache_dir) for m in ens.members]
+    weights = metrics.fit_ensemble_weights(member_probs, y)
+    mixed = metrics.average_probs(member_probs, weights)
+    out = {"weights": [round(float(w), 6) for w in weights], "threshold": None, "operating_points": None,
+           "val_n": int(len(y)),
+           "val_member_log_loss": [float(metrics.per_sample_loss(y, p).mean()) for p in member_probs],
+           "val_ensemble_log_loss": float(metrics.per_sample_loss(y, mixed).mean())}
+    pos = ens.positive_index
+    if pos is not None and len(names) == 2 and len(np.unique(y)) == 2:
+        out["operating_points"] = metrics.operating_points((y == pos).astype(int), mixed[:, pos])
+        out["threshold"] = out["operating_points"]["default"]
+    log.info("ensemble weights %s (val log loss %.4f; members %s)", out["weights"],
+             out["val_ensemble_log_loss"], [round(v, 4) for v in out["val_member_log_loss"]])
+    return out
+
+
+def apply_ensemble_fit(ens: Ensemble, fit: dict) -> None:
+    ens.weights = np.asarray(fit["weights"], dtype=float)
+    ens.threshold = fit["threshold"]
+    ens.meta.update(threshold=fit["threshold"], operating_points=fit["operating_points"])
+
+
+def build_ensemble(models: list[str], manifest: str | Path, out_dir: str | Path, device: str = "auto") -> Path:
+    """Fit weights and thresholds on the val split and write an ensemble directory: the members copied
+    inside it (weights and JSON only) and `ensemble.json` naming them by relative path."""
+    out_dir = Path(out_dir)
+    if len(models) < 2:
+        raise BonefracError("an ensemble needs at least two checkpoints")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise BonefracError(f"{out_dir} exists and is not empty; choose a new --out")
+    ens = load_predictor(models, device)
+    if not isinstance(ens, Ensemble) or "ensemble_dir" in ens.meta:
+        raise BonefracError("name the member checkpoints themselves, not an ensemble directory")
+    df = load_manifest(manifest)
+    fit = fit_ensemble(ens, select_rows(df, "val", ens.class_names, manifest), Path(manifest).parent / "cache")
+    members = []
+    for i, src in enumerate(models):
+        rel = f"members/{i}_{ens.members[i].meta['arch']}"
+        (out_dir / rel).mkdir(parents=True)
+        for name in (checkpoint.META_FILE, checkpoint.WEIGHTS_FILE):  # never the optimizer state
+            shutil.copy2(Path(src) / name, out_dir / rel / name)
+        members.append(rel)
+    spec = {"format": "bonefrac-ensemble", "members": members, "class_names": ens.class_names,
+            "positive_index": ens.positive_index, "sources": [str(m) for m in models],
+            "manifest": str(manifest), **fit}
+    _write_json_atomic(out_dir / ENSEMBLE_FILE, spec)
+    return out_dir
+
+
+def calibrate(ckpt: str | Path, manifest: str | Path, device: str = "auto") -> dict:
+    """Re-fit a checkpoint's temperature, threshold and operating points on the manifest's val split and
+    rewrite its JSON in place; returns the new calibration fields."""
+    from .train import calibration_meta
+
+    ckpt = Path(ckpt)
+    if (ckpt / ENSEMBLE_FILE).is_file():
+        raise BonefracError(f"{ckpt} is an ensemble; calibrate its members, then rebuild it with "
+                            "`bonefrac ensemble`")
+    meta = checkpoint.read_meta(ckpt)
+    predictor = Predictor.from_checkpoint(ckpt, device)
+    names = predictor.class_names
+    val = select_rows(load_manifest(manifest), "val", names, manifest)
+    y = val.label.map({c: i for i, c in enumerate(names)}).to_numpy()
+    cache = build_cache(val.path.tolist(), val.sha256.tolist(), predictor.size, Path(manifest).parent / "cache")
+    logits = predictor.logits_uint8(torch.from_numpy(np.asarray(cache))[:, None])
+    monitor = (meta.get("val_metrics") or {}).get("monitor") or metrics.default_selection_metric(len(names))
+    score = metrics.selection_score(monitor, y, metrics.softmax(logits))
+    fitted = calibration_meta(logits, y, names, predictor.positive_index, monitor, score)
+    fitted["calibrated_on"] = {"manifest": str(manifest), "split": "val", "n": int(len(y))}
+    log.info("temperature %.4f -> %.4f, threshold %s -> %s", meta.get("temperature") or 1.0,
+             fitted["temperature"], meta.get("threshold"), fitted["threshold"])
+    _write_json_atomic(ckpt / checkpoint.META_FILE, {**meta, **fitted})
+    return fitted
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)  # a reader sees the old file or the new one, never half of one
+
+
+def _scores(probs: np.ndarray, pos: int | None) -> np.ndarray:
+    return probs[:, pos] if pos is not None else probs.max(axis=1)
+
+
+def _write_predictions(out_dir: Path, rows, y, probs, pred, names) -> None:
+    loss = metrics.per_sample_loss(y, probs)
+    table = pd.DataFrame({"path": rows.path, "group": rows.group, "label": rows.label,
+                          "prediction": [names[i] for i in pred], "loss": loss.round(6)})
+    for i, name in enumerate(names):
+        table[f"p_{name}"] = probs[:, i].round(6)
+    table.sort_values("loss", ascending=False).to_csv(out_dir / "predictions.csv", index=False)
+
+
+def _error_grid(out_dir: Path, rows, y, probs, pred, names) -> Path | None:
+    worst = metrics.ranked_errors(y, probs, k_per_class=4, pred=pred)
+    picks = [i for c in sorted(worst) for i in worst[c]]
+    if not picks:
+        return None
+    images = [read_image(rows.path[i]) for i in picks]
+    titles = [f"true {names[y[i]]}\npred {names[pred[i]]} {probs[i, pred[i]]:.2f}" for i in picks]
+    return report.image_grid(images, titles, out_dir / "errors.png", ncols=4)
+
+
+def _gradcam_grid(out_dir: Path, predictor, rows, y, probs, pred, names, pos, k: int = 4) -> Path | None:
+    """Grad-CAM of the k most confident correct positives (correct predictions for K > 2) and the k most
+    confident mistakes; None (with a warning) for a model Grad-CAM cannot explain."""
+    from .explain import explain_arrays, overlay
+
+    conf = probs[np.arange(len(y)), pred]
+    right = np.flatnonzero((pred == y) & ((y == pos) if pos is not None else True))
+    wrong = np.flatnonzero(pred != y)
+    picks = [("correct", i) for i in right[np.argsort(-conf[right], kind="stable")][:k]]
+    picks += [("error", i) for i in wrong[np.argsort(-conf[wrong], kind="stable")][:k]]
+    if not picks:
+        return None
+    images = [read_image(rows.path[i]) for _, i in picks]
+    try:
+        # The reported prediction's class (an ensemble's may differ from its first member's own choice).
+        heatmaps = explain_arrays(predictor, images, [int(pred[i]) for _, i in picks])[0]
+    except BonefracError as exc:
+        log.warning("no Grad-CAM in the report: %s", exc)
+        return None
+    titles = [f"{kind}: true {names[y[i]]}\npred {names[pred[i]]} {conf[i]:.2f}" for kind, i in picks]
+    tiles = [overlay(img, h) for img, h in zip(images, heatmaps)]
+    return report.image_grid(tiles, titles, out_dir / "gradcam.png", ncols=4)
+
+
+def _write_report(out_dir, result, rows, y, probs, pred, names, pos, points, reference, predictor) -> None:
+    cm = result["confusion_matrix"]
+    plots = [report.plot_confusion_matrix(cm, names, out_dir / "confusion_matrix.png"),
+             report.plot_roc(y, probs, names, out_dir / "roc.png", pos, points),
+             report.plot_pr(y, probs, names, out_dir / "pr.png", pos, points),
+             report.plot_reliability(y, probs, out_dir / "reliability.png")]
+    errors = _error_grid(out_dir, rows, y, probs, pred, names)
+    summary = {"images": result["n"], "groups": int(rows.group.nunique()), "split": result["split"],
+               **{f"n_{c}": int((y == i).sum()) for i, c in enumerate(names)}}
+    headline = {k: result.get(k) for k in ("accuracy", "balanced_accuracy", "auroc", "sensitivity",
+                                           "specificity", "ppv", "npv", "threshold") if result.get(k) is not None}
+    sections = [("Data", [summary]), ("Headline metrics", [headline])]
+    if "ci" in result:
+        ci = [{"metric": k, **v} for k, v in result["ci"].items() if isinstance(v, dict) and "value" in v]
+        sections.append(("95 % bootstrap intervals (resampling duplicate groups)", [ci]))
+    sections.append(("Per class", [[{"class": c, **v} for c, v in result["per_class"].items()]]))
+    if result.get("operating_points"):
+        sections.append(("Operating points (thresholds chosen on validation)",
+                         [[{"point": k, **v} for k, v in result["operating_points"].items()]]))
+    if result.get("ensemble"):
+        sections.append(("Ensemble (weights fitted on validation)", [result["ensemble"]]))
+    sections.append(("Curves", plots[1:3]))
+    sections.append(("Calibration", [result["calibration"], plots[3]]))
+    sections.append(("Confusion matrix", [plots[0]]))
+    if errors:
+        sections.append(("Most confident mistakes", [errors]))
+    cams = _gradcam_grid(out_dir, predictor, rows, y, probs, pred, names, pos)
+    if cams:
+        sections.append(("Grad-CAM: where the model looked (predicted class; red = most influential)",
+                         ["Most confident correct positives first, then the most confident mistakes. Heatmaps "
+                          "show evidence for the predicted class, not a localisation of the fracture.", cams]))
+    if reference and "domain_shift" in result:
+        dist = report.plot_score_distributions(
+            {"reference": np.asarray(json.loads(Path(reference).read_text()).get("scores", [])),
+             "this set": _scores(probs, pos)}, out_dir / "score_shift.png")
+        sections.append(("Domain shift against the reference set", [result["domain_shift"]["metric_diff"], dist]))
+    report.html_report(out_dir / "report.html", title=f"bonefrac evaluation ({result['split']})", sections=sections)

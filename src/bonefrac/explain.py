@@ -1,0 +1,266 @@
+"""Grad-CAM heatmaps: where in the X-ray the model looked for the class it scored.
+
+    heatmaps = gradcam(predictor, [read_image(p)])   # list of float32 (H, W) in [0, 1], one per image
+    rgb = overlay(read_image(p), heatmaps[0])         # (H, W, 3) uint8, the heatmap blended onto the X-ray
+
+`predictor` is a `bonefrac.predict.Predictor` (an `Ensemble` explains its first member). The target layer is the
+model's last 4-D feature map before global pooling: timm's `forward_features` output (CNNs, EfficientNets,
+ConvNeXts), or, for a model without it, the last module whose output is 4-D, found with forward hooks.
+A heatmap explains one class score (the logit); by default the class the predictor decides on.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import BonefracError
+from .predict import decide
+from .transforms import normalize, resize_batch, to_unit
+
+log = logging.getLogger(__name__)
+
+OVERLAY_ALPHA = 0.6  # opacity of the hottest pixels; cold regions leave the X-ray untouched
+
+
+def gradcam(predictor, images: list[np.ndarray], target_class: int | None = None,
+            batch_size: int = 16) -> list[np.ndarray]:
+    """Grad-CAM heatmaps, float32 (H, W) at each image's own size, min-max scaled to [0, 1] (all zeros when
+    the map is flat: nothing is localised).
+
+    `images` are decoded 2-D uint8 arrays of any size; `target_class` is a class index, or None for the
+    class the predictor predicts for each image (its validation threshold for binary models).
+    """
+    return explain_arrays(predictor, images, target_class, batch_size)[0]
+
+
+def explain_arrays(predictor, images: list[np.ndarray], target_class=None,
+                   batch_size: int = 16) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """(heatmaps as in `gradcam`, explained class index per image, the explained model's calibrated
+    probabilities (n, K)). `target_class` may also be a sequence with one class index per image."""
+    member = _first_member(predictor)
+    n_classes = len(member.class_names)
+    targets = None if target_class is None else np.array(np.broadcast_to(np.asarray(target_class, int), (len(images),)))
+    if targets is not None and len(targets) and not ((targets >= 0) & (targets < n_classes)).all():
+        raise BonefracError(f"class index {target_class} is outside 0..{n_classes - 1} ({member.class_names})")
+    heatmaps, classes, probs = [], [], []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        chunk_targets = None if targets is None else targets[start:start + batch_size]
+        cams, logits = _cam_batch(member, resize_batch(chunk, member.size), chunk_targets)
+        heatmaps += [_unit_range(_to_image_size(c, img.shape)) for c, img in zip(cams, chunk)]
+        classes.append(logits["target"])
+        probs.append(logits["probs"])
+    if not images:
+        return [], np.zeros(0, int), np.zeros((0, n_classes), np.float32)
+    return heatmaps, np.concatenate(classes), np.concatenate(probs)
+
+
+def _first_member(predictor):
+    members = getattr(predictor, "members", None)
+    return members[0] if members else predictor
+
+
+def _cam_batch(member, x_uint8: torch.Tensor, targets: np.ndarray | None):
+    """Grad-CAM at the feature map's resolution upsampled to the model's input size: (B, S, S) numpy."""
+    model, prep = member.model, member.prep
+    inp = normalize(to_unit(x_uint8.to(member.device)), prep["mean"], prep["std"], prep["channels"])
+    feats, logits = _features_and_logits(model, inp)
+    probs = torch.softmax(logits.detach() / member.temperature, dim=1).cpu().numpy()
+    target = decide(probs, member.positive_index, member.threshold) if targets is None else np.asarray(targets)
+    score = logits.gather(1, torch.as_tensor(target, device=logits.device).view(-1, 1)).sum()
+    grads, = torch.autograd.grad(score, feats)
+    # Grad-CAM: channel weights are the spatially averaged gradients; keep only positive evidence.
+    cam = F.relu((grads.mean(dim=(2, 3), keepdim=True) * feats.detach()).sum(dim=1, keepdim=True))
+    cam = F.interpolate(cam, size=(member.size, member.size), mode="bilinear", align_corners=False)[:, 0]
+    return cam.cpu().numpy().astype(np.float32), {"target": target, "probs": probs}
+
+
+def _features_and_logits(model, inp: torch.Tensor):
+    """(last 4-D feature map requiring grad, logits). Only the head is differentiated: the backbone runs
+    without a graph, which keeps memory at inference level."""
+    if hasattr(model, "forward_features") and hasattr(model, "forward_head"):
+        with torch.no_grad():
+            feats = model.forward_features(inp)
+        if feats.ndim == 4 and not _channels_last_output(model, feats):
+            feats = feats.detach().float().requires_grad_(True)
+            with torch.enable_grad():
+                return feats, model.forward_head(feats).float()
+    return _hooked_features_and_logits(model, inp)
+
+
+def _channels_last_output(model, feats: torch.Tensor) -> bool:
+    """True when a timm model emits NHWC features (e.g. Swin): the channel count sits in the last axis."""
+    channels = getattr(model, "num_features", None)
+    return channels is not None and feats.shape[-1] == channels and feats.shape[1] != channels
+
+
+def _hooked_features_and_logits(model, inp: torch.Tensor):
+    """Fallback for any module: the output of the last module (in execution order) that is 4-D."""
+    layer = find_target_layer(model, inp)
+    captured = {}
+
+    def keep(_module, _inputs, output):
+        captured["feats"] = output
+
+    handle = layer.register_forward_hook(keep)
+    try:
+        with torch.enable_grad():
+            inp = inp.detach().requires_grad_(True)  # so a graph exists even with frozen weights
+            logits = model(inp).float()
+    finally:
+        handle.remove()
+    return captured["feats"], logits
+
+
+def find_target_layer(model, inp: torch.Tensor) -> torch.nn.Module:
+    """The last module whose output is a 4-D (B, C, h, w) feature map with h, w > 1 when run on `inp`."""
+    order, handles = [], []
+    for module in model.modules():
+        if module is model:
+            continue
+        handles.append(module.register_forward_hook(
+            lambda m, _i, out: order.append(m) if torch.is_tensor(out) and out.ndim == 4 and out.shape[-1] > 1
+            else None))
+    try:
+        with torch.no_grad():
+            model(inp[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    if not order:
+        raise BonefracError(f"{type(model).__name__}: no 4-D feature map found; Grad-CAM needs a CNN-like model")
+    return order[-1]
+
+
+def _unit_range(cam: np.ndarray) -> np.ndarray:
+    """Min-max scaled to [0, 1]. A flat map (no positive evidence, or the same everywhere) localises nothing
+    and becomes all zeros. Subtracting the minimum matters for weakly trained models, whose maps are a large
+    constant plus a small bump that would otherwise paint the whole image."""
+    low, high = float(cam.min()), float(cam.max())
+    if high - low <= 1e-6 * max(abs(high), 1e-12):
+        return np.zeros_like(cam, dtype=np.float32)
+    return ((cam - low) / (high - low)).clip(0, 1).astype(np.float32)
+
+
+def _to_image_size(cam: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """The model input was the whole image squashed to a square, so stretching back inverts it exactly."""
+    if cam.shape == tuple(shape):
+        return cam
+    t = torch.from_numpy(cam)[None, None]
+    out = F.interpolate(t, size=tuple(shape), mode="bilinear", align_corners=False)[0, 0]
+    return out.clamp_(min=0).numpy().astype(np.float32)  # bilinear never overshoots; kept for safety
+
+
+def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
+    """The X-ray (2-D uint8) as RGB uint8 with the heatmap (jet colours) blended in where it is hot.
+
+    The heatmap is resized to the image when their sizes differ.
+    """
+    from matplotlib import colormaps
+
+    image = np.asarray(image)
+    if image.ndim != 2:
+        raise ValueError(f"overlay needs a 2-D grayscale image, got shape {image.shape}")
+    heat = _to_image_size(np.clip(np.asarray(heatmap, dtype=np.float32), 0, 1), image.shape)
+    colour = colormaps["jet"](heat)[..., :3]
+    grey = np.repeat(image[..., None].astype(np.float32) / 255.0, 3, axis=2)
+    weight = (alpha * heat)[..., None]
+    blended = np.clip((1 - weight) * grey + weight * colour, 0, 1)
+    return (blended * 255).round().astype(np.uint8)
+
+
+def explain_files(predictor, paths: list[str], out_dir: str | Path, target_class: str | None = None,
+                  batch_size: int = 16) -> list[dict]:
+    """Write `<stem>_gradcam.png` per readable image and `explain.csv`; returns one row per input file."""
+    import pandas as pd
+    from PIL import Image
+
+    from .predict import _safe_read, expand_paths
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = _first_member(predictor).class_names
+    target = _class_index(names, target_class)
+    rows, used = [], set()
+    files = expand_paths(paths)
+    for start in range(0, len(files), batch_size):
+        decoded = [(p, *_safe_read(p)) for p in files[start:start + batch_size]]
+        good = [(p, img) for p, img, err in decoded if err is None]
+        rows += [{"path": str(p), "error": err} for p, _, err in decoded if err is not None]
+        if not good:
+            continue
+        cams, classes, probs = explain_arrays(predictor, [img for _, img in good], target, batch_size)
+        for (path, img), cam, cls, prob in zip(good, cams, classes, probs):
+            png = out_dir / _unique_name(path, used)
+            Image.fromarray(overlay(img, cam)).save(png)
+            rows.append({"path": str(path), "heatmap": png.name, "explained_class": names[cls],
+                         "probability": round(float(prob[cls]), 6), "error": ""})
+    pd.DataFrame(rows, columns=["path", "heatmap", "explained_class", "probability", "error"]).to_csv(
+        out_dir / "explain.csv", index=False)
+    log.info("explained %d of %d images into %s", sum(1 for r in rows if not r["error"]), len(rows), out_dir)
+    return rows
+
+
+def _class_index(names: list[str], target: str | None) -> int | None:
+    if target is None:
+        return None
+    if target in names:
+        return names.index(target)
+    raise BonefracError(f"class '{target}' is not one of the model's classes {names}")
+
+
+def _unique_name(path: Path, used: set) -> str:
+    """`<stem>_gradcam.png`, numbered when two inputs (from different folders) share a stem."""
+    name, i = f"{path.stem}_gradcam.png", 1
+    while name in used:
+        i += 1
+        name = f"{path.stem}_{i}_gradcam.png"
+    used.add(name)
+    return name
+
+
+# ----------------------------------------------------------------------------- does it point at the fracture?
+
+POINTING_TOLERANCE_PX = 15  # as in the pointing game of Zhang et al. (ECCV 2016): a hit within 15 px counts
+
+
+def pointing_hit(heatmap: np.ndarray, boxes, tolerance: float = POINTING_TOLERANCE_PX) -> bool:
+    """True when the heatmap's maximum lies inside any box (x, y, w, h in pixels, x/y = top-left corner)
+    grown by `tolerance` pixels on every side. Ties: the first maximum in row-major order."""
+    row, col = np.unravel_index(int(np.argmax(heatmap)), np.shape(heatmap))
+    # Pixel (row, col) covers [col, col + 1) x [row, row + 1); its centre is what is tested.
+    px, py = col + 0.5, row + 0.5
+    return any(x - tolerance <= px <= x + w + tolerance and y - tolerance <= py <= y + h + tolerance
+               for x, y, w, h in boxes)
+
+
+def box_mask(shape: tuple[int, int], boxes) -> np.ndarray:
+    """Boolean (H, W) mask of the pixels whose centres lie inside any box (x, y, w, h; x/y top-left)."""
+    rows = np.arange(shape[0])[:, None] + 0.5
+    cols = np.arange(shape[1])[None, :] + 0.5
+    mask = np.zeros(shape, dtype=bool)
+    for x, y, w, h in boxes:
+        mask |= (cols >= x) & (cols < x + w) & (rows >= y) & (rows < y + h)
+    return mask
+
+
+def energy_inside(heatmap: np.ndarray, boxes) -> float:
+    """Share of the heatmap's total mass inside the boxes (0 for an all-zero heatmap); the energy-based
+    pointing game of Score-CAM (Wang et al., CVPR-W 2020)."""
+    heat = np.asarray(heatmap, dtype=np.float64)
+    total = heat.sum()
+    return float(heat[box_mask(heat.shape, boxes)].sum() / total) if total > 0 else 0.0
+
+
+def centre_gaussian(shape: tuple[int, int], sigma_frac: float = 0.25) -> np.ndarray:
+    """The baseline 'explanation' that ignores the image: a Gaussian at the centre, sigma a fraction of each
+    side, peak 1. Radiographs are usually framed around the region of interest, so this is a fair bar."""
+    h, w = shape
+    ys = (np.arange(h) + 0.5 - h / 2) / (sigma_frac * h)
+    xs = (np.arange(w) + 0.5 - w / 2) / (sigma_frac * w)
+    return np.exp(-0.5 * (ys[:, None] ** 2 + xs[None, :] ** 2)).astype(np.float32)

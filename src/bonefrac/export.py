@@ -1,0 +1,272 @@
+"""Export a checkpoint to ONNX (fp32, fp16 or INT8) or TorchScript, checked against PyTorch on real images.
+
+    report = export("runs/a/best", "model.onnx", manifest="work/data/manifest.csv", int8=True)
+
+The exported graph takes float32 (B, 1, S, S) raw pixels 0..255 (dynamic batch axis) and returns logits; the
+normalisation is inside the graph and the checkpoint JSON (classes, preprocessing, temperature, thresholds) is in
+the file's metadata, so `bonefrac.backends.load_backend(file)` needs nothing else. A sidecar `FILE.json` holds the
+same JSON plus the export report (size, parity, validation-metric change).
+
+Parity: probabilities of the exported model and of the PyTorch checkpoint on real images (the manifest's val
+split, or `images`) must agree within `tolerance` (max absolute difference), else BonefracError. INT8 uses
+ONNX Runtime static quantization (QDQ, per-channel weights) calibrated on training images.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoint
+from .backends import INPUT_NAME, META_KEY, OUTPUT_NAME, load_backend
+from .errors import BonefracError, ImageReadError
+from .io import IMAGE_EXTENSIONS, read_image
+from .predict import Predictor
+from .transforms import resize_batch
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2, "int8": 0.15}  # max |p_exported - p_torch|
+OPSET = 17
+
+
+class _Deployable(torch.nn.Module):
+    """Checkpoint model with its normalisation: raw pixels (B, 1, S, S) 0..255 -> logits."""
+
+    def __init__(self, model, prep: dict):
+        super().__init__()
+        self.model, self.channels = model, int(prep["channels"])
+        self.register_buffer("mean", torch.tensor(prep["mean"], dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(prep["std"], dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels / 255.0
+        if self.channels > 1:  # grey replicated, as transforms.normalize does
+            x = x.expand(-1, self.channels, -1, -1)
+        return self.model((x - self.mean) / self.std)
+
+
+def export(ckpt, out, fmt: str = "onnx", int8: bool = False, fp16: bool = False, manifest=None,
+           images=None, tolerance: float | None = None, n_calib: int = 64, n_parity: int = 64) -> dict:
+    """Write the exported model to `out` and return its report; raises BonefracError when parity fails.
+
+    `manifest` (train split calibrates INT8, val split checks parity and the metric change) or `images` (a
+    folder or list of image files, used for both) must name real images.
+    """
+    fmt, variant = _check_options(fmt, int8, fp16)
+    model, meta = checkpoint.load(ckpt, "cpu")
+    calib, parity, labels = _reference_images(manifest, images, meta, n_calib, n_parity)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    wrapped = _Deployable(model, meta["preprocess"]).eval()
+    report = {"format": fmt, "variant": variant, "opset": OPSET if fmt == "onnx" else None,
+              "source": str(ckpt), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    with tempfile.TemporaryDirectory() as tmp:
+        if fmt == "torchscript":
+            _write_torchscript(wrapped, meta, out, report)
+        else:
+            fp32_path = Path(tmp) / "fp32.onnx"
+            _write_onnx(wrapped, int(meta["preprocess"]["size"]), fp32_path)
+            final = _convert(fp32_path, variant, calib, int(meta["preprocess"]["size"]), Path(tmp))
+            _store_onnx_meta(final, out, meta, report)
+    report.update(_verify(ckpt, out, parity, labels, meta, tolerance, variant))
+    _store_final_report(out, fmt, meta, report)
+    return report
+
+
+def _check_options(fmt: str, int8: bool, fp16: bool) -> tuple[str, str]:
+    if fmt not in ("onnx", "torchscript"):
+        raise BonefracError(f"unknown export format '{fmt}' (onnx or torchscript)")
+    if int8 and fp16:
+        raise BonefracError("choose --int8 or --fp16, not both")
+    if fmt == "torchscript" and (int8 or fp16):
+        raise BonefracError("--int8/--fp16 apply to ONNX exports; TorchScript is exported in fp32")
+    return fmt, "int8" if int8 else "fp16" if fp16 else "fp32"
+
+
+# --- reference images ------------------------------------------------------------------------------------
+
+
+def _reference_images(manifest, images, meta, n_calib: int, n_parity: int):
+    """(calibration images, parity images, parity labels or None), decoded 2-D uint8."""
+    if manifest is None and images is None:
+        raise BonefracError("export needs real images for the parity check: pass --manifest (train split "
+                            "calibrates INT8, val split checks parity) or --images FOLDER")
+    if manifest is not None:
+        rows = _manifest_rows(manifest)
+        train, val = rows[rows.split == "train"], rows[rows.split == "val"]
+        if val.empty or train.empty:
+            raise BonefracError(f"{manifest}: needs non-empty train and val splits for export")
+        calib, _ = _load(list(train.path)[:n_calib])
+        parity, ok = _load(list(val.path)[:n_parity])
+        names = list(meta["class_names"])
+        labels = np.array([names.index(str(v)) for v in np.asarray(val.label)[:n_parity][ok]])
+        return calib, parity, labels
+    files = _image_files(images)
+    loaded, _ = _load(files[:max(n_calib, n_parity)])
+    return loaded[:n_calib], loaded[:n_parity], None
+
+
+def _manifest_rows(manifest):
+    import pandas as pd
+
+    path = Path(manifest)
+    if not path.is_file():
+        raise BonefracError(f"{path}: manifest not found")
+    rows = pd.read_csv(path, dtype={"label": str})
+    if not {"path", "label", "split"} <= set(rows.columns):
+        raise BonefracError(f"{path}: manifest needs path, label and split columns")
+    rows["path"] = [p if os.path.isabs(p) else str(path.parent / p) for p in rows.path]
+    return rows
+
+
+def _image_files(images) -> list[Path]:
+    items = [images] if isinstance(images, (str, Path)) else list(images)
+    files = []
+    for item in map(Path, items):
+        files.extend(sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+                     if item.is_dir() else [item])
+    if not files:
+        raise BonefracError(f"no image files in {images}")
+    return files
+
+
+def _load(paths) -> tuple[list[np.ndarray], np.ndarray]:
+    out, ok = [], []
+    for p in paths:
+        try:
+            out.append(read_image(p))
+            ok.append(True)
+        except ImageReadError as exc:
+            log.warning("skipping %s", exc)
+            ok.append(False)
+    if not out:
+        raise BonefracError("none of the reference images could be read")
+    return out, np.array(ok, bool)
+
+
+# --- writing ---------------------------------------------------------------------------------------------
+
+
+def _write_onnx(wrapped, size: int, path: Path) -> None:
+    x = torch.rand(2, 1, size, size) * 255
+    kwargs = dict(input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=OPSET)
+    try:  # the TorchScript-based exporter is fast and its graphs quantize well
+        torch.onnx.export(wrapped, (x,), str(path), dynamo=False,
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, **kwargs)
+    except Exception as exc:  # e.g. a torch without the legacy exporter: the torch.export-based one
+        log.info("legacy ONNX exporter failed (%s); using the dynamo exporter", exc)
+        torch.onnx.export(wrapped, (x,), str(path), dynamo=True, external_data=False,
+                          dynamic_shapes=({0: torch.export.Dim("batch")},), **kwargs)
+
+
+def _convert(fp32_path: Path, variant: str, calib: list[np.ndarray], size: int, tmp: Path) -> Path:
+    if variant == "fp32":
+        return fp32_path
+    if variant == "fp16":
+        import onnx
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        half = convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True)
+        onnx.save(half, str(tmp / "fp16.onnx"))
+        return tmp / "fp16.onnx"
+    return _quantize_int8(fp32_path, calib, size, tmp)
+
+
+def _quantize_int8(fp32_path: Path, calib: list[np.ndarray], size: int, tmp: Path) -> Path:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            batches = resize_batch(calib, size).numpy().astype(np.float32)
+            self._it = iter([{INPUT_NAME: batches[i:i + 8]} for i in range(0, len(batches), 8)])
+
+        def get_next(self):
+            return next(self._it, None)
+
+    prep = tmp / "prep.onnx"
+    quant_pre_process(str(fp32_path), str(prep))
+    out = tmp / "int8.onnx"
+    quantize_static(str(prep), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    log.info("INT8 calibrated on %d images", len(calib))
+    return out
+
+
+def _store_onnx_meta(src: Path, out: Path, meta: dict, report: dict) -> None:
+    import onnx
+
+    model = onnx.load(str(src))
+    _set_onnx_meta(model, meta, report)
+    onnx.save(model, str(out))
+
+
+def _set_onnx_meta(model, meta: dict, report: dict) -> None:
+    del model.metadata_props[:]
+    entry = model.metadata_props.add()
+    entry.key, entry.value = META_KEY, json.dumps({**meta, "export": report}, default=str)
+
+
+def _write_torchscript(wrapped, meta: dict, out: Path, report: dict) -> None:
+    size = int(meta["preprocess"]["size"])
+    traced = torch.jit.trace(wrapped, torch.rand(2, 1, size, size) * 255)
+    extra = {f"{META_KEY}.json": json.dumps({**meta, "export": report}, default=str)}
+    torch.jit.save(traced, str(out), _extra_files=extra)
+
+
+# --- checking --------------------------------------------------------------------------------------------
+
+
+def _verify(ckpt, out: Path, parity, labels, meta: dict, tolerance, variant: str) -> dict:
+    """Parity against PyTorch (fails loudly past the tolerance) and the validation-metric change."""
+    tol = DEFAULT_TOLERANCE[variant] if tolerance is None else float(tolerance)
+    ref = Predictor.from_checkpoint(ckpt, "cpu").predict_arrays(parity)
+    got = load_backend(out, "cpu").predict_arrays(parity)
+    diff = float(np.abs(ref - got).max())
+    pos = meta.get("positive_index")
+    agree = float((ref.argmax(1) == got.argmax(1)).mean())
+    result = {"parity": {"n_images": len(parity), "max_abs_prob_diff": round(diff, 6), "tolerance": tol,
+                         "argmax_agreement": round(agree, 4)},
+              "size_bytes": out.stat().st_size}
+    if labels is not None:
+        result["val_metric"] = _metric_change(labels, ref, got, meta["class_names"], pos)
+    if not np.isfinite(diff) or diff > tol:
+        out.unlink(missing_ok=True)
+        raise BonefracError(f"export parity check FAILED: max |p_exported - p_torch| = {diff:.4g} > tolerance "
+                            f"{tol:g} on {len(parity)} images; nothing written (raise --tolerance to accept)")
+    log.info("parity ok: max prob diff %.3g <= %g on %d images", diff, tol, len(parity))
+    return result
+
+
+def _metric_change(labels, ref, got, class_names, pos) -> dict:
+    from .metrics import _auroc
+
+    name = "auroc"
+    before, after = _auroc(labels, ref, pos), _auroc(labels, got, pos)
+    if before is None or after is None:  # a class absent from the parity images: fall back to accuracy
+        name = "accuracy"
+        before, after = float((ref.argmax(1) == labels).mean()), float((got.argmax(1) == labels).mean())
+    return {"name": name, "torch": round(before, 5), "exported": round(after, 5),
+            "change": round(after - before, 5), "n": int(len(labels))}
+
+
+def _store_final_report(out: Path, fmt: str, meta: dict, report: dict) -> None:
+    """Record parity and metric change inside the file (ONNX) and in the sidecar JSON (all formats)."""
+    if fmt == "onnx":
+        import onnx
+
+        model = onnx.load(str(out))
+        _set_onnx_meta(model, meta, {k: v for k, v in report.items() if k != "size_bytes"})
+        onnx.save(model, str(out))
+        report["size_bytes"] = out.stat().st_size
+    sidecar = out.with_name(out.name + ".json")
+    sidecar.write_text(json.dumps({**meta, "export": report}, indent=2, default=str))
+    log.info("exported %s (%s, %.1f MB); report in %s", out, report["variant"], report["size_bytes"] / 1e6, sidecar)

@@ -1,0 +1,284 @@
+"""The one image reader of bonefrac: any supported file -> 2-D uint8 grayscale array.
+
+Callers need three things from here:
+
+* :func:`read_image` / :func:`decode_image` return a ``(height, width)`` ``numpy.uint8`` array where bone is
+  bright (the pixel contract in ``docs/ARCHITECTURE.md``), or raise :class:`~bonefrac.errors.ImageReadError`
+  naming the file and the reason. Nothing is ever silently repaired (truncated files are errors).
+* :func:`resize_gray` is THE resize (PIL bilinear with antialiasing); training and prediction both use it so
+  that a model sees the same pixels in both.
+* :data:`IMAGE_EXTENSIONS` lists the file suffixes a folder scan should pick up.
+"""
+
+from __future__ import annotations
+
+import io as _stdio
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from bonefrac.errors import ImageReadError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"}
+)
+"""Lower-case suffixes of files a folder scan treats as images (DICOM files without a suffix are sniffed)."""
+
+MAX_PIXELS = 100_000_000
+"""Default refusal limit in pixels (width * height), checked from the header before decoding."""
+
+DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
+_PERCENTILES = (0.5, 99.5)
+
+
+def is_dicom_bytes(data: bytes) -> bool:
+    """True when ``data`` starts with the DICOM Part 10 preamble (128 bytes, then ``DICM``)."""
+    return len(data) >= 132 and data[128:132] == b"DICM"
+
+
+def read_image(path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Read an image file as a 2-D uint8 grayscale array (bone bright).
+
+    Supports JPEG, PNG (8/16-bit), WebP, BMP, TIFF (8/16-bit, float), DICOM (``.dcm`` or any file with the
+    DICM preamble). Raises ImageReadError (message names ``path`` and the reason) for a missing, empty,
+    truncated, corrupt or non-image file, and for images over ``max_pixels`` (checked before decoding).
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ImageReadError(path, "file not found") from None
+    except IsADirectoryError:
+        raise ImageReadError(path, "is a directory, not a file") from None
+    except OSError as exc:
+        raise ImageReadError(path, f"cannot read file: {exc.strerror or exc}") from None
+    return decode_image(data, str(path), max_pixels=max_pixels)
+
+
+def decode_image(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode image bytes as :func:`read_image` does; ``name`` is only used in error messages.
+
+    The format is sniffed from the content. The name's suffix is used only as a last resort, to try DICOM
+    files that lack the 128-byte preamble when nothing else recognises the bytes.
+    """
+    if not data:
+        raise ImageReadError(name, "empty file (0 bytes)")
+    if is_dicom_bytes(data):
+        return _decode_dicom(data, name, max_pixels)
+    try:
+        return _decode_pil(data, name, max_pixels)
+    except ImageReadError:
+        if Path(name).suffix.lower() in DICOM_SUFFIXES:
+            return _decode_dicom(data, name, max_pixels)
+        raise
+
+
+def resize_gray(img: np.ndarray, size) -> np.ndarray:
+    """Resize a 2-D uint8 image to ``size`` (int = square ``size x size``, or ``(height, width)``).
+
+    PIL bilinear; Pillow widens the filter when shrinking, so downscaling is antialiased. Returns uint8.
+    """
+    if not isinstance(img, np.ndarray) or img.ndim != 2 or img.dtype != np.uint8:
+        raise ValueError(f"resize_gray needs a 2-D uint8 array, got {getattr(img, 'dtype', type(img))} "
+                         f"with shape {getattr(img, 'shape', None)}")
+    height, width = (size, size) if isinstance(size, (int, np.integer)) else (int(size[0]), int(size[1]))
+    if height < 1 or width < 1:
+        raise ValueError(f"resize_gray size must be positive, got {size!r}")
+    if img.shape == (height, width):
+        return img.copy()
+    pil = Image.fromarray(img, mode="L")
+    return np.asarray(pil.resize((width, height), resample=Image.Resampling.BILINEAR))
+
+
+# --- PIL formats -------------------------------------------------------------------------------------------
+
+
+def _decode_pil(data: bytes, name: str, max_pixels: int) -> np.ndarray:
+    """Open with PIL (header only), check the size, then fully decode and convert to the pixel contract."""
+    try:
+        # PIL warns between its own limit and twice it; our max_pixels check is the policy, so silence it.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(_stdio.BytesIO(data)) as im:
+                _check_size(im.width, im.height, name, max_pixels)
+                im.load()  # raises on truncation because LOAD_TRUNCATED_IMAGES stays False
+                im = ImageOps.exif_transpose(im)  # show it the way a viewer does
+                return _pil_to_gray(im)
+    except ImageReadError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(name, f"image too large (decompression bomb guard): {exc}") from None
+    except Image.UnidentifiedImageError:
+        raise ImageReadError(name, f"not a recognised image format ({_describe(data)})") from None
+    except MemoryError:
+        raise ImageReadError(name, "out of memory while decoding") from None
+    except Exception as exc:  # PIL plugins raise many types (OSError, SyntaxError, ValueError...) on bad data
+        raise ImageReadError(name, f"corrupt or truncated image: {exc}") from None
+
+
+def _check_size(width: int, height: int, name: str, max_pixels: int) -> None:
+    if width <= 0 or height <= 0:
+        raise ImageReadError(name, f"invalid image size {width}x{height}")
+    if width * height > max_pixels:
+        raise ImageReadError(
+            name, f"image too large: {width}x{height} = {width * height:,} pixels > limit {max_pixels:,}"
+        )
+
+
+def _pil_to_gray(im: Image.Image) -> np.ndarray:
+    """Convert any PIL mode to the contract: 8-bit luma, alpha on black, deep images percentile-scaled."""
+    mode = im.mode
+    if mode in ("I", "F") or mode.startswith("I;16"):
+        arr = np.asarray(im)
+        if arr.ndim == 3:  # multi-channel deep data: use the first channel rather than guess a colour model
+            arr = arr[..., 0]
+        return _scale_percentile(arr.astype(np.float64))
+    if mode == "L":
+        return np.asarray(im, dtype=np.uint8).copy()
+    has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info
+    if has_alpha:
+        rgba = im.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        im = Image.alpha_composite(black, rgba)
+    # Pillow's RGB->L conversion is ITU-R 601-2 luma: L = R*299/1000 + G*587/1000 + B*114/1000.
+    return np.asarray(im.convert("RGB").convert("L"), dtype=np.uint8).copy()
+
+
+def _describe(data: bytes) -> str:
+    """A short hint of what the bytes are, for error messages."""
+    head = data[:12]
+    magic = {b"\xff\xd8\xff": "JPEG", b"\x89PNG": "PNG", b"BM": "BMP", b"II*\0": "TIFF", b"MM\0*": "TIFF",
+             b"GIF8": "GIF"}
+    kind = next((k for m, k in magic.items() if head.startswith(m)), None)
+    if kind or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        return f"corrupt {kind or 'WebP'} header"
+    if head.startswith(b"%PDF"):
+        return "looks like a PDF document"
+    if head[:2] in (b"PK",):
+        return "looks like a ZIP archive"
+    if head.lstrip().startswith((b"<", b"{", b"[")):
+        return "looks like text/HTML/JSON"
+    try:
+        data[:64].decode("utf-8")
+        return "looks like a text file"
+    except UnicodeDecodeError:
+        return f"unknown content starting {head.hex()}"
+
+
+def _scale_percentile(arr: np.ndarray) -> np.ndarray:
+    """Linear map of the 0.5-99.5 percentile range to 0..255 (flat images become 0)."""
+    finite = arr[np.isfinite(arr)]
+    if finite.size == 0:
+        return np.zeros(arr.shape, dtype=np.uint8)
+    lo, hi = np.percentile(finite, _PERCENTILES)
+    if hi <= lo:  # very peaked histogram: fall back to the full range before giving up
+        lo, hi = float(finite.min()), float(finite.max())
+    return _scale_range(arr, lo, hi)
+
+
+def _scale_range(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    if hi <= lo:
+        return np.zeros(arr.shape, dtype=np.uint8)
+    scaled = (np.nan_to_num(arr.astype(np.float64), nan=lo) - lo) * (255.0 / (hi - lo))
+    return np.rint(np.clip(scaled, 0.0, 255.0)).astype(np.uint8)
+
+
+# --- DICOM -------------------------------------------------------------------------------------------------
+
+
+def _dicom_luts():
+    """(apply_modality_lut, apply_voi_lut, convert_color_space) from pydicom 3.x, falling back to 2.x."""
+    try:
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut, convert_color_space
+    except ImportError:  # pydicom 2.x
+        from pydicom.pixel_data_handlers.util import (apply_modality_lut, apply_voi_lut,
+                                                      convert_color_space)
+    return apply_modality_lut, apply_voi_lut, convert_color_space
+
+
+def _decode_dicom(data: bytes, name: str, max_pixels: int) -> np.ndarray:
+    """DICOM -> modality LUT -> VOI LUT/window (or percentile window) -> MONOCHROME1 inverted -> uint8."""
+    try:
+        import pydicom  # lazy: only DICOM users pay for the import
+    except ImportError:
+        raise ImageReadError(name, "DICOM file but pydicom is not installed (pip install pydicom)") from None
+    try:
+        ds = pydicom.dcmread(_stdio.BytesIO(data), force=True)
+        rows, cols = int(ds.Rows), int(ds.Columns)
+    except Exception as exc:  # pydicom raises many types on malformed files
+        raise ImageReadError(name, f"not a readable DICOM image: {exc}") from None
+    _check_size(cols, rows, name, max_pixels)
+    try:
+        arr = _dicom_first_frame(ds, rows * cols, name, max_pixels)
+        return _dicom_to_gray(arr, ds)
+    except ImageReadError:
+        raise
+    except Exception as exc:
+        raise ImageReadError(name, f"cannot decode DICOM pixel data: {exc}") from None
+
+
+def _dicom_first_frame(ds, frame_pixels: int, name: str, max_pixels: int) -> np.ndarray:
+    """Decode only the first frame where pydicom allows it (3.x), else all frames (2.x, size-checked)."""
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    try:
+        from pydicom.pixels import pixel_array
+    except ImportError:  # pydicom 2.x decodes every frame at once
+        if frame_pixels * n_frames > max_pixels:
+            raise ImageReadError(name, f"DICOM with {n_frames} frames is over the {max_pixels:,} pixel limit")
+        arr = ds.pixel_array
+        return arr[0] if n_frames > 1 else arr
+    return pixel_array(ds, index=0 if n_frames > 1 else None)
+
+
+def _dicom_to_gray(arr: np.ndarray, ds) -> np.ndarray:
+    apply_modality_lut, apply_voi_lut, convert_color_space = _dicom_luts()
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if arr.ndim == 3:  # colour DICOM (e.g. a secondary capture): no LUTs, just luma
+        if photometric.startswith("YBR") and int(ds.get("SamplesPerPixel", 1)) == 3:
+            arr = convert_color_space(arr, photometric, "RGB")
+        rgb = Image.fromarray(_scale_range(arr, 0, float(np.iinfo(arr.dtype).max)
+                                           if arr.dtype.kind in "ui" else 1.0), mode="RGB")
+        return np.asarray(rgb.convert("L"), dtype=np.uint8).copy()
+    values = apply_modality_lut(arr, ds)
+    out = _apply_voi(values, ds, apply_voi_lut)
+    if out is None:
+        out = _scale_percentile(np.asarray(values, dtype=np.float64))
+    if photometric == "MONOCHROME1":  # MONOCHROME1 stores bone dark; the contract wants bone bright
+        out = 255 - out
+    return out
+
+
+def _apply_voi(values: np.ndarray, ds, apply_voi_lut) -> np.ndarray | None:
+    """The file's VOI LUT or window scaled to 0..255, or None when the file has none (or a broken one)."""
+    has_lut = bool(ds.get("VOILUTSequence"))
+    has_window = ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None
+    if not (has_lut or has_window):
+        return None
+    try:
+        if has_lut:  # pydicom prefers the LUT when both are present
+            # Clip to the table's input range ourselves: pydicom maps through the LUT's dtype, which wraps.
+            n_entries, first = _lut_span(ds.VOILUTSequence[0])
+            values = np.clip(np.rint(values), first, first + n_entries - 1).astype(np.int64)
+            probe = np.arange(first, first + n_entries, dtype=np.int64)
+        else:
+            probe = np.array([-1e12, 1e12])  # windows clip to their output range y_min..y_max
+        out = np.asarray(apply_voi_lut(values, ds, index=0), dtype=np.float64)
+        ends = np.asarray(apply_voi_lut(probe, ds, index=0), dtype=np.float64)
+    except Exception as exc:  # e.g. a window width of 0 or a malformed LUT: the percentile window still works
+        log.warning("ignoring unusable VOI LUT/window in DICOM: %s", exc)
+        return None
+    lo, hi = float(ends.min()), float(ends.max())
+    if hi <= lo:
+        return None
+    return _scale_range(out, lo, hi)
+
+
+def _lut_span(item) -> tuple[int, int]:
+    """(number of entries, first mapped value) of a VOI LUT item; 0 entries means 65536 (PS3.3 C.11.2.1.1)."""
+    descriptor = [int(v) for v in item.LUTDescriptor]
+    return descriptor[0] or 2**16, descriptor[1]

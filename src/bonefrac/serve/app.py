@@ -1,0 +1,81 @@
+"""`create_app(settings, predictor=None)` -> the FastAPI app; `run(settings)` serves it with uvicorn.
+
+The app owns all its state (predictor, batcher, telemetry, rate limiter, audit log) on `app.state`; nothing is
+global, so tests and benchmarks can build several apps side by side.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.staticfiles import StaticFiles
+
+from .. import __version__
+from .audit import AuditLog
+from .batcher import MicroBatcher
+from .errors import install as install_error_handlers
+from .guards import BodyLimitMiddleware, RateLimiter
+from .routes import ops, page, predict
+from .routes.page import STATIC_DIR
+from .settings import Settings
+from .telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+NOTICE = "Assistive research tool, not a diagnostic device: every output needs review by a qualified clinician."
+
+
+def create_app(settings: Settings | None = None, predictor=None) -> FastAPI:
+    """The service for `settings` (default: from the environment); `predictor` overrides settings.model."""
+    from ..backends import load_backend
+
+    settings = settings or Settings.from_env()
+    predictor = predictor or load_backend(settings.model, settings.device)
+    telemetry = Telemetry()
+    batcher = MicroBatcher(predictor.predict_arrays, settings.max_batch, settings.max_wait_ms, telemetry.batch)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await batcher.start()
+        log.info("serving %s (max batch %d, max wait %g ms)", predictor.version, settings.max_batch,
+                 settings.max_wait_ms)
+        yield
+        await batcher.stop()
+
+    app = FastAPI(title="bonefrac", version=__version__, lifespan=lifespan, description=NOTICE)
+    app.state.settings, app.state.predictor, app.state.batcher = settings, predictor, batcher
+    app.state.telemetry, app.state.rate_limiter = telemetry, RateLimiter(settings.rate_limit)
+    app.state.audit = AuditLog(settings.audit_db) if settings.audit_db else None
+    install_error_handlers(app, telemetry)
+    _add_middleware(app, settings, telemetry)
+    for module in (predict, ops, page):
+        app.include_router(module.router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app
+
+
+def _add_middleware(app: FastAPI, settings: Settings, telemetry: Telemetry) -> None:
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        telemetry.request(getattr(route, "path", "unmatched"), response.status_code, time.perf_counter() - start)
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        return response
+
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    if settings.cors_origins:  # off by default: the page is served from the same origin
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
+                           allow_methods=["GET", "POST"], allow_headers=["X-API-Key", "Authorization"])
+
+
+def run(settings: Settings) -> None:
+    """Serve until interrupted (uvicorn; access logs hold method, path and status only)."""
+    import uvicorn
+
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")

@@ -1,0 +1,43 @@
+"""Optional audit log in SQLite: one row per analysed image (time, model version, image hash, probabilities,
+prediction, refer flag), so low-confidence cases can be reviewed. No pixels, file names or patient fields."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+_SCHEMA = """CREATE TABLE IF NOT EXISTS predictions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, model_version TEXT NOT NULL,
+    image_sha256 TEXT NOT NULL, status TEXT NOT NULL, prediction TEXT, probabilities TEXT, refer INTEGER NOT NULL)"""
+
+
+class AuditLog:
+    """Appends rows from any thread (one connection per call, writes serialised by a lock)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        with self._connect() as db:
+            db.execute(_SCHEMA)
+
+    def _connect(self):
+        return sqlite3.connect(self.path, timeout=10)
+
+    def record(self, model_version: str, results: list[dict]) -> None:
+        rows = [(time.time(), model_version, r["sha256"], r["status"], r.get("prediction"),
+                 json.dumps(r.get("probabilities")), int(bool(r.get("refer")))) for r in results]
+        with self._lock, self._connect() as db:
+            db.executemany("INSERT INTO predictions (time, model_version, image_sha256, status, prediction, "
+                           "probabilities, refer) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+
+    def recent(self, limit: int = 100, refer_only: bool = False) -> list[dict]:
+        query = "SELECT * FROM predictions" + (" WHERE refer = 1" if refer_only else "")
+        with self._connect() as db:
+            db.row_factory = sqlite3.Row
+            rows = db.execute(query + " ORDER BY id DESC LIMIT ?", (int(limit),)).fetchall()
+        return [{**dict(r), "probabilities": json.loads(r["probabilities"] or "null"), "refer": bool(r["refer"])}
+                for r in rows]

@@ -1,0 +1,1 @@
+"""HTTP routes, one module per resource: predict (predictions, explanations, audit), ops (health, metrics), page."""

@@ -1,0 +1,26 @@
+"""GET /health (process alive), GET /ready (model loaded, batcher running), GET /metrics (Prometheus text)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+router = APIRouter()
+
+
+@router.get("/health", summary="Liveness")
+async def health() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/ready", summary="Readiness: the model is loaded and accepting work")
+async def ready(request: Request):
+    state = request.app.state
+    if not state.batcher.running:
+        return JSONResponse({"status": "starting"}, status_code=503)
+    return {"status": "ready", "model_version": state.predictor.version, "class_names": state.predictor.class_names}
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
+async def metrics(request: Request) -> PlainTextResponse:
+    return PlainTextResponse(request.app.state.telemetry.render(), media_type="text/plain; version=0.0.4")

@@ -1,0 +1,149 @@
+"""POST /v1/predict (one or many images -> probabilities, refer flag), POST /v1/explain (Grad-CAM PNG),
+GET /v1/audit (recent audit rows, when the audit log is on)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import logging
+
+import numpy as np
+from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
+from fastapi.responses import Response
+from pydantic import BaseModel
+
+from ...backends import check_radiograph, colourfulness_of, needs_review
+from ...errors import ImageReadError
+from ...io import decode_image
+from ...predict import decide
+from ..errors import ApiError
+from ..guards import guard
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1", dependencies=[Depends(guard)])
+FILES = File(..., description="image files (PNG, JPEG, WebP, BMP, TIFF or DICOM); the type is sniffed from content")
+
+
+class ImageResult(BaseModel):
+    filename: str
+    sha256: str
+    status: str  # "ok" or "not_xray"
+    prediction: str | None = None
+    confidence: float | None = None
+    probabilities: dict[str, float] | None = None
+    refer: bool
+    message: str | None = None
+
+
+class PredictResponse(BaseModel):
+    model_version: str
+    class_names: list[str]
+    threshold: float | None
+    results: list[ImageResult]
+
+
+def _read_error(name: str, exc: ImageReadError) -> ApiError:
+    reason = exc.reason
+    if "too large" in reason:
+        return ApiError(413, "image_too_large", f"{name}: {reason}")
+    if "not a recognised image format" in reason:
+        return ApiError(415, "unsupported_media_type", f"{name}: {reason}")
+    return ApiError(422, "unreadable_image", f"{name}: {reason}")
+
+
+async def _decode_uploads(files: list[UploadFile], settings) -> list[dict]:
+    if len(files) > settings.max_files:
+        raise ApiError(413, "too_many_files", f"{len(files)} images in one request; the limit is {settings.max_files}")
+    decoded = []
+    for i, upload in enumerate(files):
+        name = upload.filename or f"file {i + 1}"
+        data = await upload.read()
+        try:
+            gray = await asyncio.to_thread(decode_image, data, name, settings.max_pixels)
+        except ImageReadError as exc:
+            raise _read_error(name, exc) from None
+        colour = await asyncio.to_thread(colourfulness_of, data) if settings.xray_check else 0.0
+        decoded.append({"filename": name, "sha256": hashlib.sha256(data).hexdigest(), "gray": gray,
+                        "colour": colour})
+    return decoded
+
+
+async def _analyse(request: Request, files: list[UploadFile]) -> PredictResponse:
+    state = request.app.state
+    settings, predictor = state.settings, state.predictor
+    items = await _decode_uploads(files, settings)
+    for item in items:
+        item["check"] = check_radiograph(item["gray"], item["colour"]) if settings.xray_check else None
+    xrays = [it for it in items if it["check"] is None or it["check"].ok]
+    probs = await state.batcher.submit([it["gray"] for it in xrays]) if xrays else np.zeros((0, 0))
+    for item, row in zip(xrays, probs):
+        item["probs"] = row
+    results = [_result(it, predictor, settings.refer_margin) for it in items]
+    for r in results:
+        state.telemetry.image(r.status)
+    if state.audit is not None:
+        await asyncio.to_thread(state.audit.record, predictor.version, [r.model_dump() for r in results])
+    return PredictResponse(model_version=predictor.version, class_names=predictor.class_names,
+                           threshold=predictor.threshold, results=results)
+
+
+def _result(item: dict, predictor, margin: float) -> ImageResult:
+    base = {"filename": item["filename"], "sha256": item["sha256"]}
+    if "probs" not in item:
+        return ImageResult(**base, status="not_xray", refer=True, message=item["check"].reason)
+    row = item["probs"][None, :]
+    label = int(decide(row, predictor.positive_index, predictor.threshold)[0])
+    refer = bool(needs_review(row, predictor.positive_index, predictor.threshold, margin)[0])
+    return ImageResult(**base, status="ok", prediction=predictor.class_names[label],
+                       confidence=round(float(row[0, label]), 6), refer=refer,
+                       probabilities={c: round(float(p), 6) for c, p in zip(predictor.class_names, row[0])},
+                       message="low confidence: refer for expert review" if refer else None)
+
+
+@router.post("/predict", response_model=PredictResponse, summary="Classify one or many X-ray images")
+async def predict(request: Request, files: list[UploadFile] = FILES) -> PredictResponse:
+    """Per image: class probabilities, prediction, confidence, a refer flag (low confidence or not an X-ray)
+    and the model version. Assistive output for clinician review, not a diagnosis."""
+    return await _analyse(request, files)
+
+
+@router.post("/explain", summary="Grad-CAM overlay of the first image, as PNG",
+             responses={200: {"content": {"image/png": {}}}})
+async def explain(request: Request, files: list[UploadFile] = FILES) -> Response:
+    """The X-ray with a heatmap of the regions that drove the predicted class (PyTorch checkpoints only)."""
+    state = request.app.state
+    items = await _decode_uploads(files[:1], state.settings)
+    check = check_radiograph(items[0]["gray"], items[0]["colour"]) if state.settings.xray_check else None
+    if check is not None and not check.ok:
+        raise ApiError(422, "not_xray", f"{items[0]['filename']}: {check.reason}")
+    gradcam, overlay = _explainer(state.predictor)
+    heat = await state.batcher.run(gradcam, state.predictor, [items[0]["gray"]])
+    return Response(_png(overlay(items[0]["gray"], heat[0])), media_type="image/png")
+
+
+def _explainer(predictor):
+    if getattr(predictor, "model", None) is None:
+        raise ApiError(501, "not_implemented", "explanations need a PyTorch checkpoint; this service runs an "
+                       "exported model (serve the checkpoint directory to enable /v1/explain)")
+    try:
+        from ...explain import gradcam, overlay
+    except ImportError:
+        raise ApiError(501, "not_implemented", "Grad-CAM is not available in this installation") from None
+    return gradcam, overlay
+
+
+def _png(rgb: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(rgb, dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@router.get("/audit", summary="Recent audit-log rows (image hashes, probabilities, refer flags)")
+async def audit(request: Request, limit: int = Query(100, ge=1, le=1000), refer_only: bool = False) -> dict:
+    if request.app.state.audit is None:
+        raise ApiError(404, "audit_off", "the audit log is off (set BONEFRAC_AUDIT_DB to turn it on)")
+    rows = await asyncio.to_thread(request.app.state.audit.recent, limit, refer_only)
+    return {"rows": rows}

@@ -1,0 +1,41 @@
+"""Shared fixtures for the io/manifest tests: tiny images made in tmp_path, and the shared real data."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than about a minute")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The shared real-data folder beside the repository (``../shared/data``); skips when absent."""
+    root = Path(__file__).resolve().parents[2] / "shared" / "data"
+    if not root.is_dir():
+        pytest.skip(f"shared data folder not found: {root}")
+    return root
+
+
+@pytest.fixture(scope="session")
+def fracatlas(shared_data) -> Path:
+    root = shared_data / "fracatlas"
+    if not (root / "images").is_dir():
+        pytest.skip("FracAtlas images not available")
+    return root
+
+
+def pattern(seed: int, size=(48, 64)) -> np.ndarray:
+    """A smooth random uint8 image; different seeds give perceptually distinct images."""
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, (6, 6), dtype=np.uint8))
+    return np.asarray(coarse.resize((size[1], size[0]), Image.Resampling.BICUBIC))
+
+
+def save(img: np.ndarray, path: Path, **kwargs) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).save(path, **kwargs)
+    return path

@@ -1,0 +1,148 @@
+"""Grad-CAM: shapes and ranges on several timm families, batching, the hook fallback, localisation of a
+synthetic blob by a tiny trained CNN, and the pointing-game scores against hand-computed values."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from bonefrac.errors import BonefracError
+from bonefrac.explain import (box_mask, centre_gaussian, energy_inside, find_target_layer, gradcam, overlay,
+                              pointing_hit)
+from bonefrac.models import create
+from bonefrac.predict import Ensemble, Predictor
+
+
+def _predictor(model, size=64, channels=3, threshold=None):
+    meta = {"arch": "test", "class_names": ["no_fracture", "fracture"], "positive_index": 1,
+            "threshold": threshold, "temperature": 1.0,
+            "preprocess": {"size": size, "mean": [0.5] * channels, "std": [0.5] * channels, "channels": channels}}
+    return Predictor(model.eval(), meta, torch.device("cpu"))
+
+
+def _images(seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (90, 70), dtype=np.uint8), rng.integers(0, 256, (64, 128), dtype=np.uint8),
+            rng.integers(0, 256, (50, 50), dtype=np.uint8)]
+
+
+def _check_heatmaps(heatmaps, images):
+    assert len(heatmaps) == len(images)
+    for h, img in zip(heatmaps, images):
+        assert h.shape == img.shape and h.dtype == np.float32
+        assert np.isfinite(h).all() and h.min() >= 0.0 and h.max() <= 1.0
+        assert (h.min() == 0.0 and h.max() == pytest.approx(1.0)) or h.max() == 0.0  # min-max, or flat
+
+
+@pytest.mark.parametrize("arch", ["tf_efficientnet_lite0", "convnextv2_atto", "convnextv2_nano", "resnet18",
+                                  "tf_efficientnetv2_s"])
+def test_gradcam_on_timm_families(arch):
+    torch.manual_seed(0)
+    predictor = _predictor(create(arch, 2, 3))
+    images = _images()
+    heatmaps = gradcam(predictor, images)
+    _check_heatmaps(heatmaps, images)
+    assert any(h.max() > 0 for h in heatmaps)
+    _check_heatmaps(gradcam(predictor, images, target_class=0), images)
+    rgb = overlay(images[0], heatmaps[0])
+    assert rgb.shape == (*images[0].shape, 3) and rgb.dtype == np.uint8
+
+
+def test_batching_and_ensemble_use_the_same_computation():
+    torch.manual_seed(0)
+    predictor = _predictor(create("resnet18", 2, 3))
+    images = _images(1)
+    whole = gradcam(predictor, images, target_class=1)
+    one_by_one = gradcam(predictor, images, target_class=1, batch_size=1)
+    for a, b in zip(whole, one_by_one):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+    ensemble = Ensemble([predictor, _predictor(create("resnet18", 2, 3))])
+    for a, b in zip(whole, gradcam(ensemble, images, target_class=1)):  # the first member is explained
+        np.testing.assert_allclose(a, b, atol=1e-4)
+    with pytest.raises(BonefracError):
+        gradcam(predictor, images, target_class=5)
+
+
+def test_hook_fallback_for_a_plain_module():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2, padding=1),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    assert find_target_layer(model, torch.zeros(1, 1, 32, 32)) is model[3]  # the last 4-D map before pooling
+    images = _images(2)
+    _check_heatmaps(gradcam(_predictor(model, size=32, channels=1), images), images)
+
+
+class _TinyCnn(nn.Module):
+    """timm's interface in miniature: 4-D features at 1/4 resolution, global average pooling head."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                  nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                  nn.Conv2d(16, 16, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(16, 2)
+
+    def forward_features(self, x):
+        return self.body(x)
+
+    def forward_head(self, feats):
+        return self.fc(feats.mean(dim=(2, 3)))
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+def _blobs(n, rng, size=64):
+    """Noise images; every second one (class 1) has a bright blob (sigma 3 px) at a random place."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    images, labels, centres = [], [], []
+    for i in range(n):
+        img = rng.normal(60, 20, (size, size))
+        centre = rng.integers(10, size - 10, 2)
+        if i % 2:
+            img += 150 * np.exp(-((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2) / 18.0)
+        images.append(np.clip(img, 0, 255).astype(np.uint8))
+        labels.append(i % 2)
+        centres.append(centre)
+    return images, np.array(labels), np.array(centres)
+
+
+def test_gradcam_localises_a_blob_the_model_learned():
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    model = _TinyCnn()
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(80):
+        images, labels, _ = _blobs(32, rng)
+        x = (torch.from_numpy(np.stack(images)).float()[:, None] / 255 - 0.5) / 0.5
+        loss = nn.functional.cross_entropy(model(x), torch.from_numpy(labels))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    predictor = _predictor(model, size=64, channels=1, threshold=0.5)
+    images, labels, centres = _blobs(40, np.random.default_rng(1))
+    blob = np.flatnonzero(labels == 1)
+    heatmaps = gradcam(predictor, [images[i] for i in blob], target_class=1)
+    peaks = np.array([np.unravel_index(h.argmax(), h.shape) for h in heatmaps])
+    distance = np.hypot(*(peaks - centres[blob]).T)
+    assert np.mean(distance <= 8) >= 0.8, distance.round(1)
+
+
+def test_pointing_game_scores_by_hand():
+    heat = np.zeros((100, 200), np.float32)
+    heat[50, 120] = 1.0  # pixel centre (120.5, 50.5)
+    assert pointing_hit(heat, [(100, 40, 30, 20)])             # inside x 100..130, y 40..60
+    assert not pointing_hit(heat, [(0, 0, 10, 10)])
+    assert pointing_hit(heat, [(130, 40, 10, 10)], tolerance=15)    # 9.5 px left of the box
+    assert not pointing_hit(heat, [(130, 40, 10, 10)], tolerance=5)
+    assert pointing_hit(heat, [(0, 0, 10, 10), (110, 45, 20, 10)])  # any box
+    mask = box_mask((4, 6), [(1, 1, 2, 2), (4.6, 0, 1, 1)])
+    assert mask.sum() == 5 and mask[1:3, 1:3].all() and mask[0, 5]  # x 4.6..5.6 holds the centre 5.5 only
+    flat = np.ones((10, 10))
+    assert energy_inside(flat, [(0, 0, 5, 10)]) == pytest.approx(0.5)
+    ramp = np.tile(np.arange(10.0), (10, 1))                        # column j has weight j; total 450
+    assert energy_inside(ramp, [(8, 0, 2, 10)]) == pytest.approx((8 + 9) * 10 / 450)
+    assert energy_inside(np.zeros((5, 5)), [(0, 0, 5, 5)]) == 0.0
+    g = centre_gaussian((41, 81))
+    assert g.shape == (41, 81) and np.unravel_index(g.argmax(), g.shape) == (20, 40) and g.max() <= 1.0
+    assert g[20, 40 + 20] == pytest.approx(np.exp(-0.5 * (20 / (0.25 * 81)) ** 2), rel=1e-3)

@@ -1,0 +1,129 @@
+"""Export to ONNX (fp32/INT8) and TorchScript with parity checks, the backends, and the "not an X-ray" check."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytest.importorskip("onnxruntime")
+
+from bonefrac import checkpoint  # noqa: E402
+from bonefrac.backends import OnnxPredictor, check_radiograph, colourfulness, load_backend  # noqa: E402
+from bonefrac.cli import main  # noqa: E402
+from bonefrac.errors import BonefracError  # noqa: E402
+from bonefrac.export import export  # noqa: E402
+from bonefrac.io import read_image  # noqa: E402
+from bonefrac.models import create  # noqa: E402
+from bonefrac.predict import Predictor  # noqa: E402
+
+SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
+SAMPLES = sorted((SAMPLE / "images").glob("*.webp"))
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    import torch
+
+    torch.manual_seed(0)
+    meta = {"arch": "resnet10t", "class_names": ["no_fracture", "fracture"], "positive_index": 1,
+            "positive_class": "fracture", "preprocess": {"size": 64, "mean": [0.5] * 3, "std": [0.5] * 3,
+                                                         "channels": 3},
+            "threshold": 0.4, "temperature": 1.3, "operating_points": None, "manifest_sha256": "test"}
+    return checkpoint.save(tmp_path_factory.mktemp("model") / "ckpt", create("resnet10t", 2).eval(), meta)
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    labels = pd.read_csv(SAMPLE / "labels.csv")
+    rows = pd.DataFrame({"path": [str(SAMPLE / p) for p in labels.image],
+                         "label": np.where(labels.fractured == 1, "fracture", "no_fracture"),
+                         "split": ["val" if i % 4 == 0 else "train" for i in range(len(labels))]})
+    path = tmp_path_factory.mktemp("data") / "manifest.csv"
+    rows.to_csv(path, index=False)
+    return path
+
+
+def test_onnx_export_matches_pytorch_and_carries_its_metadata(ckpt, manifest, tmp_path):
+    out = tmp_path / "m.onnx"
+    report = export(ckpt, out, manifest=manifest)
+    assert report["parity"]["max_abs_prob_diff"] <= 1e-3 and report["parity"]["n_images"] == 25
+    assert report["val_metric"]["name"] == "auroc" and abs(report["val_metric"]["change"]) < 1e-3
+    assert report["size_bytes"] == out.stat().st_size
+    onnx_pred = load_backend(out, "cpu")
+    assert isinstance(onnx_pred, OnnxPredictor)
+    assert (onnx_pred.class_names, onnx_pred.threshold, onnx_pred.positive_index, onnx_pred.size) == \
+        (["no_fracture", "fracture"], 0.4, 1, 64)
+    assert onnx_pred.meta["export"]["parity"]["tolerance"] == 1e-3  # the report travels inside the file
+    images = [read_image(p) for p in SAMPLES[:5]]
+    ref = Predictor.from_checkpoint(ckpt, "cpu").predict_arrays(images)
+    assert np.abs(onnx_pred.predict_arrays(images) - ref).max() < 1e-3  # dynamic batch: 5
+    assert np.abs(onnx_pred.predict_arrays(images[:1]) - ref[:1]).max() < 1e-3  # and 1
+    assert json.loads(Path(str(out) + ".json").read_text())["export"]["variant"] == "fp32"
+
+
+def test_int8_and_torchscript_exports(ckpt, manifest, tmp_path):
+    report = export(ckpt, tmp_path / "q.onnx", manifest=manifest, int8=True)
+    assert report["variant"] == "int8" and report["parity"]["argmax_agreement"] >= 0.8
+    assert "val_metric" in report and report["size_bytes"] < (tmp_path / "q.onnx").stat().st_size * 2
+    assert load_backend(tmp_path / "q.onnx", "cpu").version.endswith("onnx-int8")
+    report = export(ckpt, tmp_path / "m.pt", fmt="torchscript", images=SAMPLE / "images", n_parity=8)
+    assert report["parity"]["max_abs_prob_diff"] < 1e-4 and "val_metric" not in report
+    assert load_backend(tmp_path / "m.pt").class_names == ["no_fracture", "fracture"]
+
+
+def test_export_fails_loudly(ckpt, manifest, tmp_path):
+    out = tmp_path / "bad.onnx"
+    with pytest.raises(BonefracError, match="parity check FAILED"):
+        export(ckpt, out, manifest=manifest, tolerance=-1.0)
+    assert not out.exists()
+    with pytest.raises(BonefracError, match="real images"):
+        export(ckpt, out)
+    with pytest.raises(BonefracError, match="not both"):
+        export(ckpt, out, images=SAMPLE / "images", int8=True, fp16=True)
+    if _has_cli():  # the CLI turns the same problem into exit code 2 and one line, not a traceback
+        assert main(["export", str(ckpt), "--out", str(out)]) == 2
+
+
+def _has_cli() -> bool:
+    from bonefrac.cli import build_parser
+
+    return "export" in build_parser()._subparsers._group_actions[0].choices
+
+
+def test_cli_export(ckpt, tmp_path):
+    if not _has_cli():
+        pytest.skip("export subcommand not wired into the CLI")
+    out = tmp_path / "c.onnx"
+    assert main(["export", str(ckpt), "--images", str(SAMPLE / "images"), "--out", str(out)]) == 0
+    assert out.is_file()
+
+
+def test_real_radiographs_pass_the_xray_check():
+    failed = [p.name for p in SAMPLES if not check_radiograph(read_image(p)).ok]
+    assert not failed, failed
+
+
+def test_blank_noise_and_photos_are_not_xrays():
+    rng = np.random.default_rng(0)
+    assert not check_radiograph(np.zeros((200, 200), np.uint8)).ok
+    assert not check_radiograph(np.full((200, 200), 255, np.uint8)).ok
+    assert not check_radiograph(rng.integers(0, 256, (256, 256), dtype=np.uint8)).ok
+    assert "colour" in check_radiograph(read_image(SAMPLES[0]), colourfulness_value=40.0).reason
+
+
+def test_natural_photos_are_not_xrays():
+    data = pytest.importorskip("skimage.data")
+    from PIL import Image
+
+    for name in ("astronaut", "coffee", "chelsea", "rocket", "camera", "page", "text", "horse", "grass"):
+        img = getattr(data, name)()
+        if img.dtype == bool:
+            img = img.astype(np.uint8) * 255
+        if img.ndim == 3:
+            colour = colourfulness(img[..., :3].astype(np.float64))
+            img = np.asarray(Image.fromarray(img[..., :3]).convert("L"))
+        else:
+            colour = 0.0
+        assert not check_radiograph(img, colour).ok, name

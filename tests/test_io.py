@@ -1,0 +1,264 @@
+"""Pixel contract and failure modes of bonefrac.io (read_image, decode_image, resize_gray)."""
+
+import io
+import struct
+import time
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFile
+
+from bonefrac.errors import ImageReadError
+from bonefrac.io import IMAGE_EXTENSIONS, MAX_PIXELS, decode_image, read_image, resize_gray
+from conftest import pattern, save
+
+pydicom = pytest.importorskip("pydicom")
+
+
+# --- helpers ------------------------------------------------------------------------------------------------
+
+
+def write_dicom(path, pixels, photometric="MONOCHROME2", preamble=True, **tags):
+    """A minimal uncompressed single-frame DICOM file (works with pydicom 2.x and 3.x)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    bits = pixels.dtype.itemsize * 8
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits, bits, bits - 1
+    ds.PixelRepresentation = 0
+    ds.PixelData = pixels.tobytes()
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    if hasattr(ds, "set_original_encoding"):
+        ds.set_original_encoding(False, True)
+    else:  # pydicom 2.x
+        ds.is_little_endian, ds.is_implicit_VR = True, False
+    try:
+        ds.save_as(path, enforce_file_format=preamble)
+    except TypeError:  # pydicom 2.x
+        ds.save_as(path, write_like_original=not preamble)
+    return path
+
+
+def png_bomb(path, side=20000):
+    """A valid 1-bit PNG of side x side pixels that is only a few kB on disk."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    packer, row = zlib.compressobj(9), b"\0" * (1 + (side + 7) // 8)
+    body = b"".join(packer.compress(row * 1000) for _ in range(side // 1000)) + packer.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+    return path
+
+
+def encoded(img, fmt, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(img).save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+# --- pixel contract -----------------------------------------------------------------------------------------
+
+
+def test_grayscale_png_is_exact(tmp_path):
+    img = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    out = read_image(save(img, tmp_path / "g.png"))
+    assert out.dtype == np.uint8 and out.shape == (16, 16)
+    np.testing.assert_array_equal(out, img)
+
+
+@pytest.mark.parametrize("fmt,suffix,kwargs", [("BMP", ".bmp", {}), ("WEBP", ".webp", {"lossless": True}),
+                                                ("TIFF", ".tif", {}), ("PNG", ".png", {})])
+def test_lossless_formats_roundtrip(tmp_path, fmt, suffix, kwargs):
+    img = pattern(1)
+    out = read_image(save(img, tmp_path / f"x{suffix}", format=fmt, **kwargs))
+    np.testing.assert_array_equal(out, img)
+
+
+def test_jpeg_reads_close(tmp_path):
+    img = pattern(2)
+    out = read_image(save(img, tmp_path / "x.jpg", quality=95))
+    assert out.shape == img.shape and np.abs(out.astype(int) - img).mean() < 3
+
+
+def test_rgb_uses_601_luma(tmp_path):
+    rgb = np.zeros((2, 3, 3), np.uint8)
+    rgb[0, 0], rgb[0, 1], rgb[0, 2] = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+    rgb[1, :] = (10, 200, 90)
+    out = read_image(save(rgb, tmp_path / "c.png")).astype(int)
+    expected = [[76, 150, 29], [int(round(10 * .299 + 200 * .587 + 90 * .114))] * 3]
+    assert np.abs(out - np.array(expected)).max() <= 1
+
+
+def test_rgba_and_la_are_composited_on_black(tmp_path):
+    rgba = np.zeros((1, 3, 4), np.uint8)
+    rgba[0, 0], rgba[0, 1], rgba[0, 2] = (255, 255, 255, 255), (255, 255, 255, 128), (255, 255, 255, 0)
+    out = read_image(save(rgba, tmp_path / "a.png")).astype(int)
+    assert np.abs(out[0] - [255, 128, 0]).max() <= 1
+    la = Image.fromarray(np.array([[[200, 255], [200, 0]]], np.uint8), mode="LA")
+    la.save(tmp_path / "la.png")
+    assert np.abs(read_image(tmp_path / "la.png").astype(int)[0] - [200, 0]).max() <= 1
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_16bit_is_percentile_scaled(tmp_path, suffix):
+    ramp = np.linspace(1000, 5000, 200 * 50).reshape(200, 50).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / f"d{suffix}")
+    out = read_image(tmp_path / f"d{suffix}")
+    assert out.dtype == np.uint8 and out.shape == ramp.shape
+    assert out.min() == 0 and out.max() == 255 and abs(int(out[100, 0]) - 128) <= 2
+    assert (np.diff(out.ravel().astype(int)) >= 0).all()  # monotone: no wrap-around
+
+
+def test_flat_16bit_image_does_not_crash(tmp_path):
+    Image.fromarray(np.full((8, 8), 700, np.uint16)).save(tmp_path / "flat.png")
+    assert read_image(tmp_path / "flat.png").shape == (8, 8)
+
+
+# --- DICOM --------------------------------------------------------------------------------------------------
+
+
+def _two_tone(dtype=np.uint8, dark=20, bright=200):
+    pixels = np.full((8, 16), dark, dtype)
+    pixels[:, 8:] = bright
+    return pixels
+
+
+def test_dicom_monochrome2_bone_bright(tmp_path):
+    out = read_image(write_dicom(tmp_path / "m2.dcm", _two_tone()))
+    assert out[0, 0] == 0 and out[0, -1] == 255
+
+
+def test_dicom_monochrome1_is_inverted(tmp_path):
+    m2 = read_image(write_dicom(tmp_path / "m2.dcm", _two_tone()))
+    m1 = read_image(write_dicom(tmp_path / "m1.dcm", _two_tone(), photometric="MONOCHROME1"))
+    np.testing.assert_array_equal(m1, 255 - m2)
+    assert m1[0, 0] == 255  # low stored value is bright in MONOCHROME1
+
+
+def test_dicom_16bit_rescale_and_window(tmp_path):
+    # raw 250 / 375 / 500 -> slope 2, intercept -524 -> -24 / 226 / 476; window 226 +- 250
+    pixels = np.array([[250, 375, 500]], np.uint16).repeat(4, axis=0)
+    path = write_dicom(tmp_path / "w.dcm", pixels, RescaleSlope=2, RescaleIntercept=-524,
+                       WindowCenter=226, WindowWidth=501)
+    out = read_image(path).astype(int)
+    assert np.abs(out[0] - [0, 128, 255]).max() <= 1
+
+
+def test_dicom_window_clips_outside_values(tmp_path):
+    pixels = np.array([[0, 100, 200, 4000]], np.uint16).repeat(2, axis=0)
+    out = read_image(write_dicom(tmp_path / "c.dcm", pixels, WindowCenter=100, WindowWidth=200)).astype(int)
+    assert out[0, 0] == 0 and abs(out[0, 1] - 128) <= 1 and out[0, 2] == 255 and out[0, 3] == 255
+
+
+def test_dicom_sniffed_from_content_and_without_suffix(tmp_path):
+    path = write_dicom(tmp_path / "IM0001", _two_tone())
+    assert read_image(path)[0, -1] == 255
+    assert decode_image(path.read_bytes(), "upload.png")[0, -1] == 255
+
+
+def test_dicom_without_preamble_by_suffix(tmp_path):
+    path = write_dicom(tmp_path / "raw.dcm", _two_tone(), preamble=False)
+    assert path.read_bytes()[128:132] != b"DICM"
+    assert read_image(path)[0, -1] == 255
+
+
+def test_dicom_without_pixels_is_an_error(tmp_path):
+    path = write_dicom(tmp_path / "bad.dcm", _two_tone())
+    data = path.read_bytes()
+    (tmp_path / "cut.dcm").write_bytes(data[: len(data) - 64])
+    with pytest.raises(ImageReadError, match="cut.dcm"):
+        read_image(tmp_path / "cut.dcm")
+
+
+# --- failures -----------------------------------------------------------------------------------------------
+
+
+def test_decode_sniffs_content_not_name():
+    img = pattern(3)
+    np.testing.assert_array_equal(decode_image(encoded(img, "PNG"), "photo.jpg"), img)
+
+
+@pytest.mark.parametrize("name,content,reason", [
+    ("empty.png", b"", "empty"),
+    ("notes.png", b"just some text\n", "not a recognised image"),
+    ("paper.png", b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\n", "PDF"),
+    ("garbage.jpg", b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4, "corrupt"),
+])
+def test_bad_files_raise_with_path_and_reason(tmp_path, name, content, reason):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ImageReadError, match=reason) as info:
+        read_image(tmp_path / name)
+    assert name in str(info.value) and info.value.reason
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ImageReadError, match="not found"):
+        read_image(tmp_path / "nope.png")
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_truncated_files_are_errors_not_grey(tmp_path, fmt):
+    rng = np.random.default_rng(0)
+    data = encoded(rng.integers(0, 256, (256, 256), dtype=np.uint8), fmt)
+    path = tmp_path / f"cut.{fmt.lower()}"
+    path.write_bytes(data[: int(len(data) * 0.6)])
+    with pytest.raises(ImageReadError, match="cut"):
+        read_image(path)
+    assert not ImageFile.LOAD_TRUNCATED_IMAGES
+
+
+def test_decompression_bomb_refused_before_decoding(tmp_path):
+    path = png_bomb(tmp_path / "bomb.png")
+    assert path.stat().st_size < 200_000
+    start = time.perf_counter()
+    with pytest.raises(ImageReadError, match="too large"):
+        read_image(path)
+    assert time.perf_counter() - start < 1.0  # decoding 400 megapixels would take far longer
+
+
+def test_max_pixels_parameter_and_pil_warning_zone(tmp_path):
+    with pytest.raises(ImageReadError, match="too large"):
+        read_image(save(pattern(4), tmp_path / "s.png"), max_pixels=100)
+    # 11000^2 = 121 Mpx: above our limit, but PIL itself would only warn
+    with pytest.raises(ImageReadError, match="limit"):
+        read_image(png_bomb(tmp_path / "mid.png", side=11000))
+    assert MAX_PIXELS == 100_000_000
+
+
+# --- resize and constants -----------------------------------------------------------------------------------
+
+
+def test_resize_gray_shapes_and_antialias():
+    checker = (np.indices((64, 64)).sum(axis=0) % 2 * 255).astype(np.uint8)
+    small = resize_gray(checker, 16)
+    assert small.shape == (16, 16) and small.dtype == np.uint8
+    assert abs(float(small.mean()) - 127.5) < 3 and small.std() < 3  # averaged, not aliased
+    assert resize_gray(checker, (8, 32)).shape == (8, 32)
+    flat = np.full((30, 40), 77, np.uint8)
+    assert (resize_gray(flat, (90, 120)) == 77).all()
+
+
+def test_resize_gray_rejects_bad_input():
+    with pytest.raises(ValueError):
+        resize_gray(np.zeros((4, 4, 3), np.uint8), 2)
+    with pytest.raises(ValueError):
+        resize_gray(np.zeros((4, 4), np.uint8), 0)
+
+
+def test_image_extensions():
+    assert isinstance(IMAGE_EXTENSIONS, frozenset)
+    assert {".jpg", ".png", ".webp", ".dcm", ".tiff"} <= IMAGE_EXTENSIONS

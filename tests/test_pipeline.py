@@ -1,0 +1,136 @@
+"""End to end on the embedded sample: prepare -> train -> evaluate -> predict, resume, and bad input."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bonefrac import checkpoint
+from bonefrac.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "data" / "sample"
+FAST = ["--config", str(ROOT / "configs" / "demo.yaml"), "--set", "train.epochs=2", "--set", "data.size=128",
+        "--set", "train.watchdog_s=0"]
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data")
+    assert main(["prepare", "--labels", str(SAMPLE / "labels.csv"), "--label-col", "fractured",
+                 "--class-names", "no_fracture,fracture", "--out", str(out), "--workers", "1"]) == 0
+    return out / "manifest.csv"
+
+
+@pytest.fixture(scope="module")
+def run(manifest, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert main(["train", "--manifest", str(manifest), "--out", str(out), *FAST]) == 0
+    return out
+
+
+def test_train_writes_self_describing_checkpoints(run, manifest):
+    for name in ("best", "last"):
+        assert (run / name / "model.safetensors").is_file()
+    meta = checkpoint.read_meta(run / "best")
+    assert meta["class_names"] == ["no_fracture", "fracture"]
+    assert meta["positive_class"] == "fracture"
+    assert meta["preprocess"]["size"] == 128 and len(meta["preprocess"]["mean"]) == 3
+    assert meta["config"]["train"]["epochs"] == 2
+    assert 0.0 <= meta["threshold"] <= 1.0 and meta["temperature"] > 0
+    assert set(meta["operating_points"]) == {"default", "screening", "high_sensitivity", "high_specificity"}
+    assert meta["manifest_sha256"] and meta["code_version"]
+    rows = pd.read_csv(run / "metrics.csv")
+    assert list(rows.epoch) == [1, 2] and {"train_loss", "val_loss", "val_auroc", "lr"} <= set(rows.columns)
+    assert any((run / "tb").iterdir())
+
+
+def test_evaluate_reports_on_test_only(run, manifest, tmp_path):
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(run / "best"), "--manifest", str(manifest), "--out", str(out),
+                 "--bootstrap", "200"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    test_rows = pd.read_csv(manifest).query("split == 'test'")
+    assert m["n"] == len(test_rows)
+    for key in ("accuracy", "balanced_accuracy", "auroc", "per_class", "macro_avg", "weighted_avg",
+                "confusion_matrix", "sensitivity", "specificity", "ci"):
+        assert key in m, key
+    assert np.array(m["confusion_matrix"]).sum() == len(test_rows)
+    preds = pd.read_csv(out / "predictions.csv")
+    assert set(preds.path) == set(test_rows.path) and preds.loss.is_monotonic_decreasing
+    for png in ("confusion_matrix.png", "roc.png", "reliability.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    assert "data:image/png;base64" in (out / "report.html").read_text()
+
+
+def test_predict_reports_bad_files_and_keeps_going(run, tmp_path, capsys):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for src in sorted((SAMPLE / "images").glob("*.webp"))[:3]:
+        shutil.copy(src, images / src.name)
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    assert main(["predict", "--model", str(run / "best"), str(images), str(tmp_path / "missing.jpg")]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 5
+    errors = {Path(r["path"]).name: r["error"] for r in rows if "error" in r}
+    assert set(errors) == {"broken.png", "missing.jpg"}
+    good = [r for r in rows if "error" not in r]
+    for r in good:
+        assert r["prediction"] in ("no_fracture", "fracture")
+        assert abs(sum(r["probabilities"].values()) - 1) < 1e-4
+        assert r["confidence"] == r["probabilities"][r["prediction"]]  # the threshold decides, not the argmax
+    assert main(["predict", "--model", str(run / "best"), "--format", "csv", str(images)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("path,prediction,confidence,p_no_fracture,p_fracture") and len(lines) == 5
+
+
+def test_resume_continues_to_the_same_result(manifest, tmp_path, monkeypatch):
+    import bonefrac.train as train_mod
+
+    straight = tmp_path / "straight"
+    assert main(["train", "--manifest", str(manifest), "--out", str(straight), *FAST]) == 0
+
+    killed = tmp_path / "killed"
+    real_epoch = train_mod._train_epoch
+    calls = {"n": 0}
+
+    def dies_in_second_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "_train_epoch", dies_in_second_epoch)
+    assert main(["train", "--manifest", str(manifest), "--out", str(killed), *FAST]) == 130
+    assert checkpoint.read_meta(killed / "last")["epoch"] == 1
+    monkeypatch.setattr(train_mod, "_train_epoch", real_epoch)
+    assert main(["train", "--manifest", str(manifest), "--out", str(killed), *FAST]) == 2  # refuses to overwrite
+    assert main(["train", "--manifest", str(manifest), "--out", str(killed), "--resume", *FAST]) == 0
+    a, _ = checkpoint.load(straight / "last")
+    b, _ = checkpoint.load(killed / "last")
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert np.allclose(x.numpy(), y.numpy(), atol=1e-6), name
+    assert list(pd.read_csv(killed / "metrics.csv").epoch) == [1, 2]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["prepare", "/no/such/folder", "--out", "OUT"], "no/such/folder"),
+    (["train", "--manifest", "/no/such/manifest.csv", "--out", "OUT"], "manifest"),
+    (["evaluate", "/no/such/ckpt", "--manifest", "M", "--out", "OUT"], "not a bonefrac checkpoint"),
+    (["train", "--manifest", "M", "--out", "OUT", "--set", "train.nope=1"], "nope"),
+])
+def test_bad_input_is_one_clear_line(argv, message, tmp_path, capsys, caplog):
+    argv = [a.replace("OUT", str(tmp_path / "o")).replace("M", str(tmp_path / "m.csv")) if a in ("OUT", "M")
+            else a for a in argv]
+    assert main(argv) == 2
+    text = caplog.text + capsys.readouterr().err
+    assert message in text and "Traceback" not in text
+
+
+def test_predict_without_a_model_says_so(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("BONEFRAC_MODEL", str(tmp_path / "nothing"))
+    assert main(["predict", str(SAMPLE / "images")]) == 2
+    assert "--model" in caplog.text

@@ -1,0 +1,59 @@
+import time
+
+import torch
+
+from bonefrac.config import OptimConfig
+from bonefrac.trainutil import Ema, Watchdog, make_optimizer, make_scheduler
+
+
+def test_watchdog_fires_without_beats_and_not_with_them():
+    fired = []
+    dog = Watchdog(0.4, on_timeout=lambda: fired.append(1), exit_process=False)
+    time.sleep(1.2)
+    assert fired == [1] and dog.fired.is_set()
+
+    calm = []
+    dog = Watchdog(0.4, on_timeout=lambda: calm.append(1), exit_process=False)
+    for _ in range(10):
+        dog.beat()
+        time.sleep(0.1)
+    dog.stop()
+    assert calm == []
+
+
+def test_cosine_schedule_warms_up_then_decays():
+    model = torch.nn.Linear(2, 2)
+    ocfg = OptimConfig(lr=1.0, warmup_epochs=1, min_lr_ratio=0.0)
+    opt = make_optimizer(model, ocfg, 16, torch.device("cpu"))
+    sched = make_scheduler(opt, ocfg, steps_per_epoch=10, epochs=3)
+    lrs = []
+    for _ in range(30):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] < lrs[5] < lrs[9] and abs(max(lrs) - 1.0) < 1e-6
+    assert lrs[-1] < 0.01 and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_no_weight_decay_on_norms_and_biases():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.LayerNorm(3))
+    opt = make_optimizer(model, OptimConfig(weight_decay=0.1), 8, torch.device("cpu"))
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert decayed == {id(model[0].weight)}
+
+
+def test_linear_lr_scaling():
+    model = torch.nn.Linear(2, 2)
+    opt = make_optimizer(model, OptimConfig(lr=1e-3, lr_base_batch=64), 256, torch.device("cpu"))
+    assert abs(opt.param_groups[0]["lr"] - 4e-3) < 1e-12
+
+
+def test_ema_moves_towards_the_weights():
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    ema = Ema(model, decay=0.5)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update(model)
+    assert abs(ema.module.weight.item() - 0.5) < 1e-6
