@@ -261,7 +261,8 @@ def training_config(args):
 def markdown(result: dict) -> str:
     """The results table of the study as markdown."""
     lines = ["| pipeline | claimed accuracy (own test) | clean accuracy | clean balanced acc. | clean AUROC "
-             "| clean macro-F1 | groups crossing its split (flagged by prepare / true) |", "|---|---|---|---|---|---|---|"]
+             "| clean macro-F1 | groups crossing its split (flagged by prepare / true) |",
+             "|---|---|---|---|---|---|---|"]
     for key, label in (("seed_style", "seed-style: augment all, random split"),
                        ("bonefrac", "bonefrac: grouped split, augment train only")):
         r = result[key]

@@ -78,7 +78,7 @@ def test_calibrate_refits_the_temperature_on_val(ckpt, manifest, tmp_path):
     # Same model, same val split: the fit made during training comes back.
     assert new["temperature"] == pytest.approx(fitted_in_training["temperature"], rel=1e-3)
     assert new["threshold"] == pytest.approx(fitted_in_training["threshold"], abs=1e-4)
-    assert set(new["operating_points"]) == {"default", "high_sensitivity", "high_specificity"}
+    assert set(new["operating_points"]) == {"default", "screening", "high_sensitivity", "high_specificity"}
     assert new["calibrated_on"]["split"] == "val" and new["arch"] == meta["arch"]
     assert load_predictor([str(copy)], "cpu").temperature == pytest.approx(new["temperature"])
 

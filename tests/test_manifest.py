@@ -8,7 +8,6 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
 
 from bonefrac.errors import BonefracError
 from bonefrac.io import read_image, resize_gray

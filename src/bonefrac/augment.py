@@ -127,8 +127,9 @@ def _augment_source(job: dict) -> list[dict]:
         data = encode(out, job["fmt"])
         rel = Path("images") / job["folder"] / f"{job['stem']}_aug{k}.{job['fmt']}"
         (job["out_dir"] / rel).write_bytes(data)
-        rows.append({**job["row"], "path": rel.as_posix(), "split": "train", "sha256": hashlib.sha256(data).hexdigest(),
-                     "width": out.shape[1], "height": out.shape[0], "augmented_from": job["path"]})
+        rows.append({**job["row"], "path": rel.as_posix(), "split": "train",
+                     "sha256": hashlib.sha256(data).hexdigest(), "width": out.shape[1], "height": out.shape[0],
+                     "augmented_from": job["path"]})
     return rows
 
 

@@ -145,6 +145,8 @@ def _coerce(value, kind, key: str):
             return float(value)
         except ValueError:
             pass
+    if kind is str and isinstance(value, bool):
+        raise ConfigError(f"config key '{key}' needs a string; quote it (\"on\"/\"off\"), got {value!r}")
     if kind is bool and not isinstance(value, bool):
         raise ConfigError(f"config key '{key}' needs true/false, got {value!r}")
     if kind in (int, float, str) and (not isinstance(value, kind) or isinstance(value, bool) and kind is not bool):
@@ -166,7 +168,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         out.setdefault(section, {})
         if not isinstance(out[section], dict):
             raise ConfigError(f"'{section}' is not a config section")
-        out[section][key] = yaml.safe_load(raw) if raw.strip() else None
+        text = raw.strip()
+        # YAML 1.1 would turn on/off/yes/no into booleans; on the command line they mean the words.
+        out[section][key] = text if text.lower() in ("on", "off", "yes", "no") else (
+            yaml.safe_load(text) if text else None)
     return out
 
 
