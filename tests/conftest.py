@@ -39,3 +39,15 @@ def save(img: np.ndarray, path: Path, **kwargs) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(img).save(path, **kwargs)
     return path
+
+
+@pytest.fixture(scope="session")
+def sample_manifest(tmp_path_factory) -> Path:
+    """`bonefrac prepare` run once on the embedded 100-image sample; the manifest's path."""
+    from bonefrac.cli import main
+
+    sample = Path(__file__).resolve().parents[1] / "data" / "sample"
+    out = tmp_path_factory.mktemp("sample_data")
+    assert main(["prepare", "--labels", str(sample / "labels.csv"), "--label-col", "fractured",
+                 "--class-names", "no_fracture,fracture", "--out", str(out), "--workers", "1"]) == 0
+    return out / "manifest.csv"

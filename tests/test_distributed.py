@@ -8,16 +8,12 @@ from pathlib import Path
 import pandas as pd
 
 from bonefrac import checkpoint
-from bonefrac.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = ROOT / "data" / "sample"
 
 
-def test_torchrun_two_processes(tmp_path):
-    data = tmp_path / "data"
-    assert main(["prepare", "--labels", str(SAMPLE / "labels.csv"), "--label-col", "fractured",
-                 "--class-names", "no_fracture,fracture", "--out", str(data), "--workers", "1"]) == 0
+def test_torchrun_two_processes(tmp_path, sample_manifest):
+    data = sample_manifest.parent
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "bonefrac",
            "train", "--manifest", str(data / "manifest.csv"), "--out", str(run),

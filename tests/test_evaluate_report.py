@@ -22,11 +22,8 @@ SAMPLE = ROOT / "data" / "sample"
 
 
 @pytest.fixture(scope="module")
-def manifest(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data")
-    assert main(["prepare", "--labels", str(SAMPLE / "labels.csv"), "--label-col", "fractured",
-                 "--class-names", "no_fracture,fracture", "--out", str(out), "--workers", "1"]) == 0
-    return out / "manifest.csv"
+def manifest(sample_manifest):
+    return sample_manifest
 
 
 @pytest.fixture(scope="module")
