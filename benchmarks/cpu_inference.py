@@ -1,10 +1,16 @@
 """CPU inference: eager PyTorch fp32 vs ONNX Runtime fp32 vs ONNX Runtime INT8, same run, same machine.
 
-    python benchmarks/cpu_inference.py [--model CKPT] [--data ../shared/data/fracatlas] [--n-val 200] [--json F]
+    python benchmarks/cpu_inference.py [--model CKPT] [--data ../shared/data/fracatlas] [--split-csv CSV]
+        [--n-val 0] [--n-calib 64] [--keep-onnx DIR] [--json F]
 
 Reports batch-1 latency (median) and batch-32 throughput per back-end, ratios to eager fp32, and the AUROC of
-fp32 vs INT8 on a fixed, stratified subset of FracAtlas. Without --model it uses models/fracatlas_effnet_lite
-when present, else a freshly initialised tf_efficientnet_lite0 at 384 px (AUROC is then meaningless: ~0.5).
+fp32 vs INT8 on FracAtlas. Without --model it uses models/fracatlas_effnet_lite when present, else a freshly
+initialised tf_efficientnet_lite0 at 384 px (AUROC is then meaningless: ~0.5).
+
+With a split file (default: the shipped model's data_split.csv; columns image, label, group, split) INT8 is
+calibrated on shuffled TRAIN-split images and AUROC is measured on the VALIDATION split (all of it with
+--n-val 0, else a stratified subset of n-val); without one, disjoint random subsets of labels.csv are used.
+--keep-onnx DIR keeps the exported fp32.onnx / int8.onnx (e.g. for benchmarks/serve_load.py).
 """
 
 from __future__ import annotations
@@ -54,6 +60,21 @@ def subsets(data: Path, n_calib: int, n_val: int, seed: int = 0):
     return [data / p for p in calib.image], [data / p for p in val.image], val.fractured.to_numpy()
 
 
+def split_subsets(data: Path, split_csv: Path, n_calib: int, n_val: int, tmp: Path, seed: int = 0):
+    """(manifest CSV, calibration paths, val paths, val labels) from the model's own split file."""
+    rows = pd.read_csv(split_csv)
+    rows["path"] = [str(data / "images" / name) for name in rows.image]
+    train = rows[rows.split == "train"].sample(frac=1.0, random_state=seed).head(n_calib)
+    val = rows[rows.split == "val"]
+    if n_val:
+        val = pd.concat([g.sample(frac=1.0, random_state=seed).head(n_val // 2) for _, g in val.groupby("label")])
+    manifest = tmp / "manifest.csv"
+    pd.concat([train, val]).assign(sha256="")[["path", "label", "group", "split", "sha256"]].to_csv(
+        manifest, index=False)
+    y = (val.label.to_numpy() == "fracture").astype(int)
+    return manifest, [Path(p) for p in train.path], [Path(p) for p in val.path], y
+
+
 def latency_ms(fn, image, reps: int) -> float:
     fn([image])
     times = []
@@ -78,7 +99,11 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=384)
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "fracatlas"))
     ap.add_argument("--n-calib", type=int, default=64)
-    ap.add_argument("--n-val", type=int, default=200)
+    ap.add_argument("--split-csv", help="image,label,group,split file (default: the shipped model's)")
+    ap.add_argument("--n-val", type=int, default=0, help="0: the whole validation split")
+    ap.add_argument("--int8-tolerance", type=float, default=1.0,
+                    help="export parity tolerance for INT8 (max |p_int8 - p_torch|); the AUROC change is the check")
+    ap.add_argument("--keep-onnx", help="directory to keep fp32.onnx and int8.onnx in")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -86,9 +111,24 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         ckpt, model_note = (Path(args.model), args.model) if args.model else shipped_or_fresh(tmp, args.size)
-        calib, val, y = subsets(Path(args.data), args.n_calib, args.n_val)
-        export(ckpt, tmp / "fp32.onnx", images=calib, n_parity=16)
-        export(ckpt, tmp / "int8.onnx", images=calib, int8=True, n_parity=16)
+        split_csv = Path(args.split_csv) if args.split_csv else ROOT / "models/fracatlas_effnet_lite/data_split.csv"
+        if split_csv.is_file():
+            manifest, calib, val, y = split_subsets(Path(args.data), split_csv, args.n_calib, args.n_val, tmp)
+            source = {"manifest": manifest}
+            data_note = f"{split_csv}: INT8 calibrated on {len(calib)} train-split images, AUROC on val split"
+        else:
+            calib, val, y = subsets(Path(args.data), args.n_calib, args.n_val or 200)
+            source = {"images": calib}
+            data_note = f"random subsets of {args.data}/labels.csv"
+        out_dir = Path(args.keep_onnx) if args.keep_onnx else tmp
+        reports = {}
+        for variant in ("fp32", "int8"):
+            t = time.perf_counter()
+            reports[variant] = export(ckpt, out_dir / f"{variant}.onnx", int8=variant == "int8", n_calib=args.n_calib,
+                                      n_parity=16, tolerance=args.int8_tolerance if variant == "int8" else None,
+                                      **source)
+            log.info("exported %s in %.0f s", variant, time.perf_counter() - t)
+        tmp = out_dir
         backends = {"eager_fp32": Predictor.from_checkpoint(ckpt, "cpu", batch_size=32),
                     "ort_fp32": load_backend(tmp / "fp32.onnx", "cpu"),
                     "ort_int8": load_backend(tmp / "int8.onnx", "cpu")}
@@ -96,20 +136,29 @@ def main() -> None:
         val_images = [read_image(p) for p in val]
         batch = (val_images * 2)[:32]
         rows = {}
+        probs = {}
         for name, pred in backends.items():
             rows[name] = {"batch1_ms": round(latency_ms(pred.predict_arrays, batch[0], 5 * args.reps), 1),
-                          "batch32_img_s": round(throughput(pred.predict_arrays, batch, args.reps), 1),
-                          "val_auroc": round(_auroc(y, pred.predict_arrays(val_images), 1), 4),
-                          "size_mb": round(sizes.get(name, 0) / 1e6, 1) or None}
+                          "batch32_img_s": round(throughput(pred.predict_arrays, batch, args.reps), 1)}
+            log.info("%s %s", name, rows[name])
+        for name, pred in backends.items():  # timings first, all back-ends back to back; then the accuracy pass
+            probs[name] = pred.predict_arrays(val_images)
+            rows[name].update(val_auroc=round(_auroc(y, probs[name], 1), 4),
+                              size_mb=round(sizes.get(name, 0) / 1e6, 1) or None)
             log.info("%s %s", name, rows[name])
     base = rows["eager_fp32"]
     for r in rows.values():
         r["throughput_x_eager"] = round(r["batch32_img_s"] / base["batch32_img_s"], 2)
         r["latency_x_eager"] = round(base["batch1_ms"] / r["batch1_ms"], 2)
-    result = {"model": model_note, "n_val": len(val), "torch_threads": torch.get_num_threads(),
+    result = {"model": model_note, "data": data_note, "n_val": len(val), "n_val_fractured": int(y.sum()), "torch_threads": torch.get_num_threads(),
               "cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
               "date": time.strftime("%Y-%m-%d"), "auroc_change_int8": round(
-                  rows["ort_int8"]["val_auroc"] - rows["ort_fp32"]["val_auroc"], 4), "backends": rows}
+                  rows["ort_int8"]["val_auroc"] - rows["ort_fp32"]["val_auroc"], 4),
+              "auroc_change_int8_vs_eager": round(rows["ort_int8"]["val_auroc"] - rows["eager_fp32"]["val_auroc"], 4),
+              "max_abs_prob_diff_int8_vs_fp32": round(float(np.abs(probs["ort_int8"][:, 1] - probs["ort_fp32"][:, 1]).max()), 4),
+              "export_parity": {k: {kk: v for kk, v in r.items() if "parity" in kk or "diff" in kk}
+                                for k, r in reports.items()},
+              "onnxruntime": __import__("onnxruntime").__version__, "torch": torch.__version__, "backends": rows}
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

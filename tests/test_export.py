@@ -16,7 +16,7 @@ from bonefrac.errors import BonefracError  # noqa: E402
 from bonefrac.export import export  # noqa: E402
 from bonefrac.io import read_image  # noqa: E402
 from bonefrac.models import create  # noqa: E402
-from bonefrac.predict import Predictor  # noqa: E402
+from bonefrac.predict import Ensemble, Predictor, load_predictor  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
 SAMPLES = sorted((SAMPLE / "images").glob("*.webp"))
@@ -61,6 +61,58 @@ def test_onnx_export_matches_pytorch_and_carries_its_metadata(ckpt, manifest, tm
     assert np.abs(onnx_pred.predict_arrays(images) - ref).max() < 1e-3  # dynamic batch: 5
     assert np.abs(onnx_pred.predict_arrays(images[:1]) - ref[:1]).max() < 1e-3  # and 1
     assert json.loads(Path(str(out) + ".json").read_text())["export"]["variant"] == "fp32"
+
+
+@pytest.fixture(scope="module")
+def ensemble_dir(ckpt, tmp_path_factory):
+    """Two members with different archs, sizes, channels, normalisation and temperature, in the directory
+    format `bonefrac ensemble` writes (members inside, ensemble.json naming them by relative path)."""
+    import shutil
+
+    import torch
+
+    torch.manual_seed(1)
+    root = tmp_path_factory.mktemp("ens")
+    shutil.copytree(ckpt, root / "members" / "0_resnet10t")
+    meta = {"arch": "test_efficientnet", "class_names": ["no_fracture", "fracture"], "positive_index": 1,
+            "positive_class": "fracture", "preprocess": {"size": 48, "mean": [0.4], "std": [0.3], "channels": 1},
+            "threshold": 0.6, "temperature": 0.7, "operating_points": None, "manifest_sha256": "test2"}
+    checkpoint.save(root / "members" / "1_test_efficientnet", create("test_efficientnet", 2, 1).eval(), meta)
+    spec = {"format": "bonefrac-ensemble", "members": ["members/0_resnet10t", "members/1_test_efficientnet"],
+            "class_names": ["no_fracture", "fracture"], "positive_index": 1, "weights": [0.35, 0.65],
+            "threshold": 0.45, "operating_points": {"high_sensitivity": {"threshold": 0.2}}}
+    (root / "ensemble.json").write_text(json.dumps(spec))
+    return root
+
+
+def test_ensemble_exports_as_one_graph_matching_the_pytorch_ensemble(ensemble_dir, manifest, tmp_path):
+    ens = load_predictor([str(ensemble_dir)], "cpu")
+    assert isinstance(ens, Ensemble) and [m.size for m in ens.members] == [64, 48]
+    out = tmp_path / "ens.onnx"
+    report = export(ensemble_dir, out, manifest=manifest)
+    assert report["parity"]["max_abs_prob_diff"] <= 1e-3 and report["parity"]["n_images"] == 25
+    served = load_backend(out, "cpu")
+    assert isinstance(served, OnnxPredictor) and served.size == 64  # the largest member size
+    assert (served.class_names, served.positive_index, served.threshold) == (["no_fracture", "fracture"], 1, 0.45)
+    assert served.meta["weights"] == [0.35, 0.65] and served.temperature == 1.0
+    assert served.meta["operating_points"] == {"high_sensitivity": {"threshold": 0.2}}
+    assert [(m["arch"], m["path"], m["temperature"]) for m in served.meta["members"]] == \
+        [("resnet10t", "members/0_resnet10t", 1.3), ("test_efficientnet", "members/1_test_efficientnet", 0.7)]
+    images = [read_image(p) for p in SAMPLES[:6]]
+    ref = ens.predict_arrays(images)
+    got = served.predict_arrays(images)
+    assert np.abs(got - ref).max() < 1e-3 and np.abs(served.predict_arrays(images[:1]) - ref[:1]).max() < 1e-3
+    single = [m.predict_arrays(images) for m in ens.members]  # the mix differs from each member alone
+    assert min(np.abs(got - s).max() for s in single) > np.abs(got - ref).max()
+
+
+def test_ensemble_int8_and_torchscript_exports(ensemble_dir, manifest, tmp_path):
+    report = export(ensemble_dir, tmp_path / "q.onnx", manifest=manifest, int8=True, n_calib=16)
+    assert report["variant"] == "int8" and report["parity"]["argmax_agreement"] >= 0.8
+    assert load_backend(tmp_path / "q.onnx", "cpu").meta["weights"] == [0.35, 0.65]
+    report = export(ensemble_dir, tmp_path / "e.pt", fmt="torchscript", images=SAMPLE / "images", n_parity=6)
+    assert report["parity"]["max_abs_prob_diff"] < 1e-3
+    assert load_backend(tmp_path / "e.pt").threshold == 0.45
 
 
 def test_int8_and_torchscript_exports(ckpt, manifest, tmp_path):

@@ -151,3 +151,26 @@ def test_shipped_model_is_the_default_and_holds_up_on_the_held_out_sample(capsys
     # The sample lies in the shipped model's test split (data/sample/README.md): these are held-out images.
     # Its FracAtlas test AUROC is 0.94 (MODEL_CARD.md); a broken file or preprocessing change falls far below.
     assert classification_metrics(y, probs, ["no_fracture", "fracture"], 1)["auroc"] > 0.85
+
+
+def test_external_test_set_gets_a_domain_shift_summary(run, manifest, tmp_path):
+    external = tmp_path / "external"
+    # An "external" set: the sample prepared with --split-all test (every image becomes a test image).
+    assert main(["prepare", "--labels", str(SAMPLE / "labels.csv"), "--label-col", "fractured",
+                 "--class-names", "no_fracture,fracture", "--out", str(external), "--split-all", "test",
+                 "--workers", "1"]) == 0
+    ext = pd.read_csv(external / "manifest.csv")
+    assert len(ext) == 100 and set(ext.split) == {"test"}
+    internal = tmp_path / "internal"
+    assert main(["evaluate", str(run / "best"), "--manifest", str(manifest), "--out", str(internal),
+                 "--bootstrap", "0"]) == 0
+    out = tmp_path / "ext_eval"
+    assert main(["evaluate", str(run / "best"), "--manifest", str(external / "manifest.csv"), "--out", str(out),
+                 "--bootstrap", "0", "--reference", str(internal / "metrics.json")]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    ref = json.loads((internal / "metrics.json").read_text())
+    shift = m["domain_shift"]
+    assert shift["metric_diff"]["auroc"] == pytest.approx(m["auroc"] - ref["auroc"])
+    assert shift["scores_a"]["n"] == ref["n"] and shift["scores_b"]["n"] == 100
+    assert 0.0 <= shift["ks_statistic"] <= 1.0
+    assert (out / "score_shift.png").read_bytes()[:4] == b"\x89PNG"

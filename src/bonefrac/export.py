@@ -7,7 +7,13 @@ normalisation is inside the graph and the checkpoint JSON (classes, preprocessin
 the file's metadata, so `bonefrac.backends.load_backend(file)` needs nothing else. A sidecar `FILE.json` holds the
 same JSON plus the export report (size, parity, validation-metric change).
 
-Parity: probabilities of the exported model and of the PyTorch checkpoint on real images (the manifest's val
+An ensemble directory (`bonefrac ensemble`) exports as one graph: the input is as above at the largest member
+size, each member is resized to its own size inside the graph (bilinear, no antialias), normalised and scaled by
+its temperature, and the output is log(sum_i w_i softmax(logits_i / T_i)): logits whose softmax (temperature 1
+in the metadata) is the weighted average of the members' calibrated probabilities. The metadata carries the
+ensemble's classes, threshold, operating points, weights and members.
+
+Parity: probabilities of the exported model and of the PyTorch checkpoint (or ensemble) on real images (the manifest's val
 split, or `images`) must agree within `tolerance` (max absolute difference), else BonefracError. INT8 uses
 ONNX Runtime static quantization (QDQ, per-channel weights) calibrated on training images.
 """
@@ -23,12 +29,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from . import checkpoint
 from .backends import INPUT_NAME, META_KEY, OUTPUT_NAME, load_backend
 from .errors import BonefracError, ImageReadError
 from .io import IMAGE_EXTENSIONS, read_image
-from .predict import Predictor
+from .predict import ENSEMBLE_FILE, Ensemble, load_predictor
 from .transforms import resize_batch
 
 log = logging.getLogger(__name__)
@@ -53,6 +59,49 @@ class _Deployable(torch.nn.Module):
         return self.model((x - self.mean) / self.std)
 
 
+class _EnsembleDeployable(torch.nn.Module):
+    """Raw pixels (B, 1, S, S) 0..255 -> log of the weighted average of the members' calibrated probabilities."""
+
+    def __init__(self, ens: Ensemble, size: int):
+        super().__init__()
+        self.members = torch.nn.ModuleList(_Deployable(m.model, m.prep) for m in ens.members)
+        self.size, self.sizes = size, [m.size for m in ens.members]
+        self.temperatures = [m.temperature for m in ens.members]
+        self.weights = [float(w) for w in ens.weights]
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        mix = None
+        for member, size, temp, weight in zip(self.members, self.sizes, self.temperatures, self.weights):
+            x = pixels if size == self.size else F.interpolate(
+                pixels, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+            p = weight * torch.softmax(member(x) / temp, dim=1)
+            mix = p if mix is None else mix + p
+        return torch.log(mix.clamp_min(1e-30))  # softmax of this is the mix; the clamp only guards log(0)
+
+
+def _deployable(source, ckpt) -> tuple[torch.nn.Module, dict]:
+    """(graph module, metadata for the exported file) for a Predictor or an Ensemble loaded from `ckpt`."""
+    if not isinstance(source, Ensemble):
+        return _Deployable(source.model, source.prep).eval(), source.meta
+    size = max(m.size for m in source.members)
+    try:
+        paths = json.loads((Path(ckpt) / ENSEMBLE_FILE).read_text())["members"]
+    except (OSError, ValueError, KeyError, TypeError):
+        paths = [None] * len(source.members)
+    weights = [float(w) for w in source.weights]
+    members = [{"path": str(path) if path is not None else None, "arch": m.meta["arch"], "weight": w,
+                "temperature": m.temperature, "threshold": m.threshold, "preprocess": m.prep,
+                "manifest_sha256": m.meta.get("manifest_sha256")}
+               for path, m, w in zip(paths, source.members, weights)]
+    meta = {**source.meta, "arch": "+".join(m.meta["arch"] for m in source.members),
+            "preprocess": {"size": size, "input": "raw grey pixels 0..255; member normalisation in the graph"},
+            "temperature": 1.0, "threshold": source.threshold, "weights": weights, "members": members,
+            "graph_output": "log_probabilities"}
+    for key in ("val_metrics", "test_metrics"):  # the first member's, not the ensemble's
+        meta.pop(key, None)
+    return _EnsembleDeployable(source, size).eval(), meta
+
+
 def export(ckpt, out, fmt: str = "onnx", int8: bool = False, fp16: bool = False, manifest=None,
            images=None, tolerance: float | None = None, n_calib: int = 64, n_parity: int = 64) -> dict:
     """Write the exported model to `out` and return its report; raises BonefracError when parity fails.
@@ -61,11 +110,11 @@ def export(ckpt, out, fmt: str = "onnx", int8: bool = False, fp16: bool = False,
     folder or list of image files, used for both) must name real images.
     """
     fmt, variant = _check_options(fmt, int8, fp16)
-    model, meta = checkpoint.load(ckpt, "cpu")
+    source = load_predictor([ckpt], "cpu")  # a Predictor, or an Ensemble for an ensemble directory
+    wrapped, meta = _deployable(source, ckpt)
     calib, parity, labels = _reference_images(manifest, images, meta, n_calib, n_parity)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    wrapped = _Deployable(model, meta["preprocess"]).eval()
     report = {"format": fmt, "variant": variant, "opset": OPSET if fmt == "onnx" else None,
               "source": str(ckpt), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     with tempfile.TemporaryDirectory() as tmp:
@@ -76,7 +125,7 @@ def export(ckpt, out, fmt: str = "onnx", int8: bool = False, fp16: bool = False,
             _write_onnx(wrapped, int(meta["preprocess"]["size"]), fp32_path)
             final = _convert(fp32_path, variant, calib, int(meta["preprocess"]["size"]), Path(tmp))
             _store_onnx_meta(final, out, meta, report)
-    report.update(_verify(ckpt, out, parity, labels, meta, tolerance, variant))
+    report.update(_verify(source, out, parity, labels, meta, tolerance, variant))
     _store_final_report(out, fmt, meta, report)
     return report
 
@@ -225,10 +274,10 @@ def _write_torchscript(wrapped, meta: dict, out: Path, report: dict) -> None:
 # --- checking --------------------------------------------------------------------------------------------
 
 
-def _verify(ckpt, out: Path, parity, labels, meta: dict, tolerance, variant: str) -> dict:
+def _verify(source, out: Path, parity, labels, meta: dict, tolerance, variant: str) -> dict:
     """Parity against PyTorch (fails loudly past the tolerance) and the validation-metric change."""
     tol = DEFAULT_TOLERANCE[variant] if tolerance is None else float(tolerance)
-    ref = Predictor.from_checkpoint(ckpt, "cpu").predict_arrays(parity)
+    ref = source.predict_arrays(parity)
     got = load_backend(out, "cpu").predict_arrays(parity)
     diff = float(np.abs(ref - got).max())
     pos = meta.get("positive_index")
