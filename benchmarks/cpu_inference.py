@@ -103,6 +103,8 @@ def main() -> None:
     ap.add_argument("--n-val", type=int, default=0, help="0: the whole validation split")
     ap.add_argument("--int8-tolerance", type=float, default=1.0,
                     help="export parity tolerance for INT8 (max |p_int8 - p_torch|); the AUROC change is the check")
+    ap.add_argument("--reuse-onnx", action="store_true",
+                    help="with --keep-onnx: use fp32.onnx / int8.onnx already there instead of exporting again")
     ap.add_argument("--keep-onnx", help="directory to keep fp32.onnx and int8.onnx in")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--json")
@@ -123,6 +125,9 @@ def main() -> None:
         out_dir = Path(args.keep_onnx) if args.keep_onnx else tmp
         reports = {}
         for variant in ("fp32", "int8"):
+            if args.reuse_onnx and (out_dir / f"{variant}.onnx").is_file():
+                reports[variant] = json.loads((out_dir / f"{variant}.onnx.json").read_text()).get("export", {})
+                continue
             t = time.perf_counter()
             reports[variant] = export(ckpt, out_dir / f"{variant}.onnx", int8=variant == "int8", n_calib=args.n_calib,
                                       n_parity=16, tolerance=args.int8_tolerance if variant == "int8" else None,

@@ -64,54 +64,66 @@ def test_onnx_export_matches_pytorch_and_carries_its_metadata(ckpt, manifest, tm
 
 
 @pytest.fixture(scope="module")
-def ensemble_dir(ckpt, tmp_path_factory):
-    """Two members with different archs, sizes, channels, normalisation and temperature, in the directory
-    format `bonefrac ensemble` writes (members inside, ensemble.json naming them by relative path)."""
+def ensembles(ckpt, tmp_path_factory):
+    """Two ensemble directories in the format `bonefrac ensemble` writes (members inside, ensemble.json naming
+    them by relative path): resnet10t (64 px, 3 channels, T 1.3) with test_efficientnet (1 channel, its own
+    normalisation, T 0.7) at 64 px ("same") or at 48 px ("mixed", resized inside the exported graph)."""
     import shutil
 
     import torch
 
     torch.manual_seed(1)
-    root = tmp_path_factory.mktemp("ens")
-    shutil.copytree(ckpt, root / "members" / "0_resnet10t")
-    meta = {"arch": "test_efficientnet", "class_names": ["no_fracture", "fracture"], "positive_index": 1,
-            "positive_class": "fracture", "preprocess": {"size": 48, "mean": [0.4], "std": [0.3], "channels": 1},
-            "threshold": 0.6, "temperature": 0.7, "operating_points": None, "manifest_sha256": "test2"}
-    checkpoint.save(root / "members" / "1_test_efficientnet", create("test_efficientnet", 2, 1).eval(), meta)
-    spec = {"format": "bonefrac-ensemble", "members": ["members/0_resnet10t", "members/1_test_efficientnet"],
-            "class_names": ["no_fracture", "fracture"], "positive_index": 1, "weights": [0.35, 0.65],
-            "threshold": 0.45, "operating_points": {"high_sensitivity": {"threshold": 0.2}}}
-    (root / "ensemble.json").write_text(json.dumps(spec))
-    return root
+    model = create("test_efficientnet", 2, 1).eval()
+    with torch.no_grad():  # a random net answers ~0.5 for every image; make its answers differ by image
+        model.get_classifier().weight.mul_(30)
+    dirs = {}
+    for name, size in (("same", 64), ("mixed", 48)):
+        root = tmp_path_factory.mktemp(name)
+        shutil.copytree(ckpt, root / "members" / "0_resnet10t")
+        meta = {"arch": "test_efficientnet", "class_names": ["no_fracture", "fracture"], "positive_index": 1,
+                "positive_class": "fracture", "threshold": 0.6, "temperature": 0.7, "operating_points": None,
+                "preprocess": {"size": size, "mean": [0.4], "std": [0.3], "channels": 1}, "manifest_sha256": "t2"}
+        checkpoint.save(root / "members" / "1_test_efficientnet", model, meta)
+        spec = {"format": "bonefrac-ensemble", "members": ["members/0_resnet10t", "members/1_test_efficientnet"],
+                "class_names": ["no_fracture", "fracture"], "positive_index": 1, "weights": [0.35, 0.65],
+                "threshold": 0.45, "operating_points": {"high_sensitivity": {"threshold": 0.2}}}
+        (root / "ensemble.json").write_text(json.dumps(spec))
+        dirs[name] = root
+    return dirs
 
 
-def test_ensemble_exports_as_one_graph_matching_the_pytorch_ensemble(ensemble_dir, manifest, tmp_path):
-    ens = load_predictor([str(ensemble_dir)], "cpu")
-    assert isinstance(ens, Ensemble) and [m.size for m in ens.members] == [64, 48]
+def test_ensemble_exports_as_one_graph_matching_the_pytorch_ensemble(ensembles, manifest, tmp_path):
+    ens = load_predictor([str(ensembles["same"])], "cpu")
+    assert isinstance(ens, Ensemble)
     out = tmp_path / "ens.onnx"
-    report = export(ensemble_dir, out, manifest=manifest)
+    report = export(ensembles["same"], out, manifest=manifest)
     assert report["parity"]["max_abs_prob_diff"] <= 1e-3 and report["parity"]["n_images"] == 25
     served = load_backend(out, "cpu")
-    assert isinstance(served, OnnxPredictor) and served.size == 64  # the largest member size
+    assert isinstance(served, OnnxPredictor) and served.size == 64 and served.temperature == 1.0
     assert (served.class_names, served.positive_index, served.threshold) == (["no_fracture", "fracture"], 1, 0.45)
-    assert served.meta["weights"] == [0.35, 0.65] and served.temperature == 1.0
+    assert served.meta["weights"] == [0.35, 0.65]
     assert served.meta["operating_points"] == {"high_sensitivity": {"threshold": 0.2}}
     assert [(m["arch"], m["path"], m["temperature"]) for m in served.meta["members"]] == \
         [("resnet10t", "members/0_resnet10t", 1.3), ("test_efficientnet", "members/1_test_efficientnet", 0.7)]
     images = [read_image(p) for p in SAMPLES[:6]]
-    ref = ens.predict_arrays(images)
-    got = served.predict_arrays(images)
+    ref, got = ens.predict_arrays(images), served.predict_arrays(images)
     assert np.abs(got - ref).max() < 1e-3 and np.abs(served.predict_arrays(images[:1]) - ref[:1]).max() < 1e-3
-    single = [m.predict_arrays(images) for m in ens.members]  # the mix differs from each member alone
-    assert min(np.abs(got - s).max() for s in single) > np.abs(got - ref).max()
+    assert np.ptp(ref[:, 1]) > 0.02  # the parity check is not trivially met by constant outputs
+    for member in ens.members:  # the exported mix is the weighted one, not a member alone
+        assert np.abs(got - member.predict_arrays(images)).max() > 5e-3
 
 
-def test_ensemble_int8_and_torchscript_exports(ensemble_dir, manifest, tmp_path):
-    report = export(ensemble_dir, tmp_path / "q.onnx", manifest=manifest, int8=True, n_calib=16)
+def test_mixed_size_ensemble_int8_and_torchscript(ensembles, tmp_path):
+    src = ensembles["mixed"]
+    report = export(src, tmp_path / "q.onnx", images=SAMPLE / "images", int8=True, n_calib=8, n_parity=8)
     assert report["variant"] == "int8" and report["parity"]["argmax_agreement"] >= 0.8
-    assert load_backend(tmp_path / "q.onnx", "cpu").meta["weights"] == [0.35, 0.65]
-    report = export(ensemble_dir, tmp_path / "e.pt", fmt="torchscript", images=SAMPLE / "images", n_parity=6)
-    assert report["parity"]["max_abs_prob_diff"] < 1e-3
+    served = load_backend(tmp_path / "q.onnx", "cpu")
+    assert served.size == 64 and served.meta["weights"] == [0.35, 0.65]  # input at the largest member size
+    # The 48 px member is resized inside the graph from the 64 px input, the PyTorch ensemble resizes the
+    # original image: a small, real difference for image-sensitive members, hence the explicit tolerance.
+    report = export(src, tmp_path / "e.pt", fmt="torchscript", images=SAMPLE / "images", n_parity=8,
+                    tolerance=2e-2)
+    assert 0 < report["parity"]["max_abs_prob_diff"] < 2e-2
     assert load_backend(tmp_path / "e.pt").threshold == 0.45
 
 
