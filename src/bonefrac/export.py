@@ -1,4 +1,5 @@
-"""Export a checkpoint to ONNX (fp32, fp16 or INT8) or TorchScript, checked against PyTorch on real images.
+"""Export a checkpoint or an ensemble directory to ONNX (fp32, fp16 or INT8) or TorchScript, checked against
+PyTorch on real images.
 
     report = export("runs/a/best", "model.onnx", manifest="work/data/manifest.csv", int8=True)
 
@@ -13,9 +14,9 @@ its temperature, and the output is log(sum_i w_i softmax(logits_i / T_i)): logit
 in the metadata) is the weighted average of the members' calibrated probabilities. The metadata carries the
 ensemble's classes, threshold, operating points, weights and members.
 
-Parity: probabilities of the exported model and of the PyTorch checkpoint (or ensemble) on real images (the manifest's val
-split, or `images`) must agree within `tolerance` (max absolute difference), else BonefracError. INT8 uses
-ONNX Runtime static quantization (QDQ, per-channel weights) calibrated on training images.
+Parity: probabilities of the exported model and of the PyTorch checkpoint (or ensemble) on real images (the
+manifest's val split, or `images`) must agree within `tolerance` (max absolute difference), else BonefracError.
+INT8 uses ONNX Runtime static quantization (QDQ, per-channel weights) calibrated on training images.
 """
 
 from __future__ import annotations
@@ -84,6 +85,10 @@ def _deployable(source, ckpt) -> tuple[torch.nn.Module, dict]:
     if not isinstance(source, Ensemble):
         return _Deployable(source.model, source.prep).eval(), source.meta
     size = max(m.size for m in source.members)
+    if any(m.size != size for m in source.members):
+        log.warning("members take %s px: the %d px input is resized inside the graph, while PyTorch resizes "
+                    "the original image, so parity differs slightly (raise --tolerance if it fails)",
+                    sorted({m.size for m in source.members}), size)
     try:
         paths = json.loads((Path(ckpt) / ENSEMBLE_FILE).read_text())["members"]
     except (OSError, ValueError, KeyError, TypeError):

@@ -1,0 +1,86 @@
+"""Duplicate detection for `prepare`: perceptual hashes invariant to the 8 rotations/flips by 90 degrees, the
+pairs of near-identical images they find, and the union-find that turns exact and near pairs into groups.
+
+Split from manifest.py to keep that module readable; `prepare` is the only caller.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bonefrac.io import resize_gray
+
+# Bits of 256 by which two hashes may differ and still be one image. Measured on FracAtlas: 90-degree rotations,
+# flips and 50-80 % resizes stay within 6 bits, JPEG q70 within 8, q30 within 14; pairs of distinct radiographs
+# start at about 36 bits. Freshly augmented copies (small-angle rotation, shear) are NOT caught (docs/leakage.md).
+NEAR_DUP_THRESHOLD = 32
+_DCT_SIZE, _LOW = 64, 16  # 64x64 thumbnail, 16x16 lowest DCT frequencies -> 256-bit hash
+
+
+def dihedral_phash(img: np.ndarray) -> np.ndarray:
+    """(8, 4) uint64: a 256-bit DCT perceptual hash of ``img`` under each of the 8 rotations/flips.
+
+    Row 0 is the image as is. Rotating or flipping the 64x64 thumbnail only transposes or sign-flips
+    its DCT coefficients, so the 8 variants cost one DCT.
+    """
+    n = _DCT_SIZE
+    k, i = np.arange(n)[:, None], np.arange(n)[None, :]
+    dct = np.cos(np.pi * (2 * i + 1) * k / (2 * n)) * np.sqrt(2.0 / n)
+    dct[0] /= np.sqrt(2.0)
+    coeffs = (dct @ resize_gray(img, n).astype(np.float64) @ dct.T)[:_LOW, :_LOW]
+    sign = (-1.0) ** np.arange(_LOW)  # a flip negates the odd frequencies along its axis
+    variants = [c * r * s for c in (coeffs, coeffs.T) for r in (1.0, sign[:, None]) for s in (1.0, sign)]
+    return np.stack([np.packbits(v > np.median(v)).view(">u8").astype(np.uint64) for v in variants])
+
+
+def near_duplicate_pairs(hashes: np.ndarray, threshold: int, block: int = 256) -> np.ndarray:
+    """(M, 2) index pairs i < j whose hashes (from dihedral_phash, stacked to (N, 8, W)) are within
+    ``threshold`` bits, comparing image i as is against all 8 variants of j and vice versa."""
+    n = len(hashes)
+    if n < 2 or threshold < 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    base = hashes[:, 0, :]
+    variants = np.ascontiguousarray(hashes.transpose(1, 2, 0))  # (8, W, N): contiguous rows to XOR against
+    found = []
+    for start in range(0, n, block):
+        rows = base[start:start + block]
+        best = np.full((len(rows), n), np.iinfo(np.uint16).max, dtype=np.uint16)
+        for k in range(variants.shape[0]):
+            dist = np.zeros_like(best)
+            for w in range(variants.shape[1]):
+                dist += _popcount(rows[:, w, None] ^ variants[k, w][None, :])
+            np.minimum(best, dist, out=best)
+        ii, jj = np.nonzero(best <= threshold)
+        ii += start
+        keep = ii != jj
+        found.append(np.stack([np.minimum(ii, jj), np.maximum(ii, jj)], axis=1)[keep])
+    return np.unique(np.concatenate(found), axis=0)
+
+
+def _popcount(words: np.ndarray) -> np.ndarray:
+    if hasattr(np, "bitwise_count"):  # numpy >= 2.0
+        return np.bitwise_count(words)
+    table = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+    return table[words.view(np.uint8)].reshape(*words.shape, 8).sum(axis=-1, dtype=np.uint8)
+
+
+def group_ids(sha: list, pairs: np.ndarray) -> list[str]:
+    """Union-find over exact (same sha256) and near-duplicate pairs; ids g00000.. in first-row order."""
+    parent = list(range(len(sha)))
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]  # path halving keeps the trees flat
+            i = parent[i]
+        return i
+
+    first_of = {}
+    links = [(first_of.setdefault(s, i), i) for i, s in enumerate(sha)] + [tuple(p) for p in pairs.tolist()]
+    for a, b in links:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)  # the root is always the group's first row
+    roots = [find(i) for i in range(len(sha))]
+    numbers = {r: n for n, r in enumerate(dict.fromkeys(roots))}
+    width = max(5, len(str(len(numbers))))
+    return [f"g{numbers[r]:0{width}d}" for r in roots]
