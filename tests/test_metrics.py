@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from bonefrac import bootstrap as B
 from bonefrac import metrics as M
 from bonefrac.errors import ConfigError
 
@@ -209,9 +210,9 @@ def _random_case(n, seed=0, k=2):
 
 def test_bootstrap_repeatable_and_contains_point():
     y, p = _random_case(200)
-    a = M.bootstrap_ci(_acc, y, p, n_boot=300, seed=3)
-    b = M.bootstrap_ci(_acc, y, p, n_boot=300, seed=3)
-    c = M.bootstrap_ci(_acc, y, p, n_boot=300, seed=4)
+    a = B.bootstrap_ci(_acc, y, p, n_boot=300, seed=3)
+    b = B.bootstrap_ci(_acc, y, p, n_boot=300, seed=3)
+    c = B.bootstrap_ci(_acc, y, p, n_boot=300, seed=4)
     assert a == b and a != c
     assert a["low"] <= a["value"] <= a["high"] and a["n_boot_valid"] == 300
     assert a["value"] == pytest.approx(_acc(y, p))
@@ -222,9 +223,9 @@ def test_bootstrap_resamples_whole_groups():
     reps = 3
     y_dup, p_dup = np.repeat(y, reps), np.repeat(p, reps, axis=0)
     groups = np.repeat([f"g{i:03d}" for i in range(60)], reps)  # sorted names keep the base order
-    by_group = M.bootstrap_ci(_acc, y_dup, p_dup, groups=groups, n_boot=500, seed=0)
-    base = M.bootstrap_ci(_acc, y, p, n_boot=500, seed=0)
-    by_row = M.bootstrap_ci(_acc, y_dup, p_dup, n_boot=500, seed=0)
+    by_group = B.bootstrap_ci(_acc, y_dup, p_dup, groups=groups, n_boot=500, seed=0)
+    base = B.bootstrap_ci(_acc, y, p, n_boot=500, seed=0)
+    by_row = B.bootstrap_ci(_acc, y_dup, p_dup, n_boot=500, seed=0)
     # Drawing a group brings all 3 copies, so it is the bootstrap of the 60 distinct rows...
     assert (by_group["low"], by_group["high"]) == pytest.approx((base["low"], base["high"]))
     # ...while resampling the 180 rows pretends to have 3x the data and is too narrow.
@@ -242,36 +243,36 @@ def test_bootstrap_draws_keep_groups_whole():
         assert all(c % s == 0 for c, s in zip(counts, sizes, strict=True))
         return 1.0
 
-    assert M.bootstrap_ci(check, y, probs, groups=ids, n_boot=200)["n_boot_valid"] == 200
+    assert B.bootstrap_ci(check, y, probs, groups=ids, n_boot=200)["n_boot_valid"] == 200
 
 
 def test_bootstrap_skips_undefined_resamples():
     y = np.array([0] * 9 + [1])
     p = np.c_[np.linspace(0.9, 0.1, 10), np.linspace(0.1, 0.9, 10)]
-    out = M.bootstrap_ci(lambda a, b: roc_auc_score(a, b[:, 1]), y, p, n_boot=200)
+    out = B.bootstrap_ci(lambda a, b: roc_auc_score(a, b[:, 1]), y, p, n_boot=200)
     assert 0 < out["n_boot_valid"] < 200  # resamples without the lone positive are skipped
 
 
 def test_metrics_with_ci_matches_point_and_bootstrap():
     y, p = _random_case(300, seed=7)
     groups = np.arange(300) // 2
-    ci = M.metrics_with_ci(y, p, NAMES2, groups=groups, positive_index=1, threshold=0.5, n_boot=400, seed=1)
+    ci = B.metrics_with_ci(y, p, NAMES2, groups=groups, positive_index=1, threshold=0.5, n_boot=400, seed=1)
     point = M.classification_metrics(y, p, NAMES2, positive_index=1, threshold=0.5)
     for key in ("accuracy", "balanced_accuracy", "auroc", "sensitivity", "specificity", "ppv", "npv"):
         assert ci[key]["value"] == pytest.approx(point[key])
         assert ci[key]["low"] <= ci[key]["value"] <= ci[key]["high"]
     assert ci["macro_f1"]["value"] == pytest.approx(point["macro_avg"]["f1"])
     # The vectorised path uses exactly the resamples of bootstrap_ci with the same seed.
-    generic = M.bootstrap_ci(_acc, y, p, groups=groups, n_boot=400, seed=1)
+    generic = B.bootstrap_ci(_acc, y, p, groups=groups, n_boot=400, seed=1)
     assert (ci["accuracy"]["low"], ci["accuracy"]["high"]) == pytest.approx((generic["low"], generic["high"]))
-    auc = M.bootstrap_ci(lambda a, b: roc_auc_score(a, b[:, 1]), y, p, groups=groups, n_boot=400, seed=1)
+    auc = B.bootstrap_ci(lambda a, b: roc_auc_score(a, b[:, 1]), y, p, groups=groups, n_boot=400, seed=1)
     assert (ci["auroc"]["low"], ci["auroc"]["high"]) == pytest.approx((auc["low"], auc["high"]))
     json.dumps(ci, allow_nan=False)
 
 
 def test_metrics_with_ci_multiclass():
     y, p = _random_case(150, seed=2, k=3)
-    ci = M.metrics_with_ci(y, p, NAMES3, groups=None, positive_index=None, threshold=None, n_boot=200, seed=0)
+    ci = B.metrics_with_ci(y, p, NAMES3, groups=None, positive_index=None, threshold=None, n_boot=200, seed=0)
     point = M.classification_metrics(y, p, NAMES3)
     assert ci["auroc"]["value"] == pytest.approx(point["auroc"])
     assert set(ci["per_class_recall"]) == set(NAMES3)
@@ -320,7 +321,7 @@ def test_ci_skips_resamples_where_a_rate_is_undefined():
     # One positive among 12: resamples that miss it have no sensitivity; they are skipped, not counted as 0.
     y = np.array([1] + [0] * 11)
     p = np.c_[np.linspace(0.2, 0.9, 12), np.linspace(0.8, 0.1, 12)]
-    ci = M.metrics_with_ci(y, p, NAMES2, groups=None, positive_index=1, threshold=0.5, n_boot=300, seed=0)
+    ci = B.metrics_with_ci(y, p, NAMES2, groups=None, positive_index=1, threshold=0.5, n_boot=300, seed=0)
     assert 0 < ci["sensitivity"]["n_boot_valid"] < 300
     assert ci["sensitivity"]["low"] == 1.0  # whenever the positive is drawn it is caught (p = 0.8)
     assert ci["specificity"]["n_boot_valid"] == 300
@@ -331,6 +332,6 @@ def test_bootstrap_speed_1000_by_1000():
 
     y, p = _random_case(1000, seed=3)
     start = time.perf_counter()
-    M.bootstrap_ci(_acc, y, p, n_boot=1000)
-    M.metrics_with_ci(y, p, NAMES2, groups=np.arange(1000) // 3, positive_index=1, threshold=0.5, n_boot=1000, seed=0)
+    B.bootstrap_ci(_acc, y, p, n_boot=1000)
+    B.metrics_with_ci(y, p, NAMES2, groups=np.arange(1000) // 3, positive_index=1, threshold=0.5, n_boot=1000, seed=0)
     assert time.perf_counter() - start < 5.0

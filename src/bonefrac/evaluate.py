@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import checkpoint, metrics, report
+from . import bootstrap, checkpoint, metrics, report
 from .data import build_cache
 from .errors import BonefracError
 from .io import read_image
@@ -82,7 +82,7 @@ def evaluate(models: list[str], manifest: str | Path, split: str = "test", out_d
     result["calibration"] = {"ece": metrics.expected_calibration_error(y, probs),
                              "temperature": getattr(predictor, "temperature", None)}
     if n_boot:
-        result["ci"] = metrics.metrics_with_ci(y, probs, names, rows.group.to_numpy(), pos, threshold, n_boot, seed)
+        result["ci"] = bootstrap.metrics_with_ci(y, probs, names, rows.group.to_numpy(), pos, threshold, n_boot, seed)
     points = predictor.meta.get("operating_points") if pos == predictor.positive_index else None
     if pos is not None and points:
         y_bin = (y == pos).astype(int)
