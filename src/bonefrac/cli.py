@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.set_defaults(func=_predict)
     s = sub.add_parser("export", help="export a checkpoint to ONNX (fp32/fp16/INT8) or TorchScript, parity-checked")
-    s.add_argument("ckpt", help="checkpoint directory")
+    s.add_argument("ckpt", help="checkpoint or ensemble directory")
     s.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
     s.add_argument("--int8", action="store_true", help="ONNX Runtime static INT8, calibrated on training images")
     s.add_argument("--fp16", action="store_true")
