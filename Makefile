@@ -45,8 +45,8 @@ fracatlas-model:
 	    --class-names no_fracture,fracture --out $(WORK)/data
 	$(BONEFRAC) train --manifest $(WORK)/data/manifest.csv --out $(WORK)/lite2 --config configs/fracatlas_lite2.yaml $(LITE2_SET)
 	$(BONEFRAC) train --manifest $(WORK)/data/manifest.csv --out $(WORK)/lite0 --config configs/fracatlas_lite0.yaml $(LITE0_SET)
-	$(BONEFRAC) evaluate $(WORK)/lite2/best --manifest $(WORK)/data/manifest.csv --out $(WORK)/eval_lite2 --tta
-	$(BONEFRAC) evaluate $(WORK)/lite0/best --manifest $(WORK)/data/manifest.csv --out $(WORK)/eval_lite0 --tta
+	$(BONEFRAC) evaluate $(WORK)/lite2/best --manifest $(WORK)/data/manifest.csv --out $(WORK)/eval_lite2
+	$(BONEFRAC) evaluate $(WORK)/lite0/best --manifest $(WORK)/data/manifest.csv --out $(WORK)/eval_lite0
 
 clean:
 	rm -rf $(DEMO) .pytest_cache
