@@ -57,6 +57,23 @@ def train_flops_per_image(arch: str, size: int) -> float:
     return 3 * counter.get_total_flops() / 4
 
 
+def images_per_s(epoch, step, warm: int, steps: int, batch: int, sync=None):
+    """Run `step(x, y)` over `epoch()` passes until `warm` + `steps` steps are done; images/s of the last `steps`
+    (timed between device synchronisations) and the last batch."""
+    sync = sync or torch.cuda.synchronize
+    done, t0 = 0, None
+    while True:
+        for x, y in epoch():
+            step(x, y)
+            done += 1
+            if done == warm:
+                sync()
+                t0 = time.perf_counter()
+            if done >= warm + steps:
+                sync()
+                return steps * batch / (time.perf_counter() - t0), (x, y)
+
+
 def seed_style(arch: str, files: list[Path], size: int, steps: int, batch: int = 32, workers: int = 12) -> float:
     """The reference loop: PIL + torchvision transforms in workers, fp32, Adam 1e-4."""
     from PIL import Image
@@ -79,22 +96,16 @@ def seed_style(arch: str, files: list[Path], size: int, steps: int, batch: int =
     model = create(arch, 3).cuda().train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     loss_fn = torch.nn.CrossEntropyLoss()
-    warm, done, t0 = 5, 0, None
-    while done < steps + warm:
-        for x, y in loader:
-            x, y = x.cuda(non_blocking=True), y.cuda(non_blocking=True)
-            loss = loss_fn(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            done += 1
-            if done == warm:
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-            if done >= steps + warm:
-                break
-    torch.cuda.synchronize()
-    return steps * batch / (time.perf_counter() - t0)
+
+    def step(x, y):
+        x, y = x.cuda(non_blocking=True), y.cuda(non_blocking=True)
+        loss = loss_fn(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    ips, _ = images_per_s(lambda: iter(loader), step, warm=5, steps=steps, batch=batch)
+    return ips
 
 
 def bonefrac_pipeline(arch: str, cache: np.ndarray, size: int, batch: int, steps: int, mode: str,
@@ -110,18 +121,9 @@ def bonefrac_pipeline(arch: str, cache: np.ndarray, size: int, batch: int, steps
     sched = make_scheduler(opt, replace(cfg.optim, schedule="constant"), 1000, 1)
     prep = {"mean": [0.5] * 3, "std": [0.5] * 3, "channels": 3}
     gen = torch.Generator().manual_seed(0)
-    warm, done, t0 = 8, 0, None
-    while done < steps + warm:
-        for x, y in batches.epoch(gen):
-            train_step(step_model, model, x, y, gen, opt, sched, cfg, prep)
-            done += 1
-            if done == warm:
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-            if done >= steps + warm:
-                break
-    torch.cuda.synchronize()
-    ips = steps * batch / (time.perf_counter() - t0)
+    ips, (x, y) = images_per_s(lambda: batches.epoch(gen),
+                               lambda x, y: train_step(step_model, model, x, y, gen, opt, sched, cfg, prep),
+                               warm=8, steps=steps, batch=batch)
     if profile_to:
         _profile(lambda: train_step(step_model, model, x, y, gen, opt, sched, cfg, prep), profile_to)
     return ips
