@@ -1,0 +1,69 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bonefrac.data import Batches, build_cache
+from bonefrac.errors import BonefracError
+
+
+@pytest.fixture()
+def images(tmp_path):
+    paths = []
+    for i in range(6):
+        p = tmp_path / f"img{i}.png"
+        Image.fromarray(np.full((20, 30), 40 * i, np.uint8)).save(p)
+        paths.append(str(p))
+    return paths
+
+
+def test_cache_is_built_once_and_rebuilt_when_inputs_change(images, tmp_path):
+    cache_dir = tmp_path / "cache"
+    hashes = [f"h{i}" for i in range(len(images))]
+    a = build_cache(images, hashes, 16, cache_dir, workers=1, progress=False)
+    assert a.shape == (6, 16, 16) and a.dtype == np.uint8 and int(a[3].mean()) == 120
+    files = sorted(cache_dir.glob("*.u8"))
+    stamp = files[0].stat().st_mtime_ns
+    build_cache(images, hashes, 16, cache_dir, workers=1, progress=False)
+    assert sorted(cache_dir.glob("*.u8")) == files and files[0].stat().st_mtime_ns == stamp  # reused
+    build_cache(images, hashes, 24, cache_dir, workers=1, progress=False)  # new size -> new cache
+    build_cache(images, ["x"] + hashes[1:], 16, cache_dir, workers=1, progress=False)  # changed file -> new
+    assert len(list(cache_dir.glob("*.u8"))) == 3
+
+
+def test_an_interrupted_cache_build_is_redone(images, tmp_path):
+    cache_dir = tmp_path / "cache"
+    build_cache(images, [""] * 6, 16, cache_dir, workers=1, progress=False)
+    (done,) = cache_dir.glob("*.json")
+    done.unlink()  # what a kill before the final marker leaves behind
+    data = next(cache_dir.glob("*.u8"))
+    data.write_bytes(b"\0" * data.stat().st_size)
+    again = build_cache(images, [""] * 6, 16, cache_dir, workers=1, progress=False)
+    assert int(again[5].mean()) == 200 and done.exists()
+
+
+def test_unreadable_image_in_the_manifest_is_a_clear_error(images, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    with pytest.raises(BonefracError, match="re-run prepare"):
+        build_cache(images + [str(broken)], [""] * 7, 16, tmp_path / "c", workers=1, progress=False)
+
+
+def test_ranks_see_disjoint_shards_and_eval_sees_everything():
+    cache = np.arange(10, dtype=np.uint8).reshape(10, 1, 1).repeat(2, 1).repeat(2, 2)
+    labels = np.arange(10) % 2
+    seen = []
+    for rank in range(2):
+        b = Batches(cache, labels, 5, torch.device("cpu"), rank=rank, world=2)
+        seen.append({int(x[i, 0, 0, 0]) for x, _ in b.epoch(torch.Generator().manual_seed(0)) for i in range(len(x))})
+    assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 10
+    ev = Batches(cache, labels, 3, torch.device("cpu"), drop_last=False)
+    assert sorted(int(v) for x, _ in ev.epoch(None) for v in x[:, 0, 0, 0]) == list(range(10))
+
+
+def test_balanced_sampler_draws_classes_equally():
+    cache = np.zeros((100, 1, 1), np.uint8)
+    labels = np.array([0] * 90 + [1] * 10)
+    b = Batches(cache, labels, 10, torch.device("cpu"), sampler="balanced")
+    drawn = torch.cat([y for _, y in b.epoch(torch.Generator().manual_seed(1))])
+    assert 0.35 < drawn.float().mean().item() < 0.65  # about half minority, against 10 % in the data
