@@ -191,3 +191,15 @@ def test_natural_photos_are_not_xrays():
         else:
             colour = 0.0
         assert not check_radiograph(img, colour).ok, name
+
+
+def test_an_ensemble_directory_is_served_like_a_checkpoint(ensembles):
+    from bonefrac.backends import load_backend
+    from bonefrac.io import read_image
+    from bonefrac.predict import Ensemble, load_predictor
+
+    backend = load_backend(ensembles["same"], "cpu")
+    assert isinstance(backend, Ensemble) and backend.threshold == 0.45
+    image = read_image(SAMPLES[0])
+    expected = load_predictor([str(ensembles["same"])], "cpu").predict_arrays([image])
+    assert np.allclose(backend.predict_arrays([image]), expected)

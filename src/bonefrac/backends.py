@@ -128,12 +128,13 @@ def _parse_meta(raw, path) -> dict:
 
 
 def load_backend(path, device: str = "auto", batch_size: int = 32):
-    """A predictor for a checkpoint directory (PyTorch), a .onnx file (ONNX Runtime) or a TorchScript .pt file."""
-    from .predict import Predictor, default_model_path
+    """A predictor for a checkpoint or ensemble directory (PyTorch), a .onnx file (ONNX Runtime) or a
+    TorchScript .pt file."""
+    from .predict import default_model_path, load_predictor
 
     path = Path(path) if path else default_model_path()
     if path.is_dir():
-        return Predictor.from_checkpoint(path, device, batch_size=batch_size)
+        return load_predictor([str(path)], device, batch_size=batch_size)
     if not path.is_file():
         raise BonefracError(f"{path}: no such model file or checkpoint directory")
     if path.suffix.lower() == ".onnx":
