@@ -231,16 +231,14 @@ def seed_style(source: Path, holdout: Path, names, cfg, args, out: Path) -> dict
 def bonefrac_style(source: Path, holdout: Path, names, cfg, args, out: Path) -> dict:
     """Grouped split, augment train only, train, score."""
     from bonefrac.augment import augment_manifest
-    from bonefrac.manifest import prepare
-
     from bonefrac.manifest import load_manifest
 
     work = out / "bonefrac"
     rows = load_manifest(source)
     rows["split"] = _tools().group_split(rows, seed=args.seed)
     _write_manifest(rows, work / "split", names)
-    aug = augment_manifest(work / "split" / "manifest.csv", work / "data", factor=args.aug_factor, seed=args.seed,
-                           workers=args.workers)
+    augment_manifest(work / "split" / "manifest.csv", work / "data", factor=args.aug_factor, seed=args.seed,
+                     workers=args.workers)
     result = train_and_score(work / "data" / "manifest.csv", holdout, work, cfg, args)
     final = load_manifest(work / "data" / "manifest.csv")  # copies carry their source's group
     true_cross = int((final.groupby("group").split.nunique() > 1).sum())
