@@ -2,6 +2,10 @@
 
     python benchmarks/train_throughput.py --images DIR [--archs tf_efficientnetv2_s,convnextv2_base] \
         [--size 224] [--batch 256] [--steps 60] [--json OUT.json]
+    torchrun --nproc_per_node=2 benchmarks/train_throughput.py --images DIR --seed-steps 0 ...   # multi-GPU
+
+Under torchrun every rank runs bonefrac's step on its own GPU and shard (DistributedDataParallel, NCCL), with
+the batch per GPU; images/s counts all ranks. Compare with a one-process run of the same flags for the scaling.
 
 Seed-style: PIL decoding + torchvision transforms in 12 DataLoader workers, fp32, batch 32, Adam.
 bonefrac: the decoded uint8 cache on the GPU, batched GPU augmentation, bf16 autocast, channels_last,
@@ -27,7 +31,7 @@ from bonefrac.data import Batches, build_cache
 from bonefrac.io import IMAGE_EXTENSIONS
 from bonefrac.models import create
 from bonefrac.train import train_step
-from bonefrac.trainutil import make_optimizer, make_scheduler
+from bonefrac.trainutil import GradAllReduce, distributed_setup, make_optimizer, make_scheduler
 
 log = logging.getLogger("bench")
 
@@ -109,24 +113,35 @@ def seed_style(arch: str, files: list[Path], size: int, steps: int, batch: int =
 
 
 def bonefrac_pipeline(arch: str, cache: np.ndarray, size: int, batch: int, steps: int, mode: str,
-                      profile_to: str | None = None) -> float:
+                      profile_to: str | None = None, rank: int = 0, world: int = 1, sync: str = "allreduce") -> float:
+    """images/s of `bonefrac.train.train_step` (all ranks together under torchrun; `batch` is per GPU)."""
     cfg = Config(model=ModelConfig(arch=arch, pretrained="none"), data=DataConfig(size=size, batch_size=batch),
                  optim=OptimConfig(), train=TrainConfig(compile="on", compile_mode=mode))
-    device = torch.device("cuda")
+    device = torch.device("cuda", torch.cuda.current_device())
     labels = np.arange(len(cache)) % 3
-    batches = Batches(cache, labels, batch, device, "shuffle", 16.0)
+    batches = Batches(cache, labels, batch, device, "shuffle", 16.0, rank, world)
     model = create(arch, 3).to(device).to(memory_format=torch.channels_last).train()
     step_model = torch.compile(model, mode=mode)
-    opt = make_optimizer(model, cfg.optim, batch, device)
+    grad_sync = None
+    if world > 1 and sync == "ddp":  # the same wrapping order as bonefrac.train: DDP around the compiled module
+        step_model = torch.nn.parallel.DistributedDataParallel(step_model, device_ids=[device.index])
+    elif world > 1:
+        grad_sync = GradAllReduce(model)
+    opt = make_optimizer(model, cfg.optim, batch * world, device)
     sched = make_scheduler(opt, replace(cfg.optim, schedule="constant"), 1000, 1)
     prep = {"mean": [0.5] * 3, "std": [0.5] * 3, "channels": 3}
     gen = torch.Generator().manual_seed(0)
     ips, (x, y) = images_per_s(lambda: batches.epoch(gen),
-                               lambda x, y: train_step(step_model, model, x, y, gen, opt, sched, cfg, prep),
-                               warm=8, steps=steps, batch=batch)
-    if profile_to:
+                               lambda x, y: train_step(step_model, model, x, y, gen, opt, sched, cfg, prep, grad_sync=grad_sync),
+                               warm=8, steps=steps, batch=batch * world, sync=_sync_all if world > 1 else None)
+    if profile_to and rank == 0:
         _profile(lambda: train_step(step_model, model, x, y, gen, opt, sched, cfg, prep), profile_to)
     return ips
+
+
+def _sync_all() -> None:
+    torch.cuda.synchronize()
+    torch.distributed.barrier()
 
 
 def _profile(step, path: str, n: int = 5) -> None:
@@ -150,33 +165,48 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--seed-steps", type=int, default=40)
     p.add_argument("--modes", default="default", help="torch.compile modes to try, comma-separated")
+    p.add_argument("--grad-sync", default="allreduce", help="under torchrun: ddp and/or allreduce, comma-separated")
     p.add_argument("--profile-dir", help="write a kernel profile per run here")
     p.add_argument("--json")
     args = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    rank, world = distributed_setup()
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(message)s")
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     files = sorted(f for f in Path(args.images).rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
-    cache = build_cache([str(f) for f in files], [""] * len(files), int(args.size * 1.15), "/tmp/bench_cache")
+    cache_dir = "/tmp/bench_cache"
+    if rank == 0:  # one process decodes, the others map the finished file
+        build_cache([str(f) for f in files], [""] * len(files), int(args.size * 1.15), cache_dir)
+    if world > 1:
+        torch.distributed.barrier()
+    cache = build_cache([str(f) for f in files], [""] * len(files), int(args.size * 1.15), cache_dir,
+                        progress=False)
     peak = matmul_tflops()
     rows = []
     for arch in args.archs.split(","):
         flops = train_flops_per_image(arch, args.size)
-        seed = seed_style(arch, files, args.size, args.seed_steps)
-        for batch, mode in [(int(b), m) for b in args.batch.split(",") for m in args.modes.split(",")]:
+        seed = seed_style(arch, files, args.size, args.seed_steps) if args.seed_steps > 0 else float("nan")
+        syncs = args.grad_sync.split(",") if world > 1 else ["none"]
+        for batch, mode, sync in [(int(b), m, g) for b in args.batch.split(",") for m in args.modes.split(",")
+                                  for g in syncs]:
             prof = f"{args.profile_dir}/profile_{arch}_{batch}_{mode}.txt" if args.profile_dir else None
-            ours = bonefrac_pipeline(arch, cache, args.size, batch, args.steps, mode, prof)
-            tflops = ours * flops / 1e12
-            row = {"arch": arch, "size": args.size, "batch": batch, "compile_mode": mode,
+            ours = bonefrac_pipeline(arch, cache, args.size, batch, args.steps, mode, prof, rank, world, sync)
+            tflops = ours * flops / 1e12 / world
+            row = {"arch": arch, "size": args.size, "gpus": world, "grad_sync": sync, "batch_per_gpu": batch,
+                   "compile_mode": mode,
                    "seed_style_img_s": round(seed, 1),
                    "bonefrac_img_s": round(ours, 1), "ratio": round(ours / seed, 2),
-                   "train_gflop_per_img": round(flops / 1e9, 2), "achieved_tflops": round(tflops, 1),
+                   "train_gflop_per_img": round(flops / 1e9, 2), "achieved_tflops_per_gpu": round(tflops, 1),
                    "matmul_bf16_tflops": round(peak, 1), "fraction_of_matmul": round(tflops / peak, 3)}
             log.info("%s", row)
             rows.append(row)
-    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-           "rows": rows}
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    if rank != 0:
+        return
+    out = {"device": torch.cuda.get_device_name(), "gpus": world, "torch": torch.__version__,
+           "date": time.strftime("%Y-%m-%d"), "rows": rows}
     print(json.dumps(out, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))

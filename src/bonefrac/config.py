@@ -85,6 +85,7 @@ class TrainConfig:
     channels_last: bool = True
     compile: str = "auto"  # "auto" (on for CUDA), "on", "off"
     compile_mode: str = "default"  # torch.compile mode: "default", "reduce-overhead" (CUDA graphs), "max-autotune"
+    grad_sync: str = "auto"  # multi-GPU: "ddp", "allreduce" (one all-reduce per step), "auto" (allreduce if compiled)
     ema_decay: float = 0.0  # 0 disables the weight EMA
     watchdog_s: float = 900.0  # stop (after saving) when no step completes within this many seconds
     eval_batch_size: int = 64

@@ -28,7 +28,8 @@ from .errors import BonefracError
 from .manifest import class_names_for, load_manifest, manifest_sha256
 from .models import build_model
 from .predict import infer_logits, resolve_device
-from .trainutil import Ema, Watchdog, distributed_setup, gather_arrays, make_optimizer, make_scheduler
+from .trainutil import (Ema, GradAllReduce, Watchdog, distributed_setup, gather_arrays, make_optimizer,
+                        make_scheduler)
 from .transforms import augment, normalize
 
 log = logging.getLogger(__name__)
@@ -98,12 +99,15 @@ def train(manifest: str | Path, out_dir: str | Path, cfg: Config, resume: bool =
     elif rank == 0 and (out_dir / "last").exists():
         raise BonefracError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
 
-    step_model = model
-    if _use_compile(cfg, device):
+    step_model, grad_sync = model, None
+    compiled = _use_compile(cfg, device)
+    if compiled:
         step_model = torch.compile(model, mode=cfg.train.compile_mode)
-    if world > 1:
+    if world > 1 and _grad_sync_mode(cfg, compiled) == "ddp":
         step_model = torch.nn.parallel.DistributedDataParallel(step_model, device_ids=[device.index]
                                                                if device.type == "cuda" else None)
+    elif world > 1:
+        grad_sync = GradAllReduce(model)
     base_meta = {"arch": cfg.model.arch, "class_names": class_names, "positive_index": pos,
                  "positive_class": class_names[pos] if pos is not None else None, "preprocess": prep,
                  "config": to_dict(cfg), "manifest_sha256": manifest_sha256(manifest)}
@@ -126,7 +130,11 @@ def train(manifest: str | Path, out_dir: str | Path, cfg: Config, resume: bool =
             gen = torch.Generator().manual_seed(cfg.train.seed * 100_003 + epoch)  # resumable: seed per epoch
             t0 = time.perf_counter()
             train_loss, seen = _train_epoch(step_model, model, train_batches, gen, steps_per_epoch, optimizer,
-                                            scheduler, cfg, prep, weight, ema, watchdog, epoch, rank)
+                                            scheduler, cfg, prep, weight, ema, watchdog, epoch, rank, grad_sync)
+            if grad_sync:  # BatchNorm statistics differ with each rank's data
+                grad_sync.sync_buffers(model)
+                if ema:
+                    grad_sync.sync_buffers(ema.module)
             eval_model = ema.module if ema else model
             val_logits, val_y = _val_logits(eval_model, val_batches, prep, cfg, world)
             elapsed = time.perf_counter() - t0
@@ -163,11 +171,12 @@ def train(manifest: str | Path, out_dir: str | Path, cfg: Config, resume: bool =
             writer.close()
     if world > 1:
         dist.barrier()
+        dist.destroy_process_group()
     return out_dir / "best"
 
 
 def _train_epoch(step_model, model, batches, gen, steps, optimizer, scheduler, cfg, prep, weight, ema,
-                 watchdog, epoch, rank):
+                 watchdog, epoch, rank, grad_sync=None):
     """One pass over the training shard; returns (mean loss, images seen by this rank)."""
     from tqdm.auto import tqdm
 
@@ -179,7 +188,7 @@ def _train_epoch(step_model, model, batches, gen, steps, optimizer, scheduler, c
     for step, (x, y) in enumerate(batches.epoch(gen)):
         if step >= steps:
             break
-        loss = train_step(step_model, model, x, y, gen, optimizer, scheduler, cfg, prep, weight, ema)
+        loss = train_step(step_model, model, x, y, gen, optimizer, scheduler, cfg, prep, weight, ema, grad_sync)
         total += loss
         count += 1
         seen += len(y)
@@ -195,7 +204,8 @@ def _train_epoch(step_model, model, batches, gen, steps, optimizer, scheduler, c
     return float(mean_loss), seen
 
 
-def train_step(step_model, model, x, y, gen, optimizer, scheduler, cfg, prep, weight=None, ema=None):
+def train_step(step_model, model, x, y, gen, optimizer, scheduler, cfg, prep, weight=None, ema=None,
+               grad_sync=None):
     """One optimisation step on a uint8 batch: augment, forward (bf16 on CUDA), backward, clip, update.
 
     Returns the loss as a device tensor (no host sync); the throughput benchmark times exactly this.
@@ -209,6 +219,8 @@ def train_step(step_model, model, x, y, gen, optimizer, scheduler, cfg, prep, we
     loss = F.cross_entropy(logits.float(), y, weight=weight, label_smoothing=cfg.train.label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if grad_sync:
+        grad_sync()
     if cfg.optim.grad_clip:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip, foreach=True)
     optimizer.step()
@@ -281,6 +293,15 @@ def _use_compile(cfg, device) -> bool:
     if mode not in ("auto", "on", "off"):
         raise BonefracError(f"train.compile must be auto, on or off, not '{mode}'")
     return mode == "on" or (mode == "auto" and device.type == "cuda")
+
+
+def _grad_sync_mode(cfg, compiled: bool) -> str:
+    """How ranks share gradients: DDP overlaps communication with an eager backward; a compiled backward
+    (and CUDA graphs) is served better by one all-reduce after it (trainutil.GradAllReduce)."""
+    mode = cfg.train.grad_sync
+    if mode not in ("auto", "ddp", "allreduce"):
+        raise BonefracError(f"train.grad_sync must be auto, ddp or allreduce, not '{mode}'")
+    return ("allreduce" if compiled else "ddp") if mode == "auto" else mode
 
 
 def _tensorboard(out_dir: Path):

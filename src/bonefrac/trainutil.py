@@ -124,6 +124,43 @@ class Watchdog:
                 return
 
 
+class GradAllReduce:
+    """Data parallelism without DistributedDataParallel: call it after `loss.backward()` to average every
+    gradient over all ranks in ONE all-reduce; `sync_buffers(module)` averages BatchNorm statistics.
+
+    Why: a compiled model's backward hands all gradients to autograd at once, so DDP's per-bucket hooks cannot
+    overlap communication with compute anyway, while they add per-parameter copies and launches, and DDP does
+    not work with CUDA graphs (`compile_mode: reduce-overhead`). Construction broadcasts rank 0's weights
+    and buffers so every rank starts identical; identical averaged gradients keep them identical.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.world = dist.get_world_size()
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, src=0)
+
+    def __call__(self) -> None:
+        for p in self.params:
+            if p.grad is None:  # a parameter unused on this rank still takes part, or the all-reduce would hang
+                p.grad = torch.zeros_like(p)
+        self._average([p.grad for p in self.params])
+
+    def sync_buffers(self, module: torch.nn.Module) -> None:
+        self._average([b for b in module.buffers() if b.is_floating_point()])
+
+    def _average(self, tensors: list[torch.Tensor]) -> None:
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for t in tensors:
+            by_dtype.setdefault(t.dtype, []).append(t)
+        for group in by_dtype.values():
+            flat = torch.cat([t.reshape(-1) for t in group])
+            dist.all_reduce(flat)  # SUM then divide: gloo (CPU) has no AVG
+            flat.div_(self.world)
+            parts = flat.split([t.numel() for t in group])
+            torch._foreach_copy_(group, [part.view_as(t) for part, t in zip(parts, group)])
+
+
 def distributed_setup() -> tuple[int, int]:
     """(rank, world size); joins the process group when started by torchrun (WORLD_SIZE > 1)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
