@@ -15,6 +15,7 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from bonefrac import checkpoint  # noqa: E402
+from bonefrac.errors import ConfigError  # noqa: E402
 from bonefrac.models import create  # noqa: E402
 from bonefrac.serve.app import create_app  # noqa: E402
 from bonefrac.serve.batcher import MicroBatcher  # noqa: E402
@@ -207,3 +208,19 @@ def test_settings_from_env():
                            "BONEFRAC_XRAY_CHECK": "0", "BONEFRAC_API_KEY": "sup3r-secret"}, port=9000)
     assert (s.max_batch, s.cors_origins, s.xray_check, s.port) == (4, ("http://a", "http://b"), False, 9000)
     assert s.api_key == "sup3r-secret" and "sup3r-secret" not in repr(s)
+
+
+def test_device_setting_reaches_the_backend(ckpt, monkeypatch):
+    assert Settings.from_env({}).device == "auto"  # default: the first CUDA GPU when present, else the CPU
+    assert Settings.from_env({"BONEFRAC_DEVICE": "cuda:1"}).device == "cuda:1"
+    assert Settings.from_env({"BONEFRAC_DEVICE": "cuda"}, device="cpu").device == "cpu"  # CLI flag wins
+    with pytest.raises(ConfigError, match="BONEFRAC_DEVICE"):
+        Settings.from_env({"BONEFRAC_DEVICE": "gpu0"})
+    import bonefrac.backends
+
+    seen = []
+    real = bonefrac.backends.load_backend
+    monkeypatch.setattr(bonefrac.backends, "load_backend",
+                        lambda model, device="auto", **kw: seen.append(device) or real(model, device, **kw))
+    create_app(Settings(model=str(ckpt), device="cpu"))
+    assert seen == ["cpu"]

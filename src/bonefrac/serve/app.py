@@ -39,8 +39,8 @@ def create_app(settings: Settings | None = None, predictor=None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await batcher.start()
-        log.info("serving %s (max batch %d, max wait %g ms)", predictor.version, settings.max_batch,
-                 settings.max_wait_ms)
+        log.info("serving %s on %s (max batch %d, max wait %g ms)", predictor.version,
+                 getattr(predictor, "device", settings.device), settings.max_batch, settings.max_wait_ms)
         yield
         await batcher.stop()
 

@@ -3,7 +3,7 @@
 | variable | default | meaning |
 |---|---|---|
 | BONEFRAC_MODEL | shipped model | checkpoint dir, .onnx or TorchScript .pt file |
-| BONEFRAC_DEVICE | auto | auto, cpu, cuda[:n] |
+| BONEFRAC_DEVICE | auto | auto (first CUDA GPU when present, else CPU), cpu, cuda[:n], mps |
 | BONEFRAC_MAX_BATCH / BONEFRAC_MAX_WAIT_MS | 16 / 10 | micro-batching; MAX_BATCH=1 turns it off |
 | BONEFRAC_MAX_REQUEST_MB | 20 | request body cap |
 | BONEFRAC_MAX_FILES | 16 | images per request |
@@ -19,9 +19,12 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, fields
 
 from ..errors import ConfigError
+
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,10 @@ class Settings:
     audit_db: str | None = None
     refer_margin: float = 0.15
     xray_check: bool = True
+
+    def __post_init__(self):
+        if not _DEVICE.fullmatch(self.device):
+            raise ConfigError(f"BONEFRAC_DEVICE={self.device!r}: expected auto, cpu, cuda, cuda:N or mps")
 
     @property
     def max_request_bytes(self) -> int:
