@@ -10,7 +10,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from bonefrac.errors import ImageReadError
-from bonefrac.io import IMAGE_EXTENSIONS, MAX_PIXELS, decode_image, read_image, resize_gray
+from bonefrac.io import IMAGE_EXTENSIONS, MAX_PIXELS, decode_image, decode_image_and_colour, read_image, resize_gray
 from conftest import pattern, save
 
 pydicom = pytest.importorskip("pydicom")
@@ -262,3 +262,17 @@ def test_resize_gray_rejects_bad_input():
 def test_image_extensions():
     assert isinstance(IMAGE_EXTENSIONS, frozenset)
     assert {".jpg", ".png", ".webp", ".dcm", ".tiff"} <= IMAGE_EXTENSIONS
+
+
+def test_decode_image_and_colour_one_decode_gives_both():
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (600, 500, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "PNG")
+    gray, thumb = decode_image_and_colour(buf.getvalue(), "photo.png", thumbnail=256)
+    assert np.array_equal(gray, decode_image(buf.getvalue(), "photo.png"))  # the same pixel contract
+    assert thumb.dtype == np.uint8 and thumb.shape == (300, 250, 3)  # reduced by 2, never below 256 px
+    assert np.allclose(thumb.mean(axis=(0, 1)), rgb.mean(axis=(0, 1)), atol=2)
+    buf = io.BytesIO()
+    Image.fromarray(rgb[..., 0]).save(buf, "PNG")
+    assert decode_image_and_colour(buf.getvalue(), "grey.png")[1] is None  # grey files have no colour cue

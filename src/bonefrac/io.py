@@ -66,15 +66,23 @@ def decode_image(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> np.nda
     The format is sniffed from the content. The name's suffix is used only as a last resort, to try DICOM
     files that lack the 128-byte preamble when nothing else recognises the bytes.
     """
+    return decode_image_and_colour(data, name, max_pixels, thumbnail=0)[0]
+
+
+def decode_image_and_colour(data: bytes, name: str, max_pixels: int = MAX_PIXELS,
+                            thumbnail: int = 256) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`decode_image` plus, from the same single decode, an RGB uint8 thumbnail (reduced by a whole
+    factor to about ``thumbnail`` px, never below) when the file stores colour; None for grey files and DICOM. The service reads its
+    not-an-X-ray colour cue from it without decoding the upload twice."""
     if not data:
         raise ImageReadError(name, "empty file (0 bytes)")
     if is_dicom_bytes(data):
-        return _decode_dicom(data, name, max_pixels)
+        return _decode_dicom(data, name, max_pixels), None
     try:
-        return _decode_pil(data, name, max_pixels)
+        return _decode_pil(data, name, max_pixels, thumbnail)
     except ImageReadError:
         if Path(name).suffix.lower() in DICOM_SUFFIXES:
-            return _decode_dicom(data, name, max_pixels)
+            return _decode_dicom(data, name, max_pixels), None
         raise
 
 
@@ -98,8 +106,9 @@ def resize_gray(img: np.ndarray, size) -> np.ndarray:
 # --- PIL formats -------------------------------------------------------------------------------------------
 
 
-def _decode_pil(data: bytes, name: str, max_pixels: int) -> np.ndarray:
-    """Open with PIL (header only), check the size, then fully decode and convert to the pixel contract."""
+def _decode_pil(data: bytes, name: str, max_pixels: int, thumbnail: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Open with PIL (header only), check the size, then fully decode and convert to the pixel contract;
+    also a colour thumbnail when ``thumbnail`` > 0 and the image has colour."""
     try:
         # PIL warns between its own limit and twice it; our max_pixels check is the policy, so silence it.
         with warnings.catch_warnings():
@@ -108,7 +117,7 @@ def _decode_pil(data: bytes, name: str, max_pixels: int) -> np.ndarray:
                 _check_size(im.width, im.height, name, max_pixels)
                 im.load()  # raises on truncation because LOAD_TRUNCATED_IMAGES stays False
                 im = ImageOps.exif_transpose(im)  # show it the way a viewer does
-                return _pil_to_gray(im)
+                return _pil_to_gray(im), _colour_thumbnail(im, thumbnail)
     except ImageReadError:
         raise
     except Image.DecompressionBombError as exc:
@@ -128,6 +137,14 @@ def _check_size(width: int, height: int, name: str, max_pixels: int) -> None:
         raise ImageReadError(
             name, f"image too large: {width}x{height} = {width * height:,} pixels > limit {max_pixels:,}"
         )
+
+
+def _colour_thumbnail(im: Image.Image, size: int) -> np.ndarray | None:
+    if size <= 0 or im.mode in ("1", "L", "LA", "La", "I", "F") or im.mode.startswith("I;"):
+        return None
+    rgb = im.convert("RGB")
+    factor = max(rgb.width, rgb.height) // size
+    return np.asarray(rgb.reduce(factor) if factor > 1 else rgb, dtype=np.uint8)  # box reduce: cheap
 
 
 def _pil_to_gray(im: Image.Image) -> np.ndarray:

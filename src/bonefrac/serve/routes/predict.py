@@ -13,9 +13,9 @@ from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 from fastapi.responses import Response
 from pydantic import BaseModel
 
-from ...backends import check_radiograph, colourfulness_of, needs_review
+from ...backends import check_radiograph, colourfulness, needs_review
 from ...errors import ImageReadError
-from ...io import decode_image
+from ...io import decode_image_and_colour, resize_gray
 from ...predict import decide
 from ..errors import ApiError
 from ..guards import guard
@@ -52,29 +52,40 @@ def _read_error(name: str, exc: ImageReadError) -> ApiError:
     return ApiError(422, "unreadable_image", f"{name}: {reason}")
 
 
-async def _decode_uploads(files: list[UploadFile], settings) -> list[dict]:
+def _prepare(data: bytes, name: str, settings, size: int | None) -> dict:
+    """Everything per upload that needs no model, in one worker thread: one decode (with a colour thumbnail),
+    the not-an-X-ray check, the hash, and the resize to the model's input (so the model thread only stacks)."""
+    try:
+        gray, thumb = decode_image_and_colour(data, name, settings.max_pixels)
+    except ImageReadError as exc:
+        raise _read_error(name, exc) from None
+    colour = colourfulness(thumb.astype(np.float32)) if thumb is not None else 0.0
+    check = check_radiograph(gray, colour) if settings.xray_check else None
+    if size and (check is None or check.ok):
+        gray = resize_gray(gray, size)
+    return {"filename": name, "sha256": hashlib.sha256(data).hexdigest(), "gray": gray, "check": check}
+
+
+def _model_size(predictor) -> int | None:
+    """The input size all members share (images are resized to it before batching), else None."""
+    sizes = {getattr(m, "size", None) for m in getattr(predictor, "members", [predictor])}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+async def _decode_uploads(files: list[UploadFile], settings, size: int | None) -> list[dict]:
     if len(files) > settings.max_files:
         raise ApiError(413, "too_many_files", f"{len(files)} images in one request; the limit is {settings.max_files}")
-    decoded = []
+    items = []
     for i, upload in enumerate(files):
         name = upload.filename or f"file {i + 1}"
-        data = await upload.read()
-        try:
-            gray = await asyncio.to_thread(decode_image, data, name, settings.max_pixels)
-        except ImageReadError as exc:
-            raise _read_error(name, exc) from None
-        colour = await asyncio.to_thread(colourfulness_of, data) if settings.xray_check else 0.0
-        decoded.append({"filename": name, "sha256": hashlib.sha256(data).hexdigest(), "gray": gray,
-                        "colour": colour})
-    return decoded
+        items.append(await asyncio.to_thread(_prepare, await upload.read(), name, settings, size))
+    return items
 
 
 async def _analyse(request: Request, files: list[UploadFile]) -> PredictResponse:
     state = request.app.state
     settings, predictor = state.settings, state.predictor
-    items = await _decode_uploads(files, settings)
-    for item in items:
-        item["check"] = check_radiograph(item["gray"], item["colour"]) if settings.xray_check else None
+    items = await _decode_uploads(files, settings, _model_size(predictor))
     xrays = [it for it in items if it["check"] is None or it["check"].ok]
     probs = await state.batcher.submit([it["gray"] for it in xrays]) if xrays else np.zeros((0, 0))
     for item, row in zip(xrays, probs):
@@ -113,8 +124,8 @@ async def predict(request: Request, files: list[UploadFile] = FILES) -> PredictR
 async def explain(request: Request, files: list[UploadFile] = FILES) -> Response:
     """The X-ray with a heatmap of the regions that drove the predicted class (PyTorch checkpoints only)."""
     state = request.app.state
-    items = await _decode_uploads(files[:1], state.settings)
-    check = check_radiograph(items[0]["gray"], items[0]["colour"]) if state.settings.xray_check else None
+    items = await _decode_uploads(files[:1], state.settings, None)  # full size: the overlay is drawn on it
+    check = items[0]["check"]
     if check is not None and not check.ok:
         raise ApiError(422, "not_xray", f"{items[0]['filename']}: {check.reason}")
     gradcam, overlay = _explainer(state.predictor)
