@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from bonefrac.metrics import _binary_predict, _check, _cm_metrics, _confusion_batch, _num, positive_class_index
+from bonefrac.metrics import binary_predict, check_inputs, cm_metrics, confusion_batch, json_number, positive_class_index
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def _interval(values, value, alpha: float) -> dict:
     values = np.asarray(values, dtype=float)
     valid = values[np.isfinite(values)]
     low, high = (np.percentile(valid, [100 * alpha / 2, 100 * (1 - alpha / 2)]) if len(valid) else (None, None))
-    return {"value": _num(value), "low": _num(low), "high": _num(high), "n_boot_valid": int(len(valid))}
+    return {"value": json_number(value), "low": json_number(low), "high": json_number(high), "n_boot_valid": int(len(valid))}
 
 
 def bootstrap_ci(fn: Callable, y, probs, groups=None, n_boot: int = 1000, seed: int = 0,
@@ -48,7 +48,7 @@ def bootstrap_ci(fn: Callable, y, probs, groups=None, n_boot: int = 1000, seed: 
     Resamples where fn raises or returns a non-finite value are skipped. Returns {"value", "low", "high",
     "n_boot_valid"}; seeded and repeatable.
     """
-    y, probs = _check(y, probs)
+    y, probs = check_inputs(y, probs)
     values = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -88,7 +88,7 @@ def _auc_batch(is_pos, scores, weights) -> np.ndarray:
 
 def _headline_batch(y, probs, pred, pos, weights) -> dict:
     k = probs.shape[1]
-    out = _cm_metrics(_confusion_batch(y, pred, k, weights), pos)
+    out = cm_metrics(confusion_batch(y, pred, k, weights), pos)
     if k == 2:
         out["auroc"] = _auc_batch(y == pos, probs[:, pos], weights)
     else:
@@ -108,11 +108,11 @@ def metrics_with_ci(y, probs, class_names: Sequence[str], groups=None, positive_
     set (e.g. sensitivity without positives) is None; resamples where it is undefined are skipped.
     """
     names = [str(c) for c in class_names]
-    y, probs = _check(y, probs, len(names))
+    y, probs = check_inputs(y, probs, len(names))
     pos = None
     if len(names) == 2:
         pos = positive_class_index(names) if positive_index is None else int(positive_index)
-        pred = _binary_predict(probs, pos, 0.5 if threshold is None else float(threshold))
+        pred = binary_predict(probs, pos, 0.5 if threshold is None else float(threshold))
     else:
         pred = probs.argmax(axis=1)
     point = _headline_batch(y, probs, pred, pos, np.ones((1, len(y))))

@@ -26,7 +26,8 @@ _NEGATIVE_PREFIXES = ("no", "non", "not", "without")
 _EPS = 1e-12
 
 
-def _check(y, probs, n_classes: int | None = None):
+def check_inputs(y, probs, n_classes: int | None = None):
+    """(y as int (n,), probs as float (n, K)); ValueError naming the shapes when they do not fit."""
     y = np.asarray(y).astype(int).ravel()
     probs = np.asarray(probs, dtype=float)
     if probs.ndim != 2 or len(y) != len(probs):
@@ -42,7 +43,7 @@ def _div(a, b) -> float:
     return float(a) / float(b) if b else 0.0
 
 
-def _num(x):
+def json_number(x):
     """Plain float for JSON, None for undefined (None / NaN)."""
     return None if x is None or not np.isfinite(x) else float(x)
 
@@ -77,7 +78,8 @@ def _looks_negative(name: str) -> bool:
     return norm in _NEGATIVE_NAMES or norm.split("_")[0] in _NEGATIVE_PREFIXES
 
 
-def _binary_predict(probs, pos: int, threshold: float):
+def binary_predict(probs, pos: int, threshold: float):
+    """Class indices: `pos` where probs[:, pos] >= threshold, else the other class."""
     return np.where(probs[:, pos] >= threshold, pos, 1 - pos)
 
 
@@ -102,12 +104,12 @@ def classification_metrics(y, probs, class_names: Sequence[str], positive_index:
     """
     names = [str(c) for c in class_names]
     k = len(names)
-    y, probs = _check(y, probs, k)
+    y, probs = check_inputs(y, probs, k)
     pos = None
     if k == 2:
         pos = positive_class_index(names) if positive_index is None else int(positive_index)
         threshold = 0.5 if threshold is None else float(threshold)
-        pred = _binary_predict(probs, pos, threshold)
+        pred = binary_predict(probs, pos, threshold)
     else:
         pred = probs.argmax(axis=1)
     labels = np.arange(k)
@@ -145,25 +147,25 @@ def selection_score(metric_name: str, y, probs) -> float:
     """
     if metric_name not in SELECTION_METRICS:
         raise ConfigError(f"unknown selection metric {metric_name!r}; choose one of {SELECTION_METRICS}")
-    y, probs = _check(y, probs)
+    y, probs = check_inputs(y, probs)
     if metric_name == "loss":
         return -float(log_loss(y, np.clip(probs, _EPS, 1.0), labels=np.arange(probs.shape[1])))
     if metric_name == "auroc":
         # Binary AUROC is the same for either class as positive, so no class names are needed.
         value = _auroc(y, probs, 1)
         return float("nan") if value is None else value
-    m = _cm_metrics(_confusion_batch(y, probs.argmax(1), probs.shape[1], np.ones((1, len(y)))), None)
+    m = cm_metrics(confusion_batch(y, probs.argmax(1), probs.shape[1], np.ones((1, len(y)))), None)
     return float(m[metric_name][0])
 
 
-def _confusion_batch(y, pred, k: int, weights) -> np.ndarray:
+def confusion_batch(y, pred, k: int, weights) -> np.ndarray:
     """(B, K, K) weighted confusion matrices, one per row of weights (B, n)."""
     cell = np.zeros((len(y), k * k))
     cell[np.arange(len(y)), y * k + pred] = 1.0
     return (np.asarray(weights, dtype=float) @ cell).reshape(-1, k, k)
 
 
-def _cm_metrics(cm, pos: int | None) -> dict:
+def cm_metrics(cm, pos: int | None) -> dict:
     """Vectorised metrics from (B, K, K) confusion matrices.
 
     Recall, sensitivity, specificity, ppv and npv are NaN when undefined (empty denominator) so that the
@@ -252,7 +254,7 @@ def softmax(logits, temperature: float = 1.0) -> np.ndarray:
 def fit_temperature(logits, y, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
     """Temperature T minimising the NLL of softmax(logits / T) (temperature scaling, fit on validation)."""
     logits = np.asarray(logits, dtype=float)
-    y, _ = _check(y, logits)
+    y, _ = check_inputs(y, logits)
     true_logit = logits[np.arange(len(y)), y]
 
     def nll(log_t):
@@ -270,7 +272,7 @@ def reliability_curve(y, probs, n_bins: int = 15) -> dict:
     Returns arrays of length n_bins: "confidence" (mean top probability, NaN if empty), "accuracy" (NaN if
     empty), "count"; plus "edges" (n_bins + 1).
     """
-    y, probs = _check(y, probs)
+    y, probs = check_inputs(y, probs)
     conf = probs.max(axis=1)
     correct = (probs.argmax(axis=1) == y).astype(float)
     edges = np.linspace(0.0, 1.0, n_bins + 1)
@@ -336,8 +338,8 @@ def _flat_scores(scores) -> np.ndarray:
 
 def _score_stats(s) -> dict:
     q = np.percentile(s, [5, 25, 50, 75, 95]) if len(s) else [None] * 5
-    return {"n": int(len(s)), "mean": _num(s.mean()) if len(s) else None, "std": _num(s.std()) if len(s) else None,
-            **{k: _num(v) for k, v in zip(("q05", "q25", "median", "q75", "q95"), q, strict=True)}}
+    return {"n": int(len(s)), "mean": json_number(s.mean()) if len(s) else None, "std": json_number(s.std()) if len(s) else None,
+            **{k: json_number(v) for k, v in zip(("q05", "q25", "median", "q75", "q95"), q, strict=True)}}
 
 
 def domain_shift_summary(metrics_a: dict, metrics_b: dict, scores_a, scores_b) -> dict:
@@ -358,7 +360,7 @@ def domain_shift_summary(metrics_a: dict, metrics_b: dict, scores_a, scores_b) -
 
 def per_sample_loss(y, probs) -> np.ndarray:
     """Cross-entropy of each row: -log p(true class), clipped at 1e-12."""
-    y, probs = _check(y, probs)
+    y, probs = check_inputs(y, probs)
     return -np.log(np.clip(probs[np.arange(len(y)), y], _EPS, None))
 
 
@@ -368,7 +370,7 @@ def ranked_errors(y, probs, k_per_class: int = 8, pred=None) -> dict[int, list[i
     A mistake is ``pred != y`` (``pred`` defaults to the argmax; pass thresholded predictions for binary);
     confidence is the probability given to the wrong predicted class.
     """
-    y, probs = _check(y, probs)
+    y, probs = check_inputs(y, probs)
     pred = probs.argmax(axis=1) if pred is None else np.asarray(pred).astype(int).ravel()
     conf = probs[np.arange(len(y)), pred]
     out = {}
