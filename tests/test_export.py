@@ -170,7 +170,7 @@ def test_real_radiographs_pass_the_xray_check():
 
 
 def test_blank_noise_and_photos_are_not_xrays():
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(0)  # the "dw" conv is a full 3x3 conv here; only the graph's shape matters
     assert not check_radiograph(np.zeros((200, 200), np.uint8)).ok
     assert not check_radiograph(np.full((200, 200), 255, np.uint8)).ok
     assert not check_radiograph(rng.integers(0, 256, (256, 256), dtype=np.uint8)).ok
@@ -203,3 +203,139 @@ def test_an_ensemble_directory_is_served_like_a_checkpoint(ensembles):
     image = read_image(SAMPLES[0])
     expected = load_predictor([str(ensembles["same"])], "cpu").predict_arrays([image])
     assert np.allclose(backend.predict_arrays([image]), expected)
+
+
+# --- INT8: which nodes stay in float -----------------------------------------------------------------------
+
+
+def _toy_graph():
+    """pixels -> Div -> Pad (pads computed from Shape, as timm's dynamic "same" padding) -> Conv -> Clip -> Conv
+    (depthwise) -> Clip -> Conv -> Add (residual) -> GlobalAveragePool -> Flatten -> Gemm -> logits."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)  # the "dw" conv is a full 3x3 conv here; only the graph's shape matters
+
+    def init(name, *shape):
+        return numpy_helper.from_array(rng.normal(size=shape).astype(np.float32), name)
+
+    consts = [numpy_helper.from_array(np.array(v, np.float32 if isinstance(v, float) else np.int64), name)
+              for name, v in (("k255", 255.0), ("idx", 2), ("two", 2.0), ("lo", 0.0), ("hi", 6.0), ("axes", [0]),
+                              ("zeros", [0, 0, 0, 0, 0, 0]))]
+    weights = [init("w1", 8, 1, 3, 3), init("b1", 8), init("w2", 8, 8, 3, 3), init("b2", 8), init("w3", 8, 8, 1, 1),
+               init("b3", 8), init("wf", 2, 8), init("bf", 2)]
+    n = helper.make_node
+    nodes = [
+        n("Div", ["pixels", "k255"], ["x"], name="norm"),
+        n("Shape", ["x"], ["shp"], name="shape"),
+        n("Gather", ["shp", "idx"], ["h"], name="gather"),
+        n("Cast", ["h"], ["hf"], name="cast", to=TensorProto.FLOAT),
+        n("Mod", ["hf", "two"], ["odd"], name="mod", fmod=1),
+        n("Cast", ["odd"], ["oddi"], name="cast2", to=TensorProto.INT64),
+        n("Unsqueeze", ["oddi", "axes"], ["oddv"], name="unsq"),
+        n("Concat", ["zeros", "oddv", "oddv"], ["pads"], name="concat", axis=0),
+        n("Pad", ["x", "pads"], ["xp"], name="pad"),
+        n("Conv", ["xp", "w1", "b1"], ["c1"], name="stem", strides=[2, 2], kernel_shape=[3, 3],
+          pads=[1, 1, 0, 0]),
+        n("Clip", ["c1", "lo", "hi"], ["a1"], name="act1"),
+        n("Conv", ["a1", "w2", "b2"], ["c2"], name="dw", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        n("Clip", ["c2", "lo", "hi"], ["a2"], name="act2"),
+        n("Conv", ["a2", "w3", "b3"], ["c3"], name="pw", kernel_shape=[1, 1]),
+        n("Add", ["c3", "a1"], ["r"], name="residual"),
+        n("GlobalAveragePool", ["r"], ["g"], name="pool"),
+        n("Flatten", ["g"], ["f"], name="flatten"),
+        n("Gemm", ["f", "wf", "bf"], ["logits"], name="head", transB=1),
+    ]
+    graph = helper.make_graph(nodes, "toy", [helper.make_tensor_value_info("pixels", TensorProto.FLOAT,
+                                                                           ["batch", 1, 16, 16])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 2])],
+                              consts + weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_int8_float_nodes_are_the_shape_arithmetic_and_the_input_side():
+    from bonefrac.export import INT8_FLOAT_CONVS, _int8_float_nodes
+
+    model = _toy_graph()
+    shape, first = _int8_float_nodes(model, 2)
+    assert shape == ["shape", "gather", "cast", "mod", "cast2", "unsq", "concat"]
+    assert first == ["norm", "pad", "stem", "act1", "dw", "act2"]  # not pw, residual, pool, head
+    assert _int8_float_nodes(model, 1)[1] == ["norm", "pad", "stem", "act1"]
+    assert _int8_float_nodes(model, 0) == (shape, [])
+    assert INT8_FLOAT_CONVS == 2  # the residual Add reads act1 but lies 3 convolutions deep: quantized
+
+
+def _ancestor_ops(graph, tensor: str) -> set[str]:
+    """Op types of the nodes `tensor` is computed from (not looking past Shape nodes, which read only shapes)."""
+    producer = {o: n for n in graph.node for o in n.output}
+    seen, ops, todo = set(), set(), [tensor]
+    while todo:
+        node = producer.get(todo.pop())
+        if node is not None and node.name not in seen:
+            seen.add(node.name)
+            ops.add(node.op_type)
+            if node.op_type != "Shape":
+                todo.extend(i for i in node.input if i)
+    return ops
+
+
+@pytest.fixture(scope="module")
+def same_pad_ckpt(tmp_path_factory):
+    """A timm tf_* model (dynamic "same" padding: pad amounts computed from the input shape inside the graph)
+    whose answers differ by image: the random classifier is rescaled so that the sample images' logit
+    differences have mean 0 and standard deviation 1 (a random net saturates at p = 1 otherwise)."""
+    import torch
+
+    from bonefrac.transforms import resize_batch
+
+    torch.manual_seed(2)
+    model = create("tf_mobilenetv3_small_minimal_100", 2).eval()
+    x = resize_batch([read_image(p) for p in SAMPLES[:25]], 96).float().div(127.5).sub(1).expand(-1, 3, -1, -1)
+    with torch.no_grad():
+        head = model.get_classifier()
+        logits = model(x)
+        diff, shift = logits[:, 1] - logits[:, 0], head.bias[1] - head.bias[0]
+        scale = 1 / diff.std()
+        head.weight.mul_(scale)
+        head.bias[1] = head.bias[0] - scale * (diff.mean() - shift)
+    meta = {"arch": "tf_mobilenetv3_small_minimal_100", "class_names": ["no_fracture", "fracture"],
+            "positive_index": 1, "positive_class": "fracture", "threshold": 0.5, "temperature": 1.0,
+            "preprocess": {"size": 96, "mean": [0.5] * 3, "std": [0.5] * 3, "channels": 3},
+            "operating_points": None, "manifest_sha256": "t3"}
+    return checkpoint.save(tmp_path_factory.mktemp("samepad") / "ckpt", model, meta)
+
+
+def test_int8_export_passes_the_default_tolerance_with_float_input_side_and_exact_padding(
+        same_pad_ckpt, manifest, tmp_path):
+    import onnx
+
+    out = tmp_path / "q.onnx"
+    report = export(same_pad_ckpt, out, manifest=manifest, int8=True)  # default tolerance: raises past 0.15
+    assert report["parity"]["tolerance"] == 0.15 and report["parity"]["max_abs_prob_diff"] <= 0.15
+    fp32 = export(same_pad_ckpt, tmp_path / "f.onnx", manifest=manifest)
+    assert report["parity"]["max_abs_prob_diff"] > fp32["parity"]["max_abs_prob_diff"]  # it is quantized
+    ref = load_backend(tmp_path / "f.onnx", "cpu").predict_arrays([read_image(p) for p in SAMPLES[:25]])
+    assert np.ptp(ref[:, 1]) > 0.1  # the check is not trivially met by constant outputs
+    info = report["int8"]
+    assert info["float_convs"] == 2 and len(info["float_conv_nodes"]) == 2 and info["float_shape_nodes"] > 0
+    graph = onnx.load(str(out)).graph
+    ops = {n.op_type for n in graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Pad"} <= ops
+    for pad in (n for n in graph.node if n.op_type == "Pad"):  # pad amounts are computed in float, not rounded
+        assert "QuantizeLinear" not in _ancestor_ops(graph, pad.input[1]), pad.name
+    producer = {o: n for n in graph.node for o in n.output}
+    inits = {t.name for t in graph.initializer}
+    for name in info["float_conv_nodes"]:  # float weights, and no quantized tensor feeds them
+        conv = next(n for n in graph.node if n.name == name)
+        assert conv.input[1] in inits and conv.input[0] not in inits
+        assert "QuantizeLinear" not in _ancestor_ops(graph, conv.input[0])
+    quantized = [n for n in graph.node if n.op_type == "Conv" and n.name not in info["float_conv_nodes"]]
+    assert quantized and all(producer[n.input[1]].op_type == "DequantizeLinear" for n in quantized)
+    assert load_backend(out, "cpu").meta["export"]["int8"]["float_convs"] == 2  # recorded in the file
+    every = export(same_pad_ckpt, tmp_path / "all.onnx", manifest=manifest, int8=True, int8_float_convs=0,
+                   tolerance=1.0)
+    assert every["int8"]["float_conv_nodes"] == []
+    with pytest.raises(BonefracError, match="int8_float_convs"):
+        export(same_pad_ckpt, tmp_path / "bad.onnx", manifest=manifest, int8=True, int8_float_convs=-1)

@@ -78,7 +78,8 @@ def _export(args) -> None:
     from .export import export
 
     report = export(args.ckpt, args.out, fmt=args.format, int8=args.int8, fp16=args.fp16,
-                    manifest=args.manifest, images=args.images, tolerance=args.tolerance)
+                    manifest=args.manifest, images=args.images, tolerance=args.tolerance,
+                    int8_float_convs=args.int8_float_convs)
     print(json.dumps({k: report.get(k) for k in ("variant", "size_bytes", "parity", "val_metric")}))
 
 
@@ -182,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--manifest", help="manifest: train split calibrates INT8, val split checks parity/metrics")
     s.add_argument("--images", help="image folder for calibration and parity, instead of --manifest")
     s.add_argument("--tolerance", type=float, help="max |p_exported - p_torch| (default per variant)")
+    s.add_argument("--int8-float-convs", type=int, default=2,
+                   help="input-side convolutions --int8 keeps in float (default 2; 0 quantizes all)")
     s.add_argument("--out", required=True)
     s.set_defaults(func=_export)
 

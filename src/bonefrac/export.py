@@ -16,7 +16,16 @@ ensemble's classes, threshold, operating points, weights and members.
 
 Parity: probabilities of the exported model and of the PyTorch checkpoint (or ensemble) on real images (the
 manifest's val split, or `images`) must agree within `tolerance` (max absolute difference), else BonefracError.
-INT8 uses ONNX Runtime static quantization (QDQ, per-channel weights) calibrated on training images.
+INT8 uses ONNX Runtime static quantization (QDQ, per-channel weights, MinMax ranges) calibrated on training
+images, with two groups of nodes left in float (`_int8_float_nodes`):
+- the shape arithmetic (nodes computing from Shape outputs, e.g. the dynamic "same" padding of timm's tf_* models):
+  quantizing it rounds the pad amounts, which shifts or resizes feature maps (the shipped EfficientNet-Lite2 lost
+  pixel alignment from its third block on: per-image probability changes up to 0.51);
+- the input side up to the first `int8_float_convs` convolutions (default 2: the stem and the first depthwise
+  conv of an EfficientNet), their activations and the input normalisation. These few high-resolution layers
+  carry most of the INT8 error and little of the compute. Nothing upstream of them is quantized, so ONNX Runtime
+  cannot re-quantize their float weights per tensor at load time (its WeightBiasQuantization pass does that to a
+  float Conv that sits between DequantizeLinear and QuantizeLinear).
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2, "int8": 0.15}  # max |p_exported - p_torch|
 OPSET = 17
+INT8_FLOAT_CONVS = 2  # convolutions on the input side kept in float by INT8 exports
 
 
 class _Deployable(torch.nn.Module):
@@ -108,13 +118,17 @@ def _deployable(source, ckpt) -> tuple[torch.nn.Module, dict]:
 
 
 def export(ckpt, out, fmt: str = "onnx", int8: bool = False, fp16: bool = False, manifest=None,
-           images=None, tolerance: float | None = None, n_calib: int = 64, n_parity: int = 64) -> dict:
+           images=None, tolerance: float | None = None, n_calib: int = 64, n_parity: int = 64,
+           int8_float_convs: int = INT8_FLOAT_CONVS) -> dict:
     """Write the exported model to `out` and return its report; raises BonefracError when parity fails.
 
     `manifest` (train split calibrates INT8, val split checks parity and the metric change) or `images` (a
-    folder or list of image files, used for both) must name real images.
+    folder or list of image files, used for both) must name real images. `int8_float_convs`: how many
+    convolutions on the input side INT8 keeps in float (0 quantizes them all; see the module docstring).
     """
     fmt, variant = _check_options(fmt, int8, fp16)
+    if int(int8_float_convs) < 0:
+        raise BonefracError(f"int8_float_convs must be >= 0, got {int8_float_convs}")
     source = load_predictor([ckpt], "cpu")  # a Predictor, or an Ensemble for an ensemble directory
     wrapped, meta = _deployable(source, ckpt)
     calib, parity, labels = _reference_images(manifest, images, meta, n_calib, n_parity)
@@ -128,7 +142,8 @@ def export(ckpt, out, fmt: str = "onnx", int8: bool = False, fp16: bool = False,
         else:
             fp32_path = Path(tmp) / "fp32.onnx"
             _write_onnx(wrapped, int(meta["preprocess"]["size"]), fp32_path)
-            final = _convert(fp32_path, variant, calib, int(meta["preprocess"]["size"]), Path(tmp))
+            final = _convert(fp32_path, variant, calib, int(meta["preprocess"]["size"]), Path(tmp),
+                             int(int8_float_convs), report)
             _store_onnx_meta(final, out, meta, report)
     report.update(_verify(source, out, parity, labels, meta, tolerance, variant))
     _store_final_report(out, fmt, meta, report)
@@ -221,7 +236,8 @@ def _write_onnx(wrapped, size: int, path: Path) -> None:
                           dynamic_shapes=({0: torch.export.Dim("batch")},), **kwargs)
 
 
-def _convert(fp32_path: Path, variant: str, calib: list[np.ndarray], size: int, tmp: Path) -> Path:
+def _convert(fp32_path: Path, variant: str, calib: list[np.ndarray], size: int, tmp: Path,
+             float_convs: int = INT8_FLOAT_CONVS, report: dict | None = None) -> Path:
     if variant == "fp32":
         return fp32_path
     if variant == "fp16":
@@ -231,11 +247,14 @@ def _convert(fp32_path: Path, variant: str, calib: list[np.ndarray], size: int, 
         half = convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True)
         onnx.save(half, str(tmp / "fp16.onnx"))
         return tmp / "fp16.onnx"
-    return _quantize_int8(fp32_path, calib, size, tmp)
+    return _quantize_int8(fp32_path, calib, size, tmp, float_convs, report)
 
 
-def _quantize_int8(fp32_path: Path, calib: list[np.ndarray], size: int, tmp: Path) -> Path:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+def _quantize_int8(fp32_path: Path, calib: list[np.ndarray], size: int, tmp: Path,
+                   float_convs: int = INT8_FLOAT_CONVS, report: dict | None = None) -> Path:
+    import onnx
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
@@ -248,11 +267,55 @@ def _quantize_int8(fp32_path: Path, calib: list[np.ndarray], size: int, tmp: Pat
 
     prep = tmp / "prep.onnx"
     quant_pre_process(str(fp32_path), str(prep))
+    model = onnx.load(str(prep))
+    for i, node in enumerate(model.graph.node):  # exclusion goes by node name
+        node.name = node.name or f"bonefrac_node_{i}"
+    onnx.save(model, str(prep))
+    shape_nodes, input_nodes = _int8_float_nodes(model, float_convs)
     out = tmp / "int8.onnx"
     quantize_static(str(prep), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    log.info("INT8 calibrated on %d images", len(calib))
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=shape_nodes + input_nodes)
+    kept = set(input_nodes)
+    float_ops = [n.name for n in model.graph.node if n.name in kept and n.op_type in _MAC_OPS]
+    log.info("INT8 calibrated on %d images; kept in float: %d shape-arithmetic nodes, %d input-side nodes "
+             "(convolutions: %s)", len(calib), len(shape_nodes), len(input_nodes), ", ".join(float_ops) or "none")
+    if report is not None:
+        report["int8"] = {"calibration": "MinMax", "calibration_images": len(calib), "float_convs": float_convs,
+                          "float_conv_nodes": float_ops, "float_shape_nodes": len(shape_nodes)}
     return out
+
+
+_MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def _int8_float_nodes(model, float_convs: int = INT8_FLOAT_CONVS) -> tuple[list[str], list[str]]:
+    """(shape-arithmetic nodes, input-side nodes) of an ONNX graph, to keep in float when quantizing.
+
+    Shape arithmetic: Shape nodes and every node whose inputs are all shape-derived or constant (the pad amounts
+    of dynamic "same" padding, reshape targets). Input side: every other node whose output lies at most
+    `float_convs` Conv/Gemm/MatMul nodes deep (counted along the deepest path from the graph input), i.e. the
+    input normalisation, the first `float_convs` convolutions and their activations and pads. Every input of an
+    input-side node comes from the input side too, so no quantized tensor feeds a float convolution.
+    """
+    g = model.graph
+    const = {t.name for t in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
+    shape_t, shape_nodes = set(), []
+    for n in g.node:  # ONNX graphs are topologically sorted: one pass suffices
+        ins = [i for i in n.input if i]
+        if n.op_type == "Shape" or (n.op_type != "Constant" and any(i in shape_t for i in ins)
+                                    and all(i in shape_t or i in const for i in ins)):
+            shape_t.update(n.output)
+            shape_nodes.append(n.name)
+    depth, input_nodes, skip = {}, [], set(shape_nodes)
+    for n in g.node:
+        data_in = [i for i in n.input if i and i not in const and i not in shape_t]
+        d = max((depth.get(i, 0) for i in data_in), default=0) + (n.op_type in _MAC_OPS)
+        for o in n.output:
+            depth[o] = d
+        if n.name not in skip and n.op_type != "Constant" and d <= float_convs and float_convs > 0:
+            input_nodes.append(n.name)
+    return shape_nodes, input_nodes
 
 
 def _store_onnx_meta(src: Path, out: Path, meta: dict, report: dict) -> None:
