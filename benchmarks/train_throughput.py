@@ -131,8 +131,9 @@ def bonefrac_pipeline(arch: str, cache: np.ndarray, size: int, batch: int, steps
     sched = make_scheduler(opt, replace(cfg.optim, schedule="constant"), 1000, 1)
     prep = {"mean": [0.5] * 3, "std": [0.5] * 3, "channels": 3}
     gen = torch.Generator().manual_seed(0)
-    ips, (x, y) = images_per_s(lambda: batches.epoch(gen),
-                               lambda x, y: train_step(step_model, model, x, y, gen, opt, sched, cfg, prep, grad_sync=grad_sync),
+    step = lambda x, y: train_step(step_model, model, x, y, gen, opt, sched, cfg, prep,  # noqa: E731
+                                   grad_sync=grad_sync)
+    ips, (x, y) = images_per_s(lambda: batches.epoch(gen), step,
                                warm=8, steps=steps, batch=batch * world, sync=_sync_all if world > 1 else None)
     if profile_to and rank == 0:
         _profile(lambda: train_step(step_model, model, x, y, gen, opt, sched, cfg, prep), profile_to)

@@ -13,7 +13,6 @@ Exported graphs take float32 (B, 1, S, S) raw pixel values 0..255 and return log
 
 from __future__ import annotations
 
-import io as _stdio
 import json
 import logging
 from dataclasses import dataclass, field
@@ -21,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BonefracError
+from .errors import BonefracError, ImageReadError
+from .io import decode_image_and_colour
 from .predict import _softmax
 from .transforms import resize_batch
 
@@ -166,28 +166,22 @@ class RadiographCheck:
     stats: dict = field(default_factory=dict)
 
 
-def colourfulness_of(data: bytes) -> float:
+def colourfulness_of(data: bytes, name: str = "upload") -> float:
     """Colourfulness (Hasler & Suesstrunk 2003) of encoded image bytes; 0.0 for grey or undecodable files.
 
-    Computed on a small thumbnail: the grey decoder in io discards colour, which is the strongest cue that a
-    file is a photo or screenshot rather than a radiograph.
+    Computed on the colour thumbnail of `io.decode_image_and_colour`: the grey decoder discards colour, which
+    is the strongest cue that a file is a photo or screenshot rather than a radiograph.
     """
-    from PIL import Image
-
     try:
-        with Image.open(_stdio.BytesIO(data)) as im:
-            if im.mode in ("1", "L", "LA", "I", "F") or im.mode.startswith("I;"):
-                return 0.0
-            im.draft("RGB", (256, 256))  # JPEG: decode at reduced scale, cheap
-            im.thumbnail((256, 256))
-            rgb = np.asarray(im.convert("RGB"), dtype=np.float64)
-    except Exception:  # the grey decoder reports unreadable files; colour is only a hint
+        thumb = decode_image_and_colour(data, name)[1]
+    except ImageReadError:  # the grey decoder reports unreadable files; colour is only a hint
         return 0.0
-    return colourfulness(rgb)
+    return 0.0 if thumb is None else colourfulness(thumb)
 
 
 def colourfulness(rgb: np.ndarray) -> float:
-    """Colourfulness of an (H, W, 3) array: 0 for grey images, ~15 slightly tinted, >40 typical photos."""
+    """Colourfulness of an (H, W, 3) array (any dtype): 0 for grey images, ~15 slightly tinted, >40 photos."""
+    rgb = np.asarray(rgb, dtype=np.float32)  # uint8 differences would wrap around
     rg = rgb[..., 0] - rgb[..., 1]
     yb = 0.5 * (rgb[..., 0] + rgb[..., 1]) - rgb[..., 2]
     return float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean()))

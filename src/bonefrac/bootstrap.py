@@ -12,7 +12,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from bonefrac.metrics import binary_predict, check_inputs, cm_metrics, confusion_batch, json_number, positive_class_index
+from bonefrac.metrics import (binary_predict, check_inputs, cm_metrics, confusion_batch, json_number,
+                              positive_class_index)
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,8 @@ def _interval(values, value, alpha: float) -> dict:
     values = np.asarray(values, dtype=float)
     valid = values[np.isfinite(values)]
     low, high = (np.percentile(valid, [100 * alpha / 2, 100 * (1 - alpha / 2)]) if len(valid) else (None, None))
-    return {"value": json_number(value), "low": json_number(low), "high": json_number(high), "n_boot_valid": int(len(valid))}
+    return {"value": json_number(value), "low": json_number(low), "high": json_number(high),
+            "n_boot_valid": int(len(valid))}
 
 
 def bootstrap_ci(fn: Callable, y, probs, groups=None, n_boot: int = 1000, seed: int = 0,

@@ -72,8 +72,8 @@ def decode_image(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> np.nda
 def decode_image_and_colour(data: bytes, name: str, max_pixels: int = MAX_PIXELS,
                             thumbnail: int = 256) -> tuple[np.ndarray, np.ndarray | None]:
     """:func:`decode_image` plus, from the same single decode, an RGB uint8 thumbnail (reduced by a whole
-    factor to about ``thumbnail`` px, never below) when the file stores colour; None for grey files and DICOM. The service reads its
-    not-an-X-ray colour cue from it without decoding the upload twice."""
+    factor to about ``thumbnail`` px, never below) when the file stores colour; None for grey files and DICOM.
+    The not-an-X-ray check reads its colour cue from it without decoding the file twice."""
     if not data:
         raise ImageReadError(name, "empty file (0 bytes)")
     if is_dicom_bytes(data):
@@ -106,7 +106,8 @@ def resize_gray(img: np.ndarray, size) -> np.ndarray:
 # --- PIL formats -------------------------------------------------------------------------------------------
 
 
-def _decode_pil(data: bytes, name: str, max_pixels: int, thumbnail: int) -> tuple[np.ndarray, np.ndarray | None]:
+def _decode_pil(data: bytes, name: str, max_pixels: int,
+                thumbnail: int) -> tuple[np.ndarray, np.ndarray | None]:
     """Open with PIL (header only), check the size, then fully decode and convert to the pixel contract;
     also a colour thumbnail when ``thumbnail`` > 0 and the image has colour."""
     try:

@@ -338,7 +338,8 @@ def _flat_scores(scores) -> np.ndarray:
 
 def _score_stats(s) -> dict:
     q = np.percentile(s, [5, 25, 50, 75, 95]) if len(s) else [None] * 5
-    return {"n": int(len(s)), "mean": json_number(s.mean()) if len(s) else None, "std": json_number(s.std()) if len(s) else None,
+    return {"n": int(len(s)), "mean": json_number(s.mean()) if len(s) else None,
+            "std": json_number(s.std()) if len(s) else None,
             **{k: json_number(v) for k, v in zip(("q05", "q25", "median", "q75", "q95"), q, strict=True)}}
 
 

@@ -101,9 +101,10 @@ def train(manifest: str | Path, out_dir: str | Path, cfg: Config, resume: bool =
 
     step_model, grad_sync = model, None
     compiled = _use_compile(cfg, device)
+    sync_mode = _grad_sync_mode(cfg, compiled)  # checked on one process too, like train.compile
     if compiled:
         step_model = torch.compile(model, mode=cfg.train.compile_mode)
-    if world > 1 and _grad_sync_mode(cfg, compiled) == "ddp":
+    if world > 1 and sync_mode == "ddp":
         step_model = torch.nn.parallel.DistributedDataParallel(step_model, device_ids=[device.index]
                                                                if device.type == "cuda" else None)
     elif world > 1:

@@ -59,7 +59,7 @@ def _prepare(data: bytes, name: str, settings, size: int | None) -> dict:
         gray, thumb = decode_image_and_colour(data, name, settings.max_pixels)
     except ImageReadError as exc:
         raise _read_error(name, exc) from None
-    colour = colourfulness(thumb.astype(np.float32)) if thumb is not None else 0.0
+    colour = colourfulness(thumb) if thumb is not None else 0.0
     check = check_radiograph(gray, colour) if settings.xray_check else None
     if size and (check is None or check.ok):
         gray = resize_gray(gray, size)
