@@ -1,7 +1,10 @@
 """GPU inference throughput at batch 256: eager fp32 (baseline) against bf16 + channels_last + torch.compile,
-same run, same GPU; plus ONNX Runtime's CUDA/TensorRT providers when the installed onnxruntime has them.
+same run, same GPU; deployment variants (frozen low-precision weights, 1x1 convolutions as matmuls, autotuned
+kernels); plus ONNX Runtime's CUDA/TensorRT providers when the installed
+onnxruntime has them.
 
-    python benchmarks/infer_throughput.py [--archs tf_efficientnetv2_s,convnextv2_base] [--size 224] [--json F]
+    python benchmarks/infer_throughput.py [--archs tf_efficientnetv2_s,convnextv2_base] [--size 224]
+        [--variants eager,default,reduce-overhead,frozen] [--json F]
 """
 
 from __future__ import annotations
@@ -30,44 +33,67 @@ def timed(fn, x, reps: int) -> float:
     return reps * x.shape[0] / (time.perf_counter() - t)
 
 
-def bench_arch(arch: str, size: int, batch: int, reps: int) -> dict:
+VARIANTS = ("eager", "default", "reduce-overhead", "frozen")
+# Options a "frozen" variant may add, joined with "-" (e.g. frozen-fp16-mm): fp16 instead of bf16 weights, 1x1
+# convolutions as matmuls (they fuse with their BN/activation epilogues), max-autotune kernel selection.
+FROZEN_OPTIONS = ("fp16", "mm", "autotune")
+
+
+def bench_arch(arch: str, size: int, batch: int, reps: int, variants: list[str]) -> dict:
+    """img/s of each variant for one architecture; ratios are against eager fp32 measured in the same run."""
     model = create(arch, 3).cuda().eval()
     x = torch.rand(batch, 3, size, size, device="cuda")
+    row = {"arch": arch, "size": size, "batch": batch}
     with torch.no_grad():
-        eager = timed(model, x, reps // 2)
+        row["eager_fp32_img_s"] = eager = round(timed(model, x, reps // 2), 1)
         model_cl = model.to(memory_format=torch.channels_last)
         xcl = x.contiguous(memory_format=torch.channels_last)
-        row = {"arch": arch, "size": size, "batch": batch, "eager_fp32_img_s": round(eager, 1)}
-        for mode in ("default", "reduce-overhead"):
-            compiled = torch.compile(model_cl, mode=mode)
-
-            def run(inp, compiled=compiled):
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    return compiled(inp)
-
-            ips = timed(run, xcl, reps)
-            row[f"compile_{mode}_bf16_img_s"] = round(ips, 1)
-            row[f"ratio_{mode}"] = round(ips / eager, 2)
+        for variant in [v for v in variants if v != "eager"]:
+            try:
+                ips = run_variant(variant, model_cl, xcl, reps)
+            except Exception as exc:  # one failing variant must not lose the others' numbers
+                log.exception("%s %s failed", arch, variant)
+                row[f"{variant}_error"] = f"{type(exc).__name__}: {exc}"[:300]
+                continue
+            row[f"{variant}_img_s"] = round(ips, 1)
+            row[f"ratio_{variant}"] = round(ips / eager, 2)
             log.info("%s", row)
-        row["bf16_frozen_img_s"] = round(frozen_bf16(model_cl, xcl, reps), 1)
-        row["ratio_bf16_frozen"] = round(row["bf16_frozen_img_s"] / eager, 2)
-        log.info("%s", row)
     row.update(onnxruntime_providers(model, size))
     return row
 
 
-def frozen_bf16(model, x, reps: int) -> float:
-    """bf16 weights (no autocast casts), inductor freezing (folds BatchNorm into convolutions, constant-folds
-    weights), CUDA graphs: the deployment configuration."""
+def run_variant(variant: str, model, x, reps: int) -> float:
+    if variant in ("default", "reduce-overhead"):
+        compiled = torch.compile(model, mode=variant)
+
+        def run(inp):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return compiled(inp)
+
+        return timed(run, x, reps)
+    options = set(variant.split("-")[1:])
+    dtype = torch.float16 if "fp16" in options else torch.bfloat16
+    patch = {"freezing": True, "conv_1x1_as_mm": "mm" in options}
+    mode = "max-autotune" if "autotune" in options else "reduce-overhead"
+    return frozen(model, x, reps, dtype, patch, mode)
+
+
+def valid_variant(variant: str) -> bool:
+    head, *options = variant.split("-") if variant.startswith("frozen") else (variant,)
+    return head in VARIANTS and set(options) <= set(FROZEN_OPTIONS)
+
+
+def frozen(model, x, reps: int, dtype, patch: dict, mode: str) -> float:
+    """Low-precision weights (no autocast casts), inductor freezing (folds BatchNorm into convolutions,
+    constant-folds weights), CUDA graphs: the deployment configuration."""
     import copy
 
     import torch._inductor.config as inductor_config
 
-    m = copy.deepcopy(model).to(torch.bfloat16)
-    xb = x.to(torch.bfloat16)
-    with inductor_config.patch(freezing=True):
-        compiled = torch.compile(m, mode="reduce-overhead")
-        return timed(compiled, xb, reps)
+    m = copy.deepcopy(model).to(dtype)
+    with inductor_config.patch(patch):
+        compiled = torch.compile(m, mode=mode)
+        return timed(compiled, x.to(dtype), reps)
 
 
 def onnxruntime_providers(model, size: int) -> dict:
@@ -86,11 +112,16 @@ def main() -> None:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--reps", type=int, default=40)
+    p.add_argument("--variants", default="eager,default,reduce-overhead,frozen",
+                   help=f"comma-separated, from {','.join(VARIANTS)}; frozen may add -{'/-'.join(FROZEN_OPTIONS)}")
     p.add_argument("--json")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.backends.cudnn.benchmark = True
-    rows = [bench_arch(a, args.size, args.batch, args.reps) for a in args.archs.split(",")]
+    variants = args.variants.split(",")
+    if unknown := [v for v in variants if not valid_variant(v)]:
+        p.error(f"unknown variants {sorted(unknown)}")
+    rows = [bench_arch(a, args.size, args.batch, args.reps, variants) for a in args.archs.split(",")]
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
            "rows": rows}
     print(json.dumps(out, indent=1))

@@ -135,8 +135,8 @@ def bonefrac_pipeline(arch: str, cache: np.ndarray, size: int, batch: int, steps
                                    grad_sync=grad_sync)
     ips, (x, y) = images_per_s(lambda: batches.epoch(gen), step,
                                warm=8, steps=steps, batch=batch * world, sync=_sync_all if world > 1 else None)
-    if profile_to and rank == 0:
-        _profile(lambda: train_step(step_model, model, x, y, gen, opt, sched, cfg, prep), profile_to)
+    if profile_to:  # every rank steps (the all-reduce needs them all); rank 0 writes
+        _profile(lambda: step(x, y), profile_to if rank == 0 else None)
     return ips
 
 
@@ -145,7 +145,7 @@ def _sync_all() -> None:
     torch.distributed.barrier()
 
 
-def _profile(step, path: str, n: int = 5) -> None:
+def _profile(step, path: str | None, n: int = 5) -> None:
     """Top CUDA kernels over a few steps, to say where the time goes."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -153,6 +153,8 @@ def _profile(step, path: str, n: int = 5) -> None:
         for _ in range(n):
             step()
         torch.cuda.synchronize()
+    if path is None:
+        return
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
     Path(path).write_text(table)
 

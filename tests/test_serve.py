@@ -42,7 +42,9 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(ckpt):
-    with TestClient(create_app(Settings(model=str(ckpt), max_files=4, max_request_mb=2))) as c:
+    # Two preprocessing processes: bad files below go through the pool and must still come back as 4xx JSON.
+    with TestClient(create_app(Settings(model=str(ckpt), max_files=4, max_request_mb=2,
+                                        preprocess_workers=2))) as c:
         yield c
 
 
@@ -208,6 +210,10 @@ def test_settings_from_env():
                            "BONEFRAC_XRAY_CHECK": "0", "BONEFRAC_API_KEY": "sup3r-secret"}, port=9000)
     assert (s.max_batch, s.cors_origins, s.xray_check, s.port) == (4, ("http://a", "http://b"), False, 9000)
     assert s.api_key == "sup3r-secret" and "sup3r-secret" not in repr(s)
+    assert Settings.from_env({"BONEFRAC_PREPROCESS_WORKERS": "3"}).preprocess_workers == 3
+    assert Settings.from_env({"BONEFRAC_PREPROCESS_WORKERS": "0"}, preprocess_workers=None).preprocess_workers == 0
+    with pytest.raises(ConfigError, match="PREPROCESS_WORKERS"):
+        Settings.from_env({"BONEFRAC_PREPROCESS_WORKERS": "-1"})
 
 
 def test_device_setting_reaches_the_backend(ckpt, monkeypatch):
@@ -224,3 +230,106 @@ def test_device_setting_reaches_the_backend(ckpt, monkeypatch):
                         lambda model, device="auto", **kw: seen.append(device) or real(model, device, **kw))
     create_app(Settings(model=str(ckpt), device="cpu"))
     assert seen == ["cpu"]
+
+
+# --- preprocessing in worker processes ---------------------------------------------------------------------
+
+
+def test_api_errors_survive_pickling():
+    import pickle
+
+    from bonefrac.serve.errors import ApiError
+
+    err = pickle.loads(pickle.dumps(ApiError(413, "image_too_large", "x.png: too large", {"Retry-After": "1"})))
+    assert (err.status, err.code, err.message, err.headers) == (413, "image_too_large", "x.png: too large",
+                                                                {"Retry-After": "1"})
+
+
+def test_process_pool_gives_the_same_results_as_threads(client, ckpt):
+    from bonefrac.serve.preprocess import Preprocessor
+
+    async def prepare_all(workers):
+        pre = Preprocessor(workers)
+        await pre.start()
+        try:
+            return await asyncio.gather(*[pre.prepare(p.read_bytes(), p.name, 60_000_000, True, 64)
+                                          for p in SAMPLES])
+        finally:
+            await pre.stop()
+
+    pooled, threaded = asyncio.run(prepare_all(2)), asyncio.run(prepare_all(0))
+    assert len(pooled) == len(SAMPLES) == 100
+    for a, b in zip(pooled, threaded):
+        assert (a["filename"], a["sha256"], a["check"]) == (b["filename"], b["sha256"], b["check"])
+        assert a["gray"].dtype == np.uint8 and np.array_equal(a["gray"], b["gray"])
+    files = [(p.name, p.read_bytes()) for p in SAMPLES[:4]]
+    with TestClient(create_app(Settings(model=str(ckpt), preprocess_workers=0))) as threads:
+        assert post(threads, *files).json()["results"] == post(client, *files).json()["results"]
+        resp = post(threads, ("report.png", b"%PDF-1.4\n" * 50))
+        assert resp.status_code == 415 and resp.json()["error"]["code"] == "unsupported_media_type"
+
+
+def test_killed_worker_gives_503_then_the_pool_recovers(ckpt):
+    import os
+    import signal
+    import time
+
+    with TestClient(create_app(Settings(model=str(ckpt), preprocess_workers=1))) as c:
+        file = ("x.webp", SAMPLES[0].read_bytes())
+        assert post(c, file).status_code == 200
+        pool = c.app.state.preprocessor._pool
+        for pid in list(pool._processes):
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while not pool._broken and time.monotonic() < deadline:  # the pool notices the death on its own thread
+            time.sleep(0.05)
+        resp = post(c, file)
+        assert resp.status_code == 503 and resp.json()["error"]["code"] == "preprocess_unavailable"
+        assert resp.headers["Retry-After"] == "1"
+        assert c.app.state.preprocessor.restarts == 1 and c.app.state.preprocessor._pool is not pool
+        assert post(c, file).status_code == 200
+        assert c.get("/health").status_code == 200
+
+
+# --- batcher fairness --------------------------------------------------------------------------------------
+
+
+class FakeGpu:
+    """Per call: 1 ms of Python holding the GIL, then 3 ms with it released (like a GPU forward)."""
+
+    def __init__(self):
+        self.calls = []  # (start, end) per call
+
+    def __call__(self, images):
+        import time
+
+        start = time.perf_counter()
+        while time.perf_counter() < start + 0.001:
+            pass
+        time.sleep(0.003)
+        self.calls.append((start, time.perf_counter()))
+        return np.array([[float(img[0, 0]), 0.0] for img in images])
+
+
+def test_batcher_is_fifo_under_closed_loop_load():
+    """32 closed-loop clients, batches of 8: in FIFO order a request waits for the call in progress and the full
+    batches queued ahead of it, so at most 32 / 8 calls (5 with a margin) finish between submit and answer."""
+    fake, clients, max_batch = FakeGpu(), 32, 8
+    calls_waited = []
+
+    async def client(b, cid):
+        for _ in range(15):
+            before = len(fake.calls)  # calls finished so far
+            out = await b.submit([np.full((2, 2), cid, np.uint8)])
+            assert int(out[0, 0]) == cid
+            calls_waited.append(len(fake.calls) - before)
+
+    async def main():
+        b = MicroBatcher(fake, max_batch=max_batch, max_wait_ms=10)
+        await b.start()
+        await asyncio.gather(*[client(b, i) for i in range(clients)])
+        await b.stop()
+
+    asyncio.run(main())
+    assert len(calls_waited) == clients * 15
+    assert max(calls_waited) <= clients // max_batch + 1, sorted(calls_waited)[-10:]

@@ -68,3 +68,41 @@ def test_live_run_on_cpu_both_modes_equal_requests(tmp_path):
     assert run["batching_off"]["histogram"] == {"1": 9}
     assert run["same_requests"] and run["zero_errors"] and run["req_s_ratio"] > 0
     assert "on cpu" in (tmp_path / "server_batching_on.log").read_text()
+
+
+def test_clients_are_set_up_and_warmed_before_the_clock_starts():
+    """The timed window holds only steady-state requests: no HTTP-client set-up, connection or warm-up in it."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from bonefrac.serve.app import create_app
+    from bonefrac.serve.settings import Settings
+    from bonefrac.serve.synthetic import SyntheticPredictor
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    app = create_app(Settings(preprocess_workers=0, rate_limit=0), predictor=SyntheticPredictor(1, 3, size=64))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        images = [p.read_bytes() for p in sorted((ROOT / "data" / "sample" / "images").glob("*.webp"))[:3]]
+        plan, warm = serve_load.make_plan(4, [3] * 4, 3), serve_load.make_plan(4, [2] * 4, 3)
+        marks = []
+        records, start = serve_load.generate(url, images, plan, 60, 1, 30, warm,
+                                             on_ready=lambda: marks.append(serve_load.batch_metrics(url)))
+        after = serve_load.batch_metrics(url)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    assert len(records) == 12 and all(r[3] == 200 and not r[4] for r in records)
+    assert min(t0 for _, t0, *_ in records) >= start
+    assert marks[0]["sum"] == 8 and after["sum"] == 8 + 12  # warm-up served, but before the measured window

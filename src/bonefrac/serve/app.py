@@ -10,6 +10,7 @@ import logging
 import time
 from contextlib import asynccontextmanager
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.staticfiles import StaticFiles
 
@@ -18,6 +19,7 @@ from .audit import AuditLog
 from .batcher import MicroBatcher
 from .errors import install as install_error_handlers
 from .guards import BodyLimitMiddleware, RateLimiter
+from .preprocess import Preprocessor
 from .routes import ops, page, predict
 from .routes.page import STATIC_DIR
 from .settings import Settings
@@ -35,17 +37,26 @@ def create_app(settings: Settings | None = None, predictor=None) -> FastAPI:
     predictor = predictor or load_backend(settings.model, settings.device)
     telemetry = Telemetry()
     batcher = MicroBatcher(predictor.predict_arrays, settings.max_batch, settings.max_wait_ms, telemetry.batch)
+    preprocessor = Preprocessor(settings.preprocess_workers)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        await preprocessor.start()
         await batcher.start()
-        log.info("serving %s on %s (max batch %d, max wait %g ms)", predictor.version,
-                 getattr(predictor, "device", settings.device), settings.max_batch, settings.max_wait_ms)
-        yield
-        await batcher.stop()
+        if settings.warmup:
+            await _warm_up(batcher, predictor, settings.max_batch)
+        log.info("serving %s on %s (max batch %d, max wait %g ms, %d preprocessing processes)", predictor.version,
+                 getattr(predictor, "device", settings.device), settings.max_batch, settings.max_wait_ms,
+                 preprocessor.workers)
+        try:
+            yield
+        finally:
+            await batcher.stop()
+            await preprocessor.stop()
 
     app = FastAPI(title="bonefrac", version=__version__, lifespan=lifespan, description=NOTICE)
     app.state.settings, app.state.predictor, app.state.batcher = settings, predictor, batcher
+    app.state.preprocessor = preprocessor
     app.state.telemetry, app.state.rate_limiter = telemetry, RateLimiter(settings.rate_limit)
     app.state.audit = AuditLog(settings.audit_db) if settings.audit_db else None
     install_error_handlers(app, telemetry)
@@ -54,6 +65,30 @@ def create_app(settings: Settings | None = None, predictor=None) -> FastAPI:
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
+
+
+def _on_accelerator(predictor) -> bool:
+    for member in getattr(predictor, "members", [predictor]):
+        session = getattr(member, "session", None)  # ONNX Runtime: the first provider is the one in use
+        if session is not None and session.get_providers()[0] != "CPUExecutionProvider":
+            return True
+        if session is None and not str(getattr(member, "device", "cpu")).startswith("cpu"):
+            return True
+    return False
+
+
+async def _warm_up(batcher: MicroBatcher, predictor, max_batch: int) -> None:
+    """One model call per batch size before the service reports ready. On a GPU a new input shape's first call
+    selects and builds its kernels (cuDNN plans, memory pools) and is much slower than later ones; micro-batching
+    produces every size 1..max_batch, and each size's first call would stall every request queued behind it.
+    Skipped on the CPU, where first calls measured no slower (and 1..16 images of a large model take long)."""
+    if not _on_accelerator(predictor):
+        return
+    side = predict.model_size(predictor) or 64
+    start = time.perf_counter()
+    for n in range(1, max_batch + 1):
+        await batcher.run(predictor.predict_arrays, [np.zeros((side, side), np.uint8)] * n)
+    log.info("warmed up batch sizes 1..%d in %.1f s", max_batch, time.perf_counter() - start)
 
 
 def _add_middleware(app: FastAPI, settings: Settings, telemetry: Telemetry) -> None:

@@ -6,15 +6,16 @@
     await batcher.stop()
 
 The first waiting image opens a window of `max_wait_ms`; the batch goes to the model when it is full or the
-window closes. The model runs in one dedicated thread, so the event loop keeps serving (health checks, uploads)
-during inference and the model is never called from two threads at once. max_batch=1 means one at a time.
+window closes. Images are taken in arrival order (FIFO), so no image waits for more calls than there were full
+batches ahead of it. The model runs in one dedicated thread, so the event loop keeps serving (health checks,
+uploads) during inference and the model is never called from two threads at once. max_batch=1 means one at a
+time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -62,15 +63,14 @@ class MicroBatcher:
 
     async def _collect(self) -> list:
         batch = [await self._queue.get()]
-        deadline = time.monotonic() + self.max_wait
-        while len(batch) < self.max_batch:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
+        if self.max_batch > 1 and self.max_wait > 0:
             try:
-                batch.append(await asyncio.wait_for(self._queue.get(), left))
-            except asyncio.TimeoutError:
-                break
+                # One deadline for the whole window (not one wait_for task per image).
+                async with asyncio.timeout(self.max_wait):
+                    while len(batch) < self.max_batch:
+                        batch.append(await self._queue.get())
+            except TimeoutError:
+                pass  # a get() cut short leaves its image in the queue, for the loop below or the next batch
         while len(batch) < self.max_batch and not self._queue.empty():  # already waiting: take them too
             batch.append(self._queue.get_nowait())
         return batch

@@ -24,6 +24,11 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.code, self.message, self.headers = status, code, message, headers
 
+    def __reduce__(self):
+        # Raised in preprocessing worker processes and pickled back: rebuild from all four fields (the default
+        # would call ApiError(message) only).
+        return type(self), (self.status, self.code, self.message, self.headers)
+
 
 def error_response(status: int, code: str, message: str, headers=None) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)

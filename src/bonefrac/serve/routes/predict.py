@@ -4,7 +4,6 @@ GET /v1/audit (recent audit rows, when the audit log is on)."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import io
 import logging
 
@@ -13,9 +12,7 @@ from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 from fastapi.responses import Response
 from pydantic import BaseModel
 
-from ...backends import check_radiograph, colourfulness, needs_review
-from ...errors import ImageReadError
-from ...io import decode_image_and_colour, resize_gray
+from ...backends import needs_review
 from ...predict import decide
 from ..errors import ApiError
 from ..guards import guard
@@ -43,49 +40,31 @@ class PredictResponse(BaseModel):
     results: list[ImageResult]
 
 
-def _read_error(name: str, exc: ImageReadError) -> ApiError:
-    reason = exc.reason
-    if "too large" in reason:
-        return ApiError(413, "image_too_large", f"{name}: {reason}")
-    if "not a recognised image format" in reason:
-        return ApiError(415, "unsupported_media_type", f"{name}: {reason}")
-    return ApiError(422, "unreadable_image", f"{name}: {reason}")
-
-
-def _prepare(data: bytes, name: str, settings, size: int | None) -> dict:
-    """Everything per upload that needs no model, in one worker thread: one decode (with a colour thumbnail),
-    the not-an-X-ray check, the hash, and the resize to the model's input (so the model thread only stacks)."""
-    try:
-        gray, thumb = decode_image_and_colour(data, name, settings.max_pixels)
-    except ImageReadError as exc:
-        raise _read_error(name, exc) from None
-    colour = colourfulness(thumb) if thumb is not None else 0.0
-    check = check_radiograph(gray, colour) if settings.xray_check else None
-    if size and (check is None or check.ok):
-        gray = resize_gray(gray, size)
-    return {"filename": name, "sha256": hashlib.sha256(data).hexdigest(), "gray": gray, "check": check}
-
-
-def _model_size(predictor) -> int | None:
+def model_size(predictor) -> int | None:
     """The input size all members share (images are resized to it before batching), else None."""
     sizes = {getattr(m, "size", None) for m in getattr(predictor, "members", [predictor])}
     return sizes.pop() if len(sizes) == 1 else None
 
 
-async def _decode_uploads(files: list[UploadFile], settings, size: int | None) -> list[dict]:
+async def _decode_uploads(files: list[UploadFile], state, size: int | None) -> list[dict]:
+    settings, preprocessor = state.settings, state.preprocessor
     if len(files) > settings.max_files:
         raise ApiError(413, "too_many_files", f"{len(files)} images in one request; the limit is {settings.max_files}")
-    items = []
-    for i, upload in enumerate(files):
-        name = upload.filename or f"file {i + 1}"
-        items.append(await asyncio.to_thread(_prepare, await upload.read(), name, settings, size))
+    uploads = [(upload.filename or f"file {i + 1}", await upload.read()) for i, upload in enumerate(files)]
+    # All images of a request at once (in a pool they run in parallel); the first bad file in request order
+    # decides the error, as when they ran one after another.
+    items = await asyncio.gather(*[preprocessor.prepare(data, name, settings.max_pixels, settings.xray_check, size)
+                                   for name, data in uploads], return_exceptions=True)
+    for item in items:
+        if isinstance(item, BaseException):
+            raise item
     return items
 
 
 async def _analyse(request: Request, files: list[UploadFile]) -> PredictResponse:
     state = request.app.state
     settings, predictor = state.settings, state.predictor
-    items = await _decode_uploads(files, settings, _model_size(predictor))
+    items = await _decode_uploads(files, state, model_size(predictor))
     xrays = [it for it in items if it["check"] is None or it["check"].ok]
     probs = await state.batcher.submit([it["gray"] for it in xrays]) if xrays else np.zeros((0, 0))
     for item, row in zip(xrays, probs):
@@ -124,7 +103,7 @@ async def predict(request: Request, files: list[UploadFile] = FILES) -> PredictR
 async def explain(request: Request, files: list[UploadFile] = FILES) -> Response:
     """The X-ray with a heatmap of the regions that drove the predicted class (PyTorch checkpoints only)."""
     state = request.app.state
-    items = await _decode_uploads(files[:1], state.settings, None)  # full size: the overlay is drawn on it
+    items = await _decode_uploads(files[:1], state, None)  # full size: the overlay is drawn on it
     check = items[0]["check"]
     if check is not None and not check.ok:
         raise ApiError(422, "not_xray", f"{items[0]['filename']}: {check.reason}")
