@@ -5,6 +5,14 @@
     python scripts/make_threeclass_csv.py --check work/threeclass/manifest.csv      # overlap and distinct counts
     python scripts/make_threeclass_csv.py --regroup work/threeclass/manifest.csv --out-dir work/threeclass_g
 
+As an external binary test set for a FracAtlas model (`fractured` = comminuted or simple fracture):
+
+    python scripts/make_threeclass_csv.py --data ../shared/data --out work/ext/labels.csv
+    bonefrac prepare --labels work/ext/labels.csv --label-col fractured --class-names no_fracture,fracture \
+        --split-all test --out work/ext
+    python scripts/make_threeclass_csv.py --regroup work/ext/manifest.csv --keep-split --out-dir work/ext_g
+    bonefrac evaluate models/fracatlas_effnet_lite --manifest work/ext_g/manifest.csv --split test --out eval/ext
+
 `--regroup` is needed for honest numbers on these two sets: both are Roboflow exports holding several augmented
 copies of each source (small rotations, shears, crops), which `prepare`'s pixel grouping does not recognise (on
 hbfmid3 the 11 comminuted source stems become 37 groups and 116 of 158 stems straddle train/val/test). It joins
@@ -51,6 +59,7 @@ def merge(data_root: Path, sets=SETS) -> pd.DataFrame:
         frames.append(df)
     out = pd.concat(frames, ignore_index=True)
     out["source_key"] = source_key(out)  # for `--regroup` and `leakage_study.py --group-col source_key`
+    out["fractured"] = (out.label != "no_fracture").astype(int)  # binary view, e.g. an external FracAtlas test
     return out
 
 
@@ -121,15 +130,18 @@ def group_split(df: pd.DataFrame, fractions=(0.7, 0.15, 0.15), seed: int = 42) -
     return [assign[g] for g in df.group]
 
 
-def regroup(manifest: Path, out_dir: Path, seed: int = 42) -> dict:
-    """Write out_dir/manifest.csv with prepare's groups joined with the source stems, re-split by group."""
+def regroup(manifest: Path, out_dir: Path, seed: int = 42, keep_split: bool = False) -> dict:
+    """Write out_dir/manifest.csv with prepare's groups joined with the source stems, re-split by group
+    (`keep_split`: keep the manifest's splits, e.g. an all-test external set; the groups still get joined,
+    which is what a group bootstrap needs)."""
     from bonefrac.manifest import class_names_for, load_manifest
 
     df = load_manifest(manifest)
     df["pixel_group"] = df.group
     keys = df.source_key.fillna("").astype(str) if "source_key" in df.columns else source_key(df)
     df["group"] = join_groups(df.group.astype(str).tolist(), keys.tolist())
-    df["split"] = group_split(df, seed=seed)
+    if not keep_split:
+        df["split"] = group_split(df, seed=seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     df.to_csv(out_dir / "manifest.csv", index=False)
     report = {"class_names": class_names_for(manifest, df), "regrouped_from": str(manifest.resolve()),
@@ -147,6 +159,7 @@ def main(argv=None) -> int:
     p.add_argument("--check", help="a manifest prepared from that CSV: report cross-set duplicates")
     p.add_argument("--regroup", help="a manifest prepared from that CSV: join groups with source stems, re-split")
     p.add_argument("--out-dir", help="folder for the --regroup manifest")
+    p.add_argument("--keep-split", action="store_true", help="--regroup joins groups but keeps the splits")
     p.add_argument("--seed", type=int, default=42)
     args = p.parse_args(argv)
     from bonefrac.errors import BonefracError
@@ -160,7 +173,7 @@ def main(argv=None) -> int:
         if args.regroup:
             if not args.out_dir:
                 raise BonefracError("--regroup needs --out-dir")
-            report = regroup(Path(args.regroup), Path(args.out_dir), args.seed)
+            report = regroup(Path(args.regroup), Path(args.out_dir), args.seed, args.keep_split)
             log.info("%s/manifest.csv: %d groups (prepare: %d)", args.out_dir, report["n_groups"],
                      report["n_pixel_groups"])
         if args.check:

@@ -83,9 +83,13 @@ class Predictor:
         return f"{self.meta['arch']}@{self.meta.get('manifest_sha256', '')[:8]}"
 
     def logits_uint8(self, x: torch.Tensor) -> np.ndarray:
-        """Logits for uint8 (B, 1, S, S) at this model's size."""
+        """Logits for uint8 (B, 1, S, S) at this model's size (a progress bar when that takes many batches)."""
+        from tqdm.auto import tqdm
+
+        starts = range(0, len(x), self.batch_size)
+        bar = tqdm(starts, desc="infer", unit="batch", disable=len(starts) < 8, leave=False, dynamic_ncols=True)
         out = [infer_logits(self.model, x[i:i + self.batch_size].to(self.device), self.prep, tta=self.tta)
-               for i in range(0, len(x), self.batch_size)]
+               for i in bar]
         return torch.cat(out).cpu().numpy() if out else np.zeros((0, len(self.class_names)), np.float32)
 
     def probs_uint8(self, x: torch.Tensor) -> np.ndarray:
