@@ -1,7 +1,6 @@
 """GPU inference throughput at batch 256: eager fp32 (baseline) against bf16 + channels_last + torch.compile,
 same run, same GPU; deployment variants (frozen low-precision weights, 1x1 convolutions as matmuls, autotuned
-kernels); plus ONNX Runtime's CUDA/TensorRT providers when the installed
-onnxruntime has them.
+kernels); plus ONNX Runtime's CUDA/TensorRT providers when the installed onnxruntime has them.
 
     python benchmarks/infer_throughput.py [--archs tf_efficientnetv2_s,convnextv2_base] [--size 224]
         [--variants eager,default,reduce-overhead,frozen] [--json F]

@@ -56,7 +56,7 @@ def build_cache(paths: list[str], hashes: list[str], size: int, cache_dir: str |
     workers = workers or os.cpu_count() or 1
     jobs = [(p, size) for p in paths]
     errors = []
-    with _progress(len(jobs), "decode", progress) as bar:
+    with progress_bar(len(jobs), "decode", progress) as bar:
         results = _map(_decode, jobs, workers)
         for i, (img, err) in enumerate(results):
             if err:
@@ -83,7 +83,8 @@ def _map(fn, jobs, workers):
         pool.shutdown()
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def progress_bar(total: int, desc: str, enabled: bool):
+    """A transient tqdm bar counting images (a no-op when not `enabled`)."""
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="img", disable=not enabled, leave=False, dynamic_ncols=True)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from . import checkpoint
+from .data import progress_bar
 from .errors import BonefracError, ImageReadError
 from .io import IMAGE_EXTENSIONS, read_image
 from .transforms import hflip, normalize, resize_batch, to_unit
@@ -84,12 +85,11 @@ class Predictor:
 
     def logits_uint8(self, x: torch.Tensor) -> np.ndarray:
         """Logits for uint8 (B, 1, S, S) at this model's size (a progress bar when that takes many batches)."""
-        from tqdm.auto import tqdm
-
-        starts = range(0, len(x), self.batch_size)
-        bar = tqdm(starts, desc="infer", unit="batch", disable=len(starts) < 8, leave=False, dynamic_ncols=True)
-        out = [infer_logits(self.model, x[i:i + self.batch_size].to(self.device), self.prep, tta=self.tta)
-               for i in bar]
+        out = []
+        with progress_bar(len(x), "infer", enabled=len(x) >= 8 * self.batch_size) as bar:
+            for i in range(0, len(x), self.batch_size):
+                out.append(infer_logits(self.model, x[i:i + self.batch_size].to(self.device), self.prep, tta=self.tta))
+                bar.update(len(out[-1]))
         return torch.cat(out).cpu().numpy() if out else np.zeros((0, len(self.class_names)), np.float32)
 
     def probs_uint8(self, x: torch.Tensor) -> np.ndarray:
