@@ -9,7 +9,8 @@ Writes OUT/leakage_study.json and OUT/leakage_study.md. Method (docs/leakage.md)
    ORIGINAL images first (`--holdout`, default 20 % of groups). Neither pipeline ever sees it.
 1. seed-style: augment ALL remaining images x`--aug-factor`, split the pool of images at random 70/15/15, write
    it as root/{train,val,test}/<class>/ and run `prepare --keep-folder-split` on it (which lists the duplicate
-   groups crossing the split), train, evaluate on its own test split.
+   groups crossing the split, using the shipped copy detector when there is one), train, evaluate on its own
+   test split.
 2. bonefrac: grouped, stratified 70/15/15 split of the same remaining images, augment the train split only
    x`--aug-factor`, train, evaluate on its own test split.
 Both train with the same config (model, size, epochs, online augmentation), and both are finally evaluated on
@@ -220,7 +221,9 @@ def seed_style(source: Path, holdout: Path, names, cfg, args, out: Path) -> dict
     augment_manifest(source, work / "pool", factor=args.aug_factor, seed=args.seed,
                      workers=args.workers)
     layout = seed_layout(work / "pool" / "manifest.csv", work / "layout", args.seed)
-    report = prepare(work / "data", source=work / "layout", keep_folder_split=True, workers=args.workers)
+    # match_copies="auto": the shipped copy detector (if any) also recognises the freshly augmented copies.
+    report = prepare(work / "data", source=work / "layout", keep_folder_split=True, workers=args.workers,
+                     match_copies="auto")
     crossing = crossing_summary(layout, work / "data" / "manifest.csv", report)
     log.info("seed-style split: prepare flagged %d crossing groups; truly crossing: %d", crossing["crossing_groups"],
              crossing["true_crossing_groups"])

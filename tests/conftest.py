@@ -51,3 +51,19 @@ def sample_manifest(tmp_path_factory) -> Path:
     assert main(["prepare", "--labels", str(sample / "labels.csv"), "--label-col", "fractured",
                  "--class-names", "no_fracture,fracture", "--out", str(out), "--workers", "1"]) == 0
     return out / "manifest.csv"
+
+
+def interrupt_second_epoch(monkeypatch):
+    """Make `bonefrac.train`'s second epoch raise KeyboardInterrupt, as a killed run; returns the undo function."""
+    import bonefrac.train as train_mod
+
+    real_epoch, calls = train_mod._train_epoch, {"n": 0}
+
+    def dies_in_second_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "_train_epoch", dies_in_second_epoch)
+    return lambda: monkeypatch.setattr(train_mod, "_train_epoch", real_epoch)

@@ -341,3 +341,17 @@ def test_int8_export_keeps_the_input_side_and_padding_in_float_within_tolerance(
     assert every["int8"]["float_conv_nodes"] == []
     with pytest.raises(BonefracError, match="int8_float_convs"):
         export(same_pad_ckpt, tmp_path / "bad.onnx", manifest=manifest, int8=True, int8_float_convs=-1)
+
+
+def test_shipped_model_int8_meets_the_default_tolerance(manifest, tmp_path):
+    """The default INT8 tolerance (0.15) is a claim about trained models: the shipped one must meet it
+    (calibrated on the sample manifest's train rows, checked on its val rows; export raises past it)."""
+    from bonefrac.export import DEFAULT_TOLERANCE
+    from bonefrac.predict import default_model_path
+
+    shipped = default_model_path()
+    if not (shipped / "bonefrac.json").is_file():
+        pytest.skip("no shipped model")
+    report = export(shipped, tmp_path / "shipped_int8.onnx", manifest=manifest, int8=True, n_calib=64)
+    assert report["parity"]["tolerance"] == DEFAULT_TOLERANCE["int8"] == 0.15
+    assert report["parity"]["n_images"] >= 10 and report["parity"]["max_abs_prob_diff"] <= 0.15

@@ -40,9 +40,8 @@ def test_both_pipelines_claimed_and_clean(result):
 
 
 def test_keep_folder_split_flags_the_seed_layout(result):
+    """`prepare --keep-folder-split` (with the shipped copy detector, on by default there) recognises freshly
+    augmented copies and flags the groups the random image split cut."""
     data = json.loads((result / "leakage_study.json").read_text())["seed_style"]
-    if data["crossing_groups"] == 0:
-        pytest.xfail(f"prepare's pixel grouping recovered {data['true_groups_recovered_by_prepare']} of "
-                     f"{data['true_groups_with_copies']} source+copies groups: rotated/affine copies are not yet "
-                     "recognised as near duplicates (see docs/leakage.md)")
-    assert data["crossing_groups"] > 0
+    assert data["true_groups_recovered_by_prepare"] >= data["true_groups_with_copies"] // 2, data
+    assert data["crossing_groups"] > 0 and data["crossing_groups"] >= data["true_crossing_groups"] // 2, data

@@ -10,6 +10,7 @@ import pytest
 
 from bonefrac import checkpoint
 from bonefrac.cli import main
+from conftest import interrupt_second_epoch
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample"
@@ -85,25 +86,14 @@ def test_predict_reports_bad_files_and_keeps_going(run, tmp_path, capsys):
 
 
 def test_resume_continues_to_the_same_result(manifest, tmp_path, monkeypatch):
-    import bonefrac.train as train_mod
-
     straight = tmp_path / "straight"
     assert main(["train", "--manifest", str(manifest), "--out", str(straight), *FAST]) == 0
 
     killed = tmp_path / "killed"
-    real_epoch = train_mod._train_epoch
-    calls = {"n": 0}
-
-    def dies_in_second_epoch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(train_mod, "_train_epoch", dies_in_second_epoch)
+    undo = interrupt_second_epoch(monkeypatch)
     assert main(["train", "--manifest", str(manifest), "--out", str(killed), *FAST]) == 130
     assert checkpoint.read_meta(killed / "last")["epoch"] == 1
-    monkeypatch.setattr(train_mod, "_train_epoch", real_epoch)
+    undo()
     assert main(["train", "--manifest", str(manifest), "--out", str(killed), *FAST]) == 2  # refuses to overwrite
     assert main(["train", "--manifest", str(manifest), "--out", str(killed), "--resume", *FAST]) == 0
     a, _ = checkpoint.load(straight / "last")

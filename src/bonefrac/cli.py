@@ -21,10 +21,11 @@ def _prepare(args) -> None:
     if (args.source is None) == (args.labels is None):
         raise BonefracError("give either an image folder SOURCE or --labels FILE.csv (not both)")
     class_names = args.class_names.split(",") if args.class_names else None
+    copies = {} if args.match_copies is None else {"match_copies": args.match_copies}  # unset: prepare decides
     report = prepare(args.out, source=args.source, labels_csv=args.labels, path_col=args.path_col,
                      label_col=args.label_col, class_names=class_names, seed=args.seed,
                      keep_folder_split=args.keep_folder_split, split_all=args.split_all,
-                     near_dup_threshold=args.near_dup_threshold, workers=args.workers)
+                     near_dup_threshold=args.near_dup_threshold, workers=args.workers, **copies)
     log.info("manifest: %s/manifest.csv (%d images, %d groups, %d rejected)", args.out, report["n_images"],
              report["n_groups"], len(report.get("rejected", [])))
 
@@ -143,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split-all", choices=["train", "val", "test"], help="put every image in one split")
     s.add_argument("--near-dup-threshold", type=int, default=None,
                    help="max Hamming distance of perceptual hashes for near duplicates")
+    s.add_argument("--match-copies", metavar="{auto,off,PATH}",
+                   help="also group augmented copies with a copy detector: auto (the shipped one, if any), off, "
+                        "or a detector folder; default: auto with --keep-folder-split, else off")
     s.add_argument("--workers", type=int, default=None)
     s.set_defaults(func=_prepare)
 

@@ -41,6 +41,9 @@ class DataConfig:
     decode_workers: int = 0  # 0: all CPU cores
     # GPU only: keep the whole cache on the device when it is smaller than this many GiB.
     device_cache_gib: float = 8.0
+    # CSV of lesion boxes (image, x, y, w, h in the image's pixels; paths relative to the CSV's folder), used by
+    # train.box_loss. FracAtlas ships one (boxes.csv).
+    boxes: str | None = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,9 @@ class TrainConfig:
     watchdog_s: float = 900.0  # stop (after saving) when no step completes within this many seconds
     eval_batch_size: int = 64
     max_steps_per_epoch: int | None = None  # for smoke tests and benchmarks
+    # Weight of an auxiliary loss that teaches the network WHERE fractures are (a 1x1-conv map on the last
+    # features, trained against data.boxes); training only, the saved classifier is unchanged. 0 disables.
+    box_loss: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,46 @@ def build_cache(paths: list[str], hashes: list[str], size: int, cache_dir: str |
     return np.memmap(data_file, dtype=np.uint8, mode="c", shape=shape)  # "c": writable view, file untouched
 
 
+def box_masks(rows, boxes_csv: str | Path, size: int, negative_label: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """Lesion masks for manifest `rows` (path, label, width, height) from a boxes CSV (image, x, y, w, h).
+
+    Returns `(masks, known)`: uint8 (N, size, size), 1 inside any box of the image stretched to a square like
+    the image cache, and float32 (N,) 1 where the mask is known: the image has boxes, or its label is
+    `negative_label` (nothing to find). Other images (e.g. fractured but unannotated) get weight 0.
+    """
+    import pandas as pd
+
+    boxes_csv = Path(boxes_csv)
+    try:
+        boxes = pd.read_csv(boxes_csv)
+    except (OSError, ValueError) as exc:
+        raise BonefracError(f"{boxes_csv}: cannot read the boxes CSV ({exc})") from None
+    missing = {"image", "x", "y", "w", "h"} - set(boxes.columns)
+    if missing:
+        raise BonefracError(f"{boxes_csv}: boxes CSV lacks column(s) {', '.join(sorted(missing))}")
+    base = boxes_csv.resolve().parent
+    keys = [str((base / p).resolve()) for p in boxes["image"].astype(str)]
+    index = {str(Path(p).resolve()): i for i, p in enumerate(rows["path"])}
+    masks = np.zeros((len(rows), size, size), dtype=np.uint8)
+    known = (rows["label"].to_numpy() == negative_label).astype(np.float32)
+    width, height = rows["width"].to_numpy(float), rows["height"].to_numpy(float)
+    matched = 0
+    for key, (x, y, w, h) in zip(keys, boxes[["x", "y", "w", "h"]].to_numpy(float)):
+        i = index.get(key)
+        if i is None:
+            continue
+        matched += 1
+        sx, sy = size / width[i], size / height[i]
+        x0, y0 = int(np.floor(x * sx)), int(np.floor(y * sy))
+        x1, y1 = max(x0 + 1, int(np.ceil((x + w) * sx))), max(y0 + 1, int(np.ceil((y + h) * sy)))
+        masks[i, max(y0, 0):y1, max(x0, 0):x1] = 1
+        known[i] = 1.0
+    if matched == 0:
+        raise BonefracError(f"{boxes_csv}: no box matches an image of the manifest (paths are read relative to "
+                            f"the CSV's folder)")
+    return masks, known
+
+
 def _map(fn, jobs, workers):
     if workers <= 1 or len(jobs) < 64:
         yield from map(fn, jobs)
@@ -93,20 +133,24 @@ def progress_bar(total: int, desc: str, enabled: bool):
 class Batches:
     """Index batches over a cache array with labels, placed on `device`.
 
-    `epoch(gen)` yields `(images uint8 (B, 1, S, S), labels int64 (B,))`. With `rank`/`world` each process of a
+    `epoch(gen)` yields `(images uint8 (B, 1, S, S), labels int64 (B,))`, and with `masks` (the pair from
+    `box_masks`) also `(masks uint8 (B, 1, M, M), mask weights float (B,))`. With `rank`/`world` each process of a
     distributed run takes every world-th index of the same permutation, so ranks never see the same image.
     """
 
     def __init__(self, cache: np.ndarray, labels: np.ndarray, batch_size: int, device: torch.device,
                  sampler: str = "shuffle", device_cache_gib: float = 8.0, rank: int = 0, world: int = 1,
-                 drop_last: bool = True):
+                 drop_last: bool = True, masks: tuple[np.ndarray, np.ndarray] | None = None):
         self.labels = torch.as_tensor(np.array(labels), dtype=torch.long)
         self.batch_size, self.device, self.sampler = batch_size, device, sampler
         self.rank, self.world, self.drop_last = rank, world, drop_last
         on_gpu = device.type == "cuda" and cache.nbytes <= device_cache_gib * 2**30
+        self.masks = None if masks is None else (torch.from_numpy(masks[0]), torch.as_tensor(masks[1]))
         if on_gpu:
             self.images = torch.from_numpy(np.ascontiguousarray(cache)).to(device)
             self.labels = self.labels.to(device)
+            if self.masks is not None:
+                self.masks = tuple(t.to(device) for t in self.masks)
         else:
             self.images = torch.from_numpy(np.asarray(cache))
         self.on_device = on_gpu or device.type == "cpu"
@@ -141,8 +185,9 @@ class Batches:
             yield self._gather(idx)
 
     def _gather(self, idx: torch.Tensor):
+        masks = () if self.masks is None else (self.masks[0][idx].unsqueeze(1), self.masks[1][idx])
         if self.on_device:
-            return self.images[idx].unsqueeze(1), self.labels[idx]
+            return self.images[idx].unsqueeze(1), self.labels[idx], *masks
         # Host cache too large for the GPU: gather on the host, copy from pinned memory without blocking.
-        batch = self.images[idx].unsqueeze(1).pin_memory()
-        return batch.to(self.device, non_blocking=True), self.labels[idx].to(self.device, non_blocking=True)
+        parts = (self.images[idx].unsqueeze(1), self.labels[idx], *masks)
+        return tuple(t.pin_memory().to(self.device, non_blocking=True) for t in parts)

@@ -1,10 +1,14 @@
 """Duplicate detection for `prepare`: perceptual hashes invariant to the 8 rotations/flips by 90 degrees, the
-pairs of near-identical images they find, and the union-find that turns exact and near pairs into groups.
+pairs of near-identical images they find, optionally the pairs of augmented copies a learned copy detector finds
+(copydetect.py), the union-find that turns all pairs into groups, and the groups that cross a given split.
 
 Split from manifest.py to keep that module readable; `prepare` is the only caller.
 """
 
 from __future__ import annotations
+
+import logging
+import time
 
 import numpy as np
 
@@ -15,6 +19,10 @@ from bonefrac.io import resize_gray
 # start at about 36 bits. Freshly augmented copies (small-angle rotation, shear) are NOT caught (docs/leakage.md).
 NEAR_DUP_THRESHOLD = 32
 _DCT_SIZE, _LOW = 64, 16  # 64x64 thumbnail, 16x16 lowest DCT frequencies -> 256-bit hash
+# A group this large after adding the copy detector's pairs is suspicious: false pairs chain through union-find.
+_LARGE_GROUP = 20
+
+log = logging.getLogger(__name__)
 
 
 def dihedral_phash(img: np.ndarray) -> np.ndarray:
@@ -84,3 +92,52 @@ def group_ids(sha: list, pairs: np.ndarray) -> list[str]:
     numbers = {r: n for n, r in enumerate(dict.fromkeys(roots))}
     width = max(5, len(str(len(numbers))))
     return [f"g{numbers[r]:0{width}d}" for r in roots]
+
+
+def duplicate_pairs(paths: list[str], sha: list, hashes: np.ndarray, threshold: int, match_copies=None,
+                    workers: int | None = None) -> tuple[np.ndarray, dict]:
+    """All pairs for `group_ids`: near duplicates by hash, plus, when `match_copies` names a copy detector
+    ("auto" or a folder, see copydetect.resolve_detector), pairs of augmented copies. Returns the pairs and
+    a summary for the report: the detector and threshold, its pair count, the pairs the hash had not found,
+    how many groups its pairs merged and the largest group (a guard against false pairs chaining)."""
+    from bonefrac.copydetect import resolve_detector
+
+    pairs = near_duplicate_pairs(hashes, threshold)
+    detector_dir = resolve_detector(match_copies)
+    summary = {"match_copies": None if match_copies is None else str(match_copies),
+               "detector": None if detector_dir is None else str(detector_dir.resolve())}
+    if detector_dir is None:
+        return pairs, summary
+    from bonefrac.copydetect import copy_pairs, embed_images, load_detector
+
+    started = time.perf_counter()
+    detector = load_detector(detector_dir, "auto")
+    copies = copy_pairs(embed_images(paths, detector, workers=workers), detector.threshold)
+    new = {tuple(p) for p in copies.tolist()} - {tuple(p) for p in pairs.tolist()}
+    groups_before = len(set(group_ids(sha, pairs)))
+    pairs = np.unique(np.concatenate([pairs, copies]), axis=0) if len(copies) else pairs
+    after = group_ids(sha, pairs)
+    largest = max(np.unique(after, return_counts=True)[1], default=0)
+    summary.update(threshold=float(detector.threshold), n_copy_pairs=len(copies), n_copy_pairs_not_hashed=len(new),
+                   groups_merged_by_copies=groups_before - len(set(after)), largest_group=int(largest),
+                   elapsed_s=round(time.perf_counter() - started, 2))
+    log.info("copy detector %s (cosine >= %.3f): %d pairs, %d not found by the hash, %d groups merged",
+             detector_dir, detector.threshold, len(copies), len(new), summary["groups_merged_by_copies"])
+    if largest >= _LARGE_GROUP:
+        log.warning("a duplicate group now holds %d images: check it for false copy pairs (raise the detector's "
+                    "threshold in %s/copydetect.json, or match_copies=off)", largest, detector_dir)
+    return pairs, summary
+
+
+def crossing_groups(groups: list, splits: list, paths: list) -> list[dict]:
+    """Groups whose members lie in more than one split: [{"group", "splits": {split: sorted paths}}], by group."""
+    members: dict = {}
+    for group, split, path in zip(groups, splits, paths):
+        members.setdefault(group, {}).setdefault(split, []).append(path)
+    crossing = [{"group": g, "splits": {s: sorted(p) for s, p in sorted(by_split.items())}}
+                for g, by_split in sorted(members.items()) if len(by_split) > 1]
+    if crossing:
+        log.warning("%d duplicate group(s) cross the folder's train/val/test split: the folder split leaks "
+                    "duplicates between splits (see crossing_groups in the report; drop keep_folder_split "
+                    "to re-split by group)", len(crossing))
+    return crossing

@@ -28,7 +28,8 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from bonefrac.dedup import NEAR_DUP_THRESHOLD, dihedral_phash, group_ids, near_duplicate_pairs  # noqa: F401
+from bonefrac.dedup import (NEAR_DUP_THRESHOLD, crossing_groups, dihedral_phash, duplicate_pairs,  # noqa: F401
+                            group_ids, near_duplicate_pairs)
 from bonefrac.errors import BonefracError, ImageReadError
 from bonefrac.io import IMAGE_EXTENSIONS, decode_image, is_dicom_bytes
 
@@ -44,7 +45,7 @@ _SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": 
 
 def prepare(out_dir, *, source=None, labels_csv=None, path_col="image", label_col="label", class_names=None,
             seed=42, fractions=(0.7, 0.15, 0.15), keep_folder_split=False, split_all=None,
-            near_dup_threshold=NEAR_DUP_THRESHOLD, workers=None) -> dict:
+            near_dup_threshold=NEAR_DUP_THRESHOLD, workers=None, match_copies="default") -> dict:
     """Write ``out_dir/manifest.csv`` and ``out_dir/prepare_report.json``; return the report dict.
 
     Give ``source`` (an image folder, or a CSV file) or ``labels_csv`` (paths relative to the CSV's folder,
@@ -52,7 +53,10 @@ def prepare(out_dir, *, source=None, labels_csv=None, path_col="image", label_co
     in order, or fixes the class order of named labels. Splits are stratified by class and grouped by
     duplicate group (``fractions`` for train/val/test, ``seed``); ``keep_folder_split`` keeps the folder's
     (or the CSV's ``split`` column's) split and reports groups crossing splits; ``split_all="test"`` puts
-    every image in one split. Raises BonefracError for unusable input.
+    every image in one split. ``match_copies`` also groups freshly augmented copies with a learned copy
+    detector (copydetect.py): "auto" (the shipped one, if any), a detector folder, or "off"/None; "default" is
+    "auto" with keep_folder_split (auditing someone else's split) and "off" otherwise. Raises BonefracError
+    for unusable input.
     """
     started = time.perf_counter()
     fractions = _check_options(fractions, split_all, keep_folder_split)
@@ -65,18 +69,23 @@ def prepare(out_dir, *, source=None, labels_csv=None, path_col="image", label_co
     _check_classes(rows, names, class_names)
     if near_dup_threshold is None:
         near_dup_threshold = NEAR_DUP_THRESHOLD
-    rows["group"] = group_ids(rows["sha256"].tolist(), near_duplicate_pairs(hashes, near_dup_threshold))
+    if match_copies == "default":
+        match_copies = "auto" if keep_folder_split else "off"
+    pairs, copies = duplicate_pairs(rows["path"].tolist(), rows["sha256"].tolist(), hashes, near_dup_threshold,
+                                    match_copies, workers)
+    rows["group"] = group_ids(rows["sha256"].tolist(), pairs)
     crossing = []
     if split_all:
         rows["split"] = split_all
     elif keep_folder_split:
         rows["split"] = rows["folder_split"]
-        crossing = _crossing_groups(rows)
+        crossing = crossing_groups(rows["group"].tolist(), rows["split"].tolist(), rows["path"].tolist())
     else:
         rows["split"] = _stratified_group_split(rows, names, fractions, seed)
     manifest = _manifest_frame(rows)
     report = _report(manifest, names, rejected, crossing, origin, kind, seed, fractions, near_dup_threshold,
                      split_all, keep_folder_split)
+    report["copy_matcher"] = copies
     report["elapsed_s"] = round(time.perf_counter() - started, 2)
     _write(out_dir, manifest, report)
     return report
@@ -358,18 +367,6 @@ def _stratified_group_split(rows: pd.DataFrame, names: list, fractions: np.ndarr
             split_of[group] = SPLITS[choice]
             filled[choice] += sizes[group]
     return [split_of[g] for g in rows["group"]]
-
-
-def _crossing_groups(rows: pd.DataFrame) -> list[dict]:
-    crossing = []
-    for group, members in rows.groupby("group", sort=True):
-        if members["split"].nunique() > 1:
-            crossing.append({"group": group, "splits": {s: sorted(m["path"]) for s, m in members.groupby("split")}})
-    if crossing:
-        log.warning("%d duplicate group(s) cross the folder's train/val/test split: the folder split leaks "
-                    "duplicates between splits (see crossing_groups in the report; drop keep_folder_split "
-                    "to re-split by group)", len(crossing))
-    return crossing
 
 
 # --- output -------------------------------------------------------------------------------------------------

@@ -72,6 +72,17 @@ def positive_class_index(class_names: Sequence[str], override: str | int | None 
     return 1
 
 
+def negative_class(class_names: Sequence[str]) -> str | None:
+    """The class meaning "nothing found": for 2 classes the non-positive one, for more the one class named like
+    a negative (no_fracture, normal, ...), else None."""
+    names = [str(c) for c in class_names]
+    pos = positive_class_index(names)
+    if pos is not None:
+        return names[1 - pos]
+    negative = [n for n in names if _looks_negative(n)]
+    return negative[0] if len(negative) == 1 else None
+
+
 def _looks_negative(name: str) -> bool:
     norm = name.strip().lower().replace("-", "_").replace(" ", "_")
     # Only a whole leading word counts, so "nondisplaced_fracture" or "nonunion" stay positive.

@@ -66,6 +66,23 @@ def build_model(mcfg, num_classes: int):
     return model, _per_channel(mean, mcfg.in_chans), _per_channel(std, mcfg.in_chans)
 
 
+class WithBoxHead(torch.nn.Module):
+    """Training-time wrapper: `forward(x)` returns `(class logits, lesion-map logits (B, 1, h, w))`.
+
+    The map is a 1x1 convolution on the classifier's last feature map, trained against lesion boxes
+    (train.box_loss) so the shared features learn where fractures are; only `model` is ever saved.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.box_head = torch.nn.Conv2d(model.num_features, 1, kernel_size=1)
+
+    def forward(self, x):
+        features = self.model.forward_features(x)
+        return self.model.forward_head(features), self.box_head(features)
+
+
 def _default_norm(arch: str):
     import timm
 

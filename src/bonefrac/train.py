@@ -23,10 +23,10 @@ import torch.nn.functional as F
 
 from . import checkpoint, metrics
 from .config import Config, to_dict
-from .data import Batches, build_cache
+from .data import Batches, box_masks, build_cache
 from .errors import BonefracError
 from .manifest import class_names_for, load_manifest, manifest_sha256
-from .models import build_model
+from .models import WithBoxHead, build_model
 from .predict import infer_logits, resolve_device
 from .trainutil import (Ema, GradAllReduce, Watchdog, distributed_setup, gather_arrays, make_optimizer,
                         make_scheduler)
@@ -64,8 +64,9 @@ def train(manifest: str | Path, out_dir: str | Path, cfg: Config, resume: bool =
             dist.barrier()
         if rank != 0:
             caches[name] = build_cache(rows.path.tolist(), rows.sha256.tolist(), sz, cache_dir, progress=False)
+    masks = _lesion_masks(cfg, tr, train_size, class_names)
     train_batches = Batches(caches["train"], y_tr, cfg.data.batch_size, device, cfg.data.sampler,
-                            cfg.data.device_cache_gib, rank, world)
+                            cfg.data.device_cache_gib, rank, world, masks=masks)
     val_batches = Batches(caches["val"], y_va, cfg.train.eval_batch_size, device, "shuffle",
                           cfg.data.device_cache_gib, rank, world, drop_last=False)
     if len(train_batches) == 0:
@@ -75,11 +76,13 @@ def train(manifest: str | Path, out_dir: str | Path, cfg: Config, resume: bool =
     # --- model, optimizer, schedule, loss --------------------------------------------------------------
     model, mean, std = build_model(cfg.model, len(class_names))
     prep = {"size": size, "mean": mean, "std": std, "channels": cfg.model.in_chans}
-    model = model.to(device)
+    # With box supervision the optimised network also has a lesion-map head; `model` alone is saved.
+    net = WithBoxHead(model) if masks is not None else model
+    net = net.to(device)
     if cfg.train.channels_last and device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+        net = net.to(memory_format=torch.channels_last)
     steps_per_epoch = min(len(train_batches), cfg.train.max_steps_per_epoch or len(train_batches))
-    optimizer = make_optimizer(model, cfg.optim, cfg.data.batch_size * world, device)
+    optimizer = make_optimizer(net, cfg.optim, cfg.data.batch_size * world, device)
     scheduler = make_scheduler(optimizer, cfg.optim, steps_per_epoch, cfg.train.epochs)
     weight = None
     if cfg.train.class_weights:
@@ -93,22 +96,22 @@ def train(manifest: str | Path, out_dir: str | Path, cfg: Config, resume: bool =
     # --- resume -----------------------------------------------------------------------------------------
     state = {"epoch": 0, "best_score": -math.inf, "bad_epochs": 0}
     if resume:
-        state = _resume(out_dir / "last", model, optimizer, scheduler, ema, manifest)
+        state = _resume(out_dir / "last", net, optimizer, scheduler, ema, manifest)
         _trim_metrics(out_dir / "metrics.csv", state["epoch"])
         log.info("resuming at epoch %d (best %s so far %.4f)", state["epoch"] + 1, monitor, state["best_score"])
     elif rank == 0 and (out_dir / "last").exists():
         raise BonefracError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
 
-    step_model, grad_sync = model, None
+    step_model, grad_sync = net, None
     compiled = _use_compile(cfg, device)
     sync_mode = _grad_sync_mode(cfg, compiled)  # checked on one process too, like train.compile
     if compiled:
-        step_model = torch.compile(model, mode=cfg.train.compile_mode)
+        step_model = torch.compile(net, mode=cfg.train.compile_mode)
     if world > 1 and sync_mode == "ddp":
         step_model = torch.nn.parallel.DistributedDataParallel(step_model, device_ids=[device.index]
                                                                if device.type == "cuda" else None)
     elif world > 1:
-        grad_sync = GradAllReduce(model)
+        grad_sync = GradAllReduce(net)
     base_meta = {"arch": cfg.model.arch, "class_names": class_names, "positive_index": pos,
                  "positive_class": class_names[pos] if pos is not None else None, "preprocess": prep,
                  "config": to_dict(cfg), "manifest_sha256": manifest_sha256(manifest)}
@@ -121,7 +124,8 @@ def train(manifest: str | Path, out_dir: str | Path, cfg: Config, resume: bool =
         if rank == 0:
             train_state = {"epoch": epoch_done, "best_score": state["best_score"], "bad_epochs": state["bad_epochs"],
                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                           "ema": ema.state_dict() if ema else {}, "torch_rng": torch.get_rng_state()}
+                           "ema": ema.state_dict() if ema else {}, "torch_rng": torch.get_rng_state(),
+                           "box_head": net.box_head.state_dict() if net is not model else {}}
             checkpoint.save(out_dir / "last", model, {**base_meta, "epoch": epoch_done}, train_state)
 
     watchdog = Watchdog(cfg.train.watchdog_s, on_timeout=lambda: save_last(state["epoch"]))
@@ -130,10 +134,10 @@ def train(manifest: str | Path, out_dir: str | Path, cfg: Config, resume: bool =
         for epoch in range(state["epoch"], cfg.train.epochs):
             gen = torch.Generator().manual_seed(cfg.train.seed * 100_003 + epoch)  # resumable: seed per epoch
             t0 = time.perf_counter()
-            train_loss, seen = _train_epoch(step_model, model, train_batches, gen, steps_per_epoch, optimizer,
+            train_loss, seen = _train_epoch(step_model, net, train_batches, gen, steps_per_epoch, optimizer,
                                             scheduler, cfg, prep, weight, ema, watchdog, epoch, rank, grad_sync)
             if grad_sync:  # BatchNorm statistics differ with each rank's data
-                grad_sync.sync_buffers(model)
+                grad_sync.sync_buffers(net)
                 if ema:
                     grad_sync.sync_buffers(ema.module)
             eval_model = ema.module if ema else model
@@ -186,10 +190,11 @@ def _train_epoch(step_model, model, batches, gen, steps, optimizer, scheduler, c
     total, count, seen, t0 = torch.zeros((), device=device), 0, 0, time.perf_counter()
     bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=rank != 0, leave=False,
                dynamic_ncols=True, unit="step")
-    for step, (x, y) in enumerate(batches.epoch(gen)):
+    for step, (x, y, *masks) in enumerate(batches.epoch(gen)):
         if step >= steps:
             break
-        loss = train_step(step_model, model, x, y, gen, optimizer, scheduler, cfg, prep, weight, ema, grad_sync)
+        loss = train_step(step_model, model, x, y, gen, optimizer, scheduler, cfg, prep, weight, ema, grad_sync,
+                          masks=masks or None)
         total += loss
         count += 1
         seen += len(y)
@@ -206,18 +211,25 @@ def _train_epoch(step_model, model, batches, gen, steps, optimizer, scheduler, c
 
 
 def train_step(step_model, model, x, y, gen, optimizer, scheduler, cfg, prep, weight=None, ema=None,
-               grad_sync=None):
+               grad_sync=None, masks=None):
     """One optimisation step on a uint8 batch: augment, forward (bf16 on CUDA), backward, clip, update.
 
-    Returns the loss as a device tensor (no host sync); the throughput benchmark times exactly this.
+    `model` is what the optimizer updates (a `WithBoxHead` when `masks` = (lesion masks, weights) are given;
+    `ema` averages its classifier). Returns the loss as a device tensor (no host sync); the throughput
+    benchmark times exactly this.
     """
     device = x.device
-    inp = normalize(augment(x, cfg.data.size, cfg.augment, gen), prep["mean"], prep["std"], prep["channels"])
+    views = augment(x, cfg.data.size, cfg.augment, gen, masks[0] if masks else None)
+    views, lesion = views if masks else (views, None)
+    inp = normalize(views, prep["mean"], prep["std"], prep["channels"])
     if cfg.train.channels_last and device.type == "cuda":
         inp = inp.contiguous(memory_format=torch.channels_last)
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.train.amp and device.type == "cuda"):
         logits = step_model(inp)
+    logits, lesion_logits = logits if masks else (logits, None)
     loss = F.cross_entropy(logits.float(), y, weight=weight, label_smoothing=cfg.train.label_smoothing)
+    if masks:
+        loss = loss + cfg.train.box_loss * lesion_loss(lesion_logits.float(), lesion, masks[1])
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if grad_sync:
@@ -228,8 +240,21 @@ def train_step(step_model, model, x, y, gen, optimizer, scheduler, cfg, prep, we
     if cfg.optim.schedule != "plateau":
         scheduler.step()
     if ema:
-        ema.update(model)
+        ema.update(model.model if isinstance(model, WithBoxHead) else model)
     return loss.detach()
+
+
+def lesion_loss(logits: torch.Tensor, masks: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Box-supervision loss: BCE of the lesion map (B, 1, h, w) against the masks max-pooled to that grid,
+    positive and negative cells weighted equally within an image (a fracture covers ~1 % of cells), averaged
+    over the images whose masks are known (`weights`)."""
+    target = (F.adaptive_max_pool2d(masks, logits.shape[-2:]) > 0.5).float()
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1)
+    target = target.flatten(1)
+    pos = (bce * target).sum(1) / target.sum(1).clamp(min=1)
+    neg = (bce * (1 - target)).sum(1) / (1 - target).sum(1).clamp(min=1)
+    per_image = torch.where(target.sum(1) > 0, 0.5 * (pos + neg), neg)
+    return (per_image * weights).sum() / weights.sum().clamp(min=1)
 
 
 def _val_logits(model, batches, prep, cfg, world):
@@ -260,19 +285,33 @@ def calibration_meta(val_logits, val_y, class_names, pos, monitor, score) -> dic
     return out
 
 
-def _resume(last_dir: Path, model, optimizer, scheduler, ema, manifest) -> dict:
+def _resume(last_dir: Path, net, optimizer, scheduler, ema, manifest) -> dict:
     meta = checkpoint.read_meta(last_dir)
     if meta.get("manifest_sha256") != manifest_sha256(manifest):
         raise BonefracError(f"{last_dir} was trained on a different manifest; resume with the same --manifest")
     trained, _ = checkpoint.load(last_dir)
-    model.load_state_dict(trained.state_dict())
     state = checkpoint.load_train_state(last_dir)
+    if isinstance(net, WithBoxHead):
+        net.model.load_state_dict(trained.state_dict())
+        if state.get("box_head"):  # absent when the run was started without box supervision
+            net.box_head.load_state_dict(state["box_head"])
+    else:
+        net.load_state_dict(trained.state_dict())
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if ema and state.get("ema"):
         ema.load_state_dict(state["ema"])
     torch.set_rng_state(state["torch_rng"])
     return {k: state[k] for k in ("epoch", "best_score", "bad_epochs")}
+
+
+def _lesion_masks(cfg, rows, cache_size: int, class_names):
+    """(masks, weights) for box supervision at a quarter of the cache's resolution, or None when off."""
+    if cfg.train.box_loss <= 0:
+        return None
+    if not cfg.data.boxes:
+        raise BonefracError("train.box_loss needs data.boxes (a CSV of image, x, y, w, h lesion boxes)")
+    return box_masks(rows, cfg.data.boxes, max(8, cache_size // 4), metrics.negative_class(class_names))
 
 
 def _trim_metrics(file: Path, epochs_done: int) -> None:

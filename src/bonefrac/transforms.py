@@ -88,17 +88,20 @@ def _blur3(x: torch.Tensor) -> torch.Tensor:
     return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), (k[:, None] * k[None, :]).view(1, 1, 3, 3))
 
 
-def augment(x: torch.Tensor, size: int, acfg, gen: torch.Generator) -> torch.Tensor:
+def augment(x: torch.Tensor, size: int, acfg, gen: torch.Generator, masks: torch.Tensor | None = None):
     """Random training views: uint8 (B, 1, H, W) on any device -> float (B, 1, size, size) in [0, 1].
 
-    Random numbers come from `gen` (a CPU generator) so a seed gives the same views on CPU and GPU.
+    Random numbers come from `gen` (a CPU generator) so a seed gives the same views on CPU and GPU. With
+    `masks` (B, 1, M, M) (lesion masks, `data.box_masks`) returns `(views, masks)`: the masks moved by the same
+    geometric transform, float (B, 1, M, M) in [0, 1]; the draws from `gen` are the same either way.
     """
     n, device = x.shape[0], x.device
     img = to_unit(x)
     if not acfg.enabled:
-        return fit_size(img, size)
+        return fit_size(img, size) if masks is None else (fit_size(img, size), masks.float())
     p = _to_device(_random_params(n, acfg, gen), device)
-    grid = F.affine_grid(_theta(p), [n, 1, size, size], align_corners=False)
+    theta = _theta(p)
+    grid = F.affine_grid(theta, [n, 1, size, size], align_corners=False)
     # Downsample first when the cache is much larger than the output, so grid_sample does not alias.
     if img.shape[-1] > 1.5 * size:
         img = fit_size(img, int(size * 1.15))
@@ -108,7 +111,11 @@ def augment(x: torch.Tensor, size: int, acfg, gen: torch.Generator) -> torch.Ten
     out = ((out - mean) * p[:, 8].view(n, 1, 1, 1) + mean).clamp_(0.0, 1.0)
     if acfg.blur_p > 0:
         out = torch.where(p[:, 9].view(n, 1, 1, 1) > 0.5, _blur3(out), out)
-    return out
+    if masks is None:
+        return out
+    # Normalised coordinates make the same theta valid at the masks' own (smaller) resolution.
+    mask_grid = F.affine_grid(theta, [n, 1, masks.shape[-2], masks.shape[-1]], align_corners=False)
+    return out, F.grid_sample(masks.float(), mask_grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def hflip(x: torch.Tensor) -> torch.Tensor:
