@@ -24,7 +24,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from serve_load import ROOT, fresh_checkpoint, serving
+from live_server import ROOT, fresh_checkpoint, serving
 
 log = logging.getLogger("bench")
 
