@@ -201,3 +201,15 @@ def test_shipped_detector_groups_reference_copies_of_the_sample(tmp_path):
     originals = [r["image"] for r in rows[:len(labels)]]  # no two distinct sample images merged by the detector
     assert group_on[originals].factorize()[0].tolist() == group_off[originals].factorize()[0].tolist()
     assert with_copies["copy_matcher"]["n_copy_pairs"] >= 24
+
+
+def test_capped_links_merge_strongest_first_and_never_past_the_cap():
+    from bonefrac.dedup import capped_links
+
+    chain = np.array([[0, 1], [1, 2], [2, 3], [3, 4]])
+    assert capped_links(list("abcde"), np.zeros((0, 2), int), chain, 3).tolist() == [[0, 1], [1, 2], [3, 4]]
+    # Exact (same sha256) and hash duplicates count towards a group's size; a link inside one group is kept.
+    hashed = np.array([[2, 3]])
+    kept = capped_links(list("aabcd"), hashed, np.array([[1, 2], [0, 3], [3, 4]]), 4)
+    assert kept.tolist() == [[1, 2], [0, 3]]  # {0,1} + {2,3} = 4 images; adding 4 would make 5
+    assert capped_links(list("ab"), np.zeros((0, 2), int), np.zeros((0, 2), int), 2).shape == (0, 2)

@@ -19,8 +19,10 @@ from bonefrac.io import resize_gray
 # start at about 36 bits. Freshly augmented copies (small-angle rotation, shear) are NOT caught (docs/leakage.md).
 NEAR_DUP_THRESHOLD = 32
 _DCT_SIZE, _LOW = 64, 16  # 64x64 thumbnail, 16x16 lowest DCT frequencies -> 256-bit hash
-# A group this large after adding the copy detector's pairs is suspicious: false pairs chain through union-find.
-_LARGE_GROUP = 20
+# Copy-detector pairs may merge groups only up to this many images: false pairs chain through union-find (on
+# web-sourced hand X-rays, unchecked chaining built a 144-image group of different hands; docs/leakage.md). An
+# image and its augmented copies stay far below it (the seed work made ~6 per source).
+MAX_COPY_GROUP = 20
 
 log = logging.getLogger(__name__)
 
@@ -112,21 +114,59 @@ def duplicate_pairs(paths: list[str], sha: list, hashes: np.ndarray, threshold: 
 
     started = time.perf_counter()
     detector = load_detector(detector_dir, "auto")
-    copies = copy_pairs(embed_images(paths, detector, workers=workers), detector.threshold)
+    emb = embed_images(paths, detector, workers=workers)
+    copies = copy_pairs(emb, detector.threshold)
     new = {tuple(p) for p in copies.tolist()} - {tuple(p) for p in pairs.tolist()}
     groups_before = len(set(group_ids(sha, pairs)))
-    pairs = np.unique(np.concatenate([pairs, copies]), axis=0) if len(copies) else pairs
+    cosine = np.einsum("ij,ij->i", emb[copies[:, 0]], emb[copies[:, 1]])
+    kept = capped_links(sha, pairs, copies[np.argsort(-cosine, kind="stable")], MAX_COPY_GROUP)
+    pairs = np.unique(np.concatenate([pairs, kept]), axis=0) if len(kept) else pairs
     after = group_ids(sha, pairs)
     largest = max(np.unique(after, return_counts=True)[1], default=0)
     summary.update(threshold=float(detector.threshold), n_copy_pairs=len(copies), n_copy_pairs_not_hashed=len(new),
+                   n_copy_pairs_refused=len(copies) - len(kept), max_copy_group=MAX_COPY_GROUP,
                    groups_merged_by_copies=groups_before - len(set(after)), largest_group=int(largest),
                    elapsed_s=round(time.perf_counter() - started, 2))
     log.info("copy detector %s (cosine >= %.3f): %d pairs, %d not found by the hash, %d groups merged",
              detector_dir, detector.threshold, len(copies), len(new), summary["groups_merged_by_copies"])
-    if largest >= _LARGE_GROUP:
-        log.warning("a duplicate group now holds %d images: check it for false copy pairs (raise the detector's "
-                    "threshold in %s/copydetect.json, or match_copies=off)", largest, detector_dir)
+    if len(copies) > len(kept):
+        log.warning("%d copy-detector pairs refused: they would have merged groups past %d images (likely false "
+                    "pairs chaining; check the largest groups, or raise the threshold in %s/copydetect.json)",
+                    len(copies) - len(kept), MAX_COPY_GROUP, detector_dir)
     return pairs, summary
+
+
+def capped_links(sha: list, pairs: np.ndarray, candidates: np.ndarray, max_size: int) -> np.ndarray:
+    """The `candidates` (index pairs, most similar first) that can join the groups of exact and `pairs`
+    duplicates without making any group larger than `max_size`: a size-capped single linkage, so the strongest
+    links merge first and a chain of weak ones cannot sweep distinct images into one giant group."""
+    parent = list(range(len(sha)))
+    size = [1] * len(sha)
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def union(a, b):
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            ra, rb = (ra, rb) if size[ra] >= size[rb] else (rb, ra)
+            parent[rb], size[ra] = ra, size[ra] + size[rb]
+
+    first_of = {}
+    for i, digest in enumerate(sha):
+        union(first_of.setdefault(digest, i), i)
+    for a, b in pairs.tolist():
+        union(a, b)
+    kept = []
+    for a, b in candidates.tolist():
+        ra, rb = find(a), find(b)
+        if ra == rb or size[ra] + size[rb] <= max_size:
+            union(a, b)
+            kept.append((a, b))
+    return np.asarray(kept, dtype=np.int64).reshape(-1, 2)
 
 
 def crossing_groups(groups: list, splits: list, paths: list) -> list[dict]:
