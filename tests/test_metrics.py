@@ -270,14 +270,25 @@ def test_metrics_with_ci_matches_point_and_bootstrap():
     json.dumps(ci, allow_nan=False)
 
 
+def test_cm_metrics_per_class_by_hand():
+    cm = np.array([[[2, 1, 0], [0, 3, 0], [0, 0, 0]]])  # rows true, columns predicted; class 2 never seen
+    out = M.cm_metrics(cm, None)
+    assert out["precision"][0].tolist() == pytest.approx([2 / 2, 3 / 4, 0.0])  # nothing predicted as 2: 0
+    assert out["f1"][0].tolist() == pytest.approx([2 * 2 / (3 + 2), 2 * 3 / (3 + 4), 0.0])
+    assert out["recall"][0][:2].tolist() == pytest.approx([2 / 3, 1.0]) and np.isnan(out["recall"][0][2])
+
+
 def test_metrics_with_ci_multiclass():
     y, p = _random_case(150, seed=2, k=3)
     ci = B.metrics_with_ci(y, p, NAMES3, groups=None, positive_index=None, threshold=None, n_boot=200, seed=0)
     point = M.classification_metrics(y, p, NAMES3)
     assert ci["auroc"]["value"] == pytest.approx(point["auroc"])
-    assert set(ci["per_class_recall"]) == set(NAMES3)
-    for name in NAMES3:
-        assert ci["per_class_recall"][name]["value"] == pytest.approx(point["per_class"][name]["recall"])
+    for metric in ("precision", "recall", "f1"):
+        assert set(ci[f"per_class_{metric}"]) == set(NAMES3)
+        for name in NAMES3:
+            iv = ci[f"per_class_{metric}"][name]
+            assert iv["value"] == pytest.approx(point["per_class"][name][metric])
+            assert iv["low"] <= iv["value"] <= iv["high"]
     assert "sensitivity" not in ci
     json.dumps(ci, allow_nan=False)
 

@@ -105,7 +105,8 @@ def metrics_with_ci(y, probs, class_names: Sequence[str], groups=None, positive_
     """Headline metrics each as {"value", "low", "high", "n_boot_valid"} (percentile bootstrap, groups whole).
 
     Keys: accuracy, balanced_accuracy, auroc, macro_f1; binary adds sensitivity, specificity, ppv, npv (at
-    ``threshold``, default 0.5); K > 2 adds per_class_recall {name: interval}. Also n_boot, alpha, resampling.
+    ``threshold``, default 0.5); per_class_precision, per_class_recall and per_class_f1 map each class name to
+    an interval. Also n_boot, alpha, resampling.
     Uses the same resamples as ``bootstrap_ci`` with the same seed and groups. A value undefined on the whole
     set (e.g. sensitivity without positives) is None; resamples where it is undefined are skipped.
     """
@@ -123,9 +124,9 @@ def metrics_with_ci(y, probs, class_names: Sequence[str], groups=None, positive_
     keys = ["accuracy", "balanced_accuracy", "auroc", "macro_f1"]
     keys += ["sensitivity", "specificity", "ppv", "npv"] if pos is not None else []
     out = {key: _interval(boot[key], point[key][0], alpha) for key in keys}
-    if pos is None:
-        out["per_class_recall"] = {n: _interval(boot["recall"][:, i], point["recall"][0, i], alpha)
-                                   for i, n in enumerate(names)}
+    for metric in ("precision", "recall", "f1"):
+        out[f"per_class_{metric}"] = {n: _interval(boot[metric][:, i], point[metric][0, i], alpha)
+                                      for i, n in enumerate(names)}
     out.update(n_boot=int(n_boot), alpha=float(alpha), resampling="group" if groups is not None else "row")
     return out
 

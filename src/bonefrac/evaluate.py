@@ -247,6 +247,16 @@ def _gradcam_grid(out_dir: Path, predictor, rows, y, probs, pred, names, pos, k:
     return report.image_grid(tiles, titles, out_dir / "gradcam.png", ncols=4)
 
 
+def _class_intervals(ci: dict, name: str) -> dict:
+    """{"precision 95 % CI": "low-high", ...} for one class from metrics_with_ci's per-class intervals."""
+    out = {}
+    for metric in ("precision", "recall", "f1"):
+        iv = ci.get(f"per_class_{metric}", {}).get(name)
+        if iv and iv["low"] is not None:
+            out[f"{metric} 95 % CI"] = f"{iv['low']:.3f}-{iv['high']:.3f}"
+    return out
+
+
 def _write_report(out_dir, result, rows, y, probs, pred, names, pos, points, reference, predictor) -> None:
     cm = result["confusion_matrix"]
     plots = [report.plot_confusion_matrix(cm, names, out_dir / "confusion_matrix.png"),
@@ -262,7 +272,8 @@ def _write_report(out_dir, result, rows, y, probs, pred, names, pos, points, ref
     if "ci" in result:
         ci = [{"metric": k, **v} for k, v in result["ci"].items() if isinstance(v, dict) and "value" in v]
         sections.append(("95 % bootstrap intervals (resampling duplicate groups)", [ci]))
-    sections.append(("Per class", [[{"class": c, **v} for c, v in result["per_class"].items()]]))
+    sections.append(("Per class", [[{"class": c, **v, **_class_intervals(result.get("ci", {}), c)}
+                                     for c, v in result["per_class"].items()]]))
     if result.get("operating_points"):
         sections.append(("Operating points (thresholds chosen on validation)",
                          [[{"point": k, **v} for k, v in result["operating_points"].items()]]))

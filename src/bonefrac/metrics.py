@@ -180,18 +180,19 @@ def cm_metrics(cm, pos: int | None) -> dict:
     """Vectorised metrics from (B, K, K) confusion matrices.
 
     Recall, sensitivity, specificity, ppv and npv are NaN when undefined (empty denominator) so that the
-    bootstrap skips those resamples; F1 follows scikit-learn (0.0 when undefined).
+    bootstrap skips those resamples; per-class precision and F1 follow scikit-learn (0.0 when undefined).
     """
     with np.errstate(invalid="ignore", divide="ignore"):
         tp = np.diagonal(cm, axis1=1, axis2=2)
         support, predicted = cm.sum(axis=2), cm.sum(axis=1)
         recall = np.where(support > 0, tp / support, np.nan)
+        precision = np.where(predicted > 0, tp / predicted, 0.0)
         f1_den = support + predicted
         f1 = np.where(f1_den > 0, 2 * tp / f1_den, 0.0)
         present = support > 0
         out = {"accuracy": tp.sum(1) / cm.sum((1, 2)),
                "balanced_accuracy": np.nansum(recall, axis=1) / present.sum(1),
-               "macro_f1": f1.mean(1), "recall": recall}
+               "macro_f1": f1.mean(1), "recall": recall, "precision": precision, "f1": f1}
         if pos is not None:
             neg = 1 - pos
             t_p, f_n, f_p, t_n = cm[:, pos, pos], cm[:, pos, neg], cm[:, neg, pos], cm[:, neg, neg]
