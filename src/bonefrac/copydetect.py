@@ -64,8 +64,9 @@ class CopyDetector(torch.nn.Module):
         return self.meta["threshold"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = (x.float() / 255.0 - self.meta["mean"]) / self.meta["std"]
-        x = x.expand(-1, 3, -1, -1)
+        from .transforms import normalize, to_unit
+
+        x = normalize(to_unit(x), [self.meta["mean"]], [self.meta["std"]], 3)
         if x.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         return F.normalize(self.proj(self.trunk(x)).float(), dim=1)
@@ -161,6 +162,7 @@ def embed_images(items, detector: CopyDetector, batch_size: int = 64, device=Non
     """
     from .data import progress_bar
     from .io import read_image, resize_gray
+    from .transforms import hflip
 
     device = _device(device) if device is not None else next(detector.parameters()).device
     detector = detector.to(device).eval()
@@ -180,7 +182,7 @@ def embed_images(items, detector: CopyDetector, batch_size: int = 64, device=Non
             x = x.to(device)  # float32 throughout (no autocast): the same cosines on CPU and GPU
             z = detector(x)
             if flip:
-                z = F.normalize(z + detector(torch.flip(x, dims=[-1])), dim=1)
+                z = F.normalize(z + detector(hflip(x)), dim=1)
             out[start:start + len(x)] = z.float().cpu().numpy()
             bar.update(len(x))
     return out
