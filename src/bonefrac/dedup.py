@@ -74,24 +74,36 @@ def _popcount(words: np.ndarray) -> np.ndarray:
     return table[words.view(np.uint8)].reshape(*words.shape, 8).sum(axis=-1, dtype=np.uint8)
 
 
-def group_ids(sha: list, pairs: np.ndarray) -> list[str]:
-    """Union-find over exact (same sha256) and near-duplicate pairs; ids g00000.. in first-row order."""
-    parent = list(range(len(sha)))
+class _Groups:
+    """Union-find over row indices, tracking group sizes; rows with the same sha256 start in one group."""
 
-    def find(i):
+    def __init__(self, sha: list, pairs: np.ndarray):
+        self.parent, self.size = list(range(len(sha))), [1] * len(sha)
+        first_of = {}
+        for i, digest in enumerate(sha):
+            self.union(first_of.setdefault(digest, i), i)
+        for a, b in pairs.tolist():
+            self.union(a, b)
+
+    def find(self, i: int) -> int:
+        parent = self.parent
         while parent[i] != i:
             parent[i] = parent[parent[i]]  # path halving keeps the trees flat
             i = parent[i]
         return i
 
-    first_of = {}
-    links = [(first_of.setdefault(s, i), i) for i, s in enumerate(sha)] + [tuple(p) for p in pairs.tolist()]
-    for a, b in links:
-        ra, rb = find(a), find(b)
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
         if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)  # the root is always the group's first row
-    roots = [find(i) for i in range(len(sha))]
-    numbers = {r: n for n, r in enumerate(dict.fromkeys(roots))}
+            ra, rb = (ra, rb) if self.size[ra] >= self.size[rb] else (rb, ra)
+            self.parent[rb], self.size[ra] = ra, self.size[ra] + self.size[rb]
+
+
+def group_ids(sha: list, pairs: np.ndarray) -> list[str]:
+    """Union-find over exact (same sha256) and near-duplicate pairs; ids g00000.. in first-row order."""
+    groups = _Groups(sha, pairs)
+    roots = [groups.find(i) for i in range(len(sha))]
+    numbers = {r: n for n, r in enumerate(dict.fromkeys(roots))}  # numbered by each group's first row
     width = max(5, len(str(len(numbers))))
     return [f"g{numbers[r]:0{width}d}" for r in roots]
 
@@ -140,31 +152,12 @@ def capped_links(sha: list, pairs: np.ndarray, candidates: np.ndarray, max_size:
     """The `candidates` (index pairs, most similar first) that can join the groups of exact and `pairs`
     duplicates without making any group larger than `max_size`: a size-capped single linkage, so the strongest
     links merge first and a chain of weak ones cannot sweep distinct images into one giant group."""
-    parent = list(range(len(sha)))
-    size = [1] * len(sha)
-
-    def find(i):
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    def union(a, b):
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            ra, rb = (ra, rb) if size[ra] >= size[rb] else (rb, ra)
-            parent[rb], size[ra] = ra, size[ra] + size[rb]
-
-    first_of = {}
-    for i, digest in enumerate(sha):
-        union(first_of.setdefault(digest, i), i)
-    for a, b in pairs.tolist():
-        union(a, b)
+    groups = _Groups(sha, pairs)
     kept = []
     for a, b in candidates.tolist():
-        ra, rb = find(a), find(b)
-        if ra == rb or size[ra] + size[rb] <= max_size:
-            union(a, b)
+        ra, rb = groups.find(a), groups.find(b)
+        if ra == rb or groups.size[ra] + groups.size[rb] <= max_size:
+            groups.union(a, b)
             kept.append((a, b))
     return np.asarray(kept, dtype=np.int64).reshape(-1, 2)
 
