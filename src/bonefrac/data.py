@@ -79,13 +79,10 @@ def box_masks(rows, boxes_csv: str | Path, size: int, negative_label: str | None
     the image cache, and float32 (N,) 1 where the mask is known: the image has boxes, or its label is
     `negative_label` (nothing to find). Other images (e.g. fractured but unannotated) get weight 0.
     """
-    import pandas as pd
+    from .manifest import read_csv
 
     boxes_csv = Path(boxes_csv)
-    try:
-        boxes = pd.read_csv(boxes_csv)
-    except (OSError, ValueError) as exc:
-        raise BonefracError(f"{boxes_csv}: cannot read the boxes CSV ({exc})") from None
+    boxes = read_csv(boxes_csv)
     missing = {"image", "x", "y", "w", "h"} - set(boxes.columns)
     if missing:
         raise BonefracError(f"{boxes_csv}: boxes CSV lacks column(s) {', '.join(sorted(missing))}")

@@ -98,7 +98,7 @@ def load_manifest(path) -> pd.DataFrame:
     the available ones), or a split value is not train/val/test.
     """
     path = Path(path)
-    frame = _read_csv(path, dtype={c: str for c in ("path", "label", "group", "split", "sha256")})
+    frame = read_csv(path, dtype={c: str for c in ("path", "label", "group", "split", "sha256")})
     missing = [c for c in MANIFEST_COLUMNS if c not in frame.columns]
     if missing:
         raise BonefracError(f"manifest {path} lacks column(s) {missing}; available: {list(frame.columns)}")
@@ -166,7 +166,8 @@ def _collect(source, labels_csv, path_col, label_col):
     return rows, rejected, kind, str(Path(source).resolve())
 
 
-def _read_csv(path: Path, **kwargs) -> pd.DataFrame:
+def read_csv(path: Path, **kwargs) -> pd.DataFrame:
+    """`pd.read_csv` with a BonefracError naming the file for a missing or unreadable CSV."""
     if not path.is_file():
         raise BonefracError(f"CSV file not found: {path}")
     try:
@@ -176,7 +177,7 @@ def _read_csv(path: Path, **kwargs) -> pd.DataFrame:
 
 
 def _rows_from_csv(csv: Path, base: Path, path_col: str, label_col: str) -> pd.DataFrame:
-    frame = _read_csv(csv, dtype=str, keep_default_na=False)
+    frame = read_csv(csv, dtype=str, keep_default_na=False)
     missing = [c for c in (path_col, label_col) if c not in frame.columns]
     if missing:
         raise BonefracError(f"{csv} lacks column(s) {missing}; available: {list(frame.columns)}")
