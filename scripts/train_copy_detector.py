@@ -385,14 +385,9 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    try:
-        run(parse_args(argv))
-    except BonefracError as exc:
-        log.error("%s", exc)
-        return 2
-    return 0
+    from bonefrac.cli import run_logged
+
+    return run_logged(run, parse_args(argv))
 
 
 if __name__ == "__main__":

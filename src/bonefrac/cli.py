@@ -239,22 +239,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def run_logged(fn, *args, verbose: bool = False) -> int:
+    """Run `fn(*args)` as a command-line entry point (the `bonefrac` command, scripts/ and benchmarks/):
+    bonefrac's log format, and a BonefracError ends as one error line and exit status 2, not a traceback."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        fn(*args)
+    except BonefracError as exc:
+        log.error("%s", exc)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if args.command == "evaluate":
         args.model = args.model + args.model_opt
         if not args.model:
             raise SystemExit("bonefrac evaluate: error: name a checkpoint (CKPT or --model CKPT)")
     try:
-        args.func(args)
-    except BonefracError as exc:
-        log.error("%s", exc)
-        return 2
+        return run_logged(args.func, args, verbose=args.verbose)
     except KeyboardInterrupt:
         return 130
-    return 0
 
 
 if __name__ == "__main__":
