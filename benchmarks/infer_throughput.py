@@ -34,8 +34,10 @@ def timed(fn, x, reps: int) -> float:
 
 VARIANTS = ("eager", "default", "reduce-overhead", "frozen")
 # Options a "frozen" variant may add, joined with "-" (e.g. frozen-fp16-mm): fp16 instead of bf16 weights, 1x1
-# convolutions as matmuls (they fuse with their BN/activation epilogues), max-autotune kernel selection.
-FROZEN_OPTIONS = ("fp16", "mm", "autotune")
+# convolutions as matmuls (they fuse with their BN/activation epilogues), max-autotune kernel selection (every
+# convolution too: slow to compile), autotuned Triton matmul templates only (`gemm`: with `mm` they take the
+# pointwise ops around them as prologues/epilogues), coordinate-descent tuning of the generated kernels (`cdt`).
+FROZEN_OPTIONS = ("fp16", "mm", "autotune", "gemm", "cdt")
 
 
 def bench_arch(arch: str, size: int, batch: int, reps: int, variants: list[str]) -> dict:
@@ -72,9 +74,18 @@ def run_variant(variant: str, model, x, reps: int) -> float:
         return timed(run, x, reps)
     options = set(variant.split("-")[1:])
     dtype = torch.float16 if "fp16" in options else torch.bfloat16
-    patch = {"freezing": True, "conv_1x1_as_mm": "mm" in options}
     mode = "max-autotune" if "autotune" in options else "reduce-overhead"
-    return frozen(model, x, reps, dtype, patch, mode)
+    return frozen(model, x, reps, dtype, inductor_patch(options), mode)
+
+
+def inductor_patch(options: set[str]) -> dict:
+    """torch._inductor.config settings for a frozen variant's options."""
+    patch = {"freezing": True, "conv_1x1_as_mm": "mm" in options}
+    if "gemm" in options:
+        patch.update(max_autotune_gemm=True, max_autotune_gemm_backends="TRITON,ATEN")
+    if "cdt" in options:
+        patch["coordinate_descent_tuning"] = True
+    return patch
 
 
 def valid_variant(variant: str) -> bool:

@@ -29,7 +29,7 @@ import torch
 from bonefrac.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
 from bonefrac.data import Batches, build_cache
 from bonefrac.io import IMAGE_EXTENSIONS
-from bonefrac.models import create
+from bonefrac.models import create, use_flipped_dgrad
 from bonefrac.train import train_step
 from bonefrac.trainutil import GradAllReduce, distributed_setup, make_optimizer, make_scheduler
 
@@ -113,14 +113,18 @@ def seed_style(arch: str, files: list[Path], size: int, steps: int, batch: int =
 
 
 def bonefrac_pipeline(arch: str, cache: np.ndarray, size: int, batch: int, steps: int, mode: str,
-                      profile_to: str | None = None, rank: int = 0, world: int = 1, sync: str = "allreduce") -> float:
-    """images/s of `bonefrac.train.train_step` (all ranks together under torchrun; `batch` is per GPU)."""
+                      profile_to: str | None = None, rank: int = 0, world: int = 1, sync: str = "allreduce",
+                      flip_dgrad: bool = False) -> float:
+    """images/s of `bonefrac.train.train_step` (all ranks together under torchrun; `batch` is per GPU);
+    `flip_dgrad` as `train.flip_depthwise_grad`."""
     cfg = Config(model=ModelConfig(arch=arch, pretrained="none"), data=DataConfig(size=size, batch_size=batch),
                  optim=OptimConfig(), train=TrainConfig(compile="on", compile_mode=mode))
     device = torch.device("cuda", torch.cuda.current_device())
     labels = np.arange(len(cache)) % 3
     batches = Batches(cache, labels, batch, device, "shuffle", 16.0, rank, world)
     model = create(arch, 3).to(device).to(memory_format=torch.channels_last).train()
+    if flip_dgrad:
+        use_flipped_dgrad(model)
     step_model = torch.compile(model, mode=mode)
     grad_sync = None
     if world > 1 and sync == "ddp":  # the same wrapping order as bonefrac.train: DDP around the compiled module
@@ -169,6 +173,8 @@ def main() -> None:
     p.add_argument("--seed-steps", type=int, default=40)
     p.add_argument("--modes", default="default", help="torch.compile modes to try, comma-separated")
     p.add_argument("--grad-sync", default="allreduce", help="under torchrun: ddp and/or allreduce, comma-separated")
+    p.add_argument("--depthwise-grad", default="cudnn",
+                   help="cudnn and/or flipped (train.flip_depthwise_grad), comma-separated: both = same-run A/B")
     p.add_argument("--profile-dir", help="write a kernel profile per run here")
     p.add_argument("--json")
     args = p.parse_args()
@@ -191,13 +197,14 @@ def main() -> None:
         flops = train_flops_per_image(arch, args.size)
         seed = seed_style(arch, files, args.size, args.seed_steps) if args.seed_steps > 0 else float("nan")
         syncs = args.grad_sync.split(",") if world > 1 else ["none"]
-        for batch, mode, sync in [(int(b), m, g) for b in args.batch.split(",") for m in args.modes.split(",")
-                                  for g in syncs]:
-            prof = f"{args.profile_dir}/profile_{arch}_{batch}_{mode}.txt" if args.profile_dir else None
-            ours = bonefrac_pipeline(arch, cache, args.size, batch, args.steps, mode, prof, rank, world, sync)
+        for batch, mode, sync, dw in [(int(b), m, g, d) for b in args.batch.split(",") for m in args.modes.split(",")
+                                      for g in syncs for d in args.depthwise_grad.split(",")]:
+            prof = f"{args.profile_dir}/profile_{arch}_{batch}_{mode}_{dw}.txt" if args.profile_dir else None
+            ours = bonefrac_pipeline(arch, cache, args.size, batch, args.steps, mode, prof, rank, world, sync,
+                                     flip_dgrad=dw == "flipped")
             tflops = ours * flops / 1e12 / world
             row = {"arch": arch, "size": args.size, "gpus": world, "grad_sync": sync, "batch_per_gpu": batch,
-                   "compile_mode": mode,
+                   "compile_mode": mode, "depthwise_grad": dw,
                    "seed_style_img_s": round(seed, 1),
                    "bonefrac_img_s": round(ours, 1), "ratio": round(ours / seed, 2),
                    "train_gflop_per_img": round(flops / 1e9, 2), "achieved_tflops_per_gpu": round(tflops, 1),

@@ -102,6 +102,15 @@ def test_ensemble_directory_round_trip(ckpt, second, manifest, tmp_path):
     assert m["ensemble"]["weights"] == pytest.approx(spec["weights"]) and m["threshold"] == spec["threshold"]
 
 
+def test_an_ensemble_directory_can_be_the_default_model(ckpt, second, manifest, tmp_path, monkeypatch):
+    out = tmp_path / "ens"
+    assert main(["ensemble", str(ckpt), str(second), "--manifest", str(manifest), "--out", str(out)]) == 0
+    monkeypatch.setenv("BONEFRAC_MODEL", str(out))
+    default = load_predictor(None, "cpu")
+    assert isinstance(default, Ensemble) and len(default.members) == 2
+    assert default.threshold == json.loads((out / "ensemble.json").read_text())["threshold"]
+
+
 def test_evaluate_fits_weights_for_several_models(ckpt, second, manifest, tmp_path):
     out = tmp_path / "eval"
     assert main(["evaluate", str(ckpt), "--model", str(second), "--manifest", str(manifest), "--out", str(out),

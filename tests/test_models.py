@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -48,3 +50,68 @@ def test_unknown_architecture_and_missing_file_fail_clearly(tmp_path):
         build_model(ModelConfig(arch="resnet18", pretrained=str(tmp_path / "missing.pth")), 2)
     with pytest.raises(BonefracError, match="lite"):
         build_model(ModelConfig(arch="resnet18", pretrained="lite"), 2)
+
+
+# --- flipped-filter input gradient for depthwise convolutions -----------------------------------------------
+
+def _grads(conv, x):
+    x = x.clone().requires_grad_(True)
+    out = conv(x)
+    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+    return [out, x.grad, conv.weight.grad] + ([conv.bias.grad] if conv.bias is not None else [])
+
+
+@pytest.mark.parametrize("kernel, bias, channels_last", [(7, True, False), (3, False, True), (5, True, True)])
+def test_flipped_dgrad_gives_cudnn_s_gradients(kernel, bias, channels_last):
+    from bonefrac.models import FlippedDgradConv2d, use_flipped_dgrad
+
+    torch.manual_seed(0)
+    ref = torch.nn.Conv2d(6, 6, kernel, padding=kernel // 2, groups=6, bias=bias).double()
+    new = copy.deepcopy(ref)
+    assert use_flipped_dgrad(new) == 1 and isinstance(new, FlippedDgradConv2d)
+    x = torch.randn(2, 6, 9, 11, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    for a, b in zip(_grads(ref, x), _grads(new, x)):
+        torch.testing.assert_close(a, b)
+
+
+def test_only_depthwise_stride_one_same_padded_convolutions_switch():
+    from bonefrac.models import use_flipped_dgrad
+
+    keep = [torch.nn.Conv2d(6, 6, 3, padding=1),  # dense
+            torch.nn.Conv2d(6, 6, 3, stride=2, padding=1, groups=6),
+            torch.nn.Conv2d(6, 12, 3, padding=1, groups=6),  # channel multiplier 2
+            torch.nn.Conv2d(6, 6, 3, padding=0, groups=6),
+            torch.nn.Conv2d(6, 6, 3, padding=2, dilation=2, groups=6),
+            torch.nn.Conv2d(6, 6, 3, padding=1, groups=6, padding_mode="reflect")]
+    assert use_flipped_dgrad(torch.nn.Sequential(*keep)) == 0
+    assert all(type(m) is torch.nn.Conv2d for m in keep)
+
+
+def test_convnext_trains_the_same_with_flipped_dgrad_and_keeps_its_keys():
+    from bonefrac.models import create, use_flipped_dgrad
+
+    torch.manual_seed(0)
+    ref = create("convnextv2_atto", 3).double()
+    new = copy.deepcopy(ref)
+    assert use_flipped_dgrad(new) == 2 + 2 + 6 + 2  # one 7x7 depthwise conv per block
+    assert list(new.state_dict()) == list(ref.state_dict())
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    for model in (ref, new):
+        torch.nn.functional.cross_entropy(model(x), torch.tensor([0, 2])).backward()
+    for (name, a), b in zip(ref.named_parameters(), new.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+def test_flipped_dgrad_traces_into_one_compiled_graph():
+    from bonefrac.models import use_flipped_dgrad
+
+    conv = torch.nn.Conv2d(4, 4, 7, padding=3, groups=4)
+    use_flipped_dgrad(conv)
+    x = torch.randn(2, 4, 16, 16, requires_grad=True)
+    compiled = torch.compile(conv, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break raises
+    compiled(x).sum().backward()
+    expected = torch.autograd.grad(torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=3, groups=4).sum(),
+                                   [x])[0]
+    torch.testing.assert_close(x.grad, expected)

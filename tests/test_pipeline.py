@@ -1,6 +1,7 @@
 """End to end on the embedded sample: prepare -> train -> evaluate -> predict, resume, and bad input."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 
 from bonefrac import checkpoint
 from bonefrac.cli import main
+from bonefrac.models import FlippedDgradConv2d
 from conftest import interrupt_second_epoch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,6 +85,20 @@ def test_predict_reports_bad_files_and_keeps_going(run, tmp_path, capsys):
     assert main(["predict", "--model", str(run / "best"), "--format", "csv", str(images)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("path,prediction,confidence,p_no_fracture,p_fracture") and len(lines) == 5
+
+
+def test_flip_depthwise_grad_switch_reaches_the_model(manifest, tmp_path, caplog):
+    """Wiring only: the gradients themselves are checked against cuDNN's/autograd's in test_models (Adam turns
+    rounding-level gradient differences into lr-sized weight differences, so whole runs are not compared)."""
+    out = tmp_path / "flipped"
+    with caplog.at_level("INFO"):
+        assert main(["train", "--manifest", str(manifest), "--out", str(out), *FAST,
+                     "--set", "train.flip_depthwise_grad=true", "--set", "train.epochs=1"]) == 0
+    assert re.search(r"flipped-filter input gradient for [1-9]\d* depthwise", caplog.text)
+    model, meta = checkpoint.load(out / "last")  # saved and loaded as a plain timm model
+    assert not any(isinstance(m, FlippedDgradConv2d) for m in model.modules())
+    assert meta["config"]["train"]["flip_depthwise_grad"] is True
+    assert np.isfinite(pd.read_csv(out / "metrics.csv").train_loss).all()
 
 
 def test_resume_continues_to_the_same_result(manifest, tmp_path, monkeypatch):

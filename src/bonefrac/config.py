@@ -96,6 +96,9 @@ class TrainConfig:
     # Weight of an auxiliary loss that teaches the network WHERE fractures are (a 1x1-conv map on the last
     # features, trained against data.boxes); training only, the saved classifier is unchanged. 0 disables.
     box_loss: float = 0.0
+    # Compute depthwise convolutions' input gradient with the forward kernel on flipped filters
+    # (models.use_flipped_dgrad): the same numbers, a faster cuDNN kernel for ConvNeXt's 7x7 layers.
+    flip_depthwise_grad: bool = False
 
 
 @dataclass(frozen=True)

@@ -83,6 +83,61 @@ class WithBoxHead(torch.nn.Module):
         return self.model.forward_head(features), self.box_head(features)
 
 
+class _FlippedDgrad(torch.autograd.Function):
+    """Depthwise, stride-1, "same"-padded convolution whose input gradient is computed as a *forward*
+    convolution of the output gradient with the spatially flipped filter (mathematically the same thing).
+
+    Why: for ConvNeXt's 7x7 depthwise layers cuDNN's forward kernel is much faster than its data-gradient
+    kernel (on an H200, forward+backward over the stage shapes fell from 48.7 to 37.9 ms per batch of 256);
+    the weight gradient still comes from cuDNN.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, padding):
+        ctx.save_for_backward(x, weight)
+        ctx.padding, ctx.has_bias = padding, bias is not None
+        return torch.nn.functional.conv2d(x, weight, bias, 1, padding, 1, weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        groups = weight.shape[0]
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.nn.functional.conv2d(grad, weight.flip(2, 3), None, 1, ctx.padding, 1, groups)
+        mask = [False, ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+        _, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad, x, weight, [groups] if ctx.has_bias else None, [1, 1], list(ctx.padding), [1, 1], False,
+            [0, 0], groups, mask)
+        return grad_x, grad_w, grad_b, None
+
+
+class FlippedDgradConv2d(torch.nn.Conv2d):
+    """nn.Conv2d (same parameters and state-dict keys) whose backward uses `_FlippedDgrad`."""
+
+    def forward(self, x):
+        return _FlippedDgrad.apply(x, self.weight, self.bias, self.padding)
+
+
+def use_flipped_dgrad(model: torch.nn.Module) -> int:
+    """Switch every eligible depthwise convolution of `model` (plain nn.Conv2d, one filter per channel, stride
+    and dilation 1, odd square kernel, symmetric zero padding k // 2) to `FlippedDgradConv2d`, in place.
+    Returns how many were switched (convolutions with dynamic "same" padding keep theirs)."""
+    count = 0
+    for module in model.modules():
+        if type(module) is torch.nn.Conv2d and _eligible_depthwise(module):
+            module.__class__ = FlippedDgradConv2d  # adds no state, so weights and keys stay as they are
+            count += 1
+    return count
+
+
+def _eligible_depthwise(conv: torch.nn.Conv2d) -> bool:
+    k = conv.kernel_size
+    return (conv.groups == conv.in_channels == conv.out_channels and k[0] == k[1] and k[0] % 2 == 1
+            and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.padding_mode == "zeros"
+            and conv.padding == (k[0] // 2, k[0] // 2))
+
+
 def _default_norm(arch: str):
     import timm
 

@@ -156,10 +156,11 @@ def _load_ensemble_dir(path: Path, device: str, tta: bool, batch_size: int) -> E
 
 
 def default_model_path() -> Path:
-    """The shipped model: $BONEFRAC_MODEL, else models/<DEFAULT_MODEL_NAME> in the source checkout."""
+    """The shipped model: $BONEFRAC_MODEL, else models/<DEFAULT_MODEL_NAME> in the source checkout; either may
+    be a checkpoint or an ensemble directory."""
     env = os.environ.get("BONEFRAC_MODEL")
     path = Path(env) if env else Path(__file__).resolve().parents[2] / "models" / DEFAULT_MODEL_NAME
-    if not (path / checkpoint.META_FILE).is_file():
+    if not any((path / name).is_file() for name in (checkpoint.META_FILE, ENSEMBLE_FILE)):
         raise BonefracError(f"no model named and no shipped model at {path}; pass --model CKPT "
                             "or set BONEFRAC_MODEL")
     return path

@@ -26,7 +26,7 @@ from .config import Config, to_dict
 from .data import Batches, box_masks, build_cache
 from .errors import BonefracError
 from .manifest import class_names_for, load_manifest, manifest_sha256
-from .models import WithBoxHead, build_model
+from .models import WithBoxHead, build_model, use_flipped_dgrad
 from .predict import infer_logits, resolve_device
 from .trainutil import (Ema, GradAllReduce, Watchdog, distributed_setup, gather_arrays, make_optimizer,
                         make_scheduler)
@@ -75,6 +75,8 @@ def train(manifest: str | Path, out_dir: str | Path, cfg: Config, resume: bool =
 
     # --- model, optimizer, schedule, loss --------------------------------------------------------------
     model, mean, std = build_model(cfg.model, len(class_names))
+    if cfg.train.flip_depthwise_grad:
+        log.info("flipped-filter input gradient for %d depthwise convolutions", use_flipped_dgrad(model))
     prep = {"size": size, "mean": mean, "std": std, "channels": cfg.model.in_chans}
     # With box supervision the optimised network also has a lesion-map head; `model` alone is saved.
     net = WithBoxHead(model) if masks is not None else model
