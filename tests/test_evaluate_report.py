@@ -151,3 +151,13 @@ def test_report_renders_in_chromium(ckpt, manifest, tmp_path):
         pixels = np.asarray(png.convert("L"), dtype=float)
     assert pixels.shape == (3000, 1200)
     assert pixels.std() > 20 and (pixels < 200).mean() > 0.02  # text and figures, not a blank page
+
+
+def test_predictor_softmax_is_float64_like_the_threshold_search():
+    from bonefrac.metrics import softmax
+    from bonefrac.predict import _softmax
+
+    logits = np.random.default_rng(0).normal(size=(50, 3)).astype(np.float32)
+    probs = _softmax(logits)
+    assert probs.dtype == np.float64
+    np.testing.assert_array_equal(probs, softmax(logits))  # a score equal to a val threshold stays equal

@@ -259,3 +259,12 @@ def test_fracatlas_prepare_groups_duplicates(tmp_path, fracatlas):
     assert (share["train"] - 0.70).abs().max() < 0.03
     assert ((share[["val", "test"]] - 0.15).abs() < 0.03).all().all()
     assert report["elapsed_s"] < 120
+
+
+def test_rows_without_a_group_become_their_own_groups(tmp_path, caplog):
+    (tmp_path / "m.csv").write_text("path,label,group,split,sha256,width,height\n"
+                                    "a.png,x,g1,test,aa,9,9\nb.png,x,,test,bb,9,9\nc.png,y,,test,cc,9,9\n")
+    with caplog.at_level(logging.WARNING):
+        df = load_manifest(tmp_path / "m.csv")
+    assert df.group.nunique() == 3 and df.group[0] == "g1"  # blank cells are not one shared "nan" group
+    assert "2 row(s) without a group" in caplog.text

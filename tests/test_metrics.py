@@ -103,7 +103,10 @@ def test_auroc_none_when_class_absent_and_no_warnings():
         warnings.simplefilter("error")  # zero division must not warn
         m = M.classification_metrics(y, probs, NAMES3)
     assert m["auroc"] is None
-    assert m["per_class"]["no_fracture"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 2}
+    # never predicted: precision undefined (None, not 0); present, so recall and F1 are 0
+    assert m["per_class"]["no_fracture"] == {"precision": None, "recall": 0.0, "f1": 0.0, "support": 2}
+    # absent from the set and never predicted: nothing is defined
+    assert m["per_class"]["simple_fracture"] == {"precision": None, "recall": None, "f1": None, "support": 0}
     assert m["balanced_accuracy"] == pytest.approx(0.5)  # mean recall over the two present classes
     json.dumps(m, allow_nan=False)
 
@@ -273,9 +276,44 @@ def test_metrics_with_ci_matches_point_and_bootstrap():
 def test_cm_metrics_per_class_by_hand():
     cm = np.array([[[2, 1, 0], [0, 3, 0], [0, 0, 0]]])  # rows true, columns predicted; class 2 never seen
     out = M.cm_metrics(cm, None)
-    assert out["precision"][0].tolist() == pytest.approx([2 / 2, 3 / 4, 0.0])  # nothing predicted as 2: 0
-    assert out["f1"][0].tolist() == pytest.approx([2 * 2 / (3 + 2), 2 * 3 / (3 + 4), 0.0])
-    assert out["recall"][0][:2].tolist() == pytest.approx([2 / 3, 1.0]) and np.isnan(out["recall"][0][2])
+    assert out["precision"][0][:2].tolist() == pytest.approx([2 / 2, 3 / 4])
+    assert out["f1"][0][:2].tolist() == pytest.approx([2 * 2 / (3 + 2), 2 * 3 / (3 + 4)])
+    assert out["recall"][0][:2].tolist() == pytest.approx([2 / 3, 1.0])
+    assert np.isnan([out[k][0][2] for k in ("precision", "recall", "f1")]).all()  # nothing to say about class 2
+    assert out["macro_f1"][0] == pytest.approx((4 / 5 + 6 / 7) / 2)  # over the two present classes
+
+
+def test_a_class_absent_from_the_set_does_not_drag_the_macro_averages():
+    names = ["a", "b", "c"]
+    y = np.array([0, 0, 1, 1, 1])
+    probs = np.eye(3)[y] * 0.8 + 0.1  # every prediction right; class c absent
+    m = M.classification_metrics(y, probs, names)
+    assert m["macro_avg"] == pytest.approx({"precision": 1.0, "recall": 1.0, "f1": 1.0})
+    assert m["weighted_avg"] == pytest.approx({"precision": 1.0, "recall": 1.0, "f1": 1.0})
+    # one rare class in 40: resamples that miss it must not pull the macro-F1 interval below 1
+    y = np.array([0] * 20 + [1] * 19 + [2])
+    ci = B.metrics_with_ci(y, np.eye(3)[y] * 0.8 + 0.1, names, n_boot=200, seed=0)
+    assert ci["macro_f1"]["low"] == ci["macro_f1"]["high"] == 1.0
+
+
+def test_undefined_values_are_none_in_points_and_intervals_alike():
+    y = np.array([0] * 18 + [1, 1])
+    s = np.array([0.1] * 18 + [0.9, 0.2])  # one of the two positives found, no false positives
+    probs = np.stack([1 - s, s], axis=1)
+    ci = B.metrics_with_ci(y, probs, NAMES2, positive_index=1, threshold=0.5, n_boot=300, seed=0)
+    # per-class precision of the positive class is the PPV: same value, same interval
+    assert (ci["per_class_precision"]["fracture"]["low"], ci["per_class_precision"]["fracture"]["high"]) == \
+        (ci["ppv"]["low"], ci["ppv"]["high"]) == (1.0, 1.0)
+    none_predicted = M.threshold_metrics(y, s, 0.95)
+    assert none_predicted["ppv"] is None and none_predicted["sensitivity"] == 0.0
+    no_positives = M.classification_metrics(np.zeros(5, int), np.full((5, 2), 0.5), NAMES2, 1, 0.5)
+    assert no_positives["sensitivity"] is None and no_positives["per_class"]["fracture"]["recall"] is None
+    json.dumps(no_positives, allow_nan=False)
+
+
+def test_youden_ties_go_to_the_highest_threshold():
+    # J = 1/3 at t = 0.9 (tpr 1/3, fpr 0) and at t = 0.5 (tpr 1, fpr 2/3): rounding differs, the rule must not
+    assert M.youden_threshold([1, 0, 0, 1, 1, 0], [0.9, 0.8, 0.7, 0.6, 0.5, 0.1]) == pytest.approx(0.9)
 
 
 def test_metrics_with_ci_multiclass():

@@ -122,7 +122,7 @@ def fit_ensemble(ens: Ensemble, val_rows: pd.DataFrame, cache_dir: Path) -> dict
     member_probs = [predict_manifest(m, val_rows, cache_dir) for m in ens.members]
     weights = metrics.fit_ensemble_weights(member_probs, y)
     mixed = metrics.average_probs(member_probs, weights)
-    out = {"weights": [round(float(w), 6) for w in weights], "threshold": None, "operating_points": None,
+    out = {"weights": [float(w) for w in weights], "threshold": None, "operating_points": None,
            "val_n": int(len(y)),
            "val_member_log_loss": [float(metrics.per_sample_loss(y, p).mean()) for p in member_probs],
            "val_ensemble_log_loss": float(metrics.per_sample_loss(y, mixed).mean())}

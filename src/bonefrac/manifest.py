@@ -107,6 +107,11 @@ def load_manifest(path) -> pd.DataFrame:
         raise BonefracError(f"manifest {path}: unknown split value(s) {bad}; expected {list(SPLITS)}")
     base = path.resolve().parent
     frame["path"] = [str(p if Path(p).is_absolute() else (base / p).resolve()) for p in frame["path"]]
+    no_group = frame["group"].isna() | (frame["group"].str.strip() == "")
+    if no_group.any():  # never let blank cells become one shared "nan" group
+        log.warning("manifest %s: %d row(s) without a group; each is treated as its own group",
+                    path, int(no_group.sum()))
+        frame.loc[no_group, "group"] = "ungrouped:" + frame.loc[no_group, "path"]
     return frame
 
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from scipy import optimize, special, stats
-from sklearn.metrics import confusion_matrix, log_loss, precision_recall_fscore_support, roc_auc_score, roc_curve
+from sklearn.metrics import confusion_matrix, log_loss, roc_auc_score, roc_curve
 
 from bonefrac.errors import ConfigError
 
@@ -39,8 +39,8 @@ def check_inputs(y, probs, n_classes: int | None = None):
     return y, probs
 
 
-def _div(a, b) -> float:
-    return float(a) / float(b) if b else 0.0
+def _div(a, b) -> float | None:
+    return float(a) / float(b) if b else None
 
 
 def json_number(x):
@@ -123,25 +123,37 @@ def classification_metrics(y, probs, class_names: Sequence[str], positive_index:
         pred = binary_predict(probs, pos, threshold)
     else:
         pred = probs.argmax(axis=1)
-    labels = np.arange(k)
-    cm = confusion_matrix(y, pred, labels=labels)
-    p, r, f, s = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    cm = confusion_matrix(y, pred, labels=np.arange(k))
+    per = {key: v[0] for key, v in cm_metrics(cm[None], None).items()}
+    support = cm.sum(axis=1)
     out = {
         "n": int(len(y)),
         "accuracy": _div(np.trace(cm), cm.sum()),
-        "balanced_accuracy": float(np.mean(r[s > 0])) if s.sum() else 0.0,
+        "balanced_accuracy": json_number(per["balanced_accuracy"]) if support.sum() else None,
         "auroc": _auroc(y, probs, pos),
-        "per_class": {n: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
-                          "support": int(s[i])} for i, n in enumerate(names)},
+        "per_class": {n: {"precision": json_number(per["precision"][i]), "recall": json_number(per["recall"][i]),
+                          "f1": json_number(per["f1"][i]), "support": int(support[i])} for i, n in enumerate(names)},
         "confusion_matrix": cm.astype(int).tolist(),
         "class_names": names,
+        **_averages(per, support),
     }
-    for avg in ("macro", "weighted"):
-        pa, ra, fa, _ = precision_recall_fscore_support(y, pred, labels=labels, average=avg, zero_division=0)
-        out[f"{avg}_avg"] = {"precision": float(pa), "recall": float(ra), "f1": float(fa)}
     if k == 2:
         out.update(threshold_metrics(y == pos, probs[:, pos], threshold))
         out["positive_class"] = names[pos]
+    return out
+
+
+def _averages(per: dict, support) -> dict:
+    """macro_avg and weighted_avg of per-class precision/recall/F1 over the classes present in the set (a class
+    absent from it has nothing to recall; a present class never predicted counts precision 0)."""
+    present = support > 0
+    out = {}
+    for avg, weights in (("macro", present.astype(float)), ("weighted", support.astype(float))):
+        if not present.any():
+            out[f"{avg}_avg"] = {"precision": None, "recall": None, "f1": None}
+            continue
+        out[f"{avg}_avg"] = {key: float(np.average(np.nan_to_num(per[key][present]), weights=weights[present]))
+                             for key in ("precision", "recall", "f1")}
     return out
 
 
@@ -179,20 +191,22 @@ def confusion_batch(y, pred, k: int, weights) -> np.ndarray:
 def cm_metrics(cm, pos: int | None) -> dict:
     """Vectorised metrics from (B, K, K) confusion matrices.
 
-    Recall, sensitivity, specificity, ppv and npv are NaN when undefined (empty denominator) so that the
-    bootstrap skips those resamples; per-class precision and F1 follow scikit-learn (0.0 when undefined).
+    Every metric is NaN when undefined (empty denominator) so that the bootstrap skips those resamples:
+    precision when nothing is predicted as the class, recall without support, F1 with neither. Macro-F1 and
+    balanced accuracy average over the classes present (support > 0).
     """
     with np.errstate(invalid="ignore", divide="ignore"):
         tp = np.diagonal(cm, axis1=1, axis2=2)
         support, predicted = cm.sum(axis=2), cm.sum(axis=1)
-        recall = np.where(support > 0, tp / support, np.nan)
-        precision = np.where(predicted > 0, tp / predicted, 0.0)
-        f1_den = support + predicted
-        f1 = np.where(f1_den > 0, 2 * tp / f1_den, 0.0)
         present = support > 0
+        recall = np.where(present, tp / support, np.nan)
+        precision = np.where(predicted > 0, tp / predicted, np.nan)
+        f1_den = support + predicted
+        f1 = np.where(f1_den > 0, 2 * tp / f1_den, np.nan)
         out = {"accuracy": tp.sum(1) / cm.sum((1, 2)),
                "balanced_accuracy": np.nansum(recall, axis=1) / present.sum(1),
-               "macro_f1": f1.mean(1), "recall": recall, "precision": precision, "f1": f1}
+               "macro_f1": np.nansum(np.where(present, f1, 0.0), axis=1) / present.sum(1),
+               "recall": recall, "precision": precision, "f1": f1}
         if pos is not None:
             neg = 1 - pos
             t_p, f_n, f_p, t_n = cm[:, pos, pos], cm[:, pos, neg], cm[:, neg, pos], cm[:, neg, neg]
@@ -224,7 +238,8 @@ def youden_threshold(y_bin, scores) -> float:
 
     The threshold is an observed score; ties go to the highest threshold. 0.5 if a class is absent.
     """
-    return _roc_pick(y_bin, scores, lambda fpr, tpr: np.argmax(tpr - fpr))
+    # A tolerance, because equal J values computed from different fractions can differ in the last bit.
+    return _roc_pick(y_bin, scores, lambda fpr, tpr: np.flatnonzero(tpr - fpr >= np.max(tpr - fpr) - 1e-12)[0])
 
 
 def threshold_for_sensitivity(y_bin, scores, target: float = 0.95) -> float:
@@ -247,7 +262,8 @@ def operating_points(y_bin, scores, sensitivity_target: float = 0.95, specificit
 
 
 def threshold_metrics(y_bin, scores, t: float) -> dict:
-    """{sensitivity, specificity, ppv, npv, threshold} when predicting positive for score >= t."""
+    """{sensitivity, specificity, ppv, npv, threshold} when predicting positive for score >= t; a value whose
+    denominator is empty (e.g. ppv when nothing is predicted positive) is None."""
     y_bin = np.asarray(y_bin).astype(bool).ravel()
     pred = np.asarray(scores, dtype=float).ravel() >= t
     tp, fn = int(np.sum(pred & y_bin)), int(np.sum(~pred & y_bin))

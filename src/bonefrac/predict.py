@@ -167,6 +167,9 @@ def default_model_path() -> Path:
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
+    # float64 like metrics.softmax, which chose the thresholds: a float32 copy of a score that equals the
+    # threshold could land just below it.
+    logits = np.asarray(logits, dtype=np.float64)
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)

@@ -96,8 +96,10 @@ def plot_confusion_matrix(cm, class_names: Sequence[str], path, normalize: bool 
 def _mark_points(ax, y_bin, scores, operating_points, kind: str):
     for name, t in (operating_points or {}).items():
         m = M.threshold_metrics(y_bin, scores, t)
-        x, yv = (1 - m["specificity"], m["sensitivity"]) if kind == "roc" else (m["sensitivity"], m["ppv"])
-        ax.plot([x], [yv], "o", ms=7, label=f"{name} (t={t:.3f})")
+        x, yv = (m["specificity"], m["sensitivity"]) if kind == "roc" else (m["sensitivity"], m["ppv"])
+        if x is None or yv is None:  # e.g. ppv when the threshold predicts nothing positive
+            continue
+        ax.plot([1 - x if kind == "roc" else x], [yv], "o", ms=7, label=f"{name} (t={t:.3f})")
 
 
 def _curves(y, probs, class_names, positive_index):
