@@ -170,6 +170,48 @@ def test_dicom_sniffed_from_content_and_without_suffix(tmp_path):
     assert decode_image(path.read_bytes(), "upload.png")[0, -1] == 255
 
 
+def test_folder_scan_finds_suffixless_dicom_and_skips_hidden_files(tmp_path):
+    from bonefrac.io import image_files
+
+    (tmp_path / "SE1").mkdir()
+    write_dicom(tmp_path / "SE1" / "IM0001", _two_tone())
+    save(pattern(0), tmp_path / "b.png")
+    (tmp_path / "._b.png").write_bytes(b"\0\5\x16\7 macOS resource fork")
+    (tmp_path / "notes").write_text("not an image")
+    assert [p.relative_to(tmp_path).as_posix() for p in image_files(tmp_path)] == ["SE1/IM0001", "b.png"]
+
+
+def test_dicom_unusable_window_warning_names_the_file(tmp_path, caplog):
+    path = write_dicom(tmp_path / "w0.dcm", _two_tone().astype(np.uint16), WindowCenter=100, WindowWidth=0)
+    with caplog.at_level("WARNING"):
+        read_image(path)
+    assert "w0.dcm" in caplog.text and "VOI LUT/window" in caplog.text
+
+
+def test_colour_ybr_dicom_is_converted_to_grey_once(tmp_path):
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.pixels import convert_color_space
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    rgb = np.zeros((4, 6, 3), np.uint8)
+    rgb[:, :3] = (200, 40, 40)
+    rgb[:, 3:] = (30, 160, 220)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PlanarConfiguration = 4, 6, 3, 0
+    ds.PhotometricInterpretation = "YBR_FULL"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = convert_color_space(rgb, "RGB", "YBR_FULL").tobytes()
+    ds.set_original_encoding(False, True)
+    ds.save_as(tmp_path / "ybr.dcm", enforce_file_format=True)
+    expected = np.asarray(Image.fromarray(rgb).convert("L"), dtype=int)
+    assert np.abs(read_image(tmp_path / "ybr.dcm").astype(int) - expected).max() <= 2
+
+
 def test_dicom_without_preamble_by_suffix(tmp_path):
     path = write_dicom(tmp_path / "raw.dcm", _two_tone(), preamble=False)
     assert path.read_bytes()[128:132] != b"DICM"

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from .backends import INPUT_NAME, META_KEY, OUTPUT_NAME, load_backend
 from .errors import BonefracError, ImageReadError
-from .io import IMAGE_EXTENSIONS, read_image
+from .io import image_files, read_image
 from .predict import ENSEMBLE_FILE, Ensemble, load_predictor
 from .transforms import resize_batch
 
@@ -200,8 +200,7 @@ def _image_files(images) -> list[Path]:
     items = [images] if isinstance(images, (str, Path)) else list(images)
     files = []
     for item in map(Path, items):
-        files.extend(sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-                     if item.is_dir() else [item])
+        files.extend(image_files(item) if item.is_dir() else [item])
     if not files:
         raise BonefracError(f"no image files in {images}")
     return files

@@ -41,6 +41,26 @@ def is_dicom_bytes(data: bytes) -> bool:
     return len(data) >= 132 and data[128:132] == b"DICM"
 
 
+def looks_like_image(file: Path) -> bool:
+    """True for a file with an image suffix, or a suffix-less file that starts like DICOM (PACS exports name
+    their files IM0001 and the like)."""
+    if file.suffix.lower() in IMAGE_EXTENSIONS:
+        return True
+    if file.suffix:
+        return False
+    try:
+        with open(file, "rb") as handle:
+            return is_dicom_bytes(handle.read(132))
+    except OSError:
+        return False
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Every image or DICOM file below `folder`, sorted; hidden files (".x", e.g. macOS "._x.png") skipped."""
+    return sorted(f for f in Path(folder).rglob("*")
+                  if f.is_file() and not f.name.startswith(".") and looks_like_image(f))
+
+
 def read_image(path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Read an image file as a 2-D uint8 grayscale array (bone bright).
 
@@ -233,7 +253,7 @@ def _decode_dicom(data: bytes, name: str, max_pixels: int) -> np.ndarray:
     _check_size(cols, rows, name, max_pixels)
     try:
         arr = _dicom_first_frame(ds, rows * cols, name, max_pixels)
-        return _dicom_to_gray(arr, ds)
+        return _dicom_to_gray(arr, ds, name)
     except ImageReadError:
         raise
     except Exception as exc:
@@ -250,10 +270,11 @@ def _dicom_first_frame(ds, frame_pixels: int, name: str, max_pixels: int) -> np.
             raise ImageReadError(name, f"DICOM with {n_frames} frames is over the {max_pixels:,} pixel limit")
         arr = ds.pixel_array
         return arr[0] if n_frames > 1 else arr
-    return pixel_array(ds, index=0 if n_frames > 1 else None)
+    # as_rgb=False: pydicom 3 would convert YBR to RGB itself, and _dicom_to_gray converts once for both versions.
+    return pixel_array(ds, index=0 if n_frames > 1 else None, as_rgb=False)
 
 
-def _dicom_to_gray(arr: np.ndarray, ds) -> np.ndarray:
+def _dicom_to_gray(arr: np.ndarray, ds, name: str) -> np.ndarray:
     apply_modality_lut, apply_voi_lut, convert_color_space = _dicom_luts()
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if arr.ndim == 3:  # colour DICOM (e.g. a secondary capture): no LUTs, just luma
@@ -263,7 +284,7 @@ def _dicom_to_gray(arr: np.ndarray, ds) -> np.ndarray:
                                            if arr.dtype.kind in "ui" else 1.0), mode="RGB")
         return np.asarray(rgb.convert("L"), dtype=np.uint8).copy()
     values = apply_modality_lut(arr, ds)
-    out = _apply_voi(values, ds, apply_voi_lut)
+    out = _apply_voi(values, ds, apply_voi_lut, name)
     if out is None:
         out = _scale_percentile(np.asarray(values, dtype=np.float64))
     if photometric == "MONOCHROME1":  # MONOCHROME1 stores bone dark; the contract wants bone bright
@@ -271,7 +292,7 @@ def _dicom_to_gray(arr: np.ndarray, ds) -> np.ndarray:
     return out
 
 
-def _apply_voi(values: np.ndarray, ds, apply_voi_lut) -> np.ndarray | None:
+def _apply_voi(values: np.ndarray, ds, apply_voi_lut, name: str) -> np.ndarray | None:
     """The file's VOI LUT or window scaled to 0..255, or None when the file has none (or a broken one)."""
     has_lut = bool(ds.get("VOILUTSequence"))
     has_window = ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None
@@ -288,7 +309,7 @@ def _apply_voi(values: np.ndarray, ds, apply_voi_lut) -> np.ndarray | None:
         out = np.asarray(apply_voi_lut(values, ds, index=0), dtype=np.float64)
         ends = np.asarray(apply_voi_lut(probe, ds, index=0), dtype=np.float64)
     except Exception as exc:  # e.g. a window width of 0 or a malformed LUT: the percentile window still works
-        log.warning("ignoring unusable VOI LUT/window in DICOM: %s", exc)
+        log.warning("%s: ignoring unusable VOI LUT/window in DICOM: %s", name, exc)
         return None
     lo, hi = float(ends.min()), float(ends.max())
     if hi <= lo:

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from bonefrac.dedup import (NEAR_DUP_THRESHOLD, crossing_groups, dihedral_phash, duplicate_pairs,  # noqa: F401
                             group_ids, near_duplicate_pairs)
 from bonefrac.errors import BonefracError, ImageReadError
-from bonefrac.io import IMAGE_EXTENSIONS, decode_image, is_dicom_bytes
+from bonefrac.io import IMAGE_EXTENSIONS, decode_image, looks_like_image
 
 log = logging.getLogger(__name__)
 
@@ -237,20 +237,11 @@ def _scan_classes(root: Path, split, rejected: list) -> list:
         for file in sorted(class_dir.rglob("*")):
             if file.name.startswith(".") or not file.is_file():
                 continue
-            if _looks_like_image(file):
+            if looks_like_image(file):
                 records.append((str(file.resolve()), class_dir.name, split))
             else:
                 rejected.append({"path": str(file.resolve()), "reason": f"not an image file type ({file.suffix})"})
     return records
-
-
-def _looks_like_image(file: Path) -> bool:
-    if file.suffix.lower() in IMAGE_EXTENSIONS:
-        return True
-    if file.suffix:
-        return False
-    with open(file, "rb") as handle:  # extension-less files are common for DICOM
-        return is_dicom_bytes(handle.read(132))
 
 
 def _stray_images(folder: Path) -> list:

@@ -21,7 +21,7 @@ import torch
 from . import checkpoint
 from .data import progress_bar
 from .errors import BonefracError, ImageReadError
-from .io import IMAGE_EXTENSIONS, read_image
+from .io import image_files, read_image
 from .transforms import hflip, normalize, resize_batch, to_unit
 
 log = logging.getLogger(__name__)
@@ -181,7 +181,7 @@ def expand_paths(inputs: list[str]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            found = image_files(path)
             if not found:
                 log.warning("%s: folder holds no image files", path)
             out.extend(found)
