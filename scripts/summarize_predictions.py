@@ -29,7 +29,7 @@ def main() -> None:
     truth = pd.read_csv(args.labels)
     truth = dict(zip(truth.iloc[:, 0].map(lambda s: Path(s).name), truth[args.label_col].astype(int)))
     rows = [json.loads(line) for line in Path(args.predictions).read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if "error" not in r and Path(r["path"]).name in truth]
+    rows = [r for r in rows if r.get("status", "ok") == "ok" and "prediction" in r and Path(r["path"]).name in truth]
     y = [truth[Path(r["path"]).name] for r in rows]
     probs = [[r["probabilities"][c] for c in names] for r in rows]
     pred = [names.index(r["prediction"]) for r in rows]

@@ -1,5 +1,6 @@
 """End to end on the embedded sample: prepare -> train -> evaluate -> predict, resume, and bad input."""
 
+import contextlib
 import json
 import re
 import shutil
@@ -8,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from bonefrac import checkpoint
 from bonefrac.cli import main
@@ -72,19 +74,43 @@ def test_predict_reports_bad_files_and_keeps_going(run, tmp_path, capsys):
     for src in sorted((SAMPLE / "images").glob("*.webp"))[:3]:
         shutil.copy(src, images / src.name)
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    Image.fromarray(np.full((64, 64), 255, np.uint8)).save(images / "blank.png")  # readable, not an X-ray
     assert main(["predict", "--model", str(run / "best"), str(images), str(tmp_path / "missing.jpg")]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert len(rows) == 5
-    errors = {Path(r["path"]).name: r["error"] for r in rows if "error" in r}
+    assert len(rows) == 6 and [Path(r["path"]).name for r in rows][-1] == "missing.jpg"  # input order
+    errors = {Path(r["path"]).name: r["error"] for r in rows if r["status"] == "error"}
     assert set(errors) == {"broken.png", "missing.jpg"}
-    good = [r for r in rows if "error" not in r]
+    refused = [r for r in rows if r["status"] == "not_xray"]
+    assert [Path(r["path"]).name for r in refused] == ["blank.png"] and "not an X-ray" in refused[0]["message"]
+    assert "prediction" not in refused[0] and refused[0]["refer"] is True
+    good = [r for r in rows if r["status"] == "ok"]
+    assert len(good) == 3
     for r in good:
-        assert r["prediction"] in ("no_fracture", "fracture")
+        assert r["prediction"] in ("no_fracture", "fracture") and isinstance(r["refer"], bool)
         assert abs(sum(r["probabilities"].values()) - 1) < 1e-4
         assert r["confidence"] == r["probabilities"][r["prediction"]]  # the threshold decides, not the argmax
     assert main(["predict", "--model", str(run / "best"), "--format", "csv", str(images)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].startswith("path,prediction,confidence,p_no_fracture,p_fracture") and len(lines) == 5
+    assert lines[0].startswith("path,status,prediction,confidence,refer,p_no_fracture,p_fracture") and len(lines) == 6
+    assert main(["predict", "--model", str(run / "best"), "--no-xray-check", str(images / "blank.png")]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "ok"
+
+
+def test_predict_fails_when_nothing_could_be_predicted(run, tmp_path, capsys, caplog):
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    assert main(["predict", "--model", str(run / "best"), str(tmp_path / "broken.png")]) == 2
+    assert "no prediction made" in caplog.text and "Traceback" not in caplog.text
+    for argv in (["--batch-size", "0"], ["--device", "gpu"]):
+        with pytest.raises(SystemExit) if argv[0] == "--batch-size" else contextlib.nullcontext():
+            code = main(["predict", "--model", str(run / "best"), *argv, str(SAMPLE / "images")])
+            assert code == 2 and "unknown device 'gpu'" in caplog.text
+
+
+def test_predict_with_an_exported_file_as_default_model_says_what_is_needed(tmp_path, monkeypatch, caplog):
+    (tmp_path / "m.onnx").write_bytes(b"onnx")
+    monkeypatch.setenv("BONEFRAC_MODEL", str(tmp_path / "m.onnx"))
+    assert main(["predict", str(SAMPLE / "images")]) == 2
+    assert "checkpoint or ensemble directory" in caplog.text
 
 
 def test_flip_depthwise_grad_switch_reaches_the_model(manifest, tmp_path, caplog):

@@ -56,23 +56,36 @@ def _predict(args) -> None:
     if not args.paths:
         raise BonefracError("name at least one image file or folder to predict")
     predictor = load_predictor(args.model, args.device, args.tta, args.batch_size)
-    rows = predict_files(predictor, args.paths, args.batch_size)
-    if args.format == "csv":
-        _write_csv(rows, predictor.class_names)
-    else:
-        for row in rows:
-            print(json.dumps(row), flush=True)
+    if args.model and len(args.model) > 1:
+        log.warning("%d checkpoints averaged with equal weights and the first one's threshold; fit weights and "
+                    "threshold on validation with `bonefrac ensemble`", len(args.model))
+    rows = predict_files(predictor, args.paths, args.batch_size, xray_check=not args.no_xray_check)
+    counts = {"ok": 0, "not_xray": 0, "error": 0}
+    write = _csv_writer(predictor.class_names) if args.format == "csv" else (lambda r: print(json.dumps(r), flush=True))
+    for row in rows:
+        counts[row["status"]] += 1
+        write(row)
+    if counts["error"] or counts["not_xray"]:
+        log.warning("%d of %d inputs got no prediction: %d unreadable, %d not an X-ray", counts["error"] +
+                    counts["not_xray"], sum(counts.values()), counts["error"], counts["not_xray"])
+    if not counts["ok"]:
+        raise BonefracError(f"no prediction made for any of the {sum(counts.values())} input(s)")
 
 
-def _write_csv(rows, class_names) -> None:
+def _csv_writer(class_names):
+    """A function writing one predict row as CSV to stdout (after the header, written now)."""
     import csv
 
     w = csv.writer(sys.stdout)
-    w.writerow(["path", "prediction", "confidence", *[f"p_{c}" for c in class_names], "error"])
-    for row in rows:
+    w.writerow(["path", "status", "prediction", "confidence", "refer", *[f"p_{c}" for c in class_names], "message"])
+
+    def write(row: dict) -> None:
         probs = row.get("probabilities", {})
-        w.writerow([row["path"], row.get("prediction", ""), row.get("confidence", ""),
-                    *[probs.get(c, "") for c in class_names], row.get("error", "")])
+        w.writerow([row["path"], row["status"], row.get("prediction", ""), row.get("confidence", ""),
+                    row.get("refer", ""), *[probs.get(c, "") for c in class_names],
+                    row.get("error") or row.get("message") or ""])
+        sys.stdout.flush()
+    return write
 
 
 def _export(args) -> None:
@@ -126,6 +139,16 @@ def _augment(args) -> None:
     log.info("manifest: %s/manifest.csv (%d copies; train %s)", args.out, report["n_copies"], report["train_after"])
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"needs a whole number of at least 1, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bonefrac", description="Bone X-ray fracture classification "
                                 "(an assistive research tool, not a diagnostic device).")
@@ -175,8 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("paths", nargs="*")
     s.add_argument("--model", action="append", help="checkpoint dir (repeatable: ensemble); default: shipped")
     s.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
-    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--batch-size", type=_positive_int, default=32)
     s.add_argument("--tta", action="store_true")
+    s.add_argument("--no-xray-check", action="store_true",
+                   help="predict every readable image, even ones that do not look like a radiograph")
     s.add_argument("--device", default="auto")
     s.set_defaults(func=_predict)
     s = sub.add_parser("export", help="export a checkpoint to ONNX (fp32/fp16/INT8) or TorchScript, parity-checked")
@@ -207,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("paths", nargs="*", help="image files or folders")
     s.add_argument("--out", required=True)
     s.add_argument("--class", dest="target_class", help="class to explain (default: the predicted one)")
-    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--batch-size", type=_positive_int, default=16)
     s.add_argument("--device", default="auto")
     s.set_defaults(func=_explain)
 

@@ -68,16 +68,25 @@ def read_image(path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     DICM preamble). Raises ImageReadError (message names ``path`` and the reason) for a missing, empty,
     truncated, corrupt or non-image file, and for images over ``max_pixels`` (checked before decoding).
     """
+    return decode_image(_read_bytes(path), str(path), max_pixels=max_pixels)
+
+
+def read_image_and_colour(path, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`read_image` plus the small RGB thumbnail of :func:`decode_image_and_colour` (None for grey
+    sources), for the not-an-X-ray check."""
+    return decode_image_and_colour(_read_bytes(path), str(path), max_pixels)
+
+
+def _read_bytes(path) -> bytes:
     path = Path(path)
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
         raise ImageReadError(path, "file not found") from None
     except IsADirectoryError:
         raise ImageReadError(path, "is a directory, not a file") from None
     except OSError as exc:
         raise ImageReadError(path, f"cannot read file: {exc.strerror or exc}") from None
-    return decode_image(data, str(path), max_pixels=max_pixels)
 
 
 def decode_image(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:

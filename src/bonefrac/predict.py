@@ -21,7 +21,7 @@ import torch
 from . import checkpoint
 from .data import progress_bar
 from .errors import BonefracError, ImageReadError
-from .io import image_files, read_image
+from .io import image_files, read_image, read_image_and_colour
 from .transforms import hflip, normalize, resize_batch, to_unit
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,10 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise BonefracError(f"device '{name}' requested but CUDA is not available")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise BonefracError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
 
 
 @torch.no_grad()
@@ -160,6 +163,9 @@ def default_model_path() -> Path:
     be a checkpoint or an ensemble directory."""
     env = os.environ.get("BONEFRAC_MODEL")
     path = Path(env) if env else Path(__file__).resolve().parents[2] / "models" / DEFAULT_MODEL_NAME
+    if env and path.is_file():
+        raise BonefracError(f"BONEFRAC_MODEL={env} is a file; this command needs a checkpoint or ensemble "
+                            "directory (exported .onnx / TorchScript files are for `bonefrac serve`)")
     if not any((path / name).is_file() for name in (checkpoint.META_FILE, ENSEMBLE_FILE)):
         raise BonefracError(f"no model named and no shipped model at {path}; pass --model CKPT "
                             "or set BONEFRAC_MODEL")
@@ -197,22 +203,44 @@ def _safe_read(path: Path):
         return None, exc.reason
 
 
-def predict_files(predictor, inputs: list[str], batch_size: int = 32):
-    """Yield one dict per file: probabilities, prediction, confidence; or an `error` naming the problem."""
+def predict_files(predictor, inputs: list[str], batch_size: int = 32, xray_check: bool = True,
+                  refer_margin: float = 0.15):
+    """Yield one dict per file, in input order, with a `status`:
+    "ok": prediction, confidence, probabilities and `refer` (probability close to the threshold: review it);
+    "not_xray": the image fails the radiograph check (a photo, document, blank or noise), `message` says why,
+    and no prediction is given; "error": `error` names the problem (unreadable, missing, too large)."""
+    from .backends import needs_review  # backends imports this module
+
     paths = expand_paths(inputs)
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         for start in range(0, len(paths), batch_size):
             chunk = paths[start:start + batch_size]
-            decoded = list(pool.map(_safe_read, chunk))
-            good = [(p, img) for p, (img, err) in zip(chunk, decoded) if err is None]
-            probs = predictor.predict_arrays([img for _, img in good]) if good else np.zeros((0, 0))
-            labels = decide(probs, predictor.positive_index, predictor.threshold) if good else []
-            results = {str(p): (row, lab) for (p, _), row, lab in zip(good, probs, labels)}
-            for p, (_, err) in zip(chunk, decoded):
-                if err is not None:
-                    yield {"path": str(p), "error": err}
+            read = list(pool.map(lambda p: _read_checked(p, xray_check), chunk))
+            good = [img for img, problem in read if problem is None]
+            probs = predictor.predict_arrays(good) if good else np.zeros((0, len(predictor.class_names)))
+            labels = iter(decide(probs, predictor.positive_index, predictor.threshold))
+            refer = iter(needs_review(probs, predictor.positive_index, predictor.threshold, refer_margin))
+            rows = iter(probs)
+            for path, (_, problem) in zip(chunk, read):
+                if problem is not None:
+                    yield {"path": str(path), **problem}
                     continue
-                row, lab = results[str(p)]
-                yield {"path": str(p), "prediction": predictor.class_names[lab],
-                       "confidence": round(float(row[lab]), 6),
+                row, lab = next(rows), int(next(labels))
+                yield {"path": str(path), "status": "ok", "prediction": predictor.class_names[lab],
+                       "confidence": round(float(row[lab]), 6), "refer": bool(next(refer)),
                        "probabilities": {c: round(float(v), 6) for c, v in zip(predictor.class_names, row)}}
+
+
+def _read_checked(path: Path, xray_check: bool):
+    """(grey image, None), or (None, the row fields saying why there is no prediction)."""
+    from .backends import check_radiograph, colourfulness
+
+    try:
+        gray, thumb = read_image_and_colour(path)
+    except ImageReadError as exc:
+        return None, {"status": "error", "error": exc.reason}
+    if xray_check:
+        check = check_radiograph(gray, colourfulness(thumb) if thumb is not None else 0.0)
+        if not check.ok:
+            return None, {"status": "not_xray", "refer": True, "message": check.reason}
+    return gray, None
