@@ -355,3 +355,63 @@ def test_shipped_model_int8_meets_the_default_tolerance(manifest, tmp_path):
     report = export(shipped, tmp_path / "shipped_int8.onnx", manifest=manifest, int8=True, n_calib=64)
     assert report["parity"]["tolerance"] == DEFAULT_TOLERANCE["int8"] == 0.15
     assert report["parity"]["n_images"] >= 10 and report["parity"]["max_abs_prob_diff"] <= 0.15
+
+
+# --- files, inputs and the report -------------------------------------------------------------------------
+
+
+def test_failed_export_keeps_the_previous_export_and_its_sidecar(ckpt, tmp_path):
+    for out in (tmp_path / "x.onnx", tmp_path / "x.pt"):
+        fmt = "onnx" if out.suffix == ".onnx" else "torchscript"
+        export(ckpt, out, fmt=fmt, images=SAMPLE / "images", n_parity=4)
+        sidecar = Path(str(out) + ".json")
+        before = out.read_bytes(), sidecar.read_text()
+        with pytest.raises(BonefracError, match="parity check FAILED"):
+            export(ckpt, out, fmt=fmt, images=SAMPLE / "images", n_parity=4, tolerance=-1.0,
+                   fp16=fmt == "onnx")
+        assert (out.read_bytes(), sidecar.read_text()) == before  # the old model and its report, intact
+        assert json.loads(sidecar.read_text())["export"]["variant"] == "fp32"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.onnx", "x.onnx.json", "x.pt", "x.pt.json"]
+
+
+def test_export_to_a_directory_fails_before_exporting(ckpt, tmp_path):
+    # No images given: the old code only got as far as "needs real images"; the --out check comes first.
+    with pytest.raises(BonefracError, match=f"{tmp_path}.*is a directory"):
+        export(ckpt, tmp_path)
+
+
+def test_unreadable_manifest_is_a_clear_error(ckpt, tmp_path):
+    empty, binary = tmp_path / "empty.csv", tmp_path / "binary.csv"
+    empty.write_bytes(b"")
+    binary.write_bytes(b"path,label,split\n\xff\xfe\x00\x81,fracture,val\n")
+    for path in (empty, binary):
+        with pytest.raises(BonefracError, match=f"cannot read CSV {path}"):
+            export(ckpt, tmp_path / "m.onnx", manifest=path)
+
+
+def test_manifest_labels_must_be_classes_of_the_model(ckpt, manifest, tmp_path):
+    rows = pd.read_csv(manifest)
+    rows["label"] = np.where(rows.label == "fracture", "b", "a")
+    wrong = tmp_path / "wrong.csv"
+    rows.to_csv(wrong, index=False)
+    with pytest.raises(BonefracError, match=r"wrong\.csv.*\['a', 'b'\].*no_fracture"):
+        export(ckpt, tmp_path / "m.onnx", manifest=wrong)
+
+
+def test_parity_difference_is_recorded_with_significant_digits(tmp_path, monkeypatch):
+    import bonefrac.export as ex
+
+    ref = np.array([[0.3, 0.7], [0.9, 0.1]])
+
+    class Fixed:
+        def __init__(self, probs):
+            self.probs = probs
+
+        def predict_arrays(self, images):
+            return self.probs
+
+    monkeypatch.setattr(ex, "load_backend", lambda path, device: Fixed(ref + [[4.84e-7, -4.84e-7], [0, 0]]))
+    out = tmp_path / "m.onnx"
+    out.write_bytes(b"x")
+    result = ex._verify(Fixed(ref), out, [None, None], None, {"positive_index": 1}, None, "fp32")
+    assert result["parity"]["max_abs_prob_diff"] == pytest.approx(4.84e-7, rel=1e-3)  # not rounded to 0.0

@@ -34,6 +34,7 @@ import datetime as _dt
 import json
 import logging
 import os
+import secrets
 import tempfile
 from pathlib import Path
 
@@ -120,7 +121,8 @@ def _deployable(source, ckpt) -> tuple[torch.nn.Module, dict]:
 def export(ckpt, out, fmt: str = "onnx", int8: bool = False, fp16: bool = False, manifest=None,
            images=None, tolerance: float | None = None, n_calib: int = 64, n_parity: int = 64,
            int8_float_convs: int = INT8_FLOAT_CONVS) -> dict:
-    """Write the exported model to `out` and return its report; raises BonefracError when parity fails.
+    """Write the exported model to `out` (and its report to `out`.json) and return the report; raises
+    BonefracError when parity fails, leaving any earlier `out` and its sidecar untouched.
 
     `manifest` (train split calibrates INT8, val split checks parity and the metric change) or `images` (a
     folder or list of image files, used for both) must name real images. `int8_float_convs`: how many
@@ -129,25 +131,52 @@ def export(ckpt, out, fmt: str = "onnx", int8: bool = False, fp16: bool = False,
     fmt, variant = _check_options(fmt, int8, fp16)
     if int(int8_float_convs) < 0:
         raise BonefracError(f"int8_float_convs must be >= 0, got {int8_float_convs}")
+    out = _check_out(out)  # before the slow part: a bad --out must not cost a whole export
     source = load_predictor([ckpt], "cpu")  # a Predictor, or an Ensemble for an ensemble directory
     wrapped, meta = _deployable(source, ckpt)
     calib, parity, labels = _reference_images(manifest, images, meta, n_calib, n_parity)
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {"format": fmt, "variant": variant, "opset": OPSET if fmt == "onnx" else None,
               "source": str(ckpt), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    with tempfile.TemporaryDirectory() as tmp:
-        if fmt == "torchscript":
-            _write_torchscript(wrapped, meta, out, report)
-        else:
-            fp32_path = Path(tmp) / "fp32.onnx"
-            _write_onnx(wrapped, int(meta["preprocess"]["size"]), fp32_path)
-            final = _convert(fp32_path, variant, calib, int(meta["preprocess"]["size"]), Path(tmp),
-                             int(int8_float_convs), report)
-            _store_onnx_meta(final, out, meta, report)
-    report.update(_verify(source, out, parity, labels, meta, tolerance, variant))
-    _store_final_report(out, fmt, meta, report)
+    # Built and checked under a temporary name beside `out` (same file system, so os.replace is atomic): a
+    # failed export must not destroy a previous good one, nor leave a sidecar describing another model.
+    staged = out.with_name(f".{out.stem}.{os.getpid()}-{secrets.token_hex(4)}.partial{out.suffix}")
+    staged_sidecar = _sidecar(staged)
+    try:
+        _write_model(wrapped, meta, fmt, variant, calib, int(int8_float_convs), staged, report)
+        report.update(_verify(source, staged, parity, labels, meta, tolerance, variant))
+        _store_final_report(staged, fmt, meta, report)
+        os.replace(staged, out)
+        os.replace(staged_sidecar, _sidecar(out))
+    finally:
+        staged.unlink(missing_ok=True)
+        staged_sidecar.unlink(missing_ok=True)
+    log.info("exported %s (%s, %.1f MB); report in %s", out, variant, report["size_bytes"] / 1e6, _sidecar(out))
     return report
+
+
+def _check_out(out) -> Path:
+    out = Path(out)
+    if out.is_dir():
+        raise BonefracError(f"--out {out} is a directory; give a file name such as {out / 'model.onnx'}")
+    return out
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def _write_model(wrapped, meta: dict, fmt: str, variant: str, calib, float_convs: int, out: Path,
+                 report: dict) -> None:
+    if fmt == "torchscript":
+        _write_torchscript(wrapped, meta, out, report)
+        return
+    size = int(meta["preprocess"]["size"])
+    with tempfile.TemporaryDirectory() as tmp:  # intermediate graphs (fp32, pre-processed, quantized)
+        fp32_path = Path(tmp) / "fp32.onnx"
+        _write_onnx(wrapped, size, fp32_path)
+        final = _convert(fp32_path, variant, calib, size, Path(tmp), float_convs, report)
+        _store_onnx_meta(final, out, meta, report)
 
 
 def _check_options(fmt: str, int8: bool, fp16: bool) -> tuple[str, str]:
@@ -173,10 +202,14 @@ def _reference_images(manifest, images, meta, n_calib: int, n_parity: int):
         train, val = rows[rows.split == "train"], rows[rows.split == "val"]
         if val.empty or train.empty:
             raise BonefracError(f"{manifest}: needs non-empty train and val splits for export")
+        names = [str(n) for n in meta["class_names"]]
+        unknown = sorted(set(rows.label) - set(names))
+        if unknown:  # checked before decoding any image: a wrong manifest should fail fast
+            raise BonefracError(f"{manifest}: label(s) {unknown} are not classes of the model {names}; "
+                                "pass the manifest the model was trained on, or --images")
         calib, _ = _load(list(train.path)[:n_calib])
         parity, ok = _load(list(val.path)[:n_parity])
-        names = list(meta["class_names"])
-        labels = np.array([names.index(str(v)) for v in np.asarray(val.label)[:n_parity][ok]])
+        labels = np.array([names.index(v) for v in np.asarray(val.label)[:n_parity][ok]])
         return calib, parity, labels
     files = _image_files(images)
     loaded, _ = _load(files[:max(n_calib, n_parity)])
@@ -184,14 +217,14 @@ def _reference_images(manifest, images, meta, n_calib: int, n_parity: int):
 
 
 def _manifest_rows(manifest):
-    import pandas as pd
+    from .manifest import read_csv
 
     path = Path(manifest)
-    if not path.is_file():
-        raise BonefracError(f"{path}: manifest not found")
-    rows = pd.read_csv(path, dtype={"label": str})
+    # read_csv, not load_manifest: export needs only path, label and split (not group, sha256, ...).
+    # All text with blanks as "": labels compare as strings and a blank path is one unreadable image.
+    rows = read_csv(path, dtype=str, keep_default_na=False)
     if not {"path", "label", "split"} <= set(rows.columns):
-        raise BonefracError(f"{path}: manifest needs path, label and split columns")
+        raise BonefracError(f"{path}: manifest needs path, label and split columns; has {list(rows.columns)}")
     rows["path"] = [p if os.path.isabs(p) else str(path.parent / p) for p in rows.path]
     return rows
 
@@ -350,13 +383,13 @@ def _verify(source, out: Path, parity, labels, meta: dict, tolerance, variant: s
     diff = float(np.abs(ref - got).max())
     pos = meta.get("positive_index")
     agree = float((ref.argmax(1) == got.argmax(1)).mean())
-    result = {"parity": {"n_images": len(parity), "max_abs_prob_diff": round(diff, 6), "tolerance": tol,
+    # Significant digits, not fixed decimals: a tiny but non-zero difference must not read as 0.0.
+    result = {"parity": {"n_images": len(parity), "max_abs_prob_diff": float(f"{diff:.3g}"), "tolerance": tol,
                          "argmax_agreement": round(agree, 4)},
               "size_bytes": out.stat().st_size}
     if labels is not None:
         result["val_metric"] = _metric_change(labels, ref, got, meta["class_names"], pos)
-    if not np.isfinite(diff) or diff > tol:
-        out.unlink(missing_ok=True)
+    if not np.isfinite(diff) or diff > tol:  # the caller removes the file `out`
         raise BonefracError(f"export parity check FAILED: max |p_exported - p_torch| = {diff:.4g} > tolerance "
                             f"{tol:g} on {len(parity)} images; nothing written (raise --tolerance to accept)")
     log.info("parity ok: max prob diff %.3g <= %g on %d images", diff, tol, len(parity))
@@ -384,6 +417,4 @@ def _store_final_report(out: Path, fmt: str, meta: dict, report: dict) -> None:
         _set_onnx_meta(model, meta, {k: v for k, v in report.items() if k != "size_bytes"})
         onnx.save(model, str(out))
         report["size_bytes"] = out.stat().st_size
-    sidecar = out.with_name(out.name + ".json")
-    sidecar.write_text(json.dumps({**meta, "export": report}, indent=2, default=str))
-    log.info("exported %s (%s, %.1f MB); report in %s", out, report["variant"], report["size_bytes"] / 1e6, sidecar)
+    _sidecar(out).write_text(json.dumps({**meta, "export": report}, indent=2, default=str))
