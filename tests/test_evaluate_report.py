@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from bonefrac import checkpoint
+from bonefrac import evaluate as evaluate_mod
 from bonefrac.cli import main
 from bonefrac.errors import BonefracError
 from bonefrac.predict import Ensemble, load_predictor
@@ -50,10 +51,12 @@ def test_explain_writes_an_overlay_per_image(ckpt, tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not an image")
     out = tmp_path / "cams"
-    assert main(["explain", str(ckpt), *map(str, images), str(bad), "--out", str(out), "--class", "fracture",
+    inputs = [images[0], bad, *images[1:]]  # the bad file inside a batch of 2
+    assert main(["explain", str(ckpt), *map(str, inputs), "--out", str(out), "--class", "fracture",
                  "--batch-size", "2"]) == 0
     table = pd.read_csv(out / "explain.csv", dtype=str, keep_default_na=False)
     assert len(table) == 4 and (table.error != "").sum() == 1
+    assert [Path(p).name for p in table.path] == [p.name for p in inputs]  # input order
     good = table[table.error == ""]
     assert set(good.explained_class) == {"fracture"}
     for name, src in zip(good.heatmap, images):
@@ -63,14 +66,19 @@ def test_explain_writes_an_overlay_per_image(ckpt, tmp_path):
     assert main(["explain", str(ckpt), str(images[0]), "--out", str(out), "--class", "nonsense"]) == 2
 
 
-def test_calibrate_refits_the_temperature_on_val(ckpt, manifest, tmp_path):
+def test_calibrate_refits_the_temperature_on_val(ckpt, manifest, tmp_path, caplog):
     fitted_in_training = checkpoint.read_meta(ckpt)
     copy = tmp_path / "ckpt"
     shutil.copytree(ckpt, copy)
     meta = checkpoint.read_meta(copy)
     meta.update(temperature=7.0, threshold=None, operating_points=None)
     (copy / checkpoint.META_FILE).write_text(json.dumps(meta))
-    assert main(["calibrate", str(copy), "--manifest", str(manifest)]) == 0
+    before = (copy / checkpoint.META_FILE).read_bytes()
+    with caplog.at_level("INFO", logger="bonefrac"):
+        assert main(["calibrate", str(copy), "--manifest", str(manifest)]) == 0
+    # The replaced file is kept, byte for byte, and the log says where.
+    assert (copy / "bonefrac.json.bak").read_bytes() == before
+    assert "bonefrac.json.bak" in caplog.text
     new = checkpoint.read_meta(copy)
     # Same model, same val split: the fit made during training comes back.
     assert new["temperature"] == pytest.approx(fitted_in_training["temperature"], rel=1e-3)
@@ -78,6 +86,100 @@ def test_calibrate_refits_the_temperature_on_val(ckpt, manifest, tmp_path):
     assert set(new["operating_points"]) == {"default", "screening", "high_sensitivity", "high_specificity"}
     assert new["calibrated_on"]["split"] == "val" and new["arch"] == meta["arch"]
     assert load_predictor([str(copy)], "cpu").temperature == pytest.approx(new["temperature"])
+
+
+def _val_cut(manifest, tmp_path, n_per_class: dict) -> Path:
+    """A copy of the sample manifest whose val split keeps only the first n_per_class[label] rows of each class."""
+    df = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    df["path"] = [str(Path(manifest).parent / p) for p in df.path]  # no-op for absolute paths
+    val = df[df.split == "val"]
+    keep = pd.concat([val[val.label == c].head(n) for c, n in n_per_class.items()])
+    out = tmp_path / "cut" / "manifest.csv"
+    out.parent.mkdir()
+    pd.concat([df[df.split != "val"], keep]).to_csv(out, index=False)
+    return out
+
+
+# (val rows kept per class, MIN_VAL_IMAGES, expected problem): the reviewed case (3 images of one class), a class
+# missing under a lowered size limit (the sample's val has only 8 per class), both classes but too few images.
+UNUSABLE_VAL = [({"no_fracture": 3}, None, r"3 images, fewer than .* class\(es\) \['fracture'\]"),
+                ({"no_fracture": 8}, 4, r"val split has no images of class\(es\) \['fracture'\]"),
+                ({"no_fracture": 2, "fracture": 2}, None, "4 images, fewer than the 10 needed")]
+
+
+@pytest.mark.parametrize("n_per_class, min_images, problem", UNUSABLE_VAL)
+def test_calibrate_refuses_an_unusable_val_split(ckpt, manifest, tmp_path, monkeypatch, n_per_class, min_images,
+                                                 problem):
+    if min_images is not None:
+        monkeypatch.setattr(evaluate_mod, "MIN_VAL_IMAGES", min_images)
+    bad = _val_cut(manifest, tmp_path, n_per_class)
+    copy = shutil.copytree(ckpt, tmp_path / "ckpt")
+    before = (copy / checkpoint.META_FILE).read_bytes()
+    with pytest.raises(BonefracError, match=problem) as err:
+        evaluate_mod.calibrate(copy, bad, "cpu")
+    assert str(bad) in str(err.value)
+    assert (copy / checkpoint.META_FILE).read_bytes() == before and not (copy / "bonefrac.json.bak").exists()
+    assert main(["calibrate", str(copy), "--manifest", str(bad)]) == 2
+
+
+def test_calibrate_never_replaces_a_threshold_with_none(ckpt, manifest, tmp_path, monkeypatch):
+    import bonefrac.train as train_mod
+
+    real = train_mod.calibration_meta
+    monkeypatch.setattr(train_mod, "calibration_meta", lambda *a: {**real(*a), "threshold": None})
+    copy = shutil.copytree(ckpt, tmp_path / "ckpt")
+    before = (copy / checkpoint.META_FILE).read_bytes()
+    assert checkpoint.read_meta(copy)["threshold"] is not None
+    with pytest.raises(BonefracError, match="refusing to drop"):
+        evaluate_mod.calibrate(copy, manifest, "cpu")
+    assert (copy / checkpoint.META_FILE).read_bytes() == before
+
+
+@pytest.mark.parametrize("n_per_class, min_images, problem", UNUSABLE_VAL)
+def test_ensemble_refuses_an_unusable_val_split(ckpt, second, manifest, tmp_path, monkeypatch, n_per_class,
+                                                min_images, problem):
+    if min_images is not None:
+        monkeypatch.setattr(evaluate_mod, "MIN_VAL_IMAGES", min_images)
+    bad = _val_cut(manifest, tmp_path, n_per_class)
+    out = tmp_path / "ens"
+    with pytest.raises(BonefracError, match=problem) as err:
+        evaluate_mod.build_ensemble([str(ckpt), str(second)], bad, out, "cpu")
+    assert str(bad) in str(err.value) and not out.exists()
+
+
+def test_evaluate_uses_equal_weights_when_val_is_too_small(ckpt, second, manifest, tmp_path, caplog):
+    """Both classes but fewer than MIN_VAL_IMAGES: evaluate still runs, with a warning instead of a fit.
+    Also checks that a valid --reference still gives the domain-shift section."""
+    small = _val_cut(manifest, tmp_path, {"no_fracture": 2, "fracture": 2})
+    ref = tmp_path / "ref.json"
+    ref.write_text(json.dumps({"accuracy": 0.5, "auroc": 0.6, "scores": [0.1, 0.4, 0.9]}))
+    out = tmp_path / "eval"
+    with caplog.at_level("WARNING", logger="bonefrac"):
+        assert main(["evaluate", str(ckpt), "--model", str(second), "--manifest", str(small), "--out", str(out),
+                     "--bootstrap", "0", "--reference", str(ref)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["ensemble"] == {"weights": [0.5, 0.5], "fitted_on": None}
+    assert "fewer than" in caplog.text and "equal weights" in caplog.text
+    assert m["domain_shift"]["scores_a"]["n"] == 3 and (out / "score_shift.png").is_file()
+
+
+@pytest.mark.parametrize("content, problem", [(None, "no such file"), ("{not json", "not valid JSON"),
+                                              ("[1, 2]", "found a JSON list"),
+                                              ('{"scores": ["high", "low"]}', "not a list of numbers")])
+def test_evaluate_checks_the_reference_before_inference(ckpt, manifest, tmp_path, monkeypatch, content, problem):
+    ref = tmp_path / "ref.json"
+    if content is not None:
+        ref.write_text(content)
+
+    def no_inference(*args, **kwargs):
+        raise AssertionError("inference started before --reference was checked")
+
+    monkeypatch.setattr(evaluate_mod, "load_predictor", no_inference)
+    with pytest.raises(BonefracError, match=problem) as err:
+        evaluate_mod.evaluate([str(ckpt)], manifest, out_dir=tmp_path / "eval", n_boot=0, reference=str(ref))
+    assert str(ref) in str(err.value)
+    assert main(["evaluate", str(ckpt), "--manifest", str(manifest), "--out", str(tmp_path / "eval"),
+                 "--reference", str(ref)]) == 2
 
 
 def test_ensemble_directory_round_trip(ckpt, second, manifest, tmp_path):

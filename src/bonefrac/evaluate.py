@@ -6,7 +6,8 @@ operating points, calibration), `predictions.csv` (sorted by loss, worst first),
 
 Validation-only helpers live here too: `calibrate(ckpt, manifest)` re-fits a checkpoint's temperature and
 operating points, `fit_ensemble(...)` fits an ensemble's weights and threshold and `build_ensemble(...)` writes an
-ensemble directory that every command accepts as a checkpoint.
+ensemble directory that every command accepts as a checkpoint. Both refuse a val split with fewer than
+MIN_VAL_IMAGES images or without every class of the model (see `check_val_split`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ from .manifest import load_manifest
 from .predict import ENSEMBLE_FILE, Ensemble, Predictor, decide, load_predictor
 
 log = logging.getLogger(__name__)
+
+# Fewest val images that calibrate / ensemble fit on. Below it a temperature, threshold or set of weights is decided
+# by a handful of images and replaces a better fit made during training. Not higher: the embedded 100-image
+# sample leaves 16 images in val, and the demo must be able to calibrate on it.
+MIN_VAL_IMAGES = 10
 
 
 def predict_manifest(predictor, df: pd.DataFrame, cache_dir: Path) -> np.ndarray:
@@ -57,6 +63,7 @@ def evaluate(models: list[str], manifest: str | Path, split: str = "test", out_d
              positive_class: str | None = None, tta: bool = False, device: str = "auto", n_boot: int = 1000,
              reference: str | None = None, seed: int = 0) -> dict:
     """Compute and write every evaluation artefact; returns the metrics dict (also in metrics.json)."""
+    ref = _load_reference(reference) if reference else None  # before inference: a bad path must not cost a run
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     predictor = load_predictor(models, device, tta)
@@ -88,24 +95,65 @@ def evaluate(models: list[str], manifest: str | Path, split: str = "test", out_d
         y_bin = (y == pos).astype(int)
         result["operating_points"] = {k: metrics.threshold_metrics(y_bin, probs[:, pos], t)
                                       for k, t in points.items()}
-    if reference:
-        ref = json.loads(Path(reference).read_text())
-        ref_scores = np.asarray(ref.get("scores", []), dtype=float)
-        result["domain_shift"] = metrics.domain_shift_summary(ref, result, ref_scores, _scores(probs, pos))
+    if ref is not None:
+        result["domain_shift"] = metrics.domain_shift_summary(ref, result, ref["scores"], _scores(probs, pos))
     pred = decide(probs, pos, threshold)
     _write_predictions(out_dir, rows, y, probs, pred, names)
     result["scores"] = _scores(probs, pos).round(6).tolist()  # kept for later domain-shift comparisons
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
-    _write_report(out_dir, result, rows, y, probs, pred, names, pos, points, reference, predictor)
+    _write_report(out_dir, result, rows, y, probs, pred, names, pos, points, ref, predictor)
     return result
+
+
+def _load_reference(reference: str | Path) -> dict:
+    """The reference metrics.json as a dict whose "scores" is a float array (empty when the file has none);
+    BonefracError naming the file when it is missing, unreadable, not JSON or not a metrics object."""
+    path = Path(reference)
+    try:
+        ref = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BonefracError(f"--reference {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BonefracError(f"--reference {path}: cannot read it ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise BonefracError(f"--reference {path}: not valid JSON ({exc})") from None
+    if not isinstance(ref, dict):
+        raise BonefracError(f"--reference {path}: expected the metrics.json object written by `bonefrac evaluate`, "
+                            f"found a JSON {type(ref).__name__}")
+    try:
+        ref["scores"] = np.asarray(ref.get("scores", []), dtype=float)
+    except (TypeError, ValueError):
+        raise BonefracError(f"--reference {path}: \"scores\" is not a list of numbers") from None
+    return ref
+
+
+def val_problem(val: pd.DataFrame, names: list[str]) -> str | None:
+    """Why these val rows cannot be fitted on (too few images, or a class of the model missing), or None."""
+    problems = []
+    if len(val) < MIN_VAL_IMAGES:
+        problems.append(f"{len(val)} images, fewer than the {MIN_VAL_IMAGES} needed")
+    missing = [c for c in names if c not in set(val.label)]
+    if missing:  # a threshold needs both classes; a temperature fitted without a class is meaningless for it
+        problems.append(f"no images of class(es) {missing}")
+    return f"val split has {' and '.join(problems)}" if problems else None
+
+
+def check_val_split(df: pd.DataFrame, names: list[str], manifest) -> pd.DataFrame:
+    """The manifest's val rows, or BonefracError naming the manifest when they are too few to fit on."""
+    val = select_rows(df, "val", names, manifest)
+    problem = val_problem(val, names)
+    if problem:
+        raise BonefracError(f"{manifest}: {problem}; refusing to fit on it; nothing was written")
+    return val
 
 
 def _fit_loose_ensemble(ens: Ensemble, df: pd.DataFrame, names, cache_dir: Path, split: str) -> dict:
     """Several checkpoints named on the command line: weights and thresholds from this manifest's val split."""
     val = df[df.split == "val"]
-    if val.empty or val.label.nunique() < 2:
-        log.warning("no usable val split to fit ensemble weights on; using equal weights and the first "
-                    "member's thresholds")
+    problem = val_problem(val, names)
+    if problem:  # evaluating must still work on a manifest without a usable val split: fall back, loudly
+        log.warning("no usable val split to fit ensemble weights on (%s); using equal weights and the first "
+                    "member's thresholds", problem)
         return {"weights": [float(w) for w in ens.weights], "fitted_on": None}
     if split in ("val", "all"):
         log.warning("ensemble weights are fitted on the val split that is also being evaluated: optimistic")
@@ -153,7 +201,7 @@ def build_ensemble(models: list[str], manifest: str | Path, out_dir: str | Path,
     if not isinstance(ens, Ensemble) or "ensemble_dir" in ens.meta:
         raise BonefracError("name the member checkpoints themselves, not an ensemble directory")
     df = load_manifest(manifest)
-    fit = fit_ensemble(ens, select_rows(df, "val", ens.class_names, manifest), Path(manifest).parent / "cache")
+    fit = fit_ensemble(ens, check_val_split(df, ens.class_names, manifest), Path(manifest).parent / "cache")
     members = []
     for i, src in enumerate(models):
         rel = f"members/{i}_{ens.members[i].meta['arch']}"
@@ -170,7 +218,10 @@ def build_ensemble(models: list[str], manifest: str | Path, out_dir: str | Path,
 
 def calibrate(ckpt: str | Path, manifest: str | Path, device: str = "auto") -> dict:
     """Re-fit a checkpoint's temperature, threshold and operating points on the manifest's val split and
-    rewrite its JSON in place; returns the new calibration fields."""
+    rewrite its JSON in place, keeping the previous file as bonefrac.json.bak; returns the new calibration fields.
+
+    Raises BonefracError, leaving the checkpoint untouched, when the val split is unusable (`check_val_split`) or
+    the fit would replace an existing threshold with None."""
     from .train import calibration_meta
 
     ckpt = Path(ckpt)
@@ -180,17 +231,23 @@ def calibrate(ckpt: str | Path, manifest: str | Path, device: str = "auto") -> d
     meta = checkpoint.read_meta(ckpt)
     predictor = Predictor.from_checkpoint(ckpt, device)
     names = predictor.class_names
-    val = select_rows(load_manifest(manifest), "val", names, manifest)
+    val = check_val_split(load_manifest(manifest), names, manifest)
     y = val.label.map({c: i for i, c in enumerate(names)}).to_numpy()
     cache = build_cache(val.path.tolist(), val.sha256.tolist(), predictor.size, Path(manifest).parent / "cache")
     logits = predictor.logits_uint8(torch.from_numpy(np.asarray(cache))[:, None])
     monitor = (meta.get("val_metrics") or {}).get("monitor") or metrics.default_selection_metric(len(names))
     score = metrics.selection_score(monitor, y, metrics.softmax(logits))
     fitted = calibration_meta(logits, y, names, predictor.positive_index, monitor, score)
+    if fitted["threshold"] is None and meta.get("threshold") is not None:
+        raise BonefracError(f"{manifest}: the val split gave no decision threshold; refusing to drop the "
+                            f"checkpoint's threshold {meta['threshold']} (the checkpoint is left unchanged)")
     fitted["calibrated_on"] = {"manifest": str(manifest), "split": "val", "n": int(len(y))}
-    log.info("temperature %.4f -> %.4f, threshold %s -> %s", meta.get("temperature") or 1.0,
-             fitted["temperature"], meta.get("threshold"), fitted["threshold"])
-    _write_json_atomic(ckpt / checkpoint.META_FILE, {**meta, **fitted})
+    meta_file = ckpt / checkpoint.META_FILE
+    backup = meta_file.with_name(meta_file.name + ".bak")
+    shutil.copy2(meta_file, backup)  # the only copy of the training-time calibration otherwise
+    log.info("temperature %.4f -> %.4f, threshold %s -> %s; previous %s kept as %s", meta.get("temperature") or 1.0,
+             fitted["temperature"], meta.get("threshold"), fitted["threshold"], meta_file.name, backup)
+    _write_json_atomic(meta_file, {**meta, **fitted})
     return fitted
 
 
@@ -257,7 +314,7 @@ def _class_intervals(ci: dict, name: str) -> dict:
     return out
 
 
-def _write_report(out_dir, result, rows, y, probs, pred, names, pos, points, reference, predictor) -> None:
+def _write_report(out_dir, result, rows, y, probs, pred, names, pos, points, ref, predictor) -> None:
     cm = result["confusion_matrix"]
     plots = [report.plot_confusion_matrix(cm, names, out_dir / "confusion_matrix.png"),
              report.plot_roc(y, probs, names, out_dir / "roc.png", pos, points),
@@ -289,9 +346,8 @@ def _write_report(out_dir, result, rows, y, probs, pred, names, pos, points, ref
         sections.append(("Grad-CAM: where the model looked (predicted class; red = most influential)",
                          ["Most confident correct positives first, then the most confident mistakes. Heatmaps "
                           "show evidence for the predicted class, not a localisation of the fracture.", cams]))
-    if reference and "domain_shift" in result:
-        dist = report.plot_score_distributions(
-            {"reference": np.asarray(json.loads(Path(reference).read_text()).get("scores", [])),
-             "this set": _scores(probs, pos)}, out_dir / "score_shift.png")
+    if ref is not None and "domain_shift" in result:
+        dist = report.plot_score_distributions({"reference": ref["scores"], "this set": _scores(probs, pos)},
+                                               out_dir / "score_shift.png")
         sections.append(("Domain shift against the reference set", [result["domain_shift"]["metric_diff"], dist]))
     report.html_report(out_dir / "report.html", title=f"bonefrac evaluation ({result['split']})", sections=sections)

@@ -190,12 +190,13 @@ def explain_files(predictor, paths: list[str], out_dir: str | Path, target_class
     files = expand_paths(paths)
     for start in range(0, len(files), batch_size):
         decoded = [(p, *_safe_read(p)) for p in files[start:start + batch_size]]
-        good = [(p, img) for p, img, err in decoded if err is None]
-        rows += [{"path": str(p), "error": err} for p, _, err in decoded if err is not None]
-        if not good:
-            continue
-        cams, classes, probs = explain_arrays(predictor, [img for _, img in good], target, batch_size)
-        for (path, img), cam, cls, prob in zip(good, cams, classes, probs):
+        good = [img for _, img, err in decoded if err is None]
+        explained = iter(zip(*explain_arrays(predictor, good, target, batch_size))) if good else iter(())
+        for path, img, err in decoded:  # rows stay in input order
+            if err is not None:
+                rows.append({"path": str(path), "error": err})
+                continue
+            cam, cls, prob = next(explained)
             png = out_dir / _unique_name(path, used)
             Image.fromarray(overlay(img, cam)).save(png)
             rows.append({"path": str(path), "heatmap": png.name, "explained_class": names[cls],
