@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 pytest.importorskip("onnxruntime")
 
@@ -172,6 +173,10 @@ def test_real_radiographs_pass_the_xray_check():
 def test_blank_noise_and_photos_are_not_xrays():
     rng = np.random.default_rng(0)  # the "dw" conv is a full 3x3 conv here; only the graph's shape matters
     assert not check_radiograph(np.zeros((200, 200), np.uint8)).ok
+    xray = read_image(SAMPLES[0])
+    tiny = np.asarray(Image.fromarray(xray).resize((2, 2)))
+    assert "too small" in check_radiograph(tiny).reason
+    assert "shape" in check_radiograph(np.asarray(Image.fromarray(xray).resize((5000, 64)))).reason
     assert not check_radiograph(np.full((200, 200), 255, np.uint8)).ok
     assert not check_radiograph(rng.integers(0, 256, (256, 256), dtype=np.uint8)).ok
     assert "colour" in check_radiograph(read_image(SAMPLES[0]), colourfulness_value=40.0).reason
@@ -179,7 +184,6 @@ def test_blank_noise_and_photos_are_not_xrays():
 
 def test_natural_photos_are_not_xrays():
     data = pytest.importorskip("skimage.data")
-    from PIL import Image
 
     for name in ("astronaut", "coffee", "chelsea", "rocket", "camera", "page", "text", "horse", "grass"):
         img = getattr(data, name)()

@@ -157,6 +157,8 @@ class XrayLimits:
     max_colourfulness: float = 12.0   # above: a colour photo or screenshot (X-rays are grey)
     max_mean: float = 120.0           # above: a bright scene or a document (X-rays are dark on average)
     max_white_fraction: float = 0.35  # above: a white page / screenshot background
+    min_side: int = 32                # below (pixels): an icon, too small to read a fracture from
+    max_aspect: float = 10.0          # above: a strip or banner (long-leg films stay near 1:4)
 
 
 @dataclass(frozen=True)
@@ -201,7 +203,10 @@ def check_radiograph(gray: np.ndarray, colourfulness_value: float = 0.0,
                      limits: XrayLimits = XrayLimits()) -> RadiographCheck:
     """Whether a decoded image plausibly is a bone radiograph; `reason` explains a refusal in plain words."""
     stats = {**image_stats(gray), "colourfulness": round(colourfulness_value, 2)}
+    height, width = gray.shape[:2]
     rules = [
+        (min(height, width) < limits.min_side, f"too small ({width}x{height} px; radiographs are larger)"),
+        (max(height, width) > limits.max_aspect * min(height, width), f"implausible shape ({width}x{height} px)"),
         (stats["std"] < limits.min_std, "blank or nearly uniform image"),
         (stats["colourfulness"] > limits.max_colourfulness, "colour image (radiographs are greyscale)"),
         (stats["neighbour_corr"] < limits.min_neighbour_corr, "looks like noise or texture, not anatomy"),

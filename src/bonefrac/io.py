@@ -33,6 +33,9 @@ MAX_PIXELS = 100_000_000
 """Default refusal limit in pixels (width * height), checked from the header before decoding."""
 
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
+PIL_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
+"""The only formats Pillow may open (its JPEG reader also takes phones' multi-picture JPEGs). Anything else, GIF,
+ICO and above all EPS (which Pillow hands to Ghostscript), is refused as "not a recognised image format"."""
 _PERCENTILES = (0.5, 99.5)
 
 
@@ -143,7 +146,7 @@ def _decode_pil(data: bytes, name: str, max_pixels: int,
         # PIL warns between its own limit and twice it; our max_pixels check is the policy, so silence it.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(_stdio.BytesIO(data)) as im:
+            with Image.open(_stdio.BytesIO(data), formats=PIL_FORMATS) as im:
                 _check_size(im.width, im.height, name, max_pixels)
                 im.load()  # raises on truncation because LOAD_TRUNCATED_IMAGES stays False
                 im = ImageOps.exif_transpose(im)  # show it the way a viewer does
@@ -184,7 +187,7 @@ def _pil_to_gray(im: Image.Image) -> np.ndarray:
         arr = np.asarray(im)
         if arr.ndim == 3:  # multi-channel deep data: use the first channel rather than guess a colour model
             arr = arr[..., 0]
-        return _scale_percentile(arr.astype(np.float64))
+        return _scale_percentile(arr.astype(np.float32))  # float32: a 7,700 px square 16-bit PNG is 240 MB
     if mode == "L":
         return np.asarray(im, dtype=np.uint8).copy()
     has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info
@@ -262,7 +265,7 @@ def _decode_dicom(data: bytes, name: str, max_pixels: int) -> np.ndarray:
     _check_size(cols, rows, name, max_pixels)
     try:
         arr = _dicom_first_frame(ds, rows * cols, name, max_pixels)
-        return _dicom_to_gray(arr, ds, name)
+        return _dicom_to_gray(arr, ds)
     except ImageReadError:
         raise
     except Exception as exc:
@@ -283,7 +286,7 @@ def _dicom_first_frame(ds, frame_pixels: int, name: str, max_pixels: int) -> np.
     return pixel_array(ds, index=0 if n_frames > 1 else None, as_rgb=False)
 
 
-def _dicom_to_gray(arr: np.ndarray, ds, name: str) -> np.ndarray:
+def _dicom_to_gray(arr: np.ndarray, ds) -> np.ndarray:
     apply_modality_lut, apply_voi_lut, convert_color_space = _dicom_luts()
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if arr.ndim == 3:  # colour DICOM (e.g. a secondary capture): no LUTs, just luma
@@ -293,7 +296,7 @@ def _dicom_to_gray(arr: np.ndarray, ds, name: str) -> np.ndarray:
                                            if arr.dtype.kind in "ui" else 1.0), mode="RGB")
         return np.asarray(rgb.convert("L"), dtype=np.uint8).copy()
     values = apply_modality_lut(arr, ds)
-    out = _apply_voi(values, ds, apply_voi_lut, name)
+    out = _apply_voi(values, ds, apply_voi_lut)
     if out is None:
         out = _scale_percentile(np.asarray(values, dtype=np.float64))
     if photometric == "MONOCHROME1":  # MONOCHROME1 stores bone dark; the contract wants bone bright
@@ -301,7 +304,7 @@ def _dicom_to_gray(arr: np.ndarray, ds, name: str) -> np.ndarray:
     return out
 
 
-def _apply_voi(values: np.ndarray, ds, apply_voi_lut, name: str) -> np.ndarray | None:
+def _apply_voi(values: np.ndarray, ds, apply_voi_lut) -> np.ndarray | None:
     """The file's VOI LUT or window scaled to 0..255, or None when the file has none (or a broken one)."""
     has_lut = bool(ds.get("VOILUTSequence"))
     has_window = ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None
@@ -318,7 +321,8 @@ def _apply_voi(values: np.ndarray, ds, apply_voi_lut, name: str) -> np.ndarray |
         out = np.asarray(apply_voi_lut(values, ds, index=0), dtype=np.float64)
         ends = np.asarray(apply_voi_lut(probe, ds, index=0), dtype=np.float64)
     except Exception as exc:  # e.g. a window width of 0 or a malformed LUT: the percentile window still works
-        log.warning("%s: ignoring unusable VOI LUT/window in DICOM: %s", name, exc)
+        # No file name: uploaded names often carry a patient's name, and logs must hold no identifiers.
+        log.warning("ignoring unusable VOI LUT/window in a DICOM file: %s", exc)
         return None
     lo, hi = float(ends.min()), float(ends.max())
     if hi <= lo:
