@@ -42,6 +42,28 @@ def test_an_interrupted_cache_build_is_redone(images, tmp_path):
     assert int(again[5].mean()) == 200 and done.exists()
 
 
+def test_a_second_build_never_touches_the_file_another_process_reads(images, tmp_path, monkeypatch):
+    import bonefrac.data as data_module
+
+    cache_dir = tmp_path / "cache"
+    first = build_cache(images, [""] * 6, 16, cache_dir, workers=1, progress=False)
+    (done,) = cache_dir.glob("*.json")
+    done.unlink()  # another process now sees no marker and starts its own build of the same cache ...
+    real_map = data_module._map
+
+    def killed_midway(fn, jobs, workers):
+        for i, result in enumerate(real_map(fn, jobs, workers)):
+            if i == 3:
+                raise KeyboardInterrupt  # ... and is killed halfway
+            yield result
+
+    monkeypatch.setattr(data_module, "_map", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(images, [""] * 6, 16, cache_dir, workers=1, progress=False)
+    assert int(first[5].mean()) == 200  # the reader's mapped file was neither truncated nor half-filled
+    assert [p.suffix for p in cache_dir.iterdir()] == [".u8"]  # no partial file left behind
+
+
 def test_unreadable_image_in_the_manifest_is_a_clear_error(images, tmp_path):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not an image")

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import uuid
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -52,24 +53,33 @@ def build_cache(paths: list[str], hashes: list[str], size: int, cache_dir: str |
     if done_file.is_file() and data_file.is_file() and data_file.stat().st_size == int(np.prod(shape)):
         return np.memmap(data_file, dtype=np.uint8, mode="c", shape=shape)  # "c": writable view, file untouched
     log.info("decoding %d images into cache %s (%d px)", len(paths), data_file.name, size)
-    arr = np.memmap(data_file, dtype=np.uint8, mode="w+", shape=shape)
-    workers = workers or os.cpu_count() or 1
-    jobs = [(p, size) for p in paths]
+    # Built under a name of its own and renamed when complete: two processes building the same cache (a sweep,
+    # or train and evaluate on one manifest) must never truncate or half-fill the file the other one trusts.
+    part_file = cache_dir / f"{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part"
+    try:
+        errors = _decode_into(part_file, paths, size, workers or os.cpu_count() or 1, progress)
+        if errors:
+            raise BonefracError(f"{len(errors)} manifest image(s) could not be read (re-run prepare): {errors[0]}")
+        os.replace(part_file, data_file)
+    finally:
+        part_file.unlink(missing_ok=True)  # a failed or interrupted build leaves nothing behind
+    done_file.write_text(json.dumps({"n": len(paths), "size": size, "version": CACHE_VERSION}))
+    return np.memmap(data_file, dtype=np.uint8, mode="c", shape=shape)  # "c": writable view, file untouched
+
+
+def _decode_into(part_file: Path, paths: list[str], size: int, workers: int, progress: bool) -> list[str]:
+    """Decode every image into a new (N, size, size) uint8 file; returns the errors."""
+    arr = np.memmap(part_file, dtype=np.uint8, mode="w+", shape=(len(paths), size, size))
     errors = []
-    with progress_bar(len(jobs), "decode", progress) as bar:
-        results = _map(_decode, jobs, workers)
-        for i, (img, err) in enumerate(results):
+    with progress_bar(len(paths), "decode", progress) as bar:
+        for i, (img, err) in enumerate(_map(_decode, [(p, size) for p in paths], workers)):
             if err:
                 errors.append(err)
             else:
                 arr[i] = img
             bar.update(1)
-    if errors:
-        data_file.unlink(missing_ok=True)
-        raise BonefracError(f"{len(errors)} manifest image(s) could not be read (re-run prepare): {errors[0]}")
     arr.flush()
-    done_file.write_text(json.dumps({"n": len(paths), "size": size, "version": CACHE_VERSION}))
-    return np.memmap(data_file, dtype=np.uint8, mode="c", shape=shape)  # "c": writable view, file untouched
+    return errors
 
 
 def box_masks(rows, boxes_csv: str | Path, size: int, negative_label: str | None) -> tuple[np.ndarray, np.ndarray]:
