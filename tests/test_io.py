@@ -175,10 +175,13 @@ def test_folder_scan_finds_suffixless_dicom_and_skips_hidden_files(tmp_path):
 
     (tmp_path / "SE1").mkdir()
     write_dicom(tmp_path / "SE1" / "IM0001", _two_tone())
+    write_dicom(tmp_path / "SE1" / "1.2.826.0.1.3680043.2.1125.1.2277", _two_tone())  # named by its UID
     save(pattern(0), tmp_path / "b.png")
     (tmp_path / "._b.png").write_bytes(b"\0\5\x16\7 macOS resource fork")
     (tmp_path / "notes").write_text("not an image")
-    assert [p.relative_to(tmp_path).as_posix() for p in image_files(tmp_path)] == ["SE1/IM0001", "b.png"]
+    (tmp_path / "notes.1").write_text("not an image either")
+    assert [p.relative_to(tmp_path).as_posix() for p in image_files(tmp_path)] == [
+        "SE1/1.2.826.0.1.3680043.2.1125.1.2277", "SE1/IM0001", "b.png"]
 
 
 def test_dicom_unusable_window_warning_keeps_the_file_name_out_of_the_log(tmp_path, caplog):

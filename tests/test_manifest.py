@@ -3,7 +3,9 @@
 import hashlib
 import json
 import logging
+import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -268,3 +270,15 @@ def test_rows_without_a_group_become_their_own_groups(tmp_path, caplog):
         df = load_manifest(tmp_path / "m.csv")
     assert df.group.nunique() == 3 and df.group[0] == "g1"  # blank cells are not one shared "nan" group
     assert "2 row(s) without a group" in caplog.text
+
+
+def test_a_class_too_rare_to_reach_every_split_is_named(tmp_path, caplog):
+    sample = Path(__file__).resolve().parents[1] / "data" / "sample"
+    labels = pd.read_csv(sample / "labels.csv")
+    rare = pd.concat([labels[labels.fractured == 0].head(30), labels[labels.fractured == 1].head(2)])
+    rare["image"] = [str((sample / p).resolve()) for p in rare.image]
+    rare.to_csv(tmp_path / "labels.csv", index=False)
+    with caplog.at_level(logging.WARNING):
+        prepare(tmp_path / "out", labels_csv=tmp_path / "labels.csv", label_col="fractured",
+                class_names=["no_fracture", "fracture"])
+    assert re.search(r"split '(val|test)' has no images of class\(es\) \['fracture'\]", caplog.text)

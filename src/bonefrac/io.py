@@ -45,12 +45,10 @@ def is_dicom_bytes(data: bytes) -> bool:
 
 
 def looks_like_image(file: Path) -> bool:
-    """True for a file with an image suffix, or a suffix-less file that starts like DICOM (PACS exports name
-    their files IM0001 and the like)."""
+    """True for a file with an image suffix, or any other file that starts like DICOM (PACS exports name their
+    files IM0001, or by UID such as 1.2.826.0.1.3680043.2.1125.1.2277, whose "suffix" is a number)."""
     if file.suffix.lower() in IMAGE_EXTENSIONS:
         return True
-    if file.suffix:
-        return False
     try:
         with open(file, "rb") as handle:
             return is_dicom_bytes(handle.read(132))

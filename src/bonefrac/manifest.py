@@ -83,6 +83,7 @@ def prepare(out_dir, *, source=None, labels_csv=None, path_col="image", label_co
     else:
         rows["split"] = _stratified_group_split(rows, names, fractions, seed)
     manifest = _manifest_frame(rows)
+    _warn_empty_cells(manifest, names)
     report = _report(manifest, names, rejected, crossing, origin, kind, seed, fractions, near_dup_threshold,
                      split_all, keep_folder_split)
     report["copy_matcher"] = copies
@@ -287,6 +288,16 @@ def _check_classes(rows: pd.DataFrame, names: list, class_names) -> None:
     absent = [n for n in names if n not in present]
     if absent:
         log.warning("classes with no readable image: %s", absent)
+
+
+def _warn_empty_cells(manifest: pd.DataFrame, names: list) -> None:
+    """A class missing from a split that exists: training cannot select on, calibrate on or test it."""
+    counts = pd.crosstab(manifest["label"], manifest["split"])
+    for split in counts.columns:
+        missing = [n for n in names if counts.get(split, {}).get(n, 0) == 0]
+        if missing:
+            log.warning("split '%s' has no images of class(es) %s (too few images of them to split 3 ways?)",
+                        split, missing)
 
 
 # --- decoding and hashing -----------------------------------------------------------------------------------

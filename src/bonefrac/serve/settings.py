@@ -1,38 +1,78 @@
 """Service settings: a frozen dataclass read from BONEFRAC_* environment variables (`Settings.from_env()`).
 
-| variable | default | meaning |
-|---|---|---|
-| BONEFRAC_MODEL | shipped model | checkpoint dir, .onnx or TorchScript .pt file |
-| BONEFRAC_DEVICE | auto | auto (first CUDA GPU when present, else CPU), cpu, cuda[:n], mps |
-| BONEFRAC_MAX_BATCH / BONEFRAC_MAX_WAIT_MS | 16 / 10 | micro-batching; MAX_BATCH=1 turns it off |
-| BONEFRAC_MAX_REQUEST_MB | 20 | request body cap |
-| BONEFRAC_MAX_FILES | 16 | images per request |
-| BONEFRAC_MAX_PIXELS | 60000000 | per image, checked from the header before decoding |
-| BONEFRAC_RATE_LIMIT | 600 | requests per minute per client (0: off) |
-| BONEFRAC_API_KEY | unset | when set, /v1/* needs header `X-API-Key` (or `Authorization: Bearer`) |
-| BONEFRAC_CORS_ORIGINS | unset (CORS off) | comma-separated allowed origins |
-| BONEFRAC_AUDIT_DB | unset (off) | SQLite file for the audit log |
-| BONEFRAC_REFER_MARGIN | 0.15 | refer when the positive probability is this close to the threshold |
-| BONEFRAC_XRAY_CHECK | 1 | 0 disables the "not an X-ray" refusal |
-| BONEFRAC_PREPROCESS_WORKERS | min(8, CPUs), 0 on <= 2 | processes decoding, checking, resizing uploads (0: threads) |
-| BONEFRAC_WARMUP | 1 | run the model once per batch size 1..MAX_BATCH before the service reports ready |
+| variable | default | allowed | meaning |
+|---|---|---|---|
+| BONEFRAC_MODEL | shipped model | | checkpoint dir, .onnx or TorchScript .pt file |
+| BONEFRAC_DEVICE | auto | auto, cpu, cuda[:n], mps | auto: first CUDA GPU when present, else CPU |
+| BONEFRAC_HOST / BONEFRAC_PORT | 127.0.0.1 / 8000 | port 1-65535 | address the service listens on |
+| BONEFRAC_MAX_BATCH / BONEFRAC_MAX_WAIT_MS | 16 / 10 | >= 1 / finite >= 0 | micro-batching; MAX_BATCH=1 turns it off |
+| BONEFRAC_MAX_REQUEST_MB | 20 | finite > 0 | request body cap |
+| BONEFRAC_MAX_FILES | 16 | >= 1 | images per request |
+| BONEFRAC_MAX_PIXELS | 60000000 | >= 1 | per image, checked from the header before decoding |
+| BONEFRAC_RATE_LIMIT | 600 | >= 0 | requests per minute per client (0: off) |
+| BONEFRAC_API_KEY | unset | non-empty | when set, /v1/* needs header `X-API-Key` (or `Authorization: Bearer`) |
+| BONEFRAC_CORS_ORIGINS | unset (CORS off) | | comma-separated allowed origins |
+| BONEFRAC_AUDIT_DB | unset (off) | | SQLite file for the audit log |
+| BONEFRAC_REFER_MARGIN | 0.15 | 0 <= m < 0.5 | refer when the positive probability is this close to the threshold |
+| BONEFRAC_XRAY_CHECK | 1 | boolean | 0 disables the "not an X-ray" refusal |
+| BONEFRAC_PREPROCESS_WORKERS | min(8, CPUs), 0 on <= 2 | >= 0 | upload decode/check/resize processes (0: threads) |
+| BONEFRAC_WARMUP | 1 | boolean | run the model once per batch size 1..MAX_BATCH before the service reports ready |
+
+Booleans take 1/0, true/false, yes/no, on/off (any case). An empty variable counts as unset, except
+BONEFRAC_API_KEY, where an empty value is an error (it would silently turn authentication off). Every value is
+checked here, before any model is loaded; a bad one raises ConfigError naming the variable (and the
+`bonefrac serve` flag, where there is one) and the allowed values. Unknown BONEFRAC_* names (typos) are logged
+as a warning; names read elsewhere in the package (BONEFRAC_COPY_DETECTOR) are known too.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import re
 from dataclasses import dataclass, field, fields
 
 from ..errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+_FLAGS = {"model", "host", "port", "max_batch", "max_wait_ms", "audit_db", "device"}  # `bonefrac serve --...`
+_READ_ELSEWHERE = ("BONEFRAC_COPY_DETECTOR",)  # copydetect.py; BONEFRAC_MODEL is also read by predict.py
 
 
 def _default_workers(cpus: int) -> int:
     # Processes pay only with cores to spare: on 2 CPUs (model, server and workers sharing them) the pool
     # measured slower than threads. Capped at 8: each worker holds its own torch and PIL in memory.
     return min(8, cpus) if cpus > 2 else 0
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+# field -> (check, allowed values as shown in the error)
+_RANGES = {
+    "port": (lambda v: 1 <= v <= 65535, "an integer from 1 to 65535"),
+    "max_batch": (lambda v: v >= 1, "an integer >= 1 (1 turns batching off)"),
+    "max_wait_ms": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    "max_request_mb": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "max_files": (lambda v: v >= 1, "an integer >= 1"),
+    "max_pixels": (lambda v: v >= 1, "an integer >= 1"),
+    "rate_limit": (lambda v: v >= 0, "an integer >= 0 (0 turns rate limiting off)"),
+    "refer_margin": (lambda v: _finite(v) and 0 <= v < 0.5, "a number from 0 up to (not including) 0.5"),
+    "preprocess_workers": (lambda v: v >= 0, "an integer >= 0 (0: threads)"),
+    "device": (lambda v: bool(_DEVICE.fullmatch(v)), "auto, cpu, cuda, cuda:N or mps"),
+    "api_key": (lambda v: v is None or v.strip() != "", "a non-empty key (or leave the variable unset)"),
+}
+
+
+def _problem(field_name: str, shown: str, allowed: str) -> str:
+    """`BONEFRAC_PORT=99999 (or --port): expected ...`: the variable, and the `bonefrac serve` flag if any."""
+    flag = f" (or --{field_name.replace('_', '-')})" if field_name in _FLAGS else ""
+    return f"BONEFRAC_{field_name.upper()}={shown}{flag}: expected {allowed}"
 
 
 @dataclass(frozen=True)
@@ -56,10 +96,11 @@ class Settings:
     warmup: bool = True
 
     def __post_init__(self):
-        if not _DEVICE.fullmatch(self.device):
-            raise ConfigError(f"BONEFRAC_DEVICE={self.device!r}: expected auto, cpu, cuda, cuda:N or mps")
-        if self.preprocess_workers < 0:
-            raise ConfigError(f"BONEFRAC_PREPROCESS_WORKERS={self.preprocess_workers}: expected 0 or more")
+        for name, (ok, allowed) in _RANGES.items():
+            value = getattr(self, name)
+            if not ok(value):
+                shown = "''" if name == "api_key" else repr(value)  # only a blank key fails: never echo one
+                raise ConfigError(_problem(name, shown, allowed))
 
     @property
     def max_request_bytes(self) -> int:
@@ -69,19 +110,33 @@ class Settings:
     def from_env(cls, environ=None, **overrides) -> "Settings":
         """Settings from BONEFRAC_<FIELD> variables, then `overrides` (CLI flags; None values are ignored)."""
         env = os.environ if environ is None else environ
+        _warn_unknown(env)
         values = {}
         for f in fields(cls):
             raw = env.get(f"BONEFRAC_{f.name.upper()}")
-            if raw is not None and raw != "":
+            if raw is not None and (raw != "" or f.name == "api_key"):
                 values[f.name] = _parse(f.name, raw, f.default)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
 
+def known_variables() -> list[str]:
+    """Every BONEFRAC_* environment name the package reads."""
+    return sorted({f"BONEFRAC_{f.name.upper()}" for f in fields(Settings)} | set(_READ_ELSEWHERE))
+
+
+def _warn_unknown(env) -> None:
+    known = known_variables()
+    unknown = sorted(k for k in env if k.startswith("BONEFRAC_") and k not in known)
+    if unknown:
+        log.warning("unknown environment variable(s) %s ignored (a typo?); known: %s",
+                    ", ".join(unknown), ", ".join(known))
+
+
 def _parse(name: str, raw: str, default):
     try:
         if isinstance(default, bool):
-            return raw.strip().lower() in ("1", "true", "yes", "on")
+            return _parse_bool(raw)
         if isinstance(default, int):
             return int(raw)
         if isinstance(default, float):
@@ -90,4 +145,12 @@ def _parse(name: str, raw: str, default):
             return tuple(s.strip() for s in raw.split(",") if s.strip())
         return raw
     except ValueError:
-        raise ConfigError(f"BONEFRAC_{name.upper()}={raw!r}: expected a {type(default).__name__}") from None
+        kind = "boolean (1/0, true/false, yes/no, on/off)" if isinstance(default, bool) else type(default).__name__
+        raise ConfigError(f"BONEFRAC_{name.upper()}={raw!r}: expected a {kind}") from None
+
+
+def _parse_bool(raw: str) -> bool:
+    word = raw.strip().lower()
+    if word in _TRUE or word in _FALSE:
+        return word in _TRUE
+    raise ValueError(raw)

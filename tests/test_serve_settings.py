@@ -1,0 +1,100 @@
+"""Start-up validation of the service settings (BONEFRAC_* variables and `bonefrac serve` flags)."""
+
+import logging
+import re
+from pathlib import Path
+
+import pytest
+
+from bonefrac.errors import ConfigError
+from bonefrac.serve import settings as settings_mod
+from bonefrac.serve.settings import Settings
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+@pytest.mark.parametrize("raw", ["flase", "enabled", "2", "y es"])
+def test_boolean_rejects_unknown_words(raw):
+    with pytest.raises(ConfigError, match=rf"BONEFRAC_XRAY_CHECK={raw!r}.*true/false"):
+        Settings.from_env({"BONEFRAC_XRAY_CHECK": raw})
+
+
+@pytest.mark.parametrize("raw, want", [("1", True), ("TRUE", True), (" Yes ", True), ("on", True),
+                                       ("0", False), ("False", False), ("NO", False), ("Off", False)])
+def test_boolean_accepts_the_documented_words(raw, want):
+    assert Settings.from_env({"BONEFRAC_WARMUP": raw}).warmup is want
+    with pytest.raises(ConfigError, match="BONEFRAC_WARMUP"):  # and nothing else
+        Settings.from_env({"BONEFRAC_WARMUP": raw + "x"})
+
+
+# (variable, rejected value, accepted boundary value)
+RANGES = [
+    ("PORT", "99999", "65535"), ("PORT", "0", "1"),
+    ("MAX_BATCH", "0", "1"),
+    ("MAX_WAIT_MS", "nan", "0"), ("MAX_WAIT_MS", "-1", "0"), ("MAX_WAIT_MS", "inf", "250"),
+    ("MAX_REQUEST_MB", "-1", "0.5"), ("MAX_REQUEST_MB", "0", "0.5"), ("MAX_REQUEST_MB", "inf", "1e3"),
+    ("MAX_FILES", "0", "1"),
+    ("MAX_PIXELS", "0", "1"),
+    ("RATE_LIMIT", "-5", "0"),  # 0 is the documented "off"
+    ("REFER_MARGIN", "-0.5", "0"), ("REFER_MARGIN", "0.5", "0.49"), ("REFER_MARGIN", "nan", "0.15"),
+]
+
+
+@pytest.mark.parametrize("var, bad, good", RANGES)
+def test_out_of_range_values_fail_naming_the_variable(var, bad, good):
+    with pytest.raises(ConfigError, match=rf"BONEFRAC_{var}=.*expected"):
+        Settings.from_env({f"BONEFRAC_{var}": bad})
+    s = Settings.from_env({f"BONEFRAC_{var}": good})
+    assert getattr(s, var.lower()) == float(good)
+    s.max_request_bytes  # finite: no OverflowError
+
+
+@pytest.mark.parametrize("flag, value", [("port", 99999), ("max_batch", 0), ("max_wait_ms", float("nan"))])
+def test_out_of_range_flags_fail_naming_the_flag(flag, value):
+    with pytest.raises(ConfigError, match=rf"BONEFRAC_{flag.upper()}=.*\(or --{flag.replace('_', '-')}\)"):
+        Settings.from_env({}, **{flag: value})
+
+
+def test_empty_api_key_is_an_error():
+    with pytest.raises(ConfigError, match="BONEFRAC_API_KEY=.*non-empty"):
+        Settings.from_env({"BONEFRAC_API_KEY": ""})
+    with pytest.raises(ConfigError, match="BONEFRAC_API_KEY"):
+        Settings(api_key="  ")  # blank, however it was given
+    assert Settings.from_env({}).api_key is None  # unset: no key, as documented
+
+
+def test_unknown_variables_are_warned_about(caplog):
+    env = {"BONEFRAC_RATELIMIT": "5", "BONEFRAC_MODEL": "m", "BONEFRAC_COPY_DETECTOR": "d", "OTHER_X": "1"}
+    with caplog.at_level(logging.WARNING, logger=settings_mod.__name__):
+        Settings.from_env(env)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    unknown, known = warnings[0].split("known:")
+    assert "BONEFRAC_RATELIMIT" in unknown and "BONEFRAC_RATE_LIMIT" in known
+    assert "MODEL" not in unknown and "COPY_DETECTOR" not in unknown and "OTHER_X" not in warnings[0]
+
+
+def test_known_variables_cover_every_name_the_package_reads(caplog):
+    used = set()
+    for path in SRC.rglob("*.py"):
+        used |= set(re.findall(r"BONEFRAC_[A-Z0-9_]*[A-Z0-9]", path.read_text()))
+    assert used and used <= set(settings_mod.known_variables())
+    with caplog.at_level(logging.WARNING, logger=settings_mod.__name__):
+        Settings.from_env({name: "" for name in used - {"BONEFRAC_API_KEY"}})  # empty: as if unset
+    assert not caplog.records
+
+
+@pytest.mark.parametrize("argv, env", [(["serve", "--port", "99999"], {}),
+                                       (["serve"], {"BONEFRAC_MAX_BATCH": "0"}),
+                                       (["serve"], {"BONEFRAC_XRAY_CHECK": "flase"})])
+def test_cli_reports_one_line_before_loading_a_model(argv, env, monkeypatch, caplog):
+    import bonefrac.serve.app
+    from bonefrac.cli import main
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    started = []
+    monkeypatch.setattr(bonefrac.serve.app, "run", started.append)  # would load the model
+    assert main(argv) == 2 and not started  # ConfigError is a BonefracError: one line, exit 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "\n" not in errors[0] and "BONEFRAC_" in errors[0]
