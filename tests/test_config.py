@@ -1,7 +1,10 @@
+import re
+
 import pytest
 
 from bonefrac.config import Config, load_config, to_dict
 from bonefrac.errors import ConfigError
+from bonefrac.metrics import SELECTION_METRICS
 
 
 def test_defaults_and_overrides(tmp_path):
@@ -57,3 +60,90 @@ def test_shipped_configs_load():
 
     for f in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
         load_config(f)
+
+
+@pytest.mark.parametrize("text", ["- train\n- data\n", "42\n", "[]\n"])
+def test_top_level_must_be_a_mapping(tmp_path, text):
+    # A list or scalar at the top used to crash with AttributeError ('list' object has no attribute 'items').
+    f = tmp_path / "listy.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=r"listy\.yaml.*mapping of sections"):
+        load_config(f)
+
+
+def test_empty_section_counts_as_empty(tmp_path):
+    # YAML reads a bare `train:` as None; an override into it used to say "'train' is not a config section".
+    f = tmp_path / "empty.yaml"
+    f.write_text("data:\ntrain:\n")
+    assert load_config(f, ["train.epochs=1"]).train.epochs == 1
+    assert load_config(f) == Config()
+
+
+# (key, a value outside the range, the nearest allowed value, the range as the error states it)
+RANGE_CASES = [
+    ("model.in_chans", "0", "1", ">= 1"),
+    ("model.drop_rate", "1", "0.99", "in [0, 1)"),
+    ("model.drop_path_rate", "-0.1", "0", "in [0, 1)"),
+    ("model.std", "0", "null", "null or > 0"),
+    ("data.size", "0", "1", ">= 1"),
+    ("data.size", "-5", "1", ">= 1"),
+    ("data.cache_margin", "0.9", "1", ">= 1"),
+    ("data.batch_size", "0", "1", ">= 1"),
+    ("data.decode_workers", "-1", "0", ">= 0"),
+    ("data.device_cache_gib", "-1", "0", ">= 0"),
+    ("augment.hflip_p", "1.5", "1", "in [0, 1]"),
+    ("augment.vflip_p", "-0.1", "0", "in [0, 1]"),
+    ("augment.blur_p", "2", "1", "in [0, 1]"),
+    ("augment.brightness", "1.5", "1", "in [0, 1]"),
+    ("augment.contrast", "-0.2", "0", "in [0, 1]"),
+    ("augment.scale", "[0, 1]", "[0.5, 0.5]", "0 < low <= high"),
+    ("augment.scale", "[1.2, 0.8]", "[0.8, 1.2]", "0 < low <= high"),
+    ("optim.lr", "0", "1e-9", "> 0"),
+    ("optim.weight_decay", "-0.01", "0", ">= 0"),
+    ("optim.lr_base_batch", "0", "null", "null or >= 1"),
+    ("optim.warmup_epochs", "-1", "0", ">= 0"),
+    ("optim.min_lr_ratio", "1.5", "1", "in [0, 1]"),
+    ("optim.plateau_factor", "1", "0.5", "in (0, 1)"),
+    ("optim.plateau_patience", "-1", "0", ">= 0"),
+    ("optim.grad_clip", "0", "null", "null or > 0"),
+    ("train.epochs", "0", "1", ">= 1"),
+    ("train.patience", "-1", "0", ">= 0"),  # 0 is documented: no early stopping
+    ("train.label_smoothing", "1", "0", "in [0, 1)"),
+    ("train.ema_decay", "1", "0", "in [0, 1)"),  # 0 is documented: no EMA
+    ("train.watchdog_s", "-1", "0", ">= 0"),  # 0 is documented: no watchdog (the CLI tests use it)
+    ("train.eval_batch_size", "0", "1", ">= 1"),
+    ("train.max_steps_per_epoch", "0", "null", "null or >= 1"),
+    ("train.box_loss", "-1", "0", ">= 0"),  # 0 is documented: no box loss
+]
+
+
+@pytest.mark.parametrize("key, bad, good, allowed", RANGE_CASES)
+def test_out_of_range_values_fail_at_load(key, bad, good, allowed):
+    # These used to load and fail later (ZeroDivisionError, ValueError) or silently misbehave (no checkpoint,
+    # stopping after one epoch); the error must name the key, the value and the range. The boundary still loads.
+    load_config(None, [f"{key}={good}"])
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [f"{key}={bad}"])
+    message = str(info.value)
+    assert f"'{key}'" in message and allowed in message
+    assert all(number in message for number in re.findall(r"-?[\d.]+", bad))  # the offending value is shown
+
+
+ENUM_CASES = [
+    ("optim.name", "sgd", "adam", ["adamw", "adam"]),
+    ("optim.schedule", "step", "plateau", ["cosine", "plateau", "constant"]),
+    ("data.sampler", "weighted", "balanced", ["shuffle", "balanced"]),
+    ("train.compile", "always", "off", ["auto", "on", "off"]),
+    ("train.compile_mode", "fast", "max-autotune", ["default", "reduce-overhead", "max-autotune"]),
+    ("train.grad_sync", "nccl", "ddp", ["auto", "ddp", "allreduce"]),
+    ("train.monitor", "f1", "balanced_accuracy", ["auto", *SELECTION_METRICS]),
+]
+
+
+@pytest.mark.parametrize("key, bad, good, choices", ENUM_CASES)
+def test_unknown_choice_fails_at_load(key, bad, good, choices):
+    # Checked elsewhere only once training starts (after the image cache is built); here at load, listing choices.
+    load_config(None, [f"{key}={good}"])
+    with pytest.raises(ConfigError, match=rf"'{key}'.*'{bad}'") as info:
+        load_config(None, [f"{key}={bad}"])
+    assert all(f"'{c}'" in str(info.value) for c in choices)

@@ -1,7 +1,8 @@
 """Training configuration: frozen dataclasses, loaded from YAML with `key=value` overrides.
 
-`load_config(path, overrides)` is what callers need. Unknown keys and wrong types fail with a ConfigError naming
-the key, so a typo in an experiment file never silently trains with a default.
+`load_config(path, overrides)` is what callers need. Unknown keys, wrong types and out-of-range values fail with a
+ConfigError naming the key, so a typo in an experiment file never silently trains with a default, and a bad number
+fails at load time instead of as a ZeroDivisionError (or a run without a checkpoint) minutes into training.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ class TrainConfig:
     compile_mode: str = "default"  # torch.compile mode: "default", "reduce-overhead" (CUDA graphs), "max-autotune"
     grad_sync: str = "auto"  # multi-GPU: "ddp", "allreduce" (one all-reduce per step), "auto" (allreduce if compiled)
     ema_decay: float = 0.0  # 0 disables the weight EMA
-    watchdog_s: float = 900.0  # stop (after saving) when no step completes within this many seconds
+    watchdog_s: float = 900.0  # stop (last finished epoch kept for --resume) after this long without progress; 0: off
     eval_batch_size: int = 64
     max_steps_per_epoch: int | None = None  # for smoke tests and benchmarks
     # Weight of an auxiliary loss that teaches the network WHERE fractures are (a 1x1-conv map on the last
@@ -115,10 +116,13 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(data: dict, cls=Config, prefix: str = ""):
-    """Build a config dataclass from a nested dict; unknown keys and wrong types raise ConfigError."""
+def from_dict(data: dict | None, cls=Config, prefix: str = ""):
+    """Build a config dataclass from a nested dict; unknown keys, wrong types and (for a whole Config)
+    out-of-range values raise ConfigError. None counts as empty: YAML reads a bare `train:` as None."""
+    data = {} if data is None else data
     if not isinstance(data, dict):
-        raise ConfigError(f"config section '{prefix or 'root'}' must be a mapping, got {type(data).__name__}")
+        where = prefix.rstrip(".") or "root"
+        raise ConfigError(f"config section '{where}' must be a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
@@ -132,7 +136,86 @@ def from_dict(data: dict, cls=Config, prefix: str = ""):
             kwargs[key] = from_dict(value, kind, f"{prefix}{key}.")
         else:
             kwargs[key] = _coerce(value, kind, f"{prefix}{key}")
-    return cls(**kwargs)
+    cfg = cls(**kwargs)
+    if isinstance(cfg, Config):
+        validate(cfg)
+    return cfg
+
+
+# Rules for values: (test, allowed range as shown in the error). The tests see already-coerced values.
+_AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
+_NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+_POSITIVE = (lambda v: v > 0, "> 0")
+_PROBABILITY = (lambda v: 0 <= v <= 1, "in [0, 1]")
+_FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
+
+
+def _optional(rule):
+    """None (a documented 'off' or 'default') or a value passing `rule`."""
+    return (lambda v: v is None or rule[0](v), f"null or {rule[1]}")
+
+
+def _one_of(*choices):
+    return (lambda v: v in choices, f"one of {', '.join(repr(c) for c in choices)}")
+
+
+# Only values that are wrong under every reading: each field's comment documents its special values (0 or None
+# meaning 'off'), which stay allowed. String choices mirror where they are consumed (trainutil, data, train,
+# torch.compile), so a typo fails here instead of after the image cache is built.
+_RULES = {
+    "model.in_chans": _AT_LEAST_1,
+    "model.drop_rate": _FRACTION,
+    "model.drop_path_rate": _FRACTION,
+    "model.std": _optional(_POSITIVE),
+    "data.size": _AT_LEAST_1,
+    "data.cache_margin": _AT_LEAST_1,
+    "data.batch_size": _AT_LEAST_1,
+    "data.sampler": _one_of("shuffle", "balanced"),
+    "data.decode_workers": _NON_NEGATIVE,
+    "data.device_cache_gib": _NON_NEGATIVE,
+    "augment.hflip_p": _PROBABILITY,
+    "augment.vflip_p": _PROBABILITY,
+    "augment.blur_p": _PROBABILITY,
+    # brightness/contrast factors are drawn from [1 - x, 1 + x]; above 1 they could go negative.
+    "augment.brightness": _PROBABILITY,
+    "augment.contrast": _PROBABILITY,
+    "augment.scale": (lambda v: 0 < v[0] <= v[1], "[low, high] with 0 < low <= high"),
+    "optim.name": _one_of("adamw", "adam"),
+    "optim.lr": _POSITIVE,
+    "optim.weight_decay": _NON_NEGATIVE,
+    "optim.lr_base_batch": _optional(_AT_LEAST_1),
+    "optim.schedule": _one_of("cosine", "plateau", "constant"),
+    "optim.warmup_epochs": _NON_NEGATIVE,
+    "optim.min_lr_ratio": _PROBABILITY,
+    "optim.plateau_factor": (lambda v: 0 < v < 1, "in (0, 1)"),  # ReduceLROnPlateau rejects others
+    "optim.plateau_patience": _NON_NEGATIVE,
+    "optim.grad_clip": _optional(_POSITIVE),
+    "train.epochs": _AT_LEAST_1,
+    "train.patience": _NON_NEGATIVE,
+    "train.label_smoothing": _FRACTION,
+    "train.compile": _one_of("auto", "on", "off"),
+    # torch.compile's documented modes; it would only reject others when compiling, after data loading.
+    "train.compile_mode": _one_of("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    "train.grad_sync": _one_of("auto", "ddp", "allreduce"),
+    "train.ema_decay": _FRACTION,
+    "train.watchdog_s": _NON_NEGATIVE,
+    "train.eval_batch_size": _AT_LEAST_1,
+    "train.max_steps_per_epoch": _optional(_AT_LEAST_1),
+    "train.box_loss": _NON_NEGATIVE,
+}
+
+
+def validate(cfg: Config) -> Config:
+    """`cfg` itself when every value is in range; else ConfigError naming the key, the value and the range."""
+    from .metrics import SELECTION_METRICS  # lazily: metrics pulls in scipy and sklearn
+
+    rules = {**_RULES, "train.monitor": _one_of("auto", *SELECTION_METRICS)}
+    for key, (test, allowed) in rules.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if not test(value):
+            raise ConfigError(f"config key '{key}' must be {allowed}, got {value!r}")
+    return cfg
 
 
 def _coerce(value, kind, key: str):
@@ -166,7 +249,8 @@ def _coerce(value, kind, key: str):
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply `section.key=value` strings (values parsed as YAML) to a nested dict, returning a new dict."""
-    out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    # A bare `train:` in YAML is None: an empty section, which an override may fill.
+    out = {k: dict(v) if isinstance(v, dict) else {} if v is None else v for k, v in data.items()}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like section.key=value")
@@ -177,7 +261,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         section, key = parts
         out.setdefault(section, {})
         if not isinstance(out[section], dict):
-            raise ConfigError(f"'{section}' is not a config section")
+            raise ConfigError(f"config section '{section}' must be a mapping, got {type(out[section]).__name__}")
         text = raw.strip()
         # YAML 1.1 would turn on/off/yes/no into booleans; on the command line they mean the words.
         out[section][key] = text if text.lower() in ("on", "off", "yes", "no") else (
@@ -193,8 +277,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        data = {} if loaded is None else loaded  # an empty file (or only comments) means all defaults
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections (model:, data:, augment:, optim:, train:) "
+                              f"at the top level, got {type(data).__name__}")
     data = apply_overrides(data, overrides or [])
     return from_dict(data)
