@@ -1,13 +1,15 @@
 """Self-describing checkpoint directories: `model.safetensors` (weights) + `bonefrac.json` (everything else).
 
 `save(dir, model, meta)` writes atomically (a temporary sibling renamed into place), so a run killed mid-save
-never leaves a half-written checkpoint. `load(dir)` rebuilds the model from the JSON alone: predict, evaluate,
-export and serve never restate the architecture, classes, preprocessing or thresholds.
+never leaves a half-written checkpoint; a kill between the swap's two renames leaves `dir.tmp` / `dir.old`,
+which the readers here put back in place (`recover`). `load(dir)` rebuilds the model from the JSON alone:
+predict, evaluate, export and serve never restate the architecture, classes, preprocessing or thresholds.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -21,6 +23,9 @@ META_FILE = "bonefrac.json"
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"
 FORMAT_VERSION = 1
+SIBLINGS = (".tmp", ".old")  # the swap's temporary names: `dir.tmp` (new, complete once its JSON is) and `dir.old`
+
+log = logging.getLogger(__name__)
 
 
 def save(path: str | Path, model: torch.nn.Module, meta: dict, train_state: dict | None = None,
@@ -40,10 +45,11 @@ def save(path: str | Path, model: torch.nn.Module, meta: dict, train_state: dict
             tensor = tensor.to(dtype)
         state[key] = tensor
     save_file(state, str(tmp / WEIGHTS_FILE))
-    meta = {"format_version": FORMAT_VERSION, "code_version": __version__, **meta}
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=_json_default))
     if train_state is not None:
         torch.save(train_state, tmp / STATE_FILE)
+    # The JSON goes last: a `.tmp` whose JSON parses is complete, which is how `recover` tells it apart.
+    meta = {"format_version": FORMAT_VERSION, "code_version": __version__, **meta}
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=_json_default))
     old = path.with_name(path.name + ".old")
     if old.exists():
         shutil.rmtree(old)
@@ -63,9 +69,39 @@ def _json_default(obj):
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def recover(path: str | Path) -> Path:
+    """Put back a checkpoint that a kill between `save`'s two renames left as `path.tmp` / `path.old`.
+
+    A complete `.tmp` (weights and parseable JSON) is the newer checkpoint, so it wins over `.old`. Returns the
+    directory to read: `path`, or the sibling itself when it cannot be renamed (a read-only folder).
+    """
+    path = Path(path)
+    if path.exists():
+        return path
+    tmp, old = (path.with_name(path.name + s) for s in SIBLINGS)
+    source = tmp if _complete(tmp) else old if (old / META_FILE).is_file() else None
+    if source is None:
+        return path
+    try:
+        os.replace(source, path)
+    except OSError as exc:
+        log.warning("%s is missing; reading %s in its place (cannot rename it: %s)", path, source, exc)
+        return source
+    log.warning("%s was missing (a save interrupted between renames); recovered it from %s", path, source.name)
+    return path
+
+
+def _complete(path: Path) -> bool:
+    try:
+        json.loads((path / META_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return (path / WEIGHTS_FILE).is_file()
+
+
 def read_meta(path: str | Path) -> dict:
     """The checkpoint's JSON; a clear error when the directory is not a bonefrac checkpoint."""
-    path = Path(path)
+    path = recover(path)
     meta_file = path / META_FILE
     if not meta_file.is_file():
         raise BonefracError(f"{path}: not a bonefrac checkpoint (no {META_FILE})")
@@ -81,7 +117,7 @@ def load(path: str | Path, device: str | torch.device = "cpu"):
 
     from .models import create
 
-    path = Path(path)
+    path = recover(path)
     meta = read_meta(path)
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
@@ -94,7 +130,7 @@ def load(path: str | Path, device: str | torch.device = "cpu"):
 
 def load_train_state(path: str | Path) -> dict:
     """Optimizer/scheduler/RNG state saved with a `last` checkpoint (loaded without executing pickled code)."""
-    file = Path(path) / STATE_FILE
+    file = recover(path) / STATE_FILE
     if not file.is_file():
         raise BonefracError(f"{path}: no {STATE_FILE}; only a run's 'last' checkpoint can be resumed")
     return torch.load(file, map_location="cpu", weights_only=True)

@@ -5,6 +5,11 @@ writes `out_dir/best` and `out_dir/last` checkpoints, `metrics.csv` and TensorBo
 Run under `torchrun --nproc_per_node=N -m bonefrac train ...` it trains data-parallel (DDP): each rank sees its
 own shard of every epoch, rank 0 logs and saves, validation predictions are gathered from all ranks.
 It never reads the `test` split: only `evaluate` does.
+
+`resume=True` continues the run in `out_dir` from `last` with the same configuration: only the keys in
+`RESUME_MAY_CHANGE` may differ from the saved one (more epochs, patience, the watchdog, where it runs and
+decodes); anything else would mix two experiments in one run, so it is refused. A larger `train.epochs` also
+stretches a cosine schedule from the resumed step on. Without `resume` an `out_dir` that holds a run is refused.
 """
 
 from __future__ import annotations
@@ -34,11 +39,21 @@ from .transforms import augment, normalize
 
 log = logging.getLogger(__name__)
 
+# Config keys that may differ on --resume: they change how long or where the run goes, not what it trains.
+RESUME_MAY_CHANGE = frozenset({"train.epochs", "train.patience", "train.watchdog_s", "train.device",
+                               "data.decode_workers", "data.cache_dir", "data.device_cache_gib"})
+# What a run leaves in its out dir (with checkpoint.SIBLINGS): any of them means "this folder holds a run".
+RUN_FILES = ("last", "best", "metrics.csv", "config.json")
+
 
 def train(manifest: str | Path, out_dir: str | Path, cfg: Config, resume: bool = False) -> Path:
     """Train a model; returns the path of the best checkpoint (chosen on validation)."""
     rank, world = distributed_setup()
     out_dir = Path(out_dir)
+    if resume:
+        _check_resume_config(out_dir / "last", cfg)
+    else:
+        _refuse_existing_run(out_dir)
     device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
@@ -52,6 +67,9 @@ def train(manifest: str | Path, out_dir: str | Path, cfg: Config, resume: bool =
         raise BonefracError(f"{manifest}: training needs rows in both the train and val splits "
                             f"(found {len(tr)} train, {len(va)} val)")
     y_tr, y_va = tr.label.map(index).to_numpy(), va.label.map(index).to_numpy()
+    monitor = cfg.train.monitor if cfg.train.monitor != "auto" else metrics.default_selection_metric(
+        len(class_names))
+    _check_val_classes(monitor, class_names, y_va)
     size = cfg.data.size
     cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(manifest).parent / "cache"
     train_size = int(round(size * cfg.data.cache_margin))
@@ -91,8 +109,6 @@ def train(manifest: str | Path, out_dir: str | Path, cfg: Config, resume: bool =
         counts = np.bincount(y_tr, minlength=len(class_names)).clip(min=1)
         weight = torch.tensor(len(y_tr) / (len(class_names) * counts), dtype=torch.float32, device=device)
     ema = Ema(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
-    monitor = cfg.train.monitor if cfg.train.monitor != "auto" else metrics.default_selection_metric(
-        len(class_names))
     pos = metrics.positive_class_index(class_names)
 
     # --- resume -----------------------------------------------------------------------------------------
@@ -101,8 +117,6 @@ def train(manifest: str | Path, out_dir: str | Path, cfg: Config, resume: bool =
         state = _resume(out_dir / "last", net, optimizer, scheduler, ema, manifest)
         _trim_metrics(out_dir / "metrics.csv", state["epoch"])
         log.info("resuming at epoch %d (best %s so far %.4f)", state["epoch"] + 1, monitor, state["best_score"])
-    elif rank == 0 and (out_dir / "last").exists():
-        raise BonefracError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
 
     step_model, grad_sync = net, None
     compiled = _use_compile(cfg, device)
@@ -130,7 +144,10 @@ def train(manifest: str | Path, out_dir: str | Path, cfg: Config, resume: bool =
                            "box_head": net.box_head.state_dict() if net is not model else {}}
             checkpoint.save(out_dir / "last", model, {**base_meta, "epoch": epoch_done}, train_state)
 
-    watchdog = Watchdog(cfg.train.watchdog_s, on_timeout=lambda: save_last(state["epoch"]))
+    # On a hang no checkpoint is written: the weights have moved on since `last` (the end of the last completed
+    # epoch), so saving them under that epoch would make --resume repeat steps on top of them.
+    watchdog = Watchdog(cfg.train.watchdog_s, on_timeout=lambda: log.error(
+        "the last completed epoch (%d) is kept in %s; continue with --resume", state["epoch"], out_dir / "last"))
     # --- the epochs ---------------------------------------------------------------------------------------
     try:
         for epoch in range(state["epoch"], cfg.train.epochs):
@@ -143,29 +160,34 @@ def train(manifest: str | Path, out_dir: str | Path, cfg: Config, resume: bool =
                 if ema:
                     grad_sync.sync_buffers(ema.module)
             eval_model = ema.module if ema else model
-            val_logits, val_y = _val_logits(eval_model, val_batches, prep, cfg, world)
+            val_logits, val_y = _val_logits(eval_model, val_batches, prep, cfg, world, watchdog.beat)
             elapsed = time.perf_counter() - t0
             val_probs = metrics.softmax(val_logits)
             score = metrics.selection_score(monitor, val_y, val_probs)
             val_loss = float(F.cross_entropy(torch.from_numpy(val_logits), torch.from_numpy(val_y)))
             if cfg.optim.schedule == "plateau":
                 scheduler.step(score)
-            row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, f"val_{monitor}": score,
-                   "lr": optimizer.param_groups[0]["lr"], "images_per_s": seen * world / elapsed,
-                   "time_s": elapsed}
+            row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss}
+            if monitor != "loss":  # the "loss" score is -val_loss: one column, and it keeps the real loss
+                row[f"val_{monitor}"] = score
+            row.update(lr=optimizer.param_groups[0]["lr"], images_per_s=seen * world / elapsed, time_s=elapsed)
             improved = score > state["best_score"]
             if improved:
                 state["best_score"], state["bad_epochs"] = score, 0
                 if rank == 0:
                     meta = {**base_meta, "epoch": epoch + 1,
                             **calibration_meta(val_logits, val_y, class_names, pos, monitor, score)}
+                    watchdog.beat()  # fitting the calibration can take a while on a large val split
                     checkpoint.save(out_dir / "best", eval_model, meta)
+                watchdog.beat()
             else:
                 state["bad_epochs"] += 1
             state["epoch"] = epoch + 1
             if rank == 0:
                 _log_epoch(out_dir, row, writer, improved)
+            watchdog.beat()
             save_last(epoch + 1)
+            watchdog.beat()
             if cfg.train.patience and state["bad_epochs"] >= cfg.train.patience:
                 log.info("early stopping: no %s improvement for %d epochs", monitor, state["bad_epochs"])
                 break
@@ -179,7 +201,55 @@ def train(manifest: str | Path, out_dir: str | Path, cfg: Config, resume: bool =
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
+    if not (out_dir / "best" / checkpoint.META_FILE).is_file():
+        raise BonefracError(_why_no_best(cfg, state, monitor, out_dir))
     return out_dir / "best"
+
+
+def _why_no_best(cfg, state, monitor, out_dir) -> str:
+    if state["epoch"] == 0:
+        return f"train.epochs={cfg.train.epochs}: no epoch ran, so {out_dir / 'best'} was not written"
+    return (f"no epoch gave a valid validation {monitor} (nan every epoch; see {out_dir / 'metrics.csv'}), "
+            f"so {out_dir / 'best'} was not written")
+
+
+def _check_val_classes(monitor: str, class_names, y_va) -> None:
+    """AUROC is undefined (nan) when val lacks a class: refuse before training rather than never save `best`."""
+    missing = [c for i, c in enumerate(class_names) if not (y_va == i).any()]
+    if monitor == "auroc" and missing:
+        raise BonefracError(f"the val split has no images of class {', '.join(map(repr, missing))}, so the "
+                            f"train.monitor AUROC is undefined; re-split the data or set another train.monitor")
+
+
+def _refuse_existing_run(out_dir: Path) -> None:
+    """A fresh run must not overwrite a run's checkpoints or append to its metrics, even a half-saved one."""
+    found = [out_dir / (name + suffix) for name in RUN_FILES for suffix in ("", *checkpoint.SIBLINGS)]
+    found = [p.name for p in found if p.exists()]
+    if found:
+        raise BonefracError(f"{out_dir} already holds a run ({', '.join(found)}); pass --resume to continue it "
+                            f"or choose another --out")
+
+
+def _check_resume_config(last_dir: Path, cfg: Config) -> None:
+    """Refuse a --resume whose configuration differs from the run's, except in RESUME_MAY_CHANGE."""
+    saved = _flatten(checkpoint.read_meta(last_dir).get("config") or {})
+    now = _flatten(to_dict(cfg))
+    # A key absent from the saved config was added by newer code; its default cannot contradict the run.
+    changed = [k for k in sorted(saved.keys() & now.keys()) if saved[k] != now[k] and k not in RESUME_MAY_CHANGE]
+    if changed:
+        diff = "; ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
+        raise BonefracError(f"--resume with a changed configuration ({diff}); resume with the run's settings "
+                            f"(only {', '.join(sorted(RESUME_MAY_CHANGE))} may change) or start a new --out")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value  # JSON has no tuples
+    return out
 
 
 def _train_epoch(step_model, model, batches, gen, steps, optimizer, scheduler, cfg, prep, weight, ema,
@@ -259,13 +329,16 @@ def lesion_loss(logits: torch.Tensor, masks: torch.Tensor, weights: torch.Tensor
     return (per_image * weights).sum() / weights.sum().clamp(min=1)
 
 
-def _val_logits(model, batches, prep, cfg, world):
-    """Validation logits and labels, gathered from every rank in a distributed run."""
+def _val_logits(model, batches, prep, cfg, world, beat=None):
+    """Validation logits and labels, gathered from every rank in a distributed run; `beat()` after each batch
+    tells the watchdog that validation is progressing (a pass can take longer than train.watchdog_s)."""
     model.eval()
     logits, ys = [], []
     for x, y in batches.epoch(None):
         logits.append(infer_logits(model, x, prep, amp=cfg.train.amp))
         ys.append(y)
+        if beat:
+            beat()
     out = torch.cat(logits).cpu().numpy(), torch.cat(ys).cpu().numpy()
     return gather_arrays(*out) if world > 1 else out
 

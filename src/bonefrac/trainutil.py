@@ -88,8 +88,10 @@ class Ema:
 class Watchdog:
     """Calls `on_timeout` and ends the process when no `beat()` came for `timeout_s` seconds.
 
-    A training run once hung silently for 46 minutes; this turns such a hang into a saved checkpoint and a
-    clear error, so `--resume` continues it.
+    A training run once hung silently for 46 minutes; this turns such a hang into a clear error and an exit,
+    so `--resume` continues from the last consistent checkpoint. The loop beats after every training step,
+    validation batch and checkpoint save. It saves nothing itself: mid-epoch weights under the last completed
+    epoch's number would make a resume repeat steps on top of them (train.py keeps `last` as it is).
     """
 
     EXIT_CODE = 75
@@ -113,8 +115,8 @@ class Watchdog:
     def _run(self) -> None:
         while not self._stop.wait(min(5.0, self.timeout_s / 4)):
             if time.monotonic() - self.last > self.timeout_s:
-                log.error("watchdog: no training step completed in %.0f s; saving a checkpoint and stopping "
-                          "(continue with --resume)", self.timeout_s)
+                log.error("watchdog: no progress (training step, validation batch or checkpoint save) in %.0f s; "
+                          "stopping (continue with --resume)", self.timeout_s)
                 self.fired.set()
                 try:
                     self.on_timeout()
