@@ -333,3 +333,128 @@ def test_batcher_is_fifo_under_closed_loop_load():
     asyncio.run(main())
     assert len(calls_waited) == clients * 15
     assert max(calls_waited) <= clients // max_batch + 1, sorted(calls_waited)[-10:]
+
+
+# --- failure isolation, shutdown, event-loop blocking, chunked limit, audit lock --------------------------------
+
+
+def prepared(path: Path, size=64) -> np.ndarray:
+    """The array the model gets for this file (decoded, checked, resized), as the service prepares it."""
+    from bonefrac.serve.preprocess import Preprocessor
+
+    async def main():
+        pre = Preprocessor(0)
+        await pre.start()
+        try:
+            return (await pre.prepare(path.read_bytes(), path.name, 60_000_000, True, size))["gray"]
+        finally:
+            await pre.stop()
+
+    return asyncio.run(main())
+
+
+def test_micro_batcher_fails_only_the_request_the_model_fails_on():
+    def fake(images):
+        if any(img[0, 0] == 3 for img in images):
+            raise ValueError("bad image")
+        return np.array([[float(img[0, 0]), 0.0] for img in images])
+
+    async def main():
+        b = MicroBatcher(fake, max_batch=8, max_wait_ms=50)
+        await b.start()
+        outs = await asyncio.gather(*[b.submit([np.full((2, 2), i, np.uint8)]) for i in range(5)],
+                                    return_exceptions=True)
+        await b.stop()
+        return outs
+
+    outs = asyncio.run(main())
+    assert isinstance(outs[3], ValueError)
+    assert [int(o[0, 0]) for i, o in enumerate(outs) if i != 3] == [0, 1, 2, 4]
+
+
+def test_bad_image_fails_only_its_own_request_in_a_shared_batch(ckpt):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bonefrac.backends import load_backend
+
+    predictor = load_backend(str(ckpt), "cpu")
+    bad, real, sizes = prepared(SAMPLES[4]), predictor.predict_arrays, []
+
+    def predict_arrays(images):  # a model that cannot handle one particular image
+        sizes.append(len(images))
+        if any(np.array_equal(img, bad) for img in images):
+            raise RuntimeError("model failed")
+        return real(images)
+
+    predictor.predict_arrays = predict_arrays
+    # A long window, so the five concurrent requests land in one batch.
+    settings = Settings(model=str(ckpt), max_batch=8, max_wait_ms=500, preprocess_workers=0)
+    app = create_app(settings, predictor)
+    with TestClient(app, raise_server_exceptions=False) as c, ThreadPoolExecutor(5) as pool:
+        names = [SAMPLES[i] for i in (0, 1, 2, 3, 4)]
+        resps = list(pool.map(lambda p: post(c, (p.name, p.read_bytes())), names))
+    assert max(sizes) > 1  # they were batched together (else the test proves nothing)
+    assert [r.status_code for r in resps] == [200, 200, 200, 200, 500], [r.text for r in resps]
+    assert resps[4].json()["error"]["code"] == "internal"
+
+
+def test_predict_after_shutdown_is_503_json(ckpt):
+    with TestClient(create_app(Settings(model=str(ckpt), preprocess_workers=0))) as c:
+        c.portal.call(c.app.state.batcher.stop)  # as at shutdown, while requests still come in
+        resp = post(c, ("x.webp", SAMPLES[0].read_bytes()))
+    assert resp.status_code == 503 and resp.json()["error"]["code"] == "shutting_down"
+
+
+def test_explain_draws_and_encodes_off_the_event_loop(client, monkeypatch):
+    import bonefrac.explain
+    import bonefrac.serve.routes.predict as routes
+
+    on_loop = []
+
+    def spy(fn):
+        def wrapper(*args, **kw):
+            try:
+                asyncio.get_running_loop()
+                on_loop.append(True)  # the event loop's thread: every other request waits
+            except RuntimeError:
+                on_loop.append(False)
+            return fn(*args, **kw)
+        return wrapper
+
+    monkeypatch.setattr(bonefrac.explain, "overlay", spy(bonefrac.explain.overlay))
+    monkeypatch.setattr(routes, "_png", spy(routes._png))
+    resp = post(client, ("x.webp", SAMPLES[0].read_bytes()), path="/v1/explain")
+    assert resp.status_code == 200, resp.text
+    assert on_loop == [False, False]
+
+
+def test_chunked_upload_over_the_limit_is_413(client):
+    def body():  # no Content-Length: the cap is enforced while streaming (max_request_mb=2)
+        yield b'--x\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n\r\n'
+        for _ in range(48):
+            yield b"\0" * 65536
+        yield b"\r\n--x--\r\n"
+
+    resp = client.post("/v1/predict", content=body(), headers={"content-type": "multipart/form-data; boundary=x"})
+    assert resp.status_code == 413, resp.text
+    assert resp.json()["error"]["code"] == "request_too_large"
+
+
+def test_locked_audit_db_is_503_and_readers_do_not_block(ckpt, tmp_path):
+    import sqlite3
+
+    db = tmp_path / "audit.sqlite"
+    file = ("x.webp", SAMPLES[0].read_bytes())
+    with TestClient(create_app(Settings(model=str(ckpt), audit_db=str(db), preprocess_workers=0))) as c:
+        c.app.state.audit.timeout = 0.2  # not the 10 s default: the test would wait that long
+        other = sqlite3.connect(db, isolation_level=None)
+        other.execute("BEGIN")
+        other.execute("SELECT COUNT(*) FROM predictions").fetchall()  # a reader mid-transaction
+        assert post(c, file).status_code == 200  # WAL: the write goes on beside the reader
+        other.execute("COMMIT")
+        other.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+        resp = post(c, file)
+        other.execute("ROLLBACK")
+        other.close()
+    assert resp.status_code == 503 and resp.json()["error"]["code"] == "audit_unavailable"
+    assert "not recorded" in resp.json()["error"]["message"]

@@ -7,6 +7,7 @@ import json
 import sqlite3
 import threading
 import time
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 _SCHEMA = """CREATE TABLE IF NOT EXISTS predictions (
@@ -14,25 +15,38 @@ _SCHEMA = """CREATE TABLE IF NOT EXISTS predictions (
     image_sha256 TEXT NOT NULL, status TEXT NOT NULL, prediction TEXT, probabilities TEXT, refer INTEGER NOT NULL)"""
 
 
-class AuditLog:
-    """Appends rows from any thread (one connection per call, writes serialised by a lock)."""
+class AuditUnavailable(Exception):
+    """The audit database could not be written (locked past the timeout, disk full, ...)."""
 
-    def __init__(self, path):
-        self.path = Path(path)
+
+class AuditLog:
+    """Appends rows from any thread (one connection per call, writes serialised by a lock). `timeout`: seconds a
+    write waits for a lock held by another process (e.g. someone reading the file) before giving up."""
+
+    def __init__(self, path, timeout: float = 10.0):
+        self.path, self.timeout = Path(path), timeout
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         with self._connect() as db:
+            # WAL (kept in the file): readers of the log, such as /v1/audit or an analyst's sqlite3 shell, no
+            # longer block the writes each prediction needs.
+            db.execute("PRAGMA journal_mode=WAL")
             db.execute(_SCHEMA)
 
+    @contextmanager
     def _connect(self):
-        return sqlite3.connect(self.path, timeout=10)
+        with closing(sqlite3.connect(self.path, timeout=self.timeout)) as db, db:  # commit, then close
+            yield db
 
     def record(self, model_version: str, results: list[dict]) -> None:
         rows = [(time.time(), model_version, r["sha256"], r["status"], r.get("prediction"),
                  json.dumps(r.get("probabilities")), int(bool(r.get("refer")))) for r in results]
-        with self._lock, self._connect() as db:
-            db.executemany("INSERT INTO predictions (time, model_version, image_sha256, status, prediction, "
-                           "probabilities, refer) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+        try:
+            with self._lock, self._connect() as db:
+                db.executemany("INSERT INTO predictions (time, model_version, image_sha256, status, prediction, "
+                               "probabilities, refer) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+        except sqlite3.Error as exc:
+            raise AuditUnavailable(f"{type(exc).__name__}: {exc}") from exc  # sqlite's text: no row content
 
     def recent(self, limit: int = 100, refer_only: bool = False) -> list[dict]:
         query = "SELECT * FROM predictions" + (" WHERE refer = 1" if refer_only else "")

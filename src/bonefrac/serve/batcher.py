@@ -10,6 +10,10 @@ window closes. Images are taken in arrival order (FIFO), so no image waits for m
 batches ahead of it. The model runs in one dedicated thread, so the event loop keeps serving (health checks,
 uploads) during inference and the model is never called from two threads at once. max_batch=1 means one at a
 time.
+
+When a batch's model call raises, each request in it is run again on its own, so one bad image fails only the
+request that sent it. Once stopped, `submit` and `run` raise errors.ShuttingDown (a 503), and requests still
+waiting get it too instead of hanging.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+
+from .errors import ShuttingDown
 
 log = logging.getLogger(__name__)
 
@@ -50,19 +56,23 @@ class MicroBatcher:
     async def submit(self, images: list[np.ndarray]) -> np.ndarray:
         """Probabilities (len(images), K) for these images, computed together with other clients' images."""
         if not self.running:
-            raise RuntimeError("batcher is not running")
+            raise ShuttingDown()
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in images]
+        request = object()  # tags this request's images, so a failed batch can be re-run request by request
         for img, fut in zip(images, futures):
-            self._queue.put_nowait((img, fut))
+            self._queue.put_nowait((img, fut, request))
         return np.stack(await asyncio.gather(*futures)) if futures else np.zeros((0, 0), np.float32)
 
     async def run(self, fn, *args):
         """Run another model call (e.g. Grad-CAM) on the model thread, serialised with the batches."""
+        if not self.running:  # the executor is shut down with the loop
+            raise ShuttingDown()
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    async def _collect(self) -> list:
-        batch = [await self._queue.get()]
+    async def _collect(self, batch: list) -> None:
+        """Fill `batch` in place, so images already taken are not lost if the loop is stopped mid-window."""
+        batch.append(await self._queue.get())
         if self.max_batch > 1 and self.max_wait > 0:
             try:
                 # One deadline for the whole window (not one wait_for task per image).
@@ -73,22 +83,47 @@ class MicroBatcher:
                 pass  # a get() cut short leaves its image in the queue, for the loop below or the next batch
         while len(batch) < self.max_batch and not self._queue.empty():  # already waiting: take them too
             batch.append(self._queue.get_nowait())
-        return batch
 
     async def _loop(self) -> None:
-        while True:
-            batch = [(img, fut) for img, fut in await self._collect() if not fut.cancelled()]
-            if not batch:
-                continue
-            try:
-                probs = await self.run(self.predict_fn, [img for img, _ in batch])
-                self.on_batch(len(batch))
-            except Exception as exc:  # handed to every waiting request, which turns it into an error reply
-                log.error("model call failed for a batch of %d: %s", len(batch), type(exc).__name__)
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
-                continue
-            for (_, fut), row in zip(batch, probs):
-                if not fut.done():
-                    fut.set_result(row)
+        batch: list = []
+        try:
+            while True:
+                batch = []
+                await self._collect(batch)
+                batch = [item for item in batch if not item[1].cancelled()]
+                if batch:
+                    await self._infer(batch)
+        finally:  # stopped: nothing will answer the images in hand or queued, so fail them rather than hang
+            while not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            _settle(batch, error=ShuttingDown())
+
+    async def _infer(self, batch: list) -> None:
+        try:
+            probs = await self.run(self.predict_fn, [img for img, _, _ in batch])
+        except Exception as exc:
+            requests: dict[int, list] = {}
+            for item in batch:
+                requests.setdefault(id(item[2]), []).append(item)
+            log.error("model call failed for a batch of %d images from %d requests: %s", len(batch),
+                      len(requests), type(exc).__name__)
+            if len(requests) == 1:  # nothing to separate: this request is the one that failed
+                _settle(batch, error=exc)
+                return
+            for items in requests.values():  # each alone, so only the request that makes the model fail fails
+                if any(not fut.done() for _, fut, _ in items):  # skip requests that gave up meanwhile
+                    await self._infer(items)
+            return
+        self.on_batch(len(batch))
+        _settle(batch, probs)
+
+
+def _settle(batch: list, probs=None, error: BaseException | None = None) -> None:
+    """Hand each waiting request its row, or the error; requests that gave up (cancelled) are skipped."""
+    for i, (_, fut, _) in enumerate(batch):
+        if fut.done():
+            continue
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(probs[i])

@@ -1,4 +1,5 @@
-"""Every refusal is a JSON body `{"error": {"code": ..., "message": ...}}` with a 4xx status, never a 500 page.
+"""Every refusal is a JSON body `{"error": {"code": ..., "message": ...}}` with a 4xx status (503 when the service
+cannot answer now, 500 'internal' for a failure that is not the client's), never an HTML error page.
 
 `install(app, telemetry)` registers the handlers; routes raise `ApiError(status, code, message)`.
 """
@@ -17,6 +18,10 @@ log = logging.getLogger(__name__)
 
 class BodyTooLarge(Exception):
     """Raised while streaming a request body past the size cap (see guards.BodyLimitMiddleware)."""
+
+
+class ShuttingDown(Exception):
+    """Raised by the batcher once it is stopped: the service is going down and takes no more model calls."""
 
 
 class ApiError(Exception):
@@ -42,6 +47,21 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "invalid request: " + "; ".join(parts) + " (send images as multipart/form-data field 'files')"
 
 
+def _caused_by(exc: BaseException, kind: type) -> bool:
+    """Whether `kind` is anywhere in exc's chain: Starlette and AnyIO wrap a body-reading failure in other
+    exceptions (__cause__ / __context__) and in exception groups, at a depth that changes between versions."""
+    todo, seen = [exc], set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:  # a chain can link back to an exception already seen
+            continue
+        if isinstance(e, kind):
+            return True
+        seen.add(id(e))
+        todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]  # a BaseExceptionGroup's members
+    return False
+
+
 def install(app: FastAPI, telemetry) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -55,12 +75,18 @@ def install(app: FastAPI, telemetry) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        if isinstance(exc.__cause__, BodyTooLarge):  # FastAPI wraps body-reading failures in a 400
+        if _caused_by(exc, BodyTooLarge):  # FastAPI turns body-reading failures into a 400
             telemetry.error("request_too_large")
             return error_response(413, "request_too_large", "request body over the size limit")
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
         telemetry.error(code)
         return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(ShuttingDown)
+    async def _shutting_down(request: Request, exc: ShuttingDown):
+        telemetry.error("shutting_down")
+        return error_response(503, "shutting_down", "the service is shutting down; retry shortly",
+                              {"Retry-After": "1", "Connection": "close"})
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

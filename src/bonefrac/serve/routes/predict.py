@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from ...backends import needs_review
 from ...predict import decide
+from ..audit import AuditUnavailable
 from ..errors import ApiError
 from ..guards import guard
 
@@ -73,9 +74,19 @@ async def _analyse(request: Request, files: list[UploadFile]) -> PredictResponse
     for r in results:
         state.telemetry.image(r.status)
     if state.audit is not None:
-        await asyncio.to_thread(state.audit.record, predictor.version, [r.model_dump() for r in results])
+        await _record(state.audit, predictor.version, results)
     return PredictResponse(model_version=predictor.version, class_names=predictor.class_names,
                            threshold=predictor.threshold, results=results)
+
+
+async def _record(audit, version: str, results: list[ImageResult]) -> None:
+    """Audit before answering: a prediction that could not be recorded is not handed out (503, retry)."""
+    try:
+        await asyncio.to_thread(audit.record, version, [r.model_dump() for r in results])
+    except AuditUnavailable as exc:
+        log.warning("audit write failed, prediction withheld: %s", exc)
+        raise ApiError(503, "audit_unavailable", "the audit log could not be written; the prediction "
+                       "was not recorded and is not returned; retry shortly", headers={"Retry-After": "5"}) from None
 
 
 def _result(item: dict, predictor, margin: float) -> ImageResult:
@@ -109,7 +120,9 @@ async def explain(request: Request, files: list[UploadFile] = FILES) -> Response
         raise ApiError(422, "not_xray", f"{items[0]['filename']}: {check.reason}")
     gradcam, overlay = _explainer(state.predictor)
     heat = await state.batcher.run(gradcam, state.predictor, [items[0]["gray"]])
-    return Response(_png(overlay(items[0]["gray"], heat[0])), media_type="image/png")
+    # Drawing and PNG-encoding a full-size X-ray takes seconds: off the event loop, so other requests go on.
+    png = await asyncio.to_thread(lambda: _png(overlay(items[0]["gray"], heat[0])))
+    return Response(png, media_type="image/png")
 
 
 def _explainer(predictor):
