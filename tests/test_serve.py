@@ -177,6 +177,14 @@ def test_api_key_and_rate_limit(ckpt):
         assert c.get("/health").status_code == 200  # ops endpoints are neither keyed nor limited
 
 
+def test_wrong_api_keys_are_rate_limited_too(ckpt):
+    settings = Settings(model=str(ckpt), api_key="s3cret", rate_limit=60)  # burst of 6
+    with TestClient(create_app(settings)) as c:
+        file = ("x.webp", SAMPLES[0].read_bytes())
+        codes = [post(c, file, headers={"X-API-Key": f"guess{i}"}).status_code for i in range(8)]
+    assert codes[:6] == [401] * 6 and codes[6:] == [429, 429]  # key guessing is throttled
+
+
 def test_audit_log_survives_restart(ckpt, tmp_path):
     settings = Settings(model=str(ckpt), audit_db=str(tmp_path / "audit.sqlite"))
     with TestClient(create_app(settings)) as c:

@@ -83,18 +83,19 @@ def client_id(request: Request) -> str:
 
 
 def guard(request: Request) -> None:
-    """FastAPI dependency for /v1/*: API key (when configured), then the rate limit."""
+    """FastAPI dependency for /v1/*: the rate limit, then the API key (when configured). The limit comes first so
+    that wrong keys count too: guessing keys is throttled like any other traffic."""
     state = request.app.state
+    ok, wait = state.rate_limiter.allow(client_id(request))
+    if not ok:
+        raise ApiError(429, "rate_limited", f"too many requests; retry in {wait:.1f} s",
+                       headers={"Retry-After": str(max(1, round(wait)))})
     key = state.settings.api_key
     if key:
         given = request.headers.get("x-api-key") or _bearer(request.headers.get("authorization", ""))
         if not given or not hmac.compare_digest(given.encode(), key.encode()):
             raise ApiError(401, "unauthorized", "missing or wrong API key (header X-API-Key)",
                            headers={"WWW-Authenticate": "Bearer"})
-    ok, wait = state.rate_limiter.allow(client_id(request))
-    if not ok:
-        raise ApiError(429, "rate_limited", f"too many requests; retry in {wait:.1f} s",
-                       headers={"Retry-After": str(max(1, round(wait)))})
 
 
 def _bearer(value: str) -> str | None:
