@@ -22,7 +22,7 @@ import numpy as np
 
 from .errors import BonefracError, ImageReadError
 from .io import decode_image_and_colour
-from .predict import _softmax
+from .predict import _softmax, decide
 from .transforms import resize_batch
 
 log = logging.getLogger(__name__)
@@ -230,3 +230,15 @@ def needs_review(probs: np.ndarray, positive_index: int | None, threshold: float
         return np.abs(probs[:, positive_index] - t) < margin
     top = np.sort(probs, axis=1)
     return (top[:, -1] - top[:, -2]) < 2 * margin
+
+
+def prediction_rows(probs: np.ndarray, predictor, refer_margin: float) -> list[dict]:
+    """The result of each image (rows of `probs`), as `bonefrac predict` and the service report it: status "ok",
+    the prediction (the validation threshold decides for 2 classes), its confidence, the refer flag
+    (`needs_review`) and every class probability, rounded to 6 decimals."""
+    pos, threshold, names = predictor.positive_index, predictor.threshold, predictor.class_names
+    labels = decide(probs, pos, threshold)
+    refer = needs_review(probs, pos, threshold, refer_margin)
+    return [{"status": "ok", "prediction": names[lab], "confidence": round(float(row[lab]), 6), "refer": bool(flag),
+             "probabilities": {c: round(float(v), 6) for c, v in zip(names, row)}}
+            for row, lab, flag in zip(probs, labels, refer)]

@@ -209,7 +209,7 @@ def predict_files(predictor, inputs: list[str], batch_size: int = 32, xray_check
     "ok": prediction, confidence, probabilities and `refer` (probability close to the threshold: review it);
     "not_xray": the image fails the radiograph check (a photo, document, blank or noise), `message` says why,
     and no prediction is given; "error": `error` names the problem (unreadable, missing, too large)."""
-    from .backends import needs_review  # backends imports this module
+    from .backends import prediction_rows  # backends imports this module
 
     paths = expand_paths(inputs)
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
@@ -218,17 +218,9 @@ def predict_files(predictor, inputs: list[str], batch_size: int = 32, xray_check
             read = list(pool.map(lambda p: _read_checked(p, xray_check), chunk))
             good = [img for img, problem in read if problem is None]
             probs = predictor.predict_arrays(good) if good else np.zeros((0, len(predictor.class_names)))
-            labels = iter(decide(probs, predictor.positive_index, predictor.threshold))
-            refer = iter(needs_review(probs, predictor.positive_index, predictor.threshold, refer_margin))
-            rows = iter(probs)
+            results = iter(prediction_rows(probs, predictor, refer_margin))
             for path, (_, problem) in zip(chunk, read):
-                if problem is not None:
-                    yield {"path": str(path), **problem}
-                    continue
-                row, lab = next(rows), int(next(labels))
-                yield {"path": str(path), "status": "ok", "prediction": predictor.class_names[lab],
-                       "confidence": round(float(row[lab]), 6), "refer": bool(next(refer)),
-                       "probabilities": {c: round(float(v), 6) for c, v in zip(predictor.class_names, row)}}
+                yield {"path": str(path), **(problem if problem is not None else next(results))}
 
 
 def _read_checked(path: Path, xray_check: bool):

@@ -179,7 +179,6 @@ def train(manifest: str | Path, out_dir: str | Path, cfg: Config, resume: bool =
                             **calibration_meta(val_logits, val_y, class_names, pos, monitor, score)}
                     watchdog.beat()  # fitting the calibration can take a while on a large val split
                     checkpoint.save(out_dir / "best", eval_model, meta)
-                watchdog.beat()
             else:
                 state["bad_epochs"] += 1
             state["epoch"] = epoch + 1

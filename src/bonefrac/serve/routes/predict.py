@@ -12,8 +12,7 @@ from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 from fastapi.responses import Response
 from pydantic import BaseModel
 
-from ...backends import needs_review
-from ...predict import decide
+from ...backends import prediction_rows
 from ..audit import AuditUnavailable
 from ..errors import ApiError
 from ..guards import guard
@@ -93,13 +92,9 @@ def _result(item: dict, predictor, margin: float) -> ImageResult:
     base = {"filename": item["filename"], "sha256": item["sha256"]}
     if "probs" not in item:
         return ImageResult(**base, status="not_xray", refer=True, message=item["check"].reason)
-    row = item["probs"][None, :]
-    label = int(decide(row, predictor.positive_index, predictor.threshold)[0])
-    refer = bool(needs_review(row, predictor.positive_index, predictor.threshold, margin)[0])
-    return ImageResult(**base, status="ok", prediction=predictor.class_names[label],
-                       confidence=round(float(row[0, label]), 6), refer=refer,
-                       probabilities={c: round(float(p), 6) for c, p in zip(predictor.class_names, row[0])},
-                       message="low confidence: refer for expert review" if refer else None)
+    (fields,) = prediction_rows(item["probs"][None, :], predictor, margin)
+    return ImageResult(**base, **fields,
+                       message="low confidence: refer for expert review" if fields["refer"] else None)
 
 
 @router.post("/predict", response_model=PredictResponse, summary="Classify one or many X-ray images")
