@@ -98,3 +98,58 @@ def test_cli_reports_one_line_before_loading_a_model(argv, env, monkeypatch, cap
     assert main(argv) == 2 and not started  # ConfigError is a BonefracError: one line, exit 2
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1 and "\n" not in errors[0] and "BONEFRAC_" in errors[0]
+
+
+@pytest.mark.parametrize("bad", ["proxy.local", "10.0.0.1/99", "1.2.3"])
+def test_trusted_proxies_must_be_addresses(bad):
+    with pytest.raises(ConfigError, match="BONEFRAC_TRUSTED_PROXIES=.*IP addresses"):
+        Settings.from_env({"BONEFRAC_TRUSTED_PROXIES": f"127.0.0.1,{bad}"})
+    assert Settings.from_env({"BONEFRAC_TRUSTED_PROXIES": "10.0.0.0/8, ::1,*"}).trusted_proxies == ("10.0.0.0/8", "::1", "*")
+
+
+def _statuses_behind_proxy(trusted: str) -> list[int]:
+    """Six /v1 requests through a real uvicorn server, each naming a different client in X-Forwarded-For."""
+    import threading
+    import time
+    import urllib.error
+    import urllib.request
+
+    uvicorn = pytest.importorskip("uvicorn")
+    from bonefrac.serve.app import create_app, server_options
+    from bonefrac.serve.synthetic import SyntheticPredictor
+
+    settings = Settings(port=_free_port(), rate_limit=1, preprocess_workers=0, warmup=False,
+                        trusted_proxies=(trusted,))  # burst 5: the sixth request from one client is refused
+    app = create_app(settings, predictor=SyntheticPredictor(1, 2, size=32))
+    server = uvicorn.Server(uvicorn.Config(app, **{**server_options(settings), "log_level": "warning"}))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    statuses = []
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for i in range(6):
+            req = urllib.request.Request(f"http://127.0.0.1:{settings.port}/v1/audit",
+                                         headers={"X-Forwarded-For": f"203.0.113.{i + 1}"})
+            try:
+                statuses.append(urllib.request.urlopen(req, timeout=10).status)
+            except urllib.error.HTTPError as exc:
+                statuses.append(exc.code)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    return statuses
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_rate_limit_keys_on_the_forwarded_client_only_behind_a_trusted_proxy():
+    assert 429 not in _statuses_behind_proxy("127.0.0.1")  # six clients, one request each
+    assert _statuses_behind_proxy("10.0.0.1")[-1] == 429  # header ignored: all six are the proxy's

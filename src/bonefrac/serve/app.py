@@ -113,4 +113,10 @@ def run(settings: Settings) -> None:
     """Serve until interrupted (uvicorn; access logs hold method, path and status only)."""
     import uvicorn
 
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    uvicorn.run(create_app(settings), **server_options(settings))
+
+
+def server_options(settings: Settings) -> dict:
+    """uvicorn's keyword arguments for `settings` (address, and whose X-Forwarded-For names the client)."""
+    return dict(host=settings.host, port=settings.port, log_level="info", proxy_headers=True,
+                forwarded_allow_ips=",".join(settings.trusted_proxies))

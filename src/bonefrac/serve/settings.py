@@ -12,6 +12,7 @@
 | BONEFRAC_RATE_LIMIT | 600 | >= 0 | requests per minute per client (0: off) |
 | BONEFRAC_API_KEY | unset | non-empty | when set, /v1/* needs header `X-API-Key` (or `Authorization: Bearer`) |
 | BONEFRAC_CORS_ORIGINS | unset (CORS off) | | comma-separated allowed origins |
+| BONEFRAC_TRUSTED_PROXIES | 127.0.0.1 | IPs, networks or * | comma-separated proxies whose X-Forwarded-For names the client |
 | BONEFRAC_AUDIT_DB | unset (off) | | SQLite file for the audit log |
 | BONEFRAC_REFER_MARGIN | 0.15 | 0 <= m < 0.5 | refer when the positive probability is this close to the threshold |
 | BONEFRAC_XRAY_CHECK | 1 | boolean | 0 disables the "not an X-ray" refusal |
@@ -27,6 +28,7 @@ as a warning; names read elsewhere in the package (BONEFRAC_COPY_DETECTOR) are k
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import os
@@ -65,8 +67,16 @@ _RANGES = {
     "refer_margin": (lambda v: _finite(v) and 0 <= v < 0.5, "a number from 0 up to (not including) 0.5"),
     "preprocess_workers": (lambda v: v >= 0, "an integer >= 0 (0: threads)"),
     "device": (lambda v: bool(_DEVICE.fullmatch(v)), "auto, cpu, cuda, cuda:N or mps"),
+    "trusted_proxies": (lambda v: all(_is_network(p) for p in v), "comma-separated IP addresses, networks or *"),
     "api_key": (lambda v: v is None or v.strip() != "", "a non-empty key (or leave the variable unset)"),
 }
+
+
+def _is_network(text: str) -> bool:
+    try:
+        return text == "*" or bool(ipaddress.ip_network(text, strict=False))
+    except ValueError:
+        return False
 
 
 def _problem(field_name: str, shown: str, allowed: str) -> str:
@@ -89,6 +99,9 @@ class Settings:
     rate_limit: int = 600
     api_key: str | None = field(default=None, repr=False)  # never printed
     cors_origins: tuple[str, ...] = ()
+    # The rate limit keys on the client address; behind a reverse proxy on another host every request would come
+    # from the proxy, so its X-Forwarded-For is believed for these addresses only (a client could forge it).
+    trusted_proxies: tuple[str, ...] = ("127.0.0.1",)
     audit_db: str | None = None
     refer_margin: float = 0.15
     xray_check: bool = True
