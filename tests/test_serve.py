@@ -466,3 +466,17 @@ def test_locked_audit_db_is_503_and_readers_do_not_block(ckpt, tmp_path):
         other.close()
     assert resp.status_code == 503 and resp.json()["error"]["code"] == "audit_unavailable"
     assert "not recorded" in resp.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_api_docs_load_no_script_from_outside(client, page):
+    """Air-gapped networks: every script and style sheet of the docs pages is served by the service itself."""
+    import re
+
+    html = client.get(page).text
+    assets = re.findall(r'(?:src|href)=["\']([^"\']+)["\']', html) + re.findall(r'url: ?["\']([^"\']+)["\']', html)
+    scripts = [a for a in assets if a.endswith((".js", ".css"))]
+    assert scripts and not [a for a in assets if "//" in a]
+    for url in scripts:
+        r = client.get(url)
+        assert r.status_code == 200 and len(r.content) > 10_000, url

@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 
 import numpy as np
 from fastapi import FastAPI, Request
+from fastapi_offline import FastAPIOffline
 from fastapi.staticfiles import StaticFiles
 
 from .. import __version__
@@ -54,7 +55,9 @@ def create_app(settings: Settings | None = None, predictor=None) -> FastAPI:
             await batcher.stop()
             await preprocessor.stop()
 
-    app = FastAPI(title="bonefrac", version=__version__, lifespan=lifespan, description=NOTICE)
+    # fastapi-offline serves /docs and /redoc from files in the package: FastAPI's own pages load their scripts
+    # from a CDN, which air-gapped hospital networks cannot reach.
+    app = FastAPIOffline(title="bonefrac", version=__version__, lifespan=lifespan, description=NOTICE)
     app.state.settings, app.state.predictor, app.state.batcher = settings, predictor, batcher
     app.state.preprocessor = preprocessor
     app.state.telemetry, app.state.rate_limiter = telemetry, RateLimiter(settings.rate_limit)
