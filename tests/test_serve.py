@@ -410,7 +410,9 @@ def test_predict_after_shutdown_is_503_json(ckpt):
     with TestClient(create_app(Settings(model=str(ckpt), preprocess_workers=0))) as c:
         c.portal.call(c.app.state.batcher.stop)  # as at shutdown, while requests still come in
         resp = post(c, ("x.webp", SAMPLES[0].read_bytes()))
+        ready = c.get("/ready")
     assert resp.status_code == 503 and resp.json()["error"]["code"] == "shutting_down"
+    assert ready.status_code == 503 and ready.json() == {"status": "stopping"}
 
 
 def test_explain_draws_and_encodes_off_the_event_loop(client, monkeypatch):

@@ -38,6 +38,7 @@ class MicroBatcher:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bonefrac-model")
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
+        self.stopped = False  # stop() was called: /ready says "stopping", not "starting"
 
     @property
     def running(self) -> bool:
@@ -48,6 +49,7 @@ class MicroBatcher:
         self._task = asyncio.create_task(self._loop(), name="bonefrac-batcher")
 
     async def stop(self) -> None:
+        self.stopped = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)

@@ -16,8 +16,8 @@ async def health() -> dict:
 @router.get("/ready", summary="Readiness: the model is loaded and accepting work")
 async def ready(request: Request):
     state = request.app.state
-    if not state.batcher.running:
-        return JSONResponse({"status": "starting"}, status_code=503)
+    if not state.batcher.running:  # 503 either way, so load balancers send no new work
+        return JSONResponse({"status": "stopping" if state.batcher.stopped else "starting"}, status_code=503)
     return {"status": "ready", "model_version": state.predictor.version, "class_names": state.predictor.class_names}
 
 
