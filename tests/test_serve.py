@@ -482,3 +482,22 @@ def test_api_docs_load_no_script_from_outside(client, page):
     for url in scripts:
         r = client.get(url)
         assert r.status_code == 200 and len(r.content) > 10_000, url
+
+
+def test_openapi_documents_every_error_code_the_service_sends(client):
+    """The schema's refusals match the code: each code raised in the service is listed under its status, and
+    /v1/predict's 422 is the service's error body, not FastAPI's default validation schema."""
+    import re
+
+    from bonefrac.serve.errors import CODES
+
+    sent = set()
+    for path in (Path(__file__).resolve().parents[1] / "src" / "bonefrac" / "serve").rglob("*.py"):
+        sent |= set(re.findall(r"(?:ApiError|error_response)\((\d{3}), \"([a-z_]+)\"", path.read_text()))
+    listed = {(str(s), c) for s, codes in CODES.items() for c in codes}
+    assert sent and sent <= listed, sent - listed
+    spec = client.get("/openapi.json").json()
+    responses = spec["paths"]["/v1/predict"]["post"]["responses"]
+    for status in ("401", "413", "415", "422", "429", "503"):
+        assert responses[status]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorBody"}
+    assert "not_xray" in responses["422"]["description"]

@@ -11,9 +11,39 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
+
+
+class ErrorDetail(BaseModel):
+    code: str  # stable, for programs: "rate_limited", "not_xray", ...
+    message: str  # for people: names the file and the problem
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+def documented(*statuses: int) -> dict:
+    """OpenAPI `responses=` entries for these refusal statuses, each with the error body's schema and codes."""
+    return {s: {"model": ErrorBody, "description": ", ".join(CODES[s])} for s in statuses}
+
+
+# Every error code the service sends, by status (kept beside the handlers that send them; a test checks them).
+CODES = {
+    400: ["bad_request"],  # e.g. a malformed multipart body
+    401: ["unauthorized"],
+    404: ["audit_off"],
+    413: ["request_too_large", "too_many_files", "image_too_large"],
+    415: ["unsupported_media_type"],
+    422: ["invalid_request", "unreadable_image", "not_xray"],
+    429: ["rate_limited"],
+    500: ["internal"],
+    501: ["not_implemented"],
+    503: ["shutting_down", "preprocess_unavailable", "audit_unavailable"],
+}
 
 
 class BodyTooLarge(Exception):

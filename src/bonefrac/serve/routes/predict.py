@@ -14,11 +14,12 @@ from pydantic import BaseModel
 
 from ...backends import prediction_rows
 from ..audit import AuditUnavailable
-from ..errors import ApiError
+from ..errors import ApiError, documented
 from ..guards import guard
 
 log = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1", dependencies=[Depends(guard)])
+router = APIRouter(prefix="/v1", dependencies=[Depends(guard)], responses=documented(401, 429, 500))
+UPLOAD_ERRORS = documented(400, 413, 415, 422, 503)
 FILES = File(..., description="image files (PNG, JPEG, WebP, BMP, TIFF or DICOM); the type is sniffed from content")
 
 
@@ -97,7 +98,8 @@ def _result(item: dict, predictor, margin: float) -> ImageResult:
                        message="low confidence: refer for expert review" if fields["refer"] else None)
 
 
-@router.post("/predict", response_model=PredictResponse, summary="Classify one or many X-ray images")
+@router.post("/predict", response_model=PredictResponse, summary="Classify one or many X-ray images",
+             responses=UPLOAD_ERRORS)
 async def predict(request: Request, files: list[UploadFile] = FILES) -> PredictResponse:
     """Per image: class probabilities, prediction, confidence, a refer flag (low confidence or not an X-ray)
     and the model version. Assistive output for clinician review, not a diagnosis."""
@@ -105,7 +107,7 @@ async def predict(request: Request, files: list[UploadFile] = FILES) -> PredictR
 
 
 @router.post("/explain", summary="Grad-CAM overlay of the first image, as PNG",
-             responses={200: {"content": {"image/png": {}}}})
+             responses={200: {"content": {"image/png": {}}}, **UPLOAD_ERRORS, **documented(501)})
 async def explain(request: Request, files: list[UploadFile] = FILES) -> Response:
     """The X-ray with a heatmap of the regions that drove the predicted class (PyTorch checkpoints only)."""
     state = request.app.state
@@ -139,7 +141,8 @@ def _png(rgb: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-@router.get("/audit", summary="Recent audit-log rows (image hashes, probabilities, refer flags)")
+@router.get("/audit", summary="Recent audit-log rows (image hashes, probabilities, refer flags)",
+            responses=documented(404, 422, 503))
 async def audit(request: Request, limit: int = Query(100, ge=1, le=1000), refer_only: bool = False) -> dict:
     if request.app.state.audit is None:
         raise ApiError(404, "audit_off", "the audit log is off (set BONEFRAC_AUDIT_DB to turn it on)")
