@@ -13,6 +13,7 @@ from bonefrac.cli import main
 from bonefrac.config import AugmentConfig
 from bonefrac.data import box_masks
 from bonefrac.errors import BonefracError
+from bonefrac.manifest import load_manifest
 from bonefrac.train import lesion_loss
 from bonefrac.transforms import augment
 from conftest import interrupt_second_epoch
@@ -27,7 +28,7 @@ STILL = AugmentConfig(rotate_deg=0.0, hflip_p=0.0, brightness=0.0, contrast=0.0,
 
 
 def _rows(sample_manifest) -> pd.DataFrame:
-    return pd.read_csv(sample_manifest)
+    return load_manifest(sample_manifest)
 
 
 def test_masks_cover_the_boxes_and_know_which_images_they_describe(sample_manifest):

@@ -13,7 +13,7 @@ import torch
 from bonefrac.copydetect import (META_FILE, WEIGHTS_FILE, CopyDetector, copy_pairs, embed_images, load_detector,
                                  save_detector, shipped_detector_path)
 from bonefrac.errors import BonefracError
-from bonefrac.manifest import prepare
+from bonefrac.manifest import load_manifest, prepare
 from conftest import pattern, save
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,8 +190,8 @@ def test_shipped_detector_groups_reference_copies_of_the_sample(tmp_path):
     pd.DataFrame(rows).to_csv(tmp_path / "labels.csv", index=False)
     with_copies = prepare(tmp_path / "on", labels_csv=tmp_path / "labels.csv", match_copies="auto", workers=1)
     prepare(tmp_path / "off", labels_csv=tmp_path / "labels.csv", match_copies="off", workers=1)
-    group_on = pd.read_csv(tmp_path / "on" / "manifest.csv").set_index("path")["group"]
-    group_off = pd.read_csv(tmp_path / "off" / "manifest.csv").set_index("path")["group"]
+    group_on = load_manifest(tmp_path / "on" / "manifest.csv").set_index("path")["group"]
+    group_off = load_manifest(tmp_path / "off" / "manifest.csv").set_index("path")["group"]
     grouped = [group_on[str(tmp_path / "copies" / f"{i}_{k}.png")] == group_on[rows[i]["image"]]
                for i in range(10) for k in range(3)]
     # Measured on held-out FracAtlas at the shipped threshold: 95 % of copies join their source's group.

@@ -62,7 +62,8 @@ def test_folder_source_with_bad_files_and_copies(tmp_path):
     copies = by_name.loc[["normal_03.png", "exact_copy.png", "rot90_copy.png"], "group"]
     assert copies.nunique() == 1 and report["n_groups"] == 20
     assert {g["kind"] for g in report["duplicate_groups"]} == {"near"}
-    assert all(p.startswith("/") for p in df["path"]) and (df["width"] * df["height"] == 64 * 48).all()
+    assert all(p.startswith("../src/") for p in df["path"]) and (df["width"] * df["height"] == 64 * 48).all()
+    assert all(Path(p).is_absolute() and Path(p).is_file() for p in load_manifest(tmp_path / "out" / "manifest.csv").path)
     assert_no_group_crosses_splits(df)
 
 
@@ -282,3 +283,14 @@ def test_a_class_too_rare_to_reach_every_split_is_named(tmp_path, caplog):
         prepare(tmp_path / "out", labels_csv=tmp_path / "labels.csv", label_col="fractured",
                 class_names=["no_fracture", "fracture"])
     assert re.search(r"split '(val|test)' has no images of class\(es\) \['fracture'\]", caplog.text)
+
+
+def test_manifest_moved_with_its_images_still_finds_them(tmp_path):
+    """Paths are stored relative to the manifest: copy data and manifest elsewhere (another machine, another
+    mount point), delete the originals, and the copy loads with every image found."""
+    make_folder(tmp_path / "a" / "src")
+    prepare(tmp_path / "a" / "out", source=tmp_path / "a" / "src", workers=1)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "a")
+    df = load_manifest(tmp_path / "b" / "out" / "manifest.csv")
+    assert len(df) == 20 and all(Path(p).is_file() and "/b/src/" in p for p in df.path)

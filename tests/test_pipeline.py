@@ -13,6 +13,7 @@ from PIL import Image
 
 from bonefrac import checkpoint
 from bonefrac.cli import main
+from bonefrac.manifest import load_manifest
 from bonefrac.models import FlippedDgradConv2d
 from conftest import interrupt_second_epoch
 
@@ -55,7 +56,7 @@ def test_evaluate_reports_on_test_only(run, manifest, tmp_path):
     assert main(["evaluate", str(run / "best"), "--manifest", str(manifest), "--out", str(out),
                  "--bootstrap", "200"]) == 0
     m = json.loads((out / "metrics.json").read_text())
-    test_rows = pd.read_csv(manifest).query("split == 'test'")
+    test_rows = load_manifest(manifest).query("split == 'test'")
     assert m["n"] == len(test_rows)
     for key in ("accuracy", "balanced_accuracy", "auroc", "per_class", "macro_avg", "weighted_avg",
                 "confusion_matrix", "sensitivity", "specificity", "ci"):
@@ -191,7 +192,7 @@ def test_external_test_set_gets_a_domain_shift_summary(run, manifest, tmp_path):
     assert main(["prepare", "--labels", str(SAMPLE / "labels.csv"), "--label-col", "fractured",
                  "--class-names", "no_fracture,fracture", "--out", str(external), "--split-all", "test",
                  "--workers", "1"]) == 0
-    ext = pd.read_csv(external / "manifest.csv")
+    ext = load_manifest(external / "manifest.csv")
     assert len(ext) == 100 and set(ext.split) == {"test"}
     internal = tmp_path / "internal"
     assert main(["evaluate", str(run / "best"), "--manifest", str(manifest), "--out", str(internal),

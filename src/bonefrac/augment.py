@@ -2,7 +2,7 @@
 
 `augment_manifest(manifest, out_dir, balance=True)` is what callers need. It reads a manifest (see
 docs/ARCHITECTURE.md), writes `out_dir/images/<class>/<source stem>_aug<k>.png` copies of train images only and
-`out_dir/manifest.csv`: every original row (all splits, paths made absolute) plus one `train` row per copy.
+`out_dir/manifest.csv`: every original row (all splits) plus one `train` row per copy.
 A copy inherits its source's `label` and `group`, so a later grouped split or leakage check still sees it as
 the same image; `augmented_from` names the source (empty for originals). Validation and test rows are never
 augmented. Class counts are raised to the largest class (`balance`), to `target` images per class, or
@@ -200,7 +200,9 @@ def augment_manifest(manifest: str | Path, out_dir: str | Path, balance: bool = 
         new_rows = [r for rows in pool.map(_augment_source, jobs) for r in rows]
     out = pd.concat([df.assign(augmented_from=""), pd.DataFrame(new_rows, columns=[*df.columns, "augmented_from"])],
                     ignore_index=True)
-    out.to_csv(out_dir / "manifest.csv", index=False)
+    from .manifest import write_manifest
+
+    write_manifest(out, out_dir / "manifest.csv")
     report = {"source_manifest": str(manifest.resolve()), "seed": seed, "format": fmt, "balance": balance,
               "target": target, "factor": factor, "augment": dataclasses.asdict(acfg or AugmentConfig()),
               "train_before": counts, "train_after": {c: int(((out.split == "train") & (out.label == c)).sum())

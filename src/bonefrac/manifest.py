@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 MANIFEST_COLUMNS = ("path", "label", "group", "split", "sha256", "width", "height")
+PATH_COLUMNS = {"path", "augmented_from"}  # image paths: relative to the manifest's folder on disk
 _SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 
@@ -107,7 +108,8 @@ def load_manifest(path) -> pd.DataFrame:
     if bad:
         raise BonefracError(f"manifest {path}: unknown split value(s) {bad}; expected {list(SPLITS)}")
     base = path.resolve().parent
-    frame["path"] = [str(p if Path(p).is_absolute() else (base / p).resolve()) for p in frame["path"]]
+    for col in PATH_COLUMNS & set(frame.columns):
+        frame[col] = [_absolute(p, base) for p in frame[col]]
     no_group = frame["group"].isna() | (frame["group"].str.strip() == "")
     if no_group.any():  # never let blank cells become one shared "nan" group
         log.warning("manifest %s: %d row(s) without a group; each is treated as its own group",
@@ -380,6 +382,33 @@ def _stratified_group_split(rows: pd.DataFrame, names: list, fractions: np.ndarr
 # --- output -------------------------------------------------------------------------------------------------
 
 
+def _absolute(p, base: Path):
+    if not isinstance(p, str) or not p:  # an original's empty `augmented_from`
+        return p
+    return str(p if Path(p).is_absolute() else (base / p).resolve())
+
+
+def write_manifest(frame: pd.DataFrame, path) -> None:
+    """Write `frame` as a manifest CSV with absolute image paths made relative to its folder, so a manifest
+    moved or copied together with its images (another machine, another mount point) still finds them;
+    `load_manifest` resolves them back to absolute paths. Paths on another drive (Windows) stay absolute."""
+    path = Path(path)
+    base = path.resolve().parent
+    out = frame.copy()
+    for col in PATH_COLUMNS & set(out.columns):
+        out[col] = [_relative(p, base) for p in out[col]]
+    out.to_csv(path, index=False)
+
+
+def _relative(p, base: Path):
+    if not isinstance(p, str) or not p or not Path(p).is_absolute():  # relative ones already are to `base`
+        return p
+    try:
+        return Path(os.path.relpath(p, base)).as_posix()
+    except ValueError:  # different drive
+        return p
+
+
 def _manifest_frame(rows: pd.DataFrame) -> pd.DataFrame:
     extras = [c for c in rows.columns if c not in MANIFEST_COLUMNS and c != "folder_split"]
     return rows[list(MANIFEST_COLUMNS) + extras]
@@ -417,7 +446,7 @@ def _report(manifest, names, rejected, crossing, origin, kind, seed, fractions, 
 def _write(out_dir, manifest: pd.DataFrame, report: dict) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    manifest.to_csv(out / "manifest.csv", index=False)
+    write_manifest(manifest, out / "manifest.csv")
     (out / "prepare_report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     log.info("wrote %s: %d images in %d groups (%d duplicate groups), %d rejected", out / "manifest.csv",
              report["n_images"], report["n_groups"], report["n_duplicate_groups"], report["n_rejected"])
