@@ -57,3 +57,18 @@ def test_ema_moves_towards_the_weights():
         model.weight.fill_(1.0)
     ema.update(model)
     assert abs(ema.module.weight.item() - 0.5) < 1e-6
+
+
+def test_consumers_reject_choices_outside_the_configs_list():
+    """A Config built in code skips `validate`; the code that reads a string setting still names key and choices."""
+    import pytest
+
+    from bonefrac.config import Config, TrainConfig
+    from bonefrac.errors import BonefracError
+    from bonefrac.train import _use_compile
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(BonefracError, match=r"optim.schedule must be one of cosine, plateau, constant, not 'cosin'"):
+        make_scheduler(opt, OptimConfig(schedule="cosin"), steps_per_epoch=10, epochs=3)
+    with pytest.raises(BonefracError, match=r"train.compile must be one of auto, on, off, not 'yes'"):
+        _use_compile(Config(train=TrainConfig(compile="yes")), torch.device("cpu"))

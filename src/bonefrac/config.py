@@ -155,13 +155,25 @@ def _optional(rule):
     return (lambda v: v is None or rule[0](v), f"null or {rule[1]}")
 
 
+# String choices, checked here and by the code that consumes them (for callers that build a Config directly).
+SAMPLERS = ("shuffle", "balanced")
+SCHEDULES = ("cosine", "plateau", "constant")
+COMPILE_SWITCH = ("auto", "on", "off")
+GRAD_SYNC = ("auto", "ddp", "allreduce")
+
+
+def one_of_error(key: str, value, choices) -> str:
+    """The message for a string setting outside its choices, the same wherever it is caught."""
+    return f"{key} must be one of {', '.join(choices)}, not {value!r}"
+
+
 def _one_of(*choices):
     return (lambda v: v in choices, f"one of {', '.join(repr(c) for c in choices)}")
 
 
 # Only values that are wrong under every reading: each field's comment documents its special values (0 or None
-# meaning 'off'), which stay allowed. String choices mirror where they are consumed (trainutil, data, train,
-# torch.compile), so a typo fails here instead of after the image cache is built.
+# meaning 'off'), which stay allowed. String choices are checked here too, so a typo fails before the image
+# cache is built.
 _RULES = {
     "model.in_chans": _AT_LEAST_1,
     "model.drop_rate": _FRACTION,
@@ -170,7 +182,7 @@ _RULES = {
     "data.size": _AT_LEAST_1,
     "data.cache_margin": _AT_LEAST_1,
     "data.batch_size": _AT_LEAST_1,
-    "data.sampler": _one_of("shuffle", "balanced"),
+    "data.sampler": _one_of(*SAMPLERS),
     "data.decode_workers": _NON_NEGATIVE,
     "data.device_cache_gib": _NON_NEGATIVE,
     "augment.hflip_p": _PROBABILITY,
@@ -184,7 +196,7 @@ _RULES = {
     "optim.lr": _POSITIVE,
     "optim.weight_decay": _NON_NEGATIVE,
     "optim.lr_base_batch": _optional(_AT_LEAST_1),
-    "optim.schedule": _one_of("cosine", "plateau", "constant"),
+    "optim.schedule": _one_of(*SCHEDULES),
     "optim.warmup_epochs": _NON_NEGATIVE,
     "optim.min_lr_ratio": _PROBABILITY,
     "optim.plateau_factor": (lambda v: 0 < v < 1, "in (0, 1)"),  # ReduceLROnPlateau rejects others
@@ -193,10 +205,10 @@ _RULES = {
     "train.epochs": _AT_LEAST_1,
     "train.patience": _NON_NEGATIVE,
     "train.label_smoothing": _FRACTION,
-    "train.compile": _one_of("auto", "on", "off"),
+    "train.compile": _one_of(*COMPILE_SWITCH),
     # torch.compile's documented modes; it would only reject others when compiling, after data loading.
     "train.compile_mode": _one_of("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
-    "train.grad_sync": _one_of("auto", "ddp", "allreduce"),
+    "train.grad_sync": _one_of(*GRAD_SYNC),
     "train.ema_decay": _FRACTION,
     "train.watchdog_s": _NON_NEGATIVE,
     "train.eval_batch_size": _AT_LEAST_1,

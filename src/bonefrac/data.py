@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import SAMPLERS, one_of_error
 from .errors import BonefracError, ImageReadError
 from .io import read_image, resize_gray
 
@@ -175,8 +176,8 @@ class Batches:
             counts = torch.bincount(labels).float()
             weights = (1.0 / counts)[labels]
             return torch.multinomial(weights, n, replacement=True, generator=gen)
-        if self.sampler != "shuffle":
-            raise BonefracError(f"unknown sampler '{self.sampler}' (use shuffle or balanced)")
+        if self.sampler not in SAMPLERS:
+            raise BonefracError(one_of_error("data.sampler", self.sampler, SAMPLERS))
         return torch.randperm(n, generator=gen)
 
     def epoch(self, gen: torch.Generator | None = None):

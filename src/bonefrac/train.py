@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import checkpoint, metrics
-from .config import Config, to_dict
+from .config import COMPILE_SWITCH, GRAD_SYNC, Config, one_of_error, to_dict
 from .data import Batches, box_masks, build_cache
 from .errors import BonefracError
 from .manifest import class_names_for, load_manifest, manifest_sha256
@@ -404,8 +404,8 @@ def _trim_metrics(file: Path, epochs_done: int) -> None:
 
 def _use_compile(cfg, device) -> bool:
     mode = cfg.train.compile
-    if mode not in ("auto", "on", "off"):
-        raise BonefracError(f"train.compile must be auto, on or off, not '{mode}'")
+    if mode not in COMPILE_SWITCH:
+        raise BonefracError(one_of_error("train.compile", mode, COMPILE_SWITCH))
     return mode == "on" or (mode == "auto" and device.type == "cuda")
 
 
@@ -413,8 +413,8 @@ def _grad_sync_mode(cfg, compiled: bool) -> str:
     """How ranks share gradients: DDP overlaps communication with an eager backward; a compiled backward
     (and CUDA graphs) is served better by one all-reduce after it (trainutil.GradAllReduce)."""
     mode = cfg.train.grad_sync
-    if mode not in ("auto", "ddp", "allreduce"):
-        raise BonefracError(f"train.grad_sync must be auto, ddp or allreduce, not '{mode}'")
+    if mode not in GRAD_SYNC:
+        raise BonefracError(one_of_error("train.grad_sync", mode, GRAD_SYNC))
     return ("allreduce" if compiled else "ddp") if mode == "auto" else mode
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .config import SCHEDULES, one_of_error
 from .errors import BonefracError
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,8 @@ def make_scheduler(optimizer, ocfg, steps_per_epoch: int, epochs: int):
     if ocfg.schedule == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=ocfg.plateau_factor,
                                                           patience=ocfg.plateau_patience)
-    if ocfg.schedule not in ("cosine", "constant"):
-        raise BonefracError(f"optim.schedule must be cosine, plateau or constant, not '{ocfg.schedule}'")
+    if ocfg.schedule not in SCHEDULES:
+        raise BonefracError(one_of_error("optim.schedule", ocfg.schedule, SCHEDULES))
     total = max(1, steps_per_epoch * epochs)
     warmup = int(ocfg.warmup_epochs * steps_per_epoch)
 
