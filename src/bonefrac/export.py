@@ -217,7 +217,7 @@ def _reference_images(manifest, images, meta, n_calib: int, n_parity: int):
 
 
 def _manifest_rows(manifest):
-    from .manifest import read_csv
+    from .manifest import read_csv, resolve_paths
 
     path = Path(manifest)
     # read_csv, not load_manifest: export needs only path, label and split (not group, sha256, ...).
@@ -225,7 +225,7 @@ def _manifest_rows(manifest):
     rows = read_csv(path, dtype=str, keep_default_na=False)
     if not {"path", "label", "split"} <= set(rows.columns):
         raise BonefracError(f"{path}: manifest needs path, label and split columns; has {list(rows.columns)}")
-    rows["path"] = [p if os.path.isabs(p) else str(path.parent / p) for p in rows.path]
+    resolve_paths(rows, path)
     return rows
 
 

@@ -107,9 +107,7 @@ def load_manifest(path) -> pd.DataFrame:
     bad = sorted(set(frame["split"]) - set(SPLITS))
     if bad:
         raise BonefracError(f"manifest {path}: unknown split value(s) {bad}; expected {list(SPLITS)}")
-    base = path.resolve().parent
-    for col in PATH_COLUMNS & set(frame.columns):
-        frame[col] = [_absolute(p, base) for p in frame[col]]
+    resolve_paths(frame, path)
     no_group = frame["group"].isna() | (frame["group"].str.strip() == "")
     if no_group.any():  # never let blank cells become one shared "nan" group
         log.warning("manifest %s: %d row(s) without a group; each is treated as its own group",
@@ -380,6 +378,14 @@ def _stratified_group_split(rows: pd.DataFrame, names: list, fractions: np.ndarr
 
 
 # --- output -------------------------------------------------------------------------------------------------
+
+
+def resolve_paths(frame: pd.DataFrame, manifest_path) -> None:
+    """Make `frame`'s image paths (its PATH_COLUMNS) absolute in place, relative ones against the manifest's
+    folder; blank cells stay blank."""
+    base = Path(manifest_path).resolve().parent
+    for col in PATH_COLUMNS & set(frame.columns):
+        frame[col] = [_absolute(p, base) for p in frame[col]]
 
 
 def _absolute(p, base: Path):
