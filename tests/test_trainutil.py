@@ -70,5 +70,7 @@ def test_consumers_reject_choices_outside_the_configs_list():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     with pytest.raises(BonefracError, match=r"optim.schedule must be one of cosine, plateau, constant, not 'cosin'"):
         make_scheduler(opt, OptimConfig(schedule="cosin"), steps_per_epoch=10, epochs=3)
+    with pytest.raises(BonefracError, match=r"optim.name must be one of adamw, adam, not 'sgd'"):
+        make_optimizer(torch.nn.Linear(2, 2), OptimConfig(name="sgd"), 8, torch.device("cpu"))
     with pytest.raises(BonefracError, match=r"train.compile must be one of auto, on, off, not 'yes'"):
         _use_compile(Config(train=TrainConfig(compile="yes")), torch.device("cpu"))

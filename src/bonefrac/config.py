@@ -157,6 +157,7 @@ def _optional(rule):
 
 # String choices, checked here and by the code that consumes them (for callers that build a Config directly).
 SAMPLERS = ("shuffle", "balanced")
+OPTIMIZERS = ("adamw", "adam")
 SCHEDULES = ("cosine", "plateau", "constant")
 COMPILE_SWITCH = ("auto", "on", "off")
 GRAD_SYNC = ("auto", "ddp", "allreduce")
@@ -192,7 +193,7 @@ _RULES = {
     "augment.brightness": _PROBABILITY,
     "augment.contrast": _PROBABILITY,
     "augment.scale": (lambda v: 0 < v[0] <= v[1], "[low, high] with 0 < low <= high"),
-    "optim.name": _one_of("adamw", "adam"),
+    "optim.name": _one_of(*OPTIMIZERS),
     "optim.lr": _POSITIVE,
     "optim.weight_decay": _NON_NEGATIVE,
     "optim.lr_base_batch": _optional(_AT_LEAST_1),

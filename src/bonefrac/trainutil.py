@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .config import SCHEDULES, one_of_error
+from .config import OPTIMIZERS, SCHEDULES, one_of_error
 from .errors import BonefracError
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def make_optimizer(model, ocfg, global_batch: int, device: torch.device):
     if ocfg.name == "adam":
         # Adam's weight_decay is the L2 penalty of the reference recipe; keep it as configured.
         return torch.optim.Adam(groups, **kwargs)
-    raise BonefracError(f"optim.name must be adamw or adam, not '{ocfg.name}'")
+    raise BonefracError(one_of_error("optim.name", ocfg.name, OPTIMIZERS))
 
 
 def make_scheduler(optimizer, ocfg, steps_per_epoch: int, epochs: int):
