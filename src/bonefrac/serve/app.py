@@ -12,8 +12,8 @@ from contextlib import asynccontextmanager
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi_offline import FastAPIOffline
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 
 from .. import __version__
 from .audit import AuditLog

@@ -38,18 +38,21 @@ class MicroBatcher:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bonefrac-model")
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
-        self.stopped = False  # stop() was called: /ready says "stopping", not "starting"
 
     @property
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
+
+    @property
+    def stopped(self) -> bool:
+        """Started once and ended since (only `stop` ends the loop): /ready says "stopping", not "starting"."""
+        return self._task is not None and self._task.done()
 
     async def start(self) -> None:
         self._queue = asyncio.Queue()
         self._task = asyncio.create_task(self._loop(), name="bonefrac-batcher")
 
     async def stop(self) -> None:
-        self.stopped = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
