@@ -14,7 +14,7 @@ from bonefrac.config import AugmentConfig
 from bonefrac.data import box_masks
 from bonefrac.errors import BonefracError
 from bonefrac.manifest import load_manifest
-from bonefrac.train import lesion_loss
+from bonefrac.trainutil import lesion_loss
 from bonefrac.transforms import augment
 from conftest import interrupt_second_epoch
 

@@ -11,10 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from bonefrac.dedup import near_duplicate_pairs
 from bonefrac.errors import BonefracError
 from bonefrac.io import read_image, resize_gray
-from bonefrac.manifest import (class_names_for, dihedral_phash, load_manifest, manifest_sha256,
-                               near_duplicate_pairs, prepare)
+from bonefrac.manifest import class_names_for, dihedral_phash, load_manifest, manifest_sha256, prepare
 from conftest import pattern, save
 
 DISTINCT_XRAYS = ["IMG0000671.webp", "IMG0001337.webp", "IMG0001674.webp", "IMG0002348.webp"]

@@ -65,7 +65,7 @@ def test_consumers_reject_choices_outside_the_configs_list():
 
     from bonefrac.config import Config, TrainConfig
     from bonefrac.errors import BonefracError
-    from bonefrac.train import _use_compile
+    from bonefrac.trainutil import use_compile
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     with pytest.raises(BonefracError, match=r"optim.schedule must be one of cosine, plateau, constant, not 'cosin'"):
@@ -73,4 +73,4 @@ def test_consumers_reject_choices_outside_the_configs_list():
     with pytest.raises(BonefracError, match=r"optim.name must be one of adamw, adam, not 'sgd'"):
         make_optimizer(torch.nn.Linear(2, 2), OptimConfig(name="sgd"), 8, torch.device("cpu"))
     with pytest.raises(BonefracError, match=r"train.compile must be one of auto, on, off, not 'yes'"):
-        _use_compile(Config(train=TrainConfig(compile="yes")), torch.device("cpu"))
+        use_compile(Config(train=TrainConfig(compile="yes")), torch.device("cpu"))

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from bonefrac.metrics import (binary_predict, check_inputs, cm_metrics, confusion_batch, json_number,
+from .metrics import (binary_predict, check_inputs, cm_metrics, confusion_batch, json_number,
                               positive_class_index)
 
 logger = logging.getLogger(__name__)

@@ -101,7 +101,10 @@ def _complete(path: Path) -> bool:
 
 def read_meta(path: str | Path) -> dict:
     """The checkpoint's JSON; a clear error when the directory is not a bonefrac checkpoint."""
-    path = recover(path)
+    return _meta_of(recover(path))
+
+
+def _meta_of(path: Path) -> dict:
     meta_file = path / META_FILE
     if not meta_file.is_file():
         raise BonefracError(f"{path}: not a bonefrac checkpoint (no {META_FILE})")
@@ -118,7 +121,7 @@ def load(path: str | Path, device: str | torch.device = "cpu"):
     from .models import create
 
     path = recover(path)
-    meta = read_meta(path)
+    meta = _meta_of(path)
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise BonefracError(f"{path}: checkpoint has no {WEIGHTS_FILE}")

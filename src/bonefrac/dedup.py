@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from bonefrac.io import resize_gray
+from .io import resize_gray
 
 # Bits of 256 by which two hashes may differ and still be one image. Measured on FracAtlas: 90-degree rotations,
 # flips and 50-80 % resizes stay within 6 bits, JPEG q70 within 8, q30 within 14; pairs of distinct radiographs
@@ -114,7 +114,7 @@ def duplicate_pairs(paths: list[str], sha: list, hashes: np.ndarray, threshold: 
     ("auto" or a folder, see copydetect.resolve_detector), pairs of augmented copies. Returns the pairs and
     a summary for the report: the detector and threshold, its pair count, the pairs the hash had not found,
     how many groups its pairs merged and the largest group (a guard against false pairs chaining)."""
-    from bonefrac.copydetect import resolve_detector
+    from .copydetect import resolve_detector
 
     pairs = near_duplicate_pairs(hashes, threshold)
     detector_dir = resolve_detector(match_copies)
@@ -122,7 +122,7 @@ def duplicate_pairs(paths: list[str], sha: list, hashes: np.ndarray, threshold: 
                "detector": None if detector_dir is None else str(detector_dir.resolve())}
     if detector_dir is None:
         return pairs, summary
-    from bonefrac.copydetect import copy_pairs, embed_images, load_detector
+    from .copydetect import copy_pairs, embed_images, load_detector
 
     started = time.perf_counter()
     detector = load_detector(detector_dir, "auto")

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from bonefrac.errors import ImageReadError
+from .errors import ImageReadError
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,8 @@
 ``prepare`` scans an image folder (``root/<class>/*`` or ``root/{train,val,test}/<class>/*``) or a labels CSV,
 decodes each image once (unreadable files are listed as rejected, never fatal), groups exact and near
 duplicates (re-encoded, resized, rotated by 90 degrees or flipped copies) and splits by group so that no
-duplicate leaks across train/val/test. ``load_manifest`` reads a manifest back for the later stages.
+duplicate leaks across train/val/test (reading the folder or CSV: sources.py; duplicate detection: dedup.py).
+``load_manifest`` reads a manifest back for the later stages.
 
 Default near-duplicate threshold: 32 of 256 bits. On FracAtlas (4,083 images, 2 cores, workers=2) it finds
 3,941 groups, 129 with more than one image (71 byte-identical, 58 near; 271 images; 6 of them mix labels) in
@@ -19,7 +20,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -28,17 +28,17 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from bonefrac.dedup import (NEAR_DUP_THRESHOLD, crossing_groups, dihedral_phash, duplicate_pairs,  # noqa: F401
-                            group_ids, near_duplicate_pairs)
-from bonefrac.errors import BonefracError, ImageReadError
-from bonefrac.io import IMAGE_EXTENSIONS, decode_image, looks_like_image
+from .dedup import NEAR_DUP_THRESHOLD, crossing_groups, dihedral_phash, duplicate_pairs, group_ids
+from .errors import BonefracError, ImageReadError
+from .io import decode_image
+# read_csv lives with the source readers; load_manifest, data and export import it from here.
+from .sources import collect, read_csv, resolve_labels, sorted_labels
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 MANIFEST_COLUMNS = ("path", "label", "group", "split", "sha256", "width", "height")
 PATH_COLUMNS = {"path", "augmented_from"}  # image paths: relative to the manifest's folder on disk
-_SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 
 # --- public API ---------------------------------------------------------------------------------------------
@@ -61,10 +61,10 @@ def prepare(out_dir, *, source=None, labels_csv=None, path_col="image", label_co
     """
     started = time.perf_counter()
     fractions = _check_options(fractions, split_all, keep_folder_split)
-    rows, rejected, kind, origin = _collect(source, labels_csv, path_col, label_col)
+    rows, rejected, kind, origin = collect(source, labels_csv, path_col, label_col, MANIFEST_COLUMNS)
     if keep_folder_split and "folder_split" not in rows:
         raise BonefracError("keep_folder_split needs a train/val/test folder layout or a 'split' CSV column")
-    rows["label"], names = _resolve_labels(rows["label"], class_names)
+    rows["label"], names = resolve_labels(rows["label"], class_names)
     rows, more_rejected, hashes = _analyse(rows, workers)
     rejected += more_rejected
     _check_classes(rows, names, class_names)
@@ -129,7 +129,7 @@ def class_names_for(manifest_path, df: pd.DataFrame) -> list[str]:
             if unknown:
                 raise BonefracError(f"labels {unknown} in the manifest are not in {report_path} class_names")
             return [str(n) for n in names]
-    return _sorted_labels(df["label"].astype(str))
+    return sorted_labels(df["label"].astype(str))
 
 
 def manifest_sha256(path) -> str:
@@ -141,7 +141,7 @@ def manifest_sha256(path) -> str:
     return digest.hexdigest()
 
 
-# --- collecting rows ----------------------------------------------------------------------------------------
+# --- checks -------------------------------------------------------------------------------------------------
 
 
 def _check_options(fractions, split_all, keep_folder_split) -> np.ndarray:
@@ -154,130 +154,6 @@ def _check_options(fractions, split_all, keep_folder_split) -> np.ndarray:
     if values.shape != (3,) or (values < 0).any() or abs(values.sum() - 1.0) > 1e-3:
         raise BonefracError(f"fractions must be 3 non-negative numbers summing to 1, got {fractions!r}")
     return values
-
-
-def _collect(source, labels_csv, path_col, label_col):
-    """-> (rows with path/label[/folder_split]/extras, rejected, source kind, source description)."""
-    if source is None and labels_csv is None:
-        raise BonefracError("give an image folder (source) or a labels CSV (labels_csv)")
-    if source is not None and not Path(source).exists():
-        raise BonefracError(f"source not found: {source}")
-    if labels_csv is None and Path(source).is_file():
-        labels_csv, source = source, None
-    if labels_csv is not None:
-        base = Path(source) if source is not None else Path(labels_csv).parent
-        rows = _rows_from_csv(Path(labels_csv), base, path_col, label_col)
-        return rows, [], "csv", str(Path(labels_csv).resolve())
-    rows, rejected, kind = _rows_from_folder(Path(source))
-    return rows, rejected, kind, str(Path(source).resolve())
-
-
-def read_csv(path: Path, **kwargs) -> pd.DataFrame:
-    """`pd.read_csv` with a BonefracError naming the file for a missing or unreadable CSV."""
-    if not path.is_file():
-        raise BonefracError(f"CSV file not found: {path}")
-    try:
-        return pd.read_csv(path, **kwargs)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as exc:
-        raise BonefracError(f"cannot read CSV {path}: {str(exc).strip()}") from None
-
-
-def _rows_from_csv(csv: Path, base: Path, path_col: str, label_col: str) -> pd.DataFrame:
-    frame = read_csv(csv, dtype=str, keep_default_na=False)
-    missing = [c for c in (path_col, label_col) if c not in frame.columns]
-    if missing:
-        raise BonefracError(f"{csv} lacks column(s) {missing}; available: {list(frame.columns)}")
-    if frame.empty:
-        raise BonefracError(f"{csv} has no rows")
-    for col in (path_col, label_col):
-        blank = np.flatnonzero(frame[col].str.strip() == "")
-        if len(blank):  # +2: the header is line 1 and rows count from 0
-            raise BonefracError(f"{csv}: empty '{col}' on line(s) {[int(i) + 2 for i in blank[:10]]}")
-    rows = pd.DataFrame({
-        "path": [str((base / p.strip()).resolve()) for p in frame[path_col]],
-        "label": frame[label_col].str.strip(),
-    })
-    if "split" in frame.columns:
-        rows["folder_split"] = [_SPLIT_ALIASES.get(s.strip().lower(), s) for s in frame["split"]]
-        bad = sorted(set(rows["folder_split"]) - set(SPLITS))
-        if bad:
-            raise BonefracError(f"{csv}: unknown split value(s) {bad}")
-    dropped = [c for c in frame.columns if c in MANIFEST_COLUMNS and c not in (path_col, label_col)]
-    if dropped:
-        log.info("CSV columns %s are recomputed by prepare and not carried over", dropped)
-    for col in frame.columns:
-        if col not in (path_col, label_col) and col not in MANIFEST_COLUMNS:
-            rows[col] = frame[col].to_numpy()
-    return rows
-
-
-def _rows_from_folder(root: Path):
-    if not root.is_dir():
-        raise BonefracError(f"source is neither a folder nor a CSV file: {root}")
-    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not subdirs:
-        raise BonefracError(f"no class folders in {root} (expected {root}/<class>/<image files>)")
-    rejected = _stray_images(root)
-    if {d.name.lower() for d in subdirs} <= set(_SPLIT_ALIASES):
-        records = []
-        for split_dir in subdirs:
-            rejected += _stray_images(split_dir)
-            records += _scan_classes(split_dir, _SPLIT_ALIASES[split_dir.name.lower()], rejected)
-        kind = "split_folder"
-    else:
-        records, kind = _scan_classes(root, None, rejected), "folder"
-    if not records:
-        raise BonefracError(f"no image files found under {root}")
-    rows = pd.DataFrame(records, columns=["path", "label", "folder_split"])
-    return (rows.drop(columns="folder_split") if kind == "folder" else rows), rejected, kind
-
-
-def _scan_classes(root: Path, split, rejected: list) -> list:
-    records = []
-    for class_dir in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):
-        for file in sorted(class_dir.rglob("*")):
-            if file.name.startswith(".") or not file.is_file():
-                continue
-            if looks_like_image(file):
-                records.append((str(file.resolve()), class_dir.name, split))
-            else:
-                rejected.append({"path": str(file.resolve()), "reason": f"not an image file type ({file.suffix})"})
-    return records
-
-
-def _stray_images(folder: Path) -> list:
-    """Image files lying beside the class folders instead of inside one have no label: report them."""
-    return [{"path": str(f.resolve()), "reason": "image outside any class folder (no label)"}
-            for f in sorted(folder.iterdir()) if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
-
-
-def _sorted_labels(labels) -> list[str]:
-    unique = sorted({str(v) for v in labels})
-    if unique and all(re.fullmatch(r"-?\d+", v) for v in unique):
-        return sorted(unique, key=int)  # "10" after "9", as class indices
-    return unique
-
-
-def _resolve_labels(raw: pd.Series, class_names):
-    """-> (label names per row, class_names in index order); integer labels index ``class_names``."""
-    raw = raw.astype(str).str.strip()
-    if class_names is None:
-        return raw, _sorted_labels(raw)
-    names = [n.strip() for n in class_names.split(",")] if isinstance(class_names, str) else \
-        [str(n) for n in class_names]
-    if len(set(names)) != len(names) or "" in names:
-        raise BonefracError(f"class_names must be distinct and non-empty, got {names}")
-    if not set(raw) <= set(names) and raw.str.fullmatch(r"\d+").all():
-        index = raw.astype(int)
-        bad = sorted(set(index[index >= len(names)]))
-        if bad:
-            raise BonefracError(f"integer label(s) {bad} not covered by class_names {names} "
-                                f"(0..{len(names) - 1})")
-        return index.map(lambda i: names[i]), names
-    unknown = sorted(set(raw) - set(names))
-    if unknown:
-        raise BonefracError(f"unknown label(s) {unknown[:10]}: not in class_names {names}")
-    return raw, names
 
 
 def _check_classes(rows: pd.DataFrame, names: list, class_names) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 from scipy import optimize, special, stats
 from sklearn.metrics import confusion_matrix, log_loss, roc_auc_score, roc_curve
 
-from bonefrac.errors import ConfigError
+from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -1,23 +1,36 @@
-"""Parts of the training loop that are not the story itself: optimizer and schedule construction, weight EMA,
-the hang watchdog and the distributed-run plumbing. train.py reads top to bottom without them."""
+"""Parts of the training loop that are not the story itself: optimizer, schedule and box-supervision loss, weight
+EMA, the hang watchdog, the distributed-run plumbing (decoding the caches once, compile and gradient sync), and the
+run directory's bookkeeping (refusing to overwrite a run, checking a resume's configuration, metrics.csv).
+train.py reads top to bottom without them."""
 
 from __future__ import annotations
 
 import copy
+import csv
 import logging
 import math
 import os
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
-from .config import OPTIMIZERS, SCHEDULES, one_of_error
+from . import checkpoint
+from .config import COMPILE_SWITCH, GRAD_SYNC, OPTIMIZERS, SCHEDULES, Config, one_of_error, to_dict
+from .data import build_cache
 from .errors import BonefracError
 
 log = logging.getLogger(__name__)
+
+# Config keys that may differ on --resume: they change how long or where the run goes, not what it trains.
+RESUME_MAY_CHANGE = frozenset({"train.epochs", "train.patience", "train.watchdog_s", "train.device",
+                               "data.decode_workers", "data.cache_dir", "data.device_cache_gib"})
+# What a run leaves in its out dir (with checkpoint.SIBLINGS): any of them means "this folder holds a run".
+RUN_FILES = ("last", "best", "metrics.csv", "config.json")
 
 
 def make_optimizer(model, ocfg, global_batch: int, device: torch.device):
@@ -59,6 +72,19 @@ def make_scheduler(optimizer, ocfg, steps_per_epoch: int, epochs: int):
         return ocfg.min_lr_ratio + (1 - ocfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def lesion_loss(logits: torch.Tensor, masks: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Box-supervision loss: BCE of the lesion map (B, 1, h, w) against the masks max-pooled to that grid,
+    positive and negative cells weighted equally within an image (a fracture covers ~1 % of cells), averaged
+    over the images whose masks are known (`weights`)."""
+    target = (F.adaptive_max_pool2d(masks, logits.shape[-2:]) > 0.5).float()
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1)
+    target = target.flatten(1)
+    pos = (bce * target).sum(1) / target.sum(1).clamp(min=1)
+    neg = (bce * (1 - target)).sum(1) / (1 - target).sum(1).clamp(min=1)
+    per_image = torch.where(target.sum(1) > 0, 0.5 * (pos + neg), neg)
+    return (per_image * weights).sum() / weights.sum().clamp(min=1)
 
 
 class Ema:
@@ -182,3 +208,130 @@ def gather_arrays(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, arrays)
     return tuple(np.concatenate([g[i] for g in gathered]) for i in range(len(arrays)))
+
+
+def decode_caches(manifest, cfg: Config, splits: dict, rank: int, world: int) -> dict:
+    """{split: uint8 image cache} for `splits` = {split: (manifest rows, image size)}."""
+    cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(manifest).parent / "cache"
+    caches = {}
+    for name, (rows, size) in splits.items():
+        if rank == 0:  # one process decodes; the others wait and then map the finished files
+            caches[name] = build_cache(rows.path.tolist(), rows.sha256.tolist(), size, cache_dir,
+                                       cfg.data.decode_workers)
+        if world > 1:
+            dist.barrier()
+        if rank != 0:
+            caches[name] = build_cache(rows.path.tolist(), rows.sha256.tolist(), size, cache_dir, progress=False)
+    return caches
+
+
+def use_compile(cfg, device) -> bool:
+    """Whether to torch.compile the model: train.compile "on", or "auto" on CUDA."""
+    mode = cfg.train.compile
+    if mode not in COMPILE_SWITCH:
+        raise BonefracError(one_of_error("train.compile", mode, COMPILE_SWITCH))
+    return mode == "on" or (mode == "auto" and device.type == "cuda")
+
+
+def grad_sync_mode(cfg, compiled: bool) -> str:
+    """How ranks share gradients: DDP overlaps communication with an eager backward; a compiled backward
+    (and CUDA graphs) is served better by one all-reduce after it (GradAllReduce)."""
+    mode = cfg.train.grad_sync
+    if mode not in GRAD_SYNC:
+        raise BonefracError(one_of_error("train.grad_sync", mode, GRAD_SYNC))
+    return ("allreduce" if compiled else "ddp") if mode == "auto" else mode
+
+
+def parallelize(net, cfg: Config, device: torch.device, world: int):
+    """(step_model, grad_sync): `net` compiled when train.compile says so and, across ranks, either wrapped in DDP
+    or paired with a GradAllReduce (per train.grad_sync; grad_sync is None otherwise)."""
+    step_model, grad_sync = net, None
+    compiled = use_compile(cfg, device)
+    sync_mode = grad_sync_mode(cfg, compiled)  # checked on one process too, like train.compile
+    if compiled:
+        step_model = torch.compile(net, mode=cfg.train.compile_mode)
+    if world > 1 and sync_mode == "ddp":
+        step_model = torch.nn.parallel.DistributedDataParallel(step_model, device_ids=[device.index]
+                                                               if device.type == "cuda" else None)
+    elif world > 1:
+        grad_sync = GradAllReduce(net)
+    return step_model, grad_sync
+
+
+def refuse_existing_run(out_dir: Path) -> None:
+    """Raise if `out_dir` holds any part of a run: a fresh run must not overwrite a run's checkpoints or append
+    to its metrics, even a half-saved one."""
+    found = [out_dir / (name + suffix) for name in RUN_FILES for suffix in ("", *checkpoint.SIBLINGS)]
+    found = [p.name for p in found if p.exists()]
+    if found:
+        raise BonefracError(f"{out_dir} already holds a run ({', '.join(found)}); pass --resume to continue it "
+                            f"or choose another --out")
+
+
+def check_resume_config(last_dir: Path, cfg: Config) -> None:
+    """Refuse a --resume whose configuration differs from the run's, except in RESUME_MAY_CHANGE."""
+    saved = _flatten(checkpoint.read_meta(last_dir).get("config") or {})
+    now = _flatten(to_dict(cfg))
+    # A key absent from the saved config was added by newer code; its default cannot contradict the run.
+    changed = [k for k in sorted(saved.keys() & now.keys()) if saved[k] != now[k] and k not in RESUME_MAY_CHANGE]
+    if changed:
+        diff = "; ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
+        raise BonefracError(f"--resume with a changed configuration ({diff}); resume with the run's settings "
+                            f"(only {', '.join(sorted(RESUME_MAY_CHANGE))} may change) or start a new --out")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    """{"a.b": value} for a nested {"a": {"b": value}}; tuples become lists, as they read back from JSON."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value  # JSON has no tuples
+    return out
+
+
+def check_val_classes(monitor: str, class_names, y_va) -> None:
+    """AUROC is undefined (nan) when val lacks a class: refuse before training rather than never save `best`."""
+    missing = [c for i, c in enumerate(class_names) if not (y_va == i).any()]
+    if monitor == "auroc" and missing:
+        raise BonefracError(f"the val split has no images of class {', '.join(map(repr, missing))}, so the "
+                            f"train.monitor AUROC is undefined; re-split the data or set another train.monitor")
+
+
+def why_no_best(cfg, state, monitor, out_dir) -> str:
+    """Why a finished run has no `best` checkpoint, for the error that says so."""
+    if state["epoch"] == 0:
+        return f"train.epochs={cfg.train.epochs}: no epoch ran, so {out_dir / 'best'} was not written"
+    return (f"no epoch gave a valid validation {monitor} (nan every epoch; see {out_dir / 'metrics.csv'}), "
+            f"so {out_dir / 'best'} was not written")
+
+
+def trim_metrics(file: Path, epochs_done: int) -> None:
+    """Drop rows of epochs that the resumed run will redo (logged just before a kill)."""
+    if not file.exists():
+        return
+    with file.open() as fh:
+        rows = list(csv.DictReader(fh))
+    keep = [r for r in rows if int(r["epoch"]) <= epochs_done]
+    if rows and len(keep) != len(rows):
+        with file.open("w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(keep)
+
+
+def append_metrics(out_dir: Path, row: dict, writer) -> None:
+    """Append an epoch's `row` to `out_dir/metrics.csv` (header on the first) and, with a TensorBoard `writer`,
+    each value but the epoch as a scalar at that epoch."""
+    file = out_dir / "metrics.csv"
+    new = not file.exists()
+    with file.open("a", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(row))
+        if new:
+            w.writeheader()
+        w.writerow(row)
+    if writer:
+        for key, value in row.items():
+            if key != "epoch":
+                writer.add_scalar(key, value, row["epoch"])

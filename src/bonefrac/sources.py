@@ -1,0 +1,156 @@
+"""Read an image source into labelled rows for `manifest.prepare`: an ImageFolder tree or a labels CSV.
+
+``collect(source, labels_csv, path_col, label_col, recomputed)`` returns ``(rows, rejected, kind, origin)``:
+rows with absolute ``path``, raw ``label``, ``folder_split`` (train/val/test layouts and CSVs with a ``split``
+column only) and any extra CSV columns; ``rejected`` lists files that cannot be used (not an image type, or an
+image outside any class folder). ``resolve_labels`` maps raw labels to class names. ``read_csv`` is the
+package's CSV reader (errors name the file); `bonefrac.manifest` re-exports it.
+
+Apart from ``read_csv``, only `manifest.prepare` uses this module: the house rule is that only prepare scans folders
+(and makes splits).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import BonefracError
+from .io import IMAGE_EXTENSIONS, looks_like_image
+
+log = logging.getLogger(__name__)
+
+# Folder names and CSV `split` values accepted for each split; the values are the manifest's split names.
+_SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+
+
+def collect(source, labels_csv, path_col, label_col, recomputed):
+    """-> (rows with path/label[/folder_split]/extras, rejected, source kind, source description).
+
+    CSV columns named in ``recomputed`` (the manifest's own columns) are not carried over as extras.
+    """
+    if source is None and labels_csv is None:
+        raise BonefracError("give an image folder (source) or a labels CSV (labels_csv)")
+    if source is not None and not Path(source).exists():
+        raise BonefracError(f"source not found: {source}")
+    if labels_csv is None and Path(source).is_file():
+        labels_csv, source = source, None
+    if labels_csv is not None:
+        base = Path(source) if source is not None else Path(labels_csv).parent
+        rows = _rows_from_csv(Path(labels_csv), base, path_col, label_col, recomputed)
+        return rows, [], "csv", str(Path(labels_csv).resolve())
+    rows, rejected, kind = _rows_from_folder(Path(source))
+    return rows, rejected, kind, str(Path(source).resolve())
+
+
+def read_csv(path: Path, **kwargs) -> pd.DataFrame:
+    """`pd.read_csv` with a BonefracError naming the file for a missing or unreadable CSV."""
+    if not path.is_file():
+        raise BonefracError(f"CSV file not found: {path}")
+    try:
+        return pd.read_csv(path, **kwargs)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as exc:
+        raise BonefracError(f"cannot read CSV {path}: {str(exc).strip()}") from None
+
+
+def sorted_labels(labels) -> list[str]:
+    """Distinct labels as strings, in class-index order: numerically if all are integers, else sorted."""
+    unique = sorted({str(v) for v in labels})
+    if unique and all(re.fullmatch(r"-?\d+", v) for v in unique):
+        return sorted(unique, key=int)  # "10" after "9", as class indices
+    return unique
+
+
+def resolve_labels(raw: pd.Series, class_names):
+    """-> (label names per row, class_names in index order); integer labels index ``class_names``."""
+    raw = raw.astype(str).str.strip()
+    if class_names is None:
+        return raw, sorted_labels(raw)
+    names = [n.strip() for n in class_names.split(",")] if isinstance(class_names, str) else \
+        [str(n) for n in class_names]
+    if len(set(names)) != len(names) or "" in names:
+        raise BonefracError(f"class_names must be distinct and non-empty, got {names}")
+    if not set(raw) <= set(names) and raw.str.fullmatch(r"\d+").all():
+        index = raw.astype(int)
+        bad = sorted(set(index[index >= len(names)]))
+        if bad:
+            raise BonefracError(f"integer label(s) {bad} not covered by class_names {names} "
+                                f"(0..{len(names) - 1})")
+        return index.map(lambda i: names[i]), names
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        raise BonefracError(f"unknown label(s) {unknown[:10]}: not in class_names {names}")
+    return raw, names
+
+
+def _rows_from_csv(csv: Path, base: Path, path_col: str, label_col: str, recomputed) -> pd.DataFrame:
+    frame = read_csv(csv, dtype=str, keep_default_na=False)
+    missing = [c for c in (path_col, label_col) if c not in frame.columns]
+    if missing:
+        raise BonefracError(f"{csv} lacks column(s) {missing}; available: {list(frame.columns)}")
+    if frame.empty:
+        raise BonefracError(f"{csv} has no rows")
+    for col in (path_col, label_col):
+        blank = np.flatnonzero(frame[col].str.strip() == "")
+        if len(blank):  # +2: the header is line 1 and rows count from 0
+            raise BonefracError(f"{csv}: empty '{col}' on line(s) {[int(i) + 2 for i in blank[:10]]}")
+    rows = pd.DataFrame({
+        "path": [str((base / p.strip()).resolve()) for p in frame[path_col]],
+        "label": frame[label_col].str.strip(),
+    })
+    if "split" in frame.columns:
+        rows["folder_split"] = [_SPLIT_ALIASES.get(s.strip().lower(), s) for s in frame["split"]]
+        bad = sorted(set(rows["folder_split"]) - set(_SPLIT_ALIASES.values()))
+        if bad:
+            raise BonefracError(f"{csv}: unknown split value(s) {bad}")
+    dropped = [c for c in frame.columns if c in recomputed and c not in (path_col, label_col)]
+    if dropped:
+        log.info("CSV columns %s are recomputed by prepare and not carried over", dropped)
+    for col in frame.columns:
+        if col not in (path_col, label_col) and col not in recomputed:
+            rows[col] = frame[col].to_numpy()
+    return rows
+
+
+def _rows_from_folder(root: Path):
+    if not root.is_dir():
+        raise BonefracError(f"source is neither a folder nor a CSV file: {root}")
+    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not subdirs:
+        raise BonefracError(f"no class folders in {root} (expected {root}/<class>/<image files>)")
+    rejected = _stray_images(root)
+    if {d.name.lower() for d in subdirs} <= set(_SPLIT_ALIASES):
+        records = []
+        for split_dir in subdirs:
+            rejected += _stray_images(split_dir)
+            records += _scan_classes(split_dir, _SPLIT_ALIASES[split_dir.name.lower()], rejected)
+        kind = "split_folder"
+    else:
+        records, kind = _scan_classes(root, None, rejected), "folder"
+    if not records:
+        raise BonefracError(f"no image files found under {root}")
+    rows = pd.DataFrame(records, columns=["path", "label", "folder_split"])
+    return (rows.drop(columns="folder_split") if kind == "folder" else rows), rejected, kind
+
+
+def _scan_classes(root: Path, split, rejected: list) -> list:
+    records = []
+    for class_dir in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):
+        for file in sorted(class_dir.rglob("*")):
+            if file.name.startswith(".") or not file.is_file():
+                continue
+            if looks_like_image(file):
+                records.append((str(file.resolve()), class_dir.name, split))
+            else:
+                rejected.append({"path": str(file.resolve()), "reason": f"not an image file type ({file.suffix})"})
+    return records
+
+
+def _stray_images(folder: Path) -> list:
+    """Image files lying beside the class folders instead of inside one have no label: report them."""
+    return [{"path": str(f.resolve()), "reason": "image outside any class folder (no label)"}
+            for f in sorted(folder.iterdir()) if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
