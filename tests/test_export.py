@@ -11,7 +11,8 @@ from PIL import Image
 pytest.importorskip("onnxruntime")
 
 from bonefrac import checkpoint  # noqa: E402
-from bonefrac.backends import OnnxPredictor, check_radiograph, colourfulness, load_backend  # noqa: E402
+from bonefrac.backends import (OnnxPredictor, check_radiograph, colourfulness, load_backend,  # noqa: E402
+                                use_operating_point)
 from bonefrac.cli import main  # noqa: E402
 from bonefrac.errors import BonefracError  # noqa: E402
 from bonefrac.export import export  # noqa: E402
@@ -21,6 +22,8 @@ from bonefrac.predict import Ensemble, Predictor, load_predictor  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
 SAMPLES = sorted((SAMPLE / "images").glob("*.webp"))
+# As train.calibration_meta saves them: the default (Youden) point is the checkpoint's threshold.
+POINTS = {"default": 0.4, "high_sensitivity": 0.25, "high_specificity": 0.55, "screening": 0.3}
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +34,7 @@ def ckpt(tmp_path_factory):
     meta = {"arch": "resnet10t", "class_names": ["no_fracture", "fracture"], "positive_index": 1,
             "positive_class": "fracture", "preprocess": {"size": 64, "mean": [0.5] * 3, "std": [0.5] * 3,
                                                          "channels": 3},
-            "threshold": 0.4, "temperature": 1.3, "operating_points": None, "manifest_sha256": "test"}
+            "threshold": 0.4, "temperature": 1.3, "operating_points": POINTS, "manifest_sha256": "test"}
     return checkpoint.save(tmp_path_factory.mktemp("model") / "ckpt", create("resnet10t", 2).eval(), meta)
 
 
@@ -57,6 +60,8 @@ def test_onnx_export_matches_pytorch_and_carries_its_metadata(ckpt, manifest, tm
     assert (onnx_pred.class_names, onnx_pred.threshold, onnx_pred.positive_index, onnx_pred.size) == \
         (["no_fracture", "fracture"], 0.4, 1, 64)
     assert onnx_pred.meta["export"]["parity"]["tolerance"] == 1e-3  # the report travels inside the file
+    assert onnx_pred.meta["operating_points"] == POINTS  # and so do the saved operating points
+    assert use_operating_point(onnx_pred, "screening") == onnx_pred.threshold == 0.3
     images = [read_image(p) for p in SAMPLES[:5]]
     ref = Predictor.from_checkpoint(ckpt, "cpu").predict_arrays(images)
     assert np.abs(onnx_pred.predict_arrays(images) - ref).max() < 1e-3  # dynamic batch: 5
@@ -87,7 +92,7 @@ def ensembles(ckpt, tmp_path_factory):
         checkpoint.save(root / "members" / "1_test_efficientnet", model, meta)
         spec = {"format": "bonefrac-ensemble", "members": ["members/0_resnet10t", "members/1_test_efficientnet"],
                 "class_names": ["no_fracture", "fracture"], "positive_index": 1, "weights": [0.35, 0.65],
-                "threshold": 0.45, "operating_points": {"high_sensitivity": {"threshold": 0.2}}}
+                "threshold": 0.45, "operating_points": {"default": 0.45, "high_sensitivity": 0.2}}
         (root / "ensemble.json").write_text(json.dumps(spec))
         dirs[name] = root
     return dirs
@@ -103,7 +108,8 @@ def test_ensemble_exports_as_one_graph_matching_the_pytorch_ensemble(ensembles, 
     assert isinstance(served, OnnxPredictor) and served.size == 64 and served.temperature == 1.0
     assert (served.class_names, served.positive_index, served.threshold) == (["no_fracture", "fracture"], 1, 0.45)
     assert served.meta["weights"] == [0.35, 0.65]
-    assert served.meta["operating_points"] == {"high_sensitivity": {"threshold": 0.2}}
+    assert served.meta["operating_points"] == {"default": 0.45, "high_sensitivity": 0.2}  # the ensemble's own
+    assert use_operating_point(served, "high_sensitivity") == served.threshold == 0.2
     assert [(m["arch"], m["path"], m["temperature"]) for m in served.meta["members"]] == \
         [("resnet10t", "members/0_resnet10t", 1.3), ("test_efficientnet", "members/1_test_efficientnet", 0.7)]
     images = [read_image(p) for p in SAMPLES[:6]]
@@ -125,7 +131,8 @@ def test_mixed_size_ensemble_int8_and_torchscript(ensembles, tmp_path):
     report = export(src, tmp_path / "e.pt", fmt="torchscript", images=SAMPLE / "images", n_parity=8,
                     tolerance=2e-2)
     assert 0 < report["parity"]["max_abs_prob_diff"] < 2e-2
-    assert load_backend(tmp_path / "e.pt").threshold == 0.45
+    served = load_backend(tmp_path / "e.pt")
+    assert served.threshold == 0.45 and use_operating_point(served, "high_sensitivity") == served.threshold == 0.2
 
 
 def test_int8_and_torchscript_exports(ckpt, manifest, tmp_path):
@@ -135,7 +142,9 @@ def test_int8_and_torchscript_exports(ckpt, manifest, tmp_path):
     assert load_backend(tmp_path / "q.onnx", "cpu").version.endswith("onnx-int8")
     report = export(ckpt, tmp_path / "m.pt", fmt="torchscript", images=SAMPLE / "images", n_parity=8)
     assert report["parity"]["max_abs_prob_diff"] < 1e-4 and "val_metric" not in report
-    assert load_backend(tmp_path / "m.pt").class_names == ["no_fracture", "fracture"]
+    served = load_backend(tmp_path / "m.pt")
+    assert served.class_names == ["no_fracture", "fracture"]
+    assert use_operating_point(served, "high_specificity") == served.threshold == 0.55  # TorchScript keeps them too
 
 
 def test_export_fails_loudly(ckpt, manifest, tmp_path):
@@ -207,6 +216,41 @@ def test_an_ensemble_directory_is_served_like_a_checkpoint(ensembles):
     image = read_image(SAMPLES[0])
     expected = load_predictor([str(ensembles["same"])], "cpu").predict_arrays([image])
     assert np.allclose(backend.predict_arrays([image]), expected)
+    # The ensemble's points, not its first member's (which has a screening point of its own).
+    with pytest.raises(BonefracError, match=r"no operating point 'screening'; available: default \(0\.45\), "
+                                            r"high_sensitivity \(0\.2\)$"):
+        use_operating_point(backend, "screening")
+    assert use_operating_point(backend, "high_sensitivity") == backend.threshold == 0.2
+
+
+def test_operating_points_move_the_decision_or_fail_naming_the_model_and_the_points(ckpt, tmp_path, caplog):
+    from bonefrac.backends import prediction_rows
+
+    pred = Predictor.from_checkpoint(ckpt, "cpu")
+    assert use_operating_point(pred, None) == use_operating_point(pred, "default") == pred.threshold == 0.4
+    probs = np.array([[0.8, 0.2], [0.72, 0.28], [0.65, 0.35], [0.5, 0.5]])
+    before = [r["prediction"] for r in prediction_rows(probs, pred, 0.1)]
+    with caplog.at_level("INFO", logger="bonefrac.backends"):
+        assert use_operating_point(pred, "high_sensitivity") == pred.threshold == 0.25
+    assert "operating point 'high_sensitivity': threshold 0.25" in caplog.text
+    after = [r["prediction"] for r in prediction_rows(probs, pred, 0.1)]
+    assert before == ["no_fracture"] * 3 + ["fracture"] and after == ["no_fracture"] + ["fracture"] * 3
+    with pytest.raises(BonefracError, match=r"model resnet10t@test has no operating point 'screenng'; available: "
+                                            r"default \(0\.4\), high_sensitivity \(0\.25\), "
+                                            r"high_specificity \(0\.55\), screening \(0\.3\)"):
+        use_operating_point(pred, "screenng")
+    assert pred.threshold == 0.25  # a failed choice changes nothing
+    meta = checkpoint.read_meta(ckpt)
+    cases = {"no_points": ({**meta, "operating_points": None}, 2, "has no saved operating points"),
+             "bad_point": ({**meta, "operating_points": {"screening": "0.3"}}, 2, "'screening' is '0.3', not a"),
+             "three_class": ({**meta, "class_names": ["a", "b", "c"], "positive_index": None}, 3,
+                             r"has 3 classes \(a, b, c\).*two-class models only \(available: default\)")}
+    for name, (changed, n_classes, message) in cases.items():
+        other = Predictor.from_checkpoint(checkpoint.save(tmp_path / name, create("resnet10t", n_classes), changed),
+                                          "cpu")
+        with pytest.raises(BonefracError, match=f"model resnet10t@test.*{message}"):
+            use_operating_point(other, "screening")
+        assert use_operating_point(other, "default") == other.threshold  # the default always works
 
 
 # --- INT8: which nodes stay in float -----------------------------------------------------------------------
@@ -260,15 +304,14 @@ def _toy_graph():
 
 
 def test_int8_float_nodes_are_the_shape_arithmetic_and_the_input_side():
-    from bonefrac.export import INT8_FLOAT_CONVS, _int8_float_nodes
+    from bonefrac.export import _int8_float_nodes
 
     model = _toy_graph()
     shape, first = _int8_float_nodes(model, 2)
     assert shape == ["shape", "gather", "cast", "mod", "cast2", "unsq", "concat"]
     assert first == ["norm", "pad", "stem", "act1", "dw", "act2"]  # not pw, residual, pool, head
     assert _int8_float_nodes(model, 1)[1] == ["norm", "pad", "stem", "act1"]
-    assert _int8_float_nodes(model, 0) == (shape, [])
-    assert INT8_FLOAT_CONVS == 2  # the residual Add reads act1 but lies 3 convolutions deep: quantized
+    assert _int8_float_nodes(model, 0) == (shape, [])  # the residual Add reads act1 but lies 3 convolutions deep
 
 
 def _ancestor_ops(graph, tensor: str) -> set[str]:
@@ -314,6 +357,8 @@ def same_pad_ckpt(tmp_path_factory):
 def test_int8_export_keeps_the_input_side_and_padding_in_float_within_tolerance(same_pad_ckpt, manifest, tmp_path):
     import onnx
 
+    from bonefrac.export import INT8_FLOAT_CONVS
+
     out = tmp_path / "q.onnx"
     # This random net, rescaled so its answers spread over (0, 1), is touchier than a trained one: max change
     # 0.18 on the 25 sample val images with torch 2.14.1 and onnxruntime 1.30-1.32 (2026-12). The default
@@ -325,7 +370,8 @@ def test_int8_export_keeps_the_input_side_and_padding_in_float_within_tolerance(
     ref = load_backend(tmp_path / "f.onnx", "cpu").predict_arrays([read_image(p) for p in SAMPLES[:25]])
     assert np.ptp(ref[:, 1]) > 0.1  # the check is not trivially met by constant outputs
     info = report["int8"]
-    assert info["float_convs"] == 2 and len(info["float_conv_nodes"]) == 2 and info["float_shape_nodes"] > 0
+    assert info["float_convs"] == INT8_FLOAT_CONVS == 4 and info["float_shape_nodes"] > 0
+    assert len(info["float_conv_nodes"]) == 4  # the first four convolutions from the input
     graph = onnx.load(str(out)).graph
     ops = {n.op_type for n in graph.node}
     assert {"QuantizeLinear", "DequantizeLinear", "Pad"} <= ops
@@ -339,7 +385,7 @@ def test_int8_export_keeps_the_input_side_and_padding_in_float_within_tolerance(
         assert "QuantizeLinear" not in _ancestor_ops(graph, conv.input[0])
     quantized = [n for n in graph.node if n.op_type == "Conv" and n.name not in info["float_conv_nodes"]]
     assert quantized and all(producer[n.input[1]].op_type == "DequantizeLinear" for n in quantized)
-    assert load_backend(out, "cpu").meta["export"]["int8"]["float_convs"] == 2  # recorded in the file
+    assert load_backend(out, "cpu").meta["export"]["int8"]["float_convs"] == 4  # recorded in the file
     every = export(same_pad_ckpt, tmp_path / "all.onnx", manifest=manifest, int8=True, int8_float_convs=0,
                    tolerance=1.0)
     assert every["int8"]["float_conv_nodes"] == []

@@ -151,7 +151,9 @@ def test_thresholds_and_operating_points():
     assert M.threshold_for_specificity(Y2, S2, 0.95) == pytest.approx(0.8)
     assert M.threshold_for_specificity(Y2, S2, 0.75) == pytest.approx(0.3)
     ops = M.operating_points(Y2, S2)
-    assert ops == pytest.approx({"default": 0.3, "high_sensitivity": 0.3, "high_specificity": 0.8})
+    # screening (sensitivity >= 0.90) needs all four positives: 0.3; at 0.5 two suffice: 0.8
+    assert ops == pytest.approx({"default": 0.3, "high_sensitivity": 0.3, "high_specificity": 0.8, "screening": 0.3})
+    assert M.operating_points(Y2, S2, screening_sensitivity=0.5)["screening"] == pytest.approx(0.8)
     json.dumps(ops, allow_nan=False)
 
 

@@ -104,14 +104,40 @@ def test_convnext_trains_the_same_with_flipped_dgrad_and_keeps_its_keys():
         torch.testing.assert_close(a.grad, b.grad, msg=name)
 
 
-def test_flipped_dgrad_traces_into_one_compiled_graph():
+@pytest.mark.parametrize("autocast", [False, True])
+def test_flipped_dgrad_traces_into_one_compiled_graph(autocast):
     from bonefrac.models import use_flipped_dgrad
 
     conv = torch.nn.Conv2d(4, 4, 7, padding=3, groups=4)
     use_flipped_dgrad(conv)
     x = torch.randn(2, 4, 16, 16, requires_grad=True)
     compiled = torch.compile(conv, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break raises
-    compiled(x).sum().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = compiled(x)
+    assert out.dtype == (torch.bfloat16 if autocast else torch.float32)
+    out.float().sum().backward()
+    if autocast:
+        assert x.grad.dtype == conv.weight.grad.dtype == torch.float32
+        return
     expected = torch.autograd.grad(torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=3, groups=4).sum(),
                                    [x])[0]
     torch.testing.assert_close(x.grad, expected)
+
+
+def test_flipped_dgrad_under_bf16_autocast_matches_the_plain_convolution():
+    """Training runs under bf16 autocast with fp32 weights: the backward must not mix the two dtypes (the
+    first GPU run of train.flip_depthwise_grad failed in convolution_backward with bf16 input, fp32 weight)."""
+    from bonefrac.models import use_flipped_dgrad
+
+    torch.manual_seed(0)
+    ref = torch.nn.Conv2d(8, 8, 7, padding=3, groups=8)
+    new = copy.deepcopy(ref)
+    use_flipped_dgrad(new)
+    x = torch.randn(2, 8, 12, 12).contiguous(memory_format=torch.channels_last)
+    got = []
+    for conv in (ref, new):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got.append(_grads(conv, x))
+    for a, b in zip(*got):
+        assert a.dtype == b.dtype  # bf16 output, fp32 gradients for fp32 parameters and input
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)

@@ -1,7 +1,10 @@
 """End to end on the embedded sample: prepare -> train -> evaluate -> predict, resume, and bad input."""
 
 import contextlib
+import csv
+import io
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -105,6 +108,47 @@ def test_predict_fails_when_nothing_could_be_predicted(run, tmp_path, capsys, ca
         with pytest.raises(SystemExit) if argv[0] == "--batch-size" else contextlib.nullcontext():
             code = main(["predict", "--model", str(run / "best"), *argv, str(SAMPLE / "images")])
             assert code == 2 and "unknown device 'gpu'" in caplog.text
+
+
+def test_predict_at_a_saved_operating_point(run, capsys, caplog):
+    meta = checkpoint.read_meta(run / "best")
+    points, files = meta["operating_points"], [str(p) for p in sorted((SAMPLE / "images").glob("*.webp"))[:24]]
+    assert points["high_sensitivity"] != meta["threshold"]  # else the flag could be ignored unnoticed
+    caplog.set_level(logging.INFO, logger="bonefrac")
+
+    def predict(*flags):
+        assert main(["predict", "--model", str(run / "best"), "--no-xray-check", *flags, *files]) == 0
+        return capsys.readouterr().out
+
+    default = [json.loads(line) for line in predict().splitlines()]
+    chosen = [json.loads(line) for line in predict("--operating-point", "high_sensitivity").splitlines()]
+    assert {r["threshold"] for r in default} == {meta["threshold"]}
+    assert {r["threshold"] for r in chosen} == {points["high_sensitivity"]}
+    assert "operating point 'high_sensitivity'" in caplog.text
+    for rows, t in ((default, meta["threshold"]), (chosen, points["high_sensitivity"])):
+        for r in rows:  # the threshold in the row is the one that decided (rows round probabilities to 1e-6)
+            p = r["probabilities"]["fracture"]
+            assert abs(p - t) < 1e-6 or (r["prediction"] == "fracture") == (p >= t), (r, t)
+    positives = [sum(r["prediction"] == "fracture" for r in rows) for rows in (default, chosen)]
+    if points["high_sensitivity"] <= meta["threshold"]:  # the usual case: the 0.95-sensitivity point lies lower
+        assert positives[1] >= positives[0]
+    csv_rows = list(csv.reader(io.StringIO(predict("--operating-point", "screening", "--format", "csv"))))
+    assert csv_rows[0][-2:] == ["threshold", "message"] and len(csv_rows) == len(files) + 1
+    assert {float(row[-2]) for row in csv_rows[1:]} == {points["screening"]}
+    assert predict("--operating-point", "default") == predict()  # "default" is the model's own threshold
+
+
+def test_predict_at_an_unknown_operating_point_lists_the_saved_ones(run, caplog):
+    image = str(sorted((SAMPLE / "images").glob("*.webp"))[0])
+    assert main(["predict", "--model", str(run / "best"), "--operating-point", "screenig", image]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "no operating point 'screenig'" in errors[0] and "Traceback" not in caplog.text
+    assert all(f"{name} (" in errors[0] for name in checkpoint.read_meta(run / "best")["operating_points"])
+    caplog.clear()
+    # Several checkpoints average with equal weights: no saved point belongs to that mix.
+    best = str(run / "best")
+    assert main(["predict", "--model", best, "--model", best, "--operating-point", "screening", image]) == 2
+    assert "bonefrac ensemble" in caplog.text
 
 
 def test_predict_with_an_exported_file_as_default_model_says_what_is_needed(tmp_path, monkeypatch, caplog):

@@ -15,7 +15,7 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from bonefrac import checkpoint  # noqa: E402
-from bonefrac.errors import ConfigError  # noqa: E402
+from bonefrac.errors import BonefracError, ConfigError  # noqa: E402
 from bonefrac.models import create  # noqa: E402
 from bonefrac.serve.app import create_app  # noqa: E402
 from bonefrac.serve.batcher import MicroBatcher  # noqa: E402
@@ -24,14 +24,15 @@ from bonefrac.serve.settings import Settings  # noqa: E402
 SAMPLES = sorted((Path(__file__).resolve().parents[1] / "data" / "sample" / "images").glob("*.webp"))
 
 
-def tiny_checkpoint(path: Path) -> Path:
+def tiny_checkpoint(path: Path, **changes) -> Path:
+    """A random two-class resnet10t checkpoint (64 px, threshold 0.5, no operating points); `changes` edit its JSON."""
     import torch
 
     torch.manual_seed(0)
     meta = {"arch": "resnet10t", "class_names": ["no_fracture", "fracture"], "positive_index": 1,
             "positive_class": "fracture", "preprocess": {"size": 64, "mean": [0.5] * 3, "std": [0.5] * 3,
                                                          "channels": 3},
-            "threshold": 0.5, "temperature": 1.0, "operating_points": None, "manifest_sha256": "test"}
+            "threshold": 0.5, "temperature": 1.0, "operating_points": None, "manifest_sha256": "test", **changes}
     return checkpoint.save(path, create("resnet10t", 2).eval(), meta)
 
 
@@ -156,6 +157,53 @@ def test_ops_endpoints_and_metrics(client):
                  "bonefrac_errors_total"):
         assert name in text
     assert "not a diagnosis" in client.get("/").text.lower() or "assistive" in client.get("/").text.lower()
+
+
+# --- operating points -----------------------------------------------------------------------------------------
+
+POINTS = {"default": 0.5, "screening": 0.02, "high_specificity": 0.9}
+
+
+@pytest.fixture(scope="module")
+def ckpt_with_points(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("model") / "points", operating_points=POINTS)
+
+
+def test_the_model_decides_at_the_operating_point_chosen_at_start_up(ckpt_with_points, client):
+    ready = client.get("/ready").json()  # no point named: the model's own threshold
+    assert (ready["operating_point"], ready["threshold"]) == ("default", 0.5)
+    settings = Settings.from_env({"BONEFRAC_OPERATING_POINT": "screening"}, model=str(ckpt_with_points),
+                                 preprocess_workers=0)
+    with TestClient(create_app(settings)) as c:
+        ready = c.get("/ready").json()
+        resp = post(c, *[(p.name, p.read_bytes()) for p in SAMPLES[:4]])
+    assert (ready["operating_point"], ready["threshold"]) == ("screening", 0.02)
+    assert resp.status_code == 200 and resp.json()["threshold"] == 0.02
+    for r in resp.json()["results"]:  # the point decides, and the refer margin lies around it
+        assert (r["prediction"] == "fracture") == (r["probabilities"]["fracture"] >= 0.02)
+        assert r["refer"] == (abs(r["probabilities"]["fracture"] - 0.02) < 0.15)
+
+
+def test_an_operating_point_the_model_lacks_stops_the_start_up(ckpt, ckpt_with_points, monkeypatch, caplog):
+    import uvicorn
+
+    from bonefrac.cli import main
+
+    with pytest.raises(BonefracError, match=r"model resnet10t@test has no operating point 'screeening'; "
+                                            r"available: default \(0\.5\), screening \(0\.02\), "
+                                            r"high_specificity \(0\.9\)"):
+        create_app(Settings(model=str(ckpt_with_points), operating_point="screeening"))
+    with pytest.raises(BonefracError, match="resnet10t@test has no saved operating points"):
+        create_app(Settings(model=str(ckpt), operating_point="screening"))
+    started = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.append(app))  # would serve until interrupted
+    assert main(["serve", "--model", str(ckpt_with_points), "--operating-point", "screeening"]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert not started and len(errors) == 1 and "screening (0.02)" in errors[0]
+    monkeypatch.setenv("BONEFRAC_OPERATING_POINT", "high_specificity")
+    assert main(["serve", "--model", str(ckpt_with_points)]) == 0
+    assert main(["serve", "--model", str(ckpt_with_points), "--operating-point", "screening"]) == 0  # flag wins
+    assert [app.state.predictor.threshold for app in started] == [0.9, 0.02]
 
 
 def test_explain_returns_png_or_clear_501(client):

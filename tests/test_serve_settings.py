@@ -55,6 +55,18 @@ def test_out_of_range_flags_fail_naming_the_flag(flag, value):
         Settings.from_env({}, **{flag: value})
 
 
+def test_operating_point_comes_from_the_variable_or_the_flag_and_is_a_name():
+    assert Settings.from_env({}).operating_point is None  # the model's own threshold
+    assert Settings.from_env({"BONEFRAC_OPERATING_POINT": ""}).operating_point is None  # empty: as if unset
+    assert Settings.from_env({"BONEFRAC_OPERATING_POINT": "screening"}).operating_point == "screening"
+    flagged = Settings.from_env({"BONEFRAC_OPERATING_POINT": "screening"}, operating_point="high_sensitivity")
+    assert flagged.operating_point == "high_sensitivity"
+    for bad in ("high sensitivity", " ", "screening;"):  # whether the model has the point is checked at load
+        with pytest.raises(ConfigError, match=r"BONEFRAC_OPERATING_POINT=.*\(or --operating-point\): expected "
+                                              "the name of an operating point"):
+            Settings.from_env({"BONEFRAC_OPERATING_POINT": bad})
+
+
 def test_empty_api_key_is_an_error():
     with pytest.raises(ConfigError, match="BONEFRAC_API_KEY=.*non-empty"):
         Settings.from_env({"BONEFRAC_API_KEY": ""})
@@ -86,6 +98,7 @@ def test_known_variables_cover_every_name_the_package_reads(caplog):
 
 @pytest.mark.parametrize("argv, env", [(["serve", "--port", "99999"], {}),
                                        (["serve"], {"BONEFRAC_MAX_BATCH": "0"}),
+                                       (["serve", "--operating-point", "high sensitivity"], {}),
                                        (["serve"], {"BONEFRAC_XRAY_CHECK": "flase"})])
 def test_cli_reports_one_line_before_loading_a_model(argv, env, monkeypatch, caplog):
     import bonefrac.serve.app

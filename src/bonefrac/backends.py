@@ -6,7 +6,8 @@
     if not check.ok: ...                            # check.reason says why it is not a radiograph
 
 Every backend exposes what `bonefrac.predict.Predictor` does: `class_names`, `positive_index`, `threshold`,
-`size`, `meta`, `version` and `predict_arrays(list of 2-D uint8) -> (n, K)`. Exported files carry the
+`size`, `meta`, `version` and `predict_arrays(list of 2-D uint8) -> (n, K)`; `use_operating_point(predictor,
+"screening")` moves any of them to one of the decision thresholds saved with the model. Exported files carry the
 checkpoint's JSON (classes, preprocessing, temperature, thresholds) inside them, so nothing else is needed.
 Exported graphs take float32 (B, 1, S, S) raw pixel values 0..255 and return logits; normalisation is inside.
 """
@@ -142,6 +143,63 @@ def load_backend(path, device: str = "auto", batch_size: int = 32):
     if path.suffix.lower() in (".pt", ".ts", ".torchscript"):
         return TorchScriptPredictor(path, "cpu" if device == "auto" else device, batch_size)
     raise BonefracError(f"{path}: unknown model format (expected a checkpoint dir, .onnx or TorchScript .pt)")
+
+
+# --- operating points ------------------------------------------------------------------------------------
+
+DEFAULT_POINT = "default"
+
+
+def use_operating_point(predictor, name: str | None) -> float | None:
+    """Make `predictor` decide at its saved operating point `name` (e.g. "screening", "high_sensitivity") and
+    return the threshold now in use. None or "default" change nothing (a model decides at its own validation
+    threshold as loaded).
+
+    Works for whatever `load_backend` returns: checkpoints, ensemble directories and exported files all carry the
+    named thresholds chosen on validation in `meta["operating_points"]`. Raises BonefracError, naming the model
+    and listing the points it has, for an unknown name, a model without saved points or a multi-class model.
+    """
+    if name is None or name == DEFAULT_POINT:
+        return predictor.threshold
+    points = _saved_points(predictor)
+    available = f"available: {_listed(points)}"
+    if name not in points:
+        raise BonefracError(f"model {predictor.version} has no operating point '{name}'; {available}")
+    threshold = points[name]
+    if not _is_probability(threshold):  # a hand-edited JSON: refuse rather than decide at a nonsense value
+        raise BonefracError(f"model {predictor.version}: operating point '{name}' is {threshold!r}, not a "
+                            f"threshold from 0 to 1; {available}")
+    log.info("operating point '%s': threshold %.4g (was %s)", name, threshold, _shown(predictor.threshold))
+    predictor.threshold = float(threshold)
+    return predictor.threshold
+
+
+def _saved_points(predictor) -> dict:
+    """The model's named thresholds; BonefracError saying why when it has none to choose from."""
+    names, model = predictor.class_names, f"model {predictor.version}"
+    if predictor.positive_index is None or len(names) != 2:
+        raise BonefracError(f"{model} has {len(names)} classes ({', '.join(names)}) and predicts the most probable "
+                            f"one; operating points apply to two-class models only (available: {DEFAULT_POINT})")
+    points = (getattr(predictor, "meta", None) or {}).get("operating_points")  # stand-ins may have no meta
+    if not isinstance(points, dict) or not points:
+        raise BonefracError(f"{model} has no saved operating points (available: {DEFAULT_POINT}); fit them on "
+                            "validation with `bonefrac calibrate CKPT --manifest MANIFEST` (then re-export)")
+    return points
+
+
+def _is_probability(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+
+
+def _listed(points: dict) -> str:
+    """"default (0.0894), high_sensitivity (0.0495), ...": every name the caller may pass, with its saved threshold
+    ("default" is always accepted, saved or not)."""
+    saved = [f"{k} ({_shown(v)})" for k, v in points.items()]
+    return ", ".join(saved if DEFAULT_POINT in points else [DEFAULT_POINT, *saved])
+
+
+def _shown(threshold) -> str:
+    return f"{threshold:.4g}" if _is_probability(threshold) else repr(threshold)
 
 
 # --- is it a radiograph? ---------------------------------------------------------------------------------

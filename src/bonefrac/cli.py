@@ -13,6 +13,9 @@ import sys
 from .errors import BonefracError
 
 log = logging.getLogger("bonefrac")
+OPERATING_POINT_HELP = ("decide at a threshold saved with the model (chosen on validation), e.g. screening "
+                        "(sensitivity >= 0.90), high_sensitivity or high_specificity (>= 0.95); "
+                        "default: the model's own threshold")
 
 
 def _prepare(args) -> None:
@@ -51,11 +54,17 @@ def _evaluate(args) -> None:
 
 
 def _predict(args) -> None:
+    from .backends import DEFAULT_POINT, use_operating_point
     from .predict import load_predictor, predict_files
 
     if not args.paths:
         raise BonefracError("name at least one image file or folder to predict")
+    if args.operating_point not in (None, DEFAULT_POINT) and args.model and len(args.model) > 1:
+        # The points were chosen for one model's probabilities, not for this unfitted average of several.
+        raise BonefracError("--operating-point needs one checkpoint or an ensemble directory; build an ensemble "
+                            "with its own operating points from these checkpoints with `bonefrac ensemble`")
     predictor = load_predictor(args.model, args.device, args.tta, args.batch_size)
+    use_operating_point(predictor, args.operating_point)
     if args.model and len(args.model) > 1:
         log.warning("%d checkpoints averaged with equal weights and the first one's threshold; fit weights and "
                     "threshold on validation with `bonefrac ensemble`", len(args.model))
@@ -77,23 +86,26 @@ def _csv_writer(class_names):
     import csv
 
     w = csv.writer(sys.stdout)
-    w.writerow(["path", "status", "prediction", "confidence", "refer", *[f"p_{c}" for c in class_names], "message"])
+    w.writerow(["path", "status", "prediction", "confidence", "refer", *[f"p_{c}" for c in class_names], "threshold",
+                "message"])
 
     def write(row: dict) -> None:
         probs = row.get("probabilities", {})
         w.writerow([row["path"], row["status"], row.get("prediction", ""), row.get("confidence", ""),
                     row.get("refer", ""), *[probs.get(c, "") for c in class_names],
+                    "" if row.get("threshold") is None else row["threshold"],
                     row.get("error") or row.get("message") or ""])
         sys.stdout.flush()
     return write
 
 
 def _export(args) -> None:
-    from .export import export
+    from .export import INT8_FLOAT_CONVS, export
 
+    float_convs = INT8_FLOAT_CONVS if args.int8_float_convs is None else args.int8_float_convs
     report = export(args.ckpt, args.out, fmt=args.format, int8=args.int8, fp16=args.fp16,
                     manifest=args.manifest, images=args.images, tolerance=args.tolerance,
-                    int8_float_convs=args.int8_float_convs)
+                    int8_float_convs=float_convs)
     print(json.dumps({k: report.get(k) for k in ("variant", "size_bytes", "parity", "val_metric")}))
 
 
@@ -102,7 +114,8 @@ def _serve(args) -> None:
     from .serve.settings import Settings
 
     run(Settings.from_env(model=args.model, host=args.host, port=args.port, max_batch=args.max_batch,
-                          max_wait_ms=args.max_wait_ms, audit_db=args.audit_db, device=args.device))
+                          max_wait_ms=args.max_wait_ms, audit_db=args.audit_db, device=args.device,
+                          operating_point=args.operating_point))
 
 
 def _explain(args) -> None:
@@ -203,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-xray-check", action="store_true",
                    help="predict every readable image, even ones that do not look like a radiograph")
     s.add_argument("--device", default="auto")
+    s.add_argument("--operating-point", metavar="NAME", help=OPERATING_POINT_HELP)
     s.set_defaults(func=_predict)
     s = sub.add_parser("export", help="export a checkpoint to ONNX (fp32/fp16/INT8) or TorchScript, parity-checked")
     s.add_argument("ckpt", help="checkpoint or ensemble directory")
@@ -212,8 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--manifest", help="manifest: train split calibrates INT8, val split checks parity/metrics")
     s.add_argument("--images", help="image folder for calibration and parity, instead of --manifest")
     s.add_argument("--tolerance", type=float, help="max |p_exported - p_torch| (default per variant)")
-    s.add_argument("--int8-float-convs", type=int, default=2,
-                   help="input-side convolutions --int8 keeps in float (default 2; 0 quantizes all)")
+    s.add_argument("--int8-float-convs", type=int,
+                   help="input-side convolutions --int8 keeps in float (default 4; 0 quantizes all)")
     s.add_argument("--out", required=True)
     s.set_defaults(func=_export)
 
@@ -225,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-wait-ms", type=float, help="micro-batch window (default 10)")
     s.add_argument("--audit-db", help="SQLite audit log file")
     s.add_argument("--device", help="auto, cpu, cuda[:n]")
+    s.add_argument("--operating-point", metavar="NAME", help=OPERATING_POINT_HELP)
     s.set_defaults(func=_serve)
 
     s = sub.add_parser("explain", help="Grad-CAM heatmaps over the X-ray, one PNG per image")

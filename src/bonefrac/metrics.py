@@ -254,11 +254,14 @@ def threshold_for_specificity(y_bin, scores, target: float = 0.95) -> float:
     return _roc_pick(y_bin, scores, lambda fpr, tpr: np.flatnonzero(1.0 - fpr >= target - 1e-12)[-1])
 
 
-def operating_points(y_bin, scores, sensitivity_target: float = 0.95, specificity_target: float = 0.95) -> dict:
-    """Named thresholds: {"default": Youden, "high_sensitivity": ..., "high_specificity": ...}."""
+def operating_points(y_bin, scores, sensitivity_target: float = 0.95, specificity_target: float = 0.95,
+                     screening_sensitivity: float = 0.90) -> dict:
+    """Named thresholds: {"default": Youden, "high_sensitivity": ..., "high_specificity": ..., "screening": ...};
+    screening sits between the default and the high-sensitivity point (sensitivity >= 0.90 by default)."""
     return {"default": youden_threshold(y_bin, scores),
             "high_sensitivity": threshold_for_sensitivity(y_bin, scores, sensitivity_target),
-            "high_specificity": threshold_for_specificity(y_bin, scores, specificity_target)}
+            "high_specificity": threshold_for_specificity(y_bin, scores, specificity_target),
+            "screening": threshold_for_sensitivity(y_bin, scores, screening_sensitivity)}
 
 
 def threshold_metrics(y_bin, scores, t: float) -> dict:

@@ -116,7 +116,15 @@ class FlippedDgradConv2d(torch.nn.Conv2d):
     """nn.Conv2d (same parameters and state-dict keys) whose backward uses `_FlippedDgrad`."""
 
     def forward(self, x):
-        return _FlippedDgrad.apply(x, self.weight, self.bias, self.padding)
+        weight, bias = self.weight, self.bias
+        if torch.is_autocast_enabled(x.device.type):
+            # Cast here, where autograd records the casts (their backward returns fp32 gradients to fp32
+            # parameters): inside the Function, autocast's casts would not be undone in `backward`, which runs
+            # without autocast and would mix bf16 gradients with fp32 weights.
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+        return _FlippedDgrad.apply(x, weight, bias, self.padding)
 
 
 def use_flipped_dgrad(model: torch.nn.Module) -> int:

@@ -206,7 +206,8 @@ def _safe_read(path: Path):
 def predict_files(predictor, inputs: list[str], batch_size: int = 32, xray_check: bool = True,
                   refer_margin: float = 0.15):
     """Yield one dict per file, in input order, with a `status`:
-    "ok": prediction, confidence, probabilities and `refer` (probability close to the threshold: review it);
+    "ok": prediction, confidence, probabilities, `refer` (probability close to the threshold: review it) and the
+    `threshold` that decided (None for multi-class models, which predict the most probable class);
     "not_xray": the image fails the radiograph check (a photo, document, blank or noise), `message` says why,
     and no prediction is given; "error": `error` names the problem (unreadable, missing, too large)."""
     from .backends import prediction_rows  # backends imports this module
@@ -218,7 +219,8 @@ def predict_files(predictor, inputs: list[str], batch_size: int = 32, xray_check
             read = list(pool.map(lambda p: _read_checked(p, xray_check), chunk))
             good = [img for img, problem in read if problem is None]
             probs = predictor.predict_arrays(good) if good else np.zeros((0, len(predictor.class_names)))
-            results = iter(prediction_rows(probs, predictor, refer_margin))
+            results = iter([{**row, "threshold": predictor.threshold}
+                            for row in prediction_rows(probs, predictor, refer_margin)])
             for path, (_, problem) in zip(chunk, read):
                 yield {"path": str(path), **(problem if problem is not None else next(results))}
 

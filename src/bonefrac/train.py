@@ -370,8 +370,6 @@ def calibration_meta(val_logits, val_y, class_names, pos, monitor, score) -> dic
     if pos is not None and len(np.unique(val_y)) == 2:
         y_bin = (val_y == pos).astype(int)
         points = metrics.operating_points(y_bin, probs[:, pos])
-        # A screening point between the default (Youden) and the 0.95-sensitivity one.
-        points["screening"] = metrics.threshold_for_sensitivity(y_bin, probs[:, pos], 0.90)
         out["operating_points"] = points
         out["threshold"] = points["default"]
     out["val_metrics"].update(metrics.classification_metrics(val_y, probs, class_names, pos, out["threshold"]))

@@ -31,11 +31,15 @@ NOTICE = "Assistive research tool, not a diagnostic device: every output needs r
 
 
 def create_app(settings: Settings | None = None, predictor=None) -> FastAPI:
-    """The service for `settings` (default: from the environment); `predictor` overrides settings.model."""
-    from ..backends import load_backend
+    """The service for `settings` (default: from the environment); `predictor` overrides settings.model.
+
+    Raises BonefracError before serving anything when the model cannot be loaded or lacks the operating point
+    that settings.operating_point names (a given `predictor` is moved to that point in place)."""
+    from ..backends import DEFAULT_POINT, load_backend, use_operating_point
 
     settings = settings or Settings.from_env()
     predictor = predictor or load_backend(settings.model, settings.device)
+    use_operating_point(predictor, settings.operating_point)  # a name the model lacks stops the start-up here
     telemetry = Telemetry()
     batcher = MicroBatcher(predictor.predict_arrays, settings.max_batch, settings.max_wait_ms, telemetry.batch)
     preprocessor = Preprocessor(settings.preprocess_workers)
@@ -46,8 +50,9 @@ def create_app(settings: Settings | None = None, predictor=None) -> FastAPI:
         await batcher.start()
         if settings.warmup:
             await _warm_up(batcher, predictor, settings.max_batch)
-        log.info("serving %s on %s (max batch %d, max wait %g ms, %d preprocessing processes)", predictor.version,
-                 getattr(predictor, "device", settings.device), settings.max_batch, settings.max_wait_ms,
+        log.info("serving %s on %s (operating point %s, threshold %s; max batch %d, max wait %g ms, "
+                 "%d preprocessing processes)", predictor.version, getattr(predictor, "device", settings.device),
+                 app.state.operating_point, predictor.threshold, settings.max_batch, settings.max_wait_ms,
                  preprocessor.workers)
         try:
             yield
@@ -59,7 +64,7 @@ def create_app(settings: Settings | None = None, predictor=None) -> FastAPI:
     # from a CDN, which air-gapped hospital networks cannot reach.
     app = FastAPIOffline(title="bonefrac", version=__version__, lifespan=lifespan, description=NOTICE)
     app.state.settings, app.state.predictor, app.state.batcher = settings, predictor, batcher
-    app.state.preprocessor = preprocessor
+    app.state.preprocessor, app.state.operating_point = preprocessor, settings.operating_point or DEFAULT_POINT
     app.state.telemetry, app.state.rate_limiter = telemetry, RateLimiter(settings.rate_limit)
     app.state.audit = AuditLog(settings.audit_db) if settings.audit_db else None
     install_error_handlers(app, telemetry)

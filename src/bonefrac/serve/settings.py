@@ -4,6 +4,7 @@
 |---|---|---|---|
 | BONEFRAC_MODEL | shipped model | | checkpoint dir, .onnx or TorchScript .pt file |
 | BONEFRAC_DEVICE | auto | auto, cpu, cuda[:n], mps | auto: first CUDA GPU when present, else CPU |
+| BONEFRAC_OPERATING_POINT | default | a point saved with the model | its validation threshold decides, e.g. screening |
 | BONEFRAC_HOST / BONEFRAC_PORT | 127.0.0.1 / 8000 | port 1-65535 | address the service listens on |
 | BONEFRAC_MAX_BATCH / BONEFRAC_MAX_WAIT_MS | 16 / 10 | >= 1 / finite >= 0 | micro-batching; MAX_BATCH=1 turns it off |
 | BONEFRAC_MAX_REQUEST_MB | 20 | finite > 0 | request body cap |
@@ -22,8 +23,9 @@
 Booleans take 1/0, true/false, yes/no, on/off (any case). An empty variable counts as unset, except
 BONEFRAC_API_KEY, where an empty value is an error (it would silently turn authentication off). Every value is
 checked here, before any model is loaded; a bad one raises ConfigError naming the variable (and the
-`bonefrac serve` flag, where there is one) and the allowed values. Unknown BONEFRAC_* names (typos) are logged
-as a warning; names read elsewhere in the package (BONEFRAC_COPY_DETECTOR) are known too.
+`bonefrac serve` flag, where there is one) and the allowed values. Whether the model saved the point that
+BONEFRAC_OPERATING_POINT names is checked as the service loads it: if not, it does not start. Unknown BONEFRAC_*
+names (typos) are logged as a warning; names read elsewhere in the package (BONEFRAC_COPY_DETECTOR) are known too.
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ log = logging.getLogger(__name__)
 
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
-_FLAGS = {"model", "host", "port", "max_batch", "max_wait_ms", "audit_db", "device"}  # `bonefrac serve --...`
+# `bonefrac serve --...`
+_FLAGS = {"model", "host", "port", "max_batch", "max_wait_ms", "audit_db", "device", "operating_point"}
+_POINT_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # every name bonefrac saves; a stray space or quote is a typo
 _READ_ELSEWHERE = ("BONEFRAC_COPY_DETECTOR",)  # copydetect.py; BONEFRAC_MODEL is also read by predict.py
 
 
@@ -67,6 +71,9 @@ _RANGES = {
     "refer_margin": (lambda v: _finite(v) and 0 <= v < 0.5, "a number from 0 up to (not including) 0.5"),
     "preprocess_workers": (lambda v: v >= 0, "an integer >= 0 (0: threads)"),
     "device": (lambda v: bool(_DEVICE.fullmatch(v)), "auto, cpu, cuda, cuda:N or mps"),
+    # Only the form here: whether the model has the point is known once it loads (create_app checks it then).
+    "operating_point": (lambda v: v is None or bool(_POINT_NAME.fullmatch(v)),
+                        "the name of an operating point saved with the model, e.g. screening or high_sensitivity"),
     "trusted_proxies": (lambda v: all(_is_network(p) for p in v), "comma-separated IP addresses, networks or *"),
     "api_key": (lambda v: v is None or v.strip() != "", "a non-empty key (or leave the variable unset)"),
 }
@@ -89,6 +96,7 @@ def _problem(field_name: str, shown: str, allowed: str) -> str:
 class Settings:
     model: str | None = None
     device: str = "auto"
+    operating_point: str | None = None  # None: the model's own threshold
     host: str = "127.0.0.1"
     port: int = 8000
     max_batch: int = 16

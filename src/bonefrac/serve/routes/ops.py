@@ -1,4 +1,5 @@
-"""GET /health (process alive), GET /ready (model loaded, batcher running), GET /metrics (Prometheus text)."""
+"""GET /health (process alive), GET /ready (model loaded, batcher running; the model, its operating point and
+decision threshold), GET /metrics (Prometheus text)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ async def ready(request: Request):
     state = request.app.state
     if not state.batcher.running:  # 503 either way, so load balancers send no new work
         return JSONResponse({"status": "stopping" if state.batcher.stopped else "starting"}, status_code=503)
-    return {"status": "ready", "model_version": state.predictor.version, "class_names": state.predictor.class_names}
+    predictor = state.predictor
+    return {"status": "ready", "model_version": predictor.version, "class_names": predictor.class_names,
+            "operating_point": state.operating_point, "threshold": predictor.threshold}
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
