@@ -52,7 +52,7 @@ def create_app(settings: Settings | None = None, predictor=None) -> FastAPI:
             await _warm_up(batcher, predictor, settings.max_batch)
         log.info("serving %s on %s (operating point %s, threshold %s; max batch %d, max wait %g ms, "
                  "%d preprocessing processes)", predictor.version, getattr(predictor, "device", settings.device),
-                 app.state.operating_point, predictor.threshold, settings.max_batch, settings.max_wait_ms,
+                 settings.operating_point or DEFAULT_POINT, predictor.threshold, settings.max_batch, settings.max_wait_ms,
                  preprocessor.workers)
         try:
             yield
@@ -64,7 +64,7 @@ def create_app(settings: Settings | None = None, predictor=None) -> FastAPI:
     # from a CDN, which air-gapped hospital networks cannot reach.
     app = FastAPIOffline(title="bonefrac", version=__version__, lifespan=lifespan, description=NOTICE)
     app.state.settings, app.state.predictor, app.state.batcher = settings, predictor, batcher
-    app.state.preprocessor, app.state.operating_point = preprocessor, settings.operating_point or DEFAULT_POINT
+    app.state.preprocessor = preprocessor
     app.state.telemetry, app.state.rate_limiter = telemetry, RateLimiter(settings.rate_limit)
     app.state.audit = AuditLog(settings.audit_db) if settings.audit_db else None
     install_error_handlers(app, telemetry)

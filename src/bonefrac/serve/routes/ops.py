@@ -6,6 +6,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
+from ...backends import DEFAULT_POINT
+
 router = APIRouter()
 
 
@@ -21,7 +23,7 @@ async def ready(request: Request):
         return JSONResponse({"status": "stopping" if state.batcher.stopped else "starting"}, status_code=503)
     predictor = state.predictor
     return {"status": "ready", "model_version": predictor.version, "class_names": predictor.class_names,
-            "operating_point": state.operating_point, "threshold": predictor.threshold}
+            "operating_point": state.settings.operating_point or DEFAULT_POINT, "threshold": predictor.threshold}
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
