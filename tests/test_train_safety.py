@@ -55,13 +55,14 @@ def test_watchdog_does_not_fire_during_a_slow_validation(sample_manifest, tmp_pa
     dogs = quiet_watchdogs(monkeypatch)
     real_infer = train_mod.infer_logits
 
-    # Each val batch 2 s, under the 6 s limit (a CPU step takes ~2.5 s); the pass (4 batches) outlasts it.
+    # Each val batch 3 s, under the 10 s limit (a CPU step takes ~2.5 s, twice that on a loaded machine); the pass
+    # (4 batches) outlasts it.
     def slow_infer(*args, **kwargs):
-        time.sleep(2.0)
+        time.sleep(3.0)
         return real_infer(*args, **kwargs)
 
     monkeypatch.setattr(train_mod, "infer_logits", slow_infer)
-    assert train(sample_manifest, tmp_path / "run", "--set", "train.watchdog_s=6") == 0
+    assert train(sample_manifest, tmp_path / "run", "--set", "train.watchdog_s=10") == 0
     assert not dogs[0].fired.is_set()
 
 
