@@ -141,3 +141,27 @@ def test_flipped_dgrad_under_bf16_autocast_matches_the_plain_convolution():
     for a, b in zip(*got):
         assert a.dtype == b.dtype  # bf16 output, fp32 gradients for fp32 parameters and input
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_fine_tuning_starts_from_a_checkpoint_directory(tmp_path):
+    from bonefrac import checkpoint
+    from bonefrac.predict import ENSEMBLE_FILE
+
+    torch.manual_seed(0)
+    trained, _, _ = build_model(ModelConfig(arch="tf_efficientnet_lite0", pretrained="none"), 2)
+    meta = {"arch": "tf_efficientnet_lite0", "class_names": ["a", "b"],
+            "preprocess": {"size": 64, "mean": [0.25] * 3, "std": [0.75] * 3, "channels": 3}}
+    ckpt = checkpoint.save(tmp_path / "best", trained, meta, dtype=torch.float16)  # as the shipped model is stored
+    model, mean, std = build_model(ModelConfig(arch="tf_efficientnet_lite0", pretrained=str(ckpt)), 2)
+    assert torch.equal(model.conv_stem.weight, trained.conv_stem.weight.half().float())
+    assert torch.equal(model.classifier.weight, trained.classifier.weight.half().float())  # same classes: head too
+    assert mean == [0.25] * 3 and std == [0.75] * 3  # the checkpoint's normalisation, not the architecture's
+    with pytest.raises(BonefracError, match="holds a tf_efficientnet_lite0 model but model.arch is resnet18"):
+        build_model(ModelConfig(arch="resnet18", pretrained=str(ckpt)), 2)
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(BonefracError, match="directory without bonefrac.json"):
+        build_model(ModelConfig(arch="tf_efficientnet_lite0", pretrained=str(tmp_path / "plain")), 2)
+    (tmp_path / "ens").mkdir()
+    (tmp_path / "ens" / ENSEMBLE_FILE).write_text("{}")
+    with pytest.raises(BonefracError, match="is an ensemble"):
+        build_model(ModelConfig(arch="tf_efficientnet_lite0", pretrained=str(tmp_path / "ens")), 2)

@@ -9,7 +9,8 @@ Weight sources, in the order "auto" tries them:
 2. timm's hub (needs network; air-gapped sites name a local file instead);
 3. random initialisation, with a warning.
 A path (`model.pretrained: /weights/convnextv2_base.safetensors`) loads a local file; tensors whose shape does not
-fit (the classifier head) are skipped and reported.
+fit (the classifier head) are skipped and reported. A bonefrac checkpoint directory (`runs/x/best`, the shipped
+model) works too: fine-tuning starts from its weights and its normalisation; its architecture must match.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ def build_model(mcfg, num_classes: int):
     elif source == "none":
         loaded = False
     else:
+        ckpt = _checkpoint_weights(Path(source), mcfg.arch) if source not in ("lite", "timm") else None
+        if ckpt is not None:  # fine-tuning a trained model: keep the normalisation it was trained with
+            source, mean, std = str(ckpt[0]), ckpt[1].get("mean", mean), ckpt[1].get("std", std)
         loaded = _load_from(model, mcfg.arch, source, strict_source=True)
     if not loaded and mcfg.pretrained != "none":
         log.warning("no pretrained weights for %s: training from random initialisation", mcfg.arch)
@@ -232,6 +236,25 @@ def load_matching(model, state: dict) -> None:
     missing = [k for k in target if k not in fitted]
     log.info("pretrained: %d tensors loaded, %d left at init (%s)", len(fitted), len(missing),
              ", ".join(missing[:4]) + ("…" if len(missing) > 4 else ""))
+
+
+def _checkpoint_weights(path: Path, arch: str) -> tuple[Path, dict] | None:
+    """(weights file, preprocess) when `path` is a bonefrac checkpoint directory, None for anything else but a
+    directory; a clear error for an ensemble, a plain folder or another architecture."""
+    from . import checkpoint
+    from .predict import ENSEMBLE_FILE
+
+    if not path.is_dir():
+        return None
+    if (path / ENSEMBLE_FILE).is_file():
+        raise BonefracError(f"model.pretrained {path} is an ensemble; name one of its members/ directories")
+    if not (path / checkpoint.META_FILE).is_file():
+        raise BonefracError(f"model.pretrained {path} is a directory without {checkpoint.META_FILE}; name a bonefrac "
+                            "checkpoint directory or a weights file")
+    meta = checkpoint.read_meta(path)
+    if meta.get("arch") != arch:
+        raise BonefracError(f"model.pretrained {path} holds a {meta.get('arch')} model but model.arch is {arch}")
+    return path / checkpoint.WEIGHTS_FILE, meta.get("preprocess") or {}
 
 
 def _load_file(model, path: Path):
