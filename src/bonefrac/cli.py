@@ -59,13 +59,14 @@ def _predict(args) -> None:
 
     if not args.paths:
         raise BonefracError("name at least one image file or folder to predict")
-    if args.operating_point not in (None, DEFAULT_POINT) and args.model and len(args.model) > 1:
+    averaged = len(args.model or []) > 1  # several checkpoints, averaged with equal weights
+    if averaged and args.operating_point not in (None, DEFAULT_POINT):
         # The points were chosen for one model's probabilities, not for this unfitted average of several.
         raise BonefracError("--operating-point needs one checkpoint or an ensemble directory; build an ensemble "
                             "with its own operating points from these checkpoints with `bonefrac ensemble`")
     predictor = load_predictor(args.model, args.device, args.tta, args.batch_size)
     use_operating_point(predictor, args.operating_point)
-    if args.model and len(args.model) > 1:
+    if averaged:
         log.warning("%d checkpoints averaged with equal weights and the first one's threshold; fit weights and "
                     "threshold on validation with `bonefrac ensemble`", len(args.model))
     rows = predict_files(predictor, args.paths, args.batch_size, xray_check=not args.no_xray_check)

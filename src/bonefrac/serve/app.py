@@ -52,8 +52,8 @@ def create_app(settings: Settings | None = None, predictor=None) -> FastAPI:
             await _warm_up(batcher, predictor, settings.max_batch)
         log.info("serving %s on %s (operating point %s, threshold %s; max batch %d, max wait %g ms, "
                  "%d preprocessing processes)", predictor.version, getattr(predictor, "device", settings.device),
-                 settings.operating_point or DEFAULT_POINT, predictor.threshold, settings.max_batch, settings.max_wait_ms,
-                 preprocessor.workers)
+                 settings.operating_point or DEFAULT_POINT, predictor.threshold, settings.max_batch,
+                 settings.max_wait_ms, preprocessor.workers)
         try:
             yield
         finally:
