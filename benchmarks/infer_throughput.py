@@ -3,7 +3,10 @@ same run, same GPU; deployment variants (frozen low-precision weights, 1x1 convo
 kernels); plus ONNX Runtime's CUDA/TensorRT providers when the installed onnxruntime has them.
 
     python benchmarks/infer_throughput.py [--archs tf_efficientnetv2_s,convnextv2_base] [--size 224]
-        [--variants eager,default,reduce-overhead,frozen] [--json F]
+        [--variants eager,default,reduce-overhead,frozen] [--profile-dir DIR] [--json F]
+
+--profile-dir writes the top CUDA kernels of each compiled variant (torch.profiler over 5 batches) to
+DIR/infer_ARCH_VARIANT.txt: where the time goes.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from bonefrac.models import create
 log = logging.getLogger("bench")
 
 
-def timed(fn, x, reps: int) -> float:
+def timed(fn, x, reps: int, profile_to: str | None = None) -> float:
+    """images/s of `fn(x)` over `reps` calls after 3 warm-up calls; then, with `profile_to`, a kernel table there."""
     for _ in range(3):
         fn(x)
     torch.cuda.synchronize()
@@ -29,7 +33,17 @@ def timed(fn, x, reps: int) -> float:
     for _ in range(reps):
         fn(x)
     torch.cuda.synchronize()
-    return reps * x.shape[0] / (time.perf_counter() - t)
+    ips = reps * x.shape[0] / (time.perf_counter() - t)
+    if profile_to:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                fn(x)
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90)
+        Path(profile_to).write_text(table)
+    return ips
 
 
 VARIANTS = ("eager", "default", "reduce-overhead", "frozen")
@@ -40,7 +54,8 @@ VARIANTS = ("eager", "default", "reduce-overhead", "frozen")
 FROZEN_OPTIONS = ("fp16", "mm", "autotune", "gemm", "cdt")
 
 
-def bench_arch(arch: str, size: int, batch: int, reps: int, variants: list[str]) -> dict:
+def bench_arch(arch: str, size: int, batch: int, reps: int, variants: list[str], profile_dir: str | None = None
+               ) -> dict:
     """img/s of each variant for one architecture; ratios are against eager fp32 measured in the same run."""
     model = create(arch, 3).cuda().eval()
     x = torch.rand(batch, 3, size, size, device="cuda")
@@ -51,7 +66,8 @@ def bench_arch(arch: str, size: int, batch: int, reps: int, variants: list[str])
         xcl = x.contiguous(memory_format=torch.channels_last)
         for variant in [v for v in variants if v != "eager"]:
             try:
-                ips = run_variant(variant, model_cl, xcl, reps)
+                prof = f"{profile_dir}/infer_{arch}_{variant}.txt" if profile_dir else None
+                ips = run_variant(variant, model_cl, xcl, reps, prof)
             except Exception as exc:  # one failing variant must not lose the others' numbers
                 log.exception("%s %s failed", arch, variant)
                 row[f"{variant}_error"] = f"{type(exc).__name__}: {exc}"[:300]
@@ -63,7 +79,7 @@ def bench_arch(arch: str, size: int, batch: int, reps: int, variants: list[str])
     return row
 
 
-def run_variant(variant: str, model, x, reps: int) -> float:
+def run_variant(variant: str, model, x, reps: int, profile_to: str | None = None) -> float:
     if variant in ("default", "reduce-overhead"):
         compiled = torch.compile(model, mode=variant)
 
@@ -71,11 +87,11 @@ def run_variant(variant: str, model, x, reps: int) -> float:
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 return compiled(inp)
 
-        return timed(run, x, reps)
+        return timed(run, x, reps, profile_to)
     options = set(variant.split("-")[1:])
     dtype = torch.float16 if "fp16" in options else torch.bfloat16
     mode = "max-autotune" if "autotune" in options else "reduce-overhead"
-    return frozen(model, x, reps, dtype, inductor_patch(options), mode)
+    return frozen(model, x, reps, dtype, inductor_patch(options), mode, profile_to)
 
 
 def inductor_patch(options: set[str]) -> dict:
@@ -93,7 +109,7 @@ def valid_variant(variant: str) -> bool:
     return head in VARIANTS and set(options) <= set(FROZEN_OPTIONS)
 
 
-def frozen(model, x, reps: int, dtype, patch: dict, mode: str) -> float:
+def frozen(model, x, reps: int, dtype, patch: dict, mode: str, profile_to: str | None = None) -> float:
     """Low-precision weights (no autocast casts), inductor freezing (folds BatchNorm into convolutions,
     constant-folds weights), CUDA graphs: the deployment configuration."""
     import copy
@@ -103,7 +119,7 @@ def frozen(model, x, reps: int, dtype, patch: dict, mode: str) -> float:
     m = copy.deepcopy(model).to(dtype)
     with inductor_config.patch(patch):
         compiled = torch.compile(m, mode=mode)
-        return timed(compiled, x.to(dtype), reps)
+        return timed(compiled, x.to(dtype), reps, profile_to)
 
 
 def onnxruntime_providers(model, size: int) -> dict:
@@ -124,6 +140,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=40)
     p.add_argument("--variants", default="eager,default,reduce-overhead,frozen",
                    help=f"comma-separated, from {','.join(VARIANTS)}; frozen may add -{'/-'.join(FROZEN_OPTIONS)}")
+    p.add_argument("--profile-dir", help="write each compiled variant's top CUDA kernels here")
     p.add_argument("--json")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -131,7 +148,9 @@ def main() -> None:
     variants = args.variants.split(",")
     if unknown := [v for v in variants if not valid_variant(v)]:
         p.error(f"unknown variants {sorted(unknown)}")
-    rows = [bench_arch(a, args.size, args.batch, args.reps, variants) for a in args.archs.split(",")]
+    if args.profile_dir:
+        Path(args.profile_dir).mkdir(parents=True, exist_ok=True)
+    rows = [bench_arch(a, args.size, args.batch, args.reps, variants, args.profile_dir) for a in args.archs.split(",")]
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
            "rows": rows}
     print(json.dumps(out, indent=1))
