@@ -333,3 +333,48 @@ def test_decode_image_and_colour_one_decode_gives_both():
     buf = io.BytesIO()
     Image.fromarray(rgb[..., 0]).save(buf, "PNG")
     assert decode_image_and_colour(buf.getvalue(), "grey.png")[1] is None  # grey files have no colour cue
+
+
+def test_deep_image_scaling_in_blocks_matches_the_one_pass_formula():
+    from bonefrac.io import _BLOCK_PIXELS, _scale_percentile, _scale_range
+
+    rng = np.random.default_rng(0)
+    arr = rng.normal(1000, 300, size=(_BLOCK_PIXELS // 500 + 7, 1000))  # several blocks, a ragged last one
+    arr[3, :5] = [np.nan, np.inf, -np.inf, 1e9, -1e9]
+    lo, hi = 400.0, 1600.0
+    expected = np.rint(np.clip((np.nan_to_num(arr, nan=lo) - lo) * (255.0 / (hi - lo)), 0, 255)).astype(np.uint8)
+    assert np.array_equal(_scale_range(arr, lo, hi), expected)
+    ints = rng.integers(0, 4096, size=(300, 200), dtype=np.uint16)  # small: exact percentiles
+    p_lo, p_hi = np.percentile(ints, (0.5, 99.5))
+    assert np.array_equal(_scale_percentile(ints), _scale_range(ints.astype(np.float64), p_lo, p_hi))
+    assert not _scale_percentile(np.full((50, 50), 7, np.uint16)).any()  # flat: all 0
+
+
+@pytest.mark.parametrize("implicit", [True, False])
+def test_dicom_without_preamble_is_read_by_content_whatever_its_name(implicit):
+    pytest.importorskip("pydicom")
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    from bonefrac.io import is_dicom_bytes
+
+    gray = (np.arange(48 * 40).reshape(48, 40) % 200).astype(np.uint16)
+    ds = Dataset()
+    ds.Modality, ds.Rows, ds.Columns = "DX", 48, 40
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = (gray * 16).tobytes()
+    raw = io.BytesIO()
+    ds.save_as(raw, implicit_vr=implicit, little_endian=True)  # no preamble, no file meta
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.1", "1.2.3"
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.1", "1.2.3"
+    part10 = io.BytesIO()
+    ds.save_as(part10, enforce_file_format=True)
+    expected = decode_image(part10.getvalue(), "ref.dcm")
+    assert is_dicom_bytes(raw.getvalue()) and expected.max() == 255
+    for name in ("IM0001", "scan.png", "scan.dcm"):
+        assert np.array_equal(decode_image(raw.getvalue(), name), expected)
+    with pytest.raises(ImageReadError, match="report.dcm"):
+        decode_image(b"%PDF-1.4 not an image" * 10, "report.dcm")

@@ -285,6 +285,9 @@ def run_logged(fn, *args, verbose: bool = False) -> int:
     bonefrac's log format, and a BonefracError ends as one error line and exit status 2, not a traceback."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from .io import quiet_image_metadata_logs
+
+    quiet_image_metadata_logs()
     try:
         fn(*args)
     except BonefracError as exc:

@@ -167,11 +167,17 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = OVERLAY_ALPHA
     if image.ndim != 2:
         raise ValueError(f"overlay needs a 2-D grayscale image, got shape {image.shape}")
     heat = _to_image_size(np.clip(np.asarray(heatmap, dtype=np.float32), 0, 1), image.shape)
-    colour = colormaps["jet"](heat)[..., :3]
-    grey = np.repeat(image[..., None].astype(np.float32) / 255.0, 3, axis=2)
-    weight = (alpha * heat)[..., None]
-    blended = np.clip((1 - weight) * grey + weight * colour, 0, 1)
-    return (blended * 255).round().astype(np.uint8)
+    # The colormap as a 256-entry table indexed by uint8 (what matplotlib does with floats, without its float64
+    # RGBA copy of the image); blending in float32 one channel at a time keeps a large image's cost low.
+    lut = colormaps["jet"](np.arange(256))[:, :3].astype(np.float32)
+    index = np.minimum(heat * 256, 255).astype(np.uint8)
+    weight = alpha * heat
+    grey = image.astype(np.float32) / 255.0
+    out = np.empty((*image.shape, 3), dtype=np.uint8)
+    for c in range(3):
+        blended = grey * (1 - weight) + lut[index, c] * weight
+        out[..., c] = np.rint(np.clip(blended, 0, 1) * 255)
+    return out
 
 
 def explain_files(predictor, paths: list[str], out_dir: str | Path, target_class: str | None = None,

@@ -37,11 +37,23 @@ PIL_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
 """The only formats Pillow may open (its JPEG reader also takes phones' multi-picture JPEGs). Anything else, GIF,
 ICO and above all EPS (which Pillow hands to Ghostscript), is refused as "not a recognised image format"."""
 _PERCENTILES = (0.5, 99.5)
+_PERCENTILE_SAMPLE = 1 << 22  # pixels the percentiles are estimated from
+_BLOCK_PIXELS = 1 << 20  # pixels per float block while scaling
 
 
 def is_dicom_bytes(data: bytes) -> bool:
-    """True when ``data`` starts with the DICOM Part 10 preamble (128 bytes, then ``DICM``)."""
-    return len(data) >= 132 and data[128:132] == b"DICM"
+    """True when ``data`` starts with the DICOM Part 10 preamble (128 bytes, then ``DICM``), or is a raw dataset
+    without one (older PACS exports): a little-endian tag of group 0002 or 0008 first, then an explicit VR or a
+    short implicit length. No image format starts that way (their magic bytes differ)."""
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return True
+    if len(data) < 8 or data[:2] not in (b"\x02\x00", b"\x08\x00"):
+        return False
+    return data[4:6] in _DICOM_VRS or int.from_bytes(data[4:8], "little") < 256
+
+
+_DICOM_VRS = {vr.encode() for vr in "AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV "
+              "TM UC UI UL UN UR US UT UV".split()}
 
 
 def looks_like_image(file: Path) -> bool:
@@ -170,6 +182,13 @@ def _check_size(width: int, height: int, name: str, max_pixels: int) -> None:
         )
 
 
+def quiet_image_metadata_logs() -> None:
+    """Keep Pillow's and pydicom's DEBUG lines out of the logs whatever the root level: they print TIFF/EXIF tag
+    and DICOM element values, text that can name a patient. Called by the CLI and the service at start-up."""
+    for name in ("PIL", "pydicom"):
+        logging.getLogger(name).setLevel(logging.INFO)
+
+
 def _colour_thumbnail(im: Image.Image, size: int) -> np.ndarray | None:
     if size <= 0 or im.mode in ("1", "L", "LA", "La", "I", "F") or im.mode.startswith("I;"):
         return None
@@ -185,7 +204,7 @@ def _pil_to_gray(im: Image.Image) -> np.ndarray:
         arr = np.asarray(im)
         if arr.ndim == 3:  # multi-channel deep data: use the first channel rather than guess a colour model
             arr = arr[..., 0]
-        return _scale_percentile(arr.astype(np.float32))  # float32: a 7,700 px square 16-bit PNG is 240 MB
+        return _scale_percentile(arr)  # no float copy of the whole image: scaled in blocks
     if mode == "L":
         return np.asarray(im, dtype=np.uint8).copy()
     has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info
@@ -219,24 +238,62 @@ def _describe(data: bytes) -> str:
 
 
 def _scale_percentile(arr: np.ndarray) -> np.ndarray:
-    """Linear map of the 0.5-99.5 percentile range to 0..255 (flat images become 0)."""
-    finite = arr[np.isfinite(arr)]
-    if finite.size == 0:
+    """Linear map of the 0.5-99.5 percentile range to 0..255 (flat images become 0). Above 4 M pixels the
+    percentiles come from an evenly strided sample of ~4 M of them (a view, no copy): exact percentiles of a
+    60 M pixel image would need several full-size copies."""
+    flat = arr.reshape(-1)
+    sample = flat[::max(1, flat.size // _PERCENTILE_SAMPLE)]
+    if sample.dtype.kind == "f":
+        sample = sample[np.isfinite(sample)]
+    if sample.size == 0:
         return np.zeros(arr.shape, dtype=np.uint8)
-    lo, hi = np.percentile(finite, _PERCENTILES)
+    lo, hi = np.percentile(sample, _PERCENTILES)
     if hi <= lo:  # very peaked histogram: fall back to the full range before giving up
-        lo, hi = float(finite.min()), float(finite.max())
+        lo, hi = _finite_range(arr)
     return _scale_range(arr, lo, hi)
 
 
+def _finite_range(arr: np.ndarray) -> tuple[float, float]:
+    finite = arr[np.isfinite(arr)] if arr.dtype.kind == "f" else arr
+    return float(finite.min()), float(finite.max())
+
+
 def _scale_range(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """uint8 of `arr` with lo..hi mapped linearly to 0..255 (clipped; NaN -> 0), computed in float blocks of
+    rows so a large image costs its uint8 result, not float copies of itself."""
+    out = np.zeros(arr.shape, dtype=np.uint8)
     if hi <= lo:
-        return np.zeros(arr.shape, dtype=np.uint8)
-    scaled = (np.nan_to_num(arr.astype(np.float64), nan=lo) - lo) * (255.0 / (hi - lo))
-    return np.rint(np.clip(scaled, 0.0, 255.0)).astype(np.uint8)
+        return out
+    scale = 255.0 / (hi - lo)
+    rows = max(1, _BLOCK_PIXELS // max(1, arr[0].size if arr.ndim > 1 else 1))
+    for start in range(0, arr.shape[0], rows):
+        block = np.nan_to_num(arr[start:start + rows].astype(np.float64), nan=lo, posinf=hi, neginf=lo)
+        block -= lo
+        block *= scale
+        np.clip(block, 0.0, 255.0, out=block)
+        out[start:start + rows] = np.rint(block)
+    return out
 
 
 # --- DICOM -------------------------------------------------------------------------------------------------
+
+
+def _default_transfer_syntax(ds) -> None:
+    """A dataset without file meta (no preamble) names no transfer syntax, and pydicom then refuses its pixels:
+    use the encoding it was read with (pydicom detects implicit/explicit VR and byte order)."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return
+    implicit, little = getattr(ds, "original_encoding", None) or (ds.is_implicit_VR, ds.is_little_endian)
+    if implicit is None:  # not read from bytes: DICOM's default encoding
+        implicit, little = True, True
+    if meta is None:
+        ds.file_meta = meta = FileMetaDataset()
+    meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                              ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
 
 
 def _dicom_luts():
@@ -257,6 +314,7 @@ def _decode_dicom(data: bytes, name: str, max_pixels: int) -> np.ndarray:
         raise ImageReadError(name, "DICOM file but pydicom is not installed (pip install pydicom)") from None
     try:
         ds = pydicom.dcmread(_stdio.BytesIO(data), force=True)
+        _default_transfer_syntax(ds)
         rows, cols = int(ds.Rows), int(ds.Columns)
     except Exception as exc:  # pydicom raises many types on malformed files
         raise ImageReadError(name, f"not a readable DICOM image: {exc}") from None
@@ -296,7 +354,7 @@ def _dicom_to_gray(arr: np.ndarray, ds) -> np.ndarray:
     values = apply_modality_lut(arr, ds)
     out = _apply_voi(values, ds, apply_voi_lut)
     if out is None:
-        out = _scale_percentile(np.asarray(values, dtype=np.float64))
+        out = _scale_percentile(np.asarray(values))
     if photometric == "MONOCHROME1":  # MONOCHROME1 stores bone dark; the contract wants bone bright
         out = 255 - out
     return out

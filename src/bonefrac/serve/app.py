@@ -11,15 +11,16 @@ import time
 from contextlib import asynccontextmanager
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 
 from .. import __version__
+from ..io import quiet_image_metadata_logs
 from .audit import AuditLog
 from .batcher import MicroBatcher
 from .errors import install as install_error_handlers
-from .guards import BodyLimitMiddleware, RateLimiter
+from .guards import BodyLimitMiddleware, GuardMiddleware, ObserveMiddleware, RateLimiter
 from .preprocess import Preprocessor
 from .routes import ops, page, predict
 from .routes.page import STATIC_DIR
@@ -38,6 +39,7 @@ def create_app(settings: Settings | None = None, predictor=None) -> FastAPI:
     from ..backends import DEFAULT_POINT, load_backend, use_operating_point
 
     settings = settings or Settings.from_env()
+    quiet_image_metadata_logs()  # also when served without the CLI (an ASGI server's app factory)
     predictor = predictor or load_backend(settings.model, settings.device)
     use_operating_point(predictor, settings.operating_point)  # a name the model lacks stops the start-up here
     telemetry = Telemetry()
@@ -100,21 +102,16 @@ async def _warm_up(batcher: MicroBatcher, predictor, max_batch: int) -> None:
 
 
 def _add_middleware(app: FastAPI, settings: Settings, telemetry: Telemetry) -> None:
-    @app.middleware("http")
-    async def observe(request: Request, call_next):
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        telemetry.request(getattr(route, "path", "unmatched"), response.status_code, time.perf_counter() - start)
-        response.headers["X-Content-Type-Options"] = "nosniff"
-        return response
-
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    """Outermost first: telemetry and headers, CORS (answers preflights itself), the body cap, then the rate limit
+    and API key; Starlette wraps the last one added around the others."""
+    app.add_middleware(GuardMiddleware, limiter=app.state.rate_limiter, api_key=settings.api_key, telemetry=telemetry)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes, telemetry=telemetry)
     if settings.cors_origins:  # off by default: the page is served from the same origin
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
                            allow_methods=["GET", "POST"], allow_headers=["X-API-Key", "Authorization"])
+    app.add_middleware(ObserveMiddleware, telemetry=telemetry)
 
 
 def run(settings: Settings) -> None:

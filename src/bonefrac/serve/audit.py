@@ -36,6 +36,9 @@ class AuditLog:
     @contextmanager
     def _connect(self):
         with closing(sqlite3.connect(self.path, timeout=self.timeout)) as db, db:  # commit, then close
+            # Every time, not only at start-up: a log file rotated or removed while the service runs is recreated
+            # instead of failing every later prediction with "no such table".
+            db.execute(_SCHEMA)
             yield db
 
     def record(self, model_version: str, results: list[dict]) -> None:
@@ -49,9 +52,13 @@ class AuditLog:
             raise AuditUnavailable(f"{type(exc).__name__}: {exc}") from exc  # sqlite's text: no row content
 
     def recent(self, limit: int = 100, refer_only: bool = False) -> list[dict]:
+        """The latest `limit` rows, newest first (AuditUnavailable when the database cannot be read)."""
         query = "SELECT * FROM predictions" + (" WHERE refer = 1" if refer_only else "")
-        with self._connect() as db:
-            db.row_factory = sqlite3.Row
-            rows = db.execute(query + " ORDER BY id DESC LIMIT ?", (int(limit),)).fetchall()
+        try:
+            with self._connect() as db:
+                db.row_factory = sqlite3.Row
+                rows = db.execute(query + " ORDER BY id DESC LIMIT ?", (int(limit),)).fetchall()
+        except sqlite3.Error as exc:
+            raise AuditUnavailable(f"{type(exc).__name__}: {exc}") from exc
         return [{**dict(r), "probabilities": json.loads(r["probabilities"] or "null"), "refer": bool(r["refer"])}
                 for r in rows]

@@ -66,6 +66,8 @@ class ApiError(Exception):
 
 
 def error_response(status: int, code: str, message: str, headers=None) -> JSONResponse:
+    # nosniff here too: the internal-error answer is sent outside every middleware that would add it
+    headers = {"X-Content-Type-Options": "nosniff", **(headers or {})}
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 

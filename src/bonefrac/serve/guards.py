@@ -1,11 +1,11 @@
-"""Request guards: body-size cap (ASGI middleware), per-client rate limit and optional API key (dependencies)."""
+"""Request guards, all pure ASGI middleware so they act before a request body is read: the body-size cap, and
+for /v1/* the per-client rate limit and the optional API key; plus the outermost layer that counts every
+response (telemetry) and sets the nosniff header, refusals and internal errors included."""
 
 from __future__ import annotations
 
 import hmac
 import time
-
-from fastapi import Request
 
 from .errors import ApiError, BodyTooLarge, error_response
 
@@ -14,8 +14,8 @@ class BodyLimitMiddleware:
     """Refuses bodies over `max_bytes` with 413: from Content-Length up front, else while streaming, so an
     endless chunked upload is cut off without being buffered."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, telemetry=None):
+        self.app, self.max_bytes, self.telemetry = app, max_bytes, telemetry
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -47,6 +47,8 @@ class BodyLimitMiddleware:
                 await self._refuse(scope, receive, send)
 
     async def _refuse(self, scope, receive, send):
+        if self.telemetry is not None:
+            self.telemetry.error("request_too_large")
         mb = self.max_bytes / 1024 / 1024
         response = error_response(413, "request_too_large", f"request body over the {mb:g} MB limit",
                                   headers={"Connection": "close"})
@@ -78,24 +80,63 @@ class RateLimiter:
         return False, (1.0 - tokens) / self.rate
 
 
-def client_id(request: Request) -> str:
-    return request.client.host if request.client else "unknown"
+class GuardMiddleware:
+    """For /v1/*: the rate limit, then the API key (when configured), before the body is read, so a client
+    without the key or over its limit cannot make the server parse an upload. The limit comes first so that
+    wrong keys count too: guessing keys is throttled like any other traffic."""
+
+    def __init__(self, app, limiter: RateLimiter, api_key: str | None, telemetry):
+        self.app, self.limiter, self.api_key, self.telemetry = app, limiter, api_key, telemetry
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            refusal = self.check(dict(scope.get("headers") or []), scope.get("client"))
+            if refusal is not None:
+                self.telemetry.error(refusal.code)
+                response = error_response(refusal.status, refusal.code, refusal.message, refusal.headers)
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def check(self, headers: dict[bytes, bytes], client) -> ApiError | None:
+        """The refusal for a request with these (lower-case) headers from `client` (host, port), or None."""
+        ok, wait = self.limiter.allow(client[0] if client else "unknown")
+        if not ok:
+            return ApiError(429, "rate_limited", f"too many requests; retry in {wait:.1f} s",
+                            headers={"Retry-After": str(max(1, round(wait)))})
+        if self.api_key:
+            given = (headers.get(b"x-api-key", b"").decode("latin-1")
+                     or _bearer(headers.get(b"authorization", b"").decode("latin-1")))
+            if not given or not hmac.compare_digest(given.encode(), self.api_key.encode()):
+                return ApiError(401, "unauthorized", "missing or wrong API key (header X-API-Key)",
+                                headers={"WWW-Authenticate": "Bearer"})
+        return None
 
 
-def guard(request: Request) -> None:
-    """FastAPI dependency for /v1/*: the rate limit, then the API key (when configured). The limit comes first so
-    that wrong keys count too: guessing keys is throttled like any other traffic."""
-    state = request.app.state
-    ok, wait = state.rate_limiter.allow(client_id(request))
-    if not ok:
-        raise ApiError(429, "rate_limited", f"too many requests; retry in {wait:.1f} s",
-                       headers={"Retry-After": str(max(1, round(wait)))})
-    key = state.settings.api_key
-    if key:
-        given = request.headers.get("x-api-key") or _bearer(request.headers.get("authorization", ""))
-        if not given or not hmac.compare_digest(given.encode(), key.encode()):
-            raise ApiError(401, "unauthorized", "missing or wrong API key (header X-API-Key)",
-                           headers={"WWW-Authenticate": "Bearer"})
+class ObserveMiddleware:
+    """Outermost: counts every response by route and status with its latency (refusals by the other guards and
+    internal errors too) and adds `X-Content-Type-Options: nosniff`."""
+
+    def __init__(self, app, telemetry):
+        self.app, self.telemetry = app, telemetry
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), 500
+
+        async def observed_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status, headers = message["status"], list(message.get("headers", []))
+                if not any(k.lower() == b"x-content-type-options" for k, _ in headers):
+                    message = {**message, "headers": [*headers, (b"x-content-type-options", b"nosniff")]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed_send)
+        finally:  # an exception here becomes the 500 that the server's error layer sends: count it as one
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.telemetry.request(route, status, time.perf_counter() - start)
 
 
 def _bearer(value: str) -> str | None:

@@ -8,18 +8,20 @@ import io
 import logging
 
 import numpy as np
-from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
+from PIL import Image
+from fastapi import APIRouter, File, Query, Request, UploadFile
 from fastapi.responses import Response
 from pydantic import BaseModel
 
 from ...backends import prediction_rows
 from ..audit import AuditUnavailable
 from ..errors import ApiError, documented
-from ..guards import guard
 
 log = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1", dependencies=[Depends(guard)], responses=documented(401, 429, 500))
+# The rate limit and API key are checked by guards.GuardMiddleware before the body is read (401 / 429 below).
+router = APIRouter(prefix="/v1", responses=documented(401, 429, 500))
 UPLOAD_ERRORS = documented(400, 413, 415, 422, 503)
+EXPLAIN_MAX_SIDE = 2048  # pixels: longer side of the Grad-CAM overlay /v1/explain returns
 FILES = File(..., description="image files (PNG, JPEG, WebP, BMP, TIFF or DICOM); the type is sniffed from content")
 
 
@@ -118,8 +120,18 @@ async def explain(request: Request, files: list[UploadFile] = FILES) -> Response
     gradcam, overlay = _explainer(state.predictor)
     heat = await state.batcher.run(gradcam, state.predictor, [items[0]["gray"]])
     # Drawing and PNG-encoding a full-size X-ray takes seconds: off the event loop, so other requests go on.
-    png = await asyncio.to_thread(lambda: _png(overlay(items[0]["gray"], heat[0])))
+    png = await asyncio.to_thread(lambda: _png(overlay(display_size(items[0]["gray"]), heat[0])))
     return Response(png, media_type="image/png")
+
+
+def display_size(gray: np.ndarray, max_side: int = EXPLAIN_MAX_SIDE) -> np.ndarray:
+    """`gray` shrunk (aspect kept) so its longer side is at most `max_side`: the overlay is for a screen, and a
+    full-size 60 M pixel overlay would cost gigabytes per request."""
+    scale = max_side / max(gray.shape)
+    if scale >= 1:
+        return gray
+    size = (max(1, round(gray.shape[1] * scale)), max(1, round(gray.shape[0] * scale)))
+    return np.asarray(Image.fromarray(gray).resize(size, Image.Resampling.BOX))
 
 
 def _explainer(predictor):
@@ -134,8 +146,6 @@ def _explainer(predictor):
 
 
 def _png(rgb: np.ndarray) -> bytes:
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(np.asarray(rgb, dtype=np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
@@ -146,5 +156,10 @@ def _png(rgb: np.ndarray) -> bytes:
 async def audit(request: Request, limit: int = Query(100, ge=1, le=1000), refer_only: bool = False) -> dict:
     if request.app.state.audit is None:
         raise ApiError(404, "audit_off", "the audit log is off (set BONEFRAC_AUDIT_DB to turn it on)")
-    rows = await asyncio.to_thread(request.app.state.audit.recent, limit, refer_only)
+    try:
+        rows = await asyncio.to_thread(request.app.state.audit.recent, limit, refer_only)
+    except AuditUnavailable as exc:
+        log.warning("audit read failed: %s", exc)
+        raise ApiError(503, "audit_unavailable", "the audit log could not be read; retry shortly",
+                       headers={"Retry-After": "5"}) from None
     return {"rows": rows}
