@@ -34,6 +34,17 @@ def base(sample_manifest, tmp_path_factory) -> Path:
     return out
 
 
+def one_class_val_manifest(sample_manifest: Path, tmp_path: Path) -> Path:
+    """A copy of the sample manifest whose val split holds only no_fracture images."""
+    rows = load_manifest(sample_manifest)  # paths come back absolute, so the copy may live anywhere
+    rows = rows[(rows.split != "val") | (rows.label == "no_fracture")]
+    rows.to_csv(tmp_path / "manifest.csv", index=False)
+    report = sample_manifest.parent / "prepare_report.json"
+    (tmp_path / "prepare_report.json").write_text(json.dumps({"class_names": ["no_fracture", "fracture"]})
+                                                  if not report.is_file() else report.read_text())
+    return tmp_path / "manifest.csv"
+
+
 def copy_run(base: Path, tmp_path: Path) -> Path:
     shutil.copytree(base, tmp_path / "run")
     return tmp_path / "run"
@@ -134,11 +145,80 @@ def test_training_that_never_writes_best_is_an_error(sample_manifest, tmp_path, 
     assert "no epoch gave a valid validation accuracy" in caplog.text
     monkeypatch.undo()
 
-    rows = load_manifest(sample_manifest)  # paths come back absolute, so the copy may live anywhere
-    rows = rows[(rows.split != "val") | (rows.label == "no_fracture")]
-    rows.to_csv(tmp_path / "manifest.csv", index=False)
-    report = sample_manifest.parent / "prepare_report.json"
-    (tmp_path / "prepare_report.json").write_text(json.dumps({"class_names": ["no_fracture", "fracture"]})
-                                                  if not report.is_file() else report.read_text())
-    assert train(tmp_path / "manifest.csv", tmp_path / "one_class") == 2
+    assert train(one_class_val_manifest(sample_manifest, tmp_path), tmp_path / "one_class") == 2
     assert "val split has no images of class 'fracture'" in caplog.text
+
+
+def test_a_run_killed_in_its_first_epoch_resumes_afresh(sample_manifest, tmp_path, monkeypatch, caplog):
+    out, dogs = tmp_path / "run", quiet_watchdogs(monkeypatch)
+    real_epoch = train_mod._train_epoch
+
+    def killed(*args, **kwargs):
+        dogs[0].on_timeout()  # what the watchdog would say before ending the process
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "_train_epoch", killed)
+    assert train(sample_manifest, out) == 130
+    assert (out / "config.json").is_file() and not (out / "last").exists()
+    assert "no epoch was completed; --resume starts the run afresh" in caplog.text
+    assert train(sample_manifest, out) == 2 and "already holds a run" in caplog.text  # a plain restart stays refused
+    monkeypatch.setattr(train_mod, "_train_epoch", real_epoch)
+    (out / "metrics.csv").write_text("epoch,train_loss\n1,0.5\n")  # a row logged just before the kill
+    assert train(sample_manifest, out, "--resume") == 0
+    assert "starting the run afresh" in caplog.text
+    assert list(pd.read_csv(out / "metrics.csv").epoch) == [1]
+    assert checkpoint.read_meta(out / "last")["epoch"] == 1
+
+
+def test_resuming_an_early_stopped_run_trains_no_further(sample_manifest, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    scores = iter([0.9, 0.5, 0.4, 0.3, 0.2])  # epoch 1 is the best; patience 1 stops after epoch 2
+    monkeypatch.setattr(train_mod.metrics, "selection_score", lambda *args: next(scores))
+    args = ("--set", "train.monitor=accuracy", "--set", "train.epochs=5", "--set", "train.patience=1")
+    assert train(sample_manifest, out, *args) == 0
+    assert list(pd.read_csv(out / "metrics.csv").epoch) == [1, 2]
+    weights = (out / "last" / checkpoint.WEIGHTS_FILE).read_bytes()
+    assert train(sample_manifest, out, "--resume", *args) == 0  # e.g. a job requeue that always passes --resume
+    assert list(pd.read_csv(out / "metrics.csv").epoch) == [1, 2]
+    assert (out / "last" / checkpoint.WEIGHTS_FILE).read_bytes() == weights
+
+
+def test_more_epochs_on_resume_continue_the_learning_rate_without_a_jump(base, sample_manifest, tmp_path):
+    out = copy_run(base, tmp_path)
+    quick = ("--set", "train.monitor=loss", "--set", "optim.warmup_epochs=0")
+    assert train(sample_manifest, out, "--resume", *quick, "--set", "train.epochs=2") == 2  # warm-up is not
+    assert train(sample_manifest, out, "--resume", "--set", "train.monitor=loss", "--set", "train.epochs=3") == 0
+    lr = list(pd.read_csv(out / "metrics.csv").lr)
+    assert len(lr) == 3 and lr[0] >= lr[1] >= lr[2]  # the 1-epoch run had decayed; it goes on decaying
+    assert train(sample_manifest, out, "--resume", "--set", "train.monitor=loss", "--set", "train.epochs=4") == 0
+    lr = list(pd.read_csv(out / "metrics.csv").lr)  # a second resume keeps the anchor it saved
+    assert len(lr) == 4 and lr[2] >= lr[3]
+
+
+def test_lr_factor_with_an_anchor_decays_from_it_to_the_end():
+    from types import SimpleNamespace
+
+    from bonefrac.trainutil import lr_factor, resume_anchor
+
+    ocfg = SimpleNamespace(schedule="cosine", warmup_epochs=1, min_lr_ratio=0.01)
+    assert lr_factor(0, ocfg, 10, 3) == pytest.approx(0.1) and lr_factor(10, ocfg, 10, 3) == pytest.approx(1.0)
+    assert lr_factor(30, ocfg, 10, 3) == pytest.approx(0.01)  # the end of the schedule
+    state = {"scheduler": {"last_epoch": 30}, "lr_anchor": None}
+    anchor = resume_anchor(state, ocfg, 10, 3, 6)  # 3 epochs done, now 6
+    assert anchor == (30, pytest.approx(0.01))
+    assert lr_factor(30, ocfg, 10, 6, anchor) == pytest.approx(0.01)  # no jump at the resume
+    state = {"scheduler": {"last_epoch": 20}, "lr_anchor": None}
+    anchor = resume_anchor(state, ocfg, 10, 3, 6)
+    top = lr_factor(20, ocfg, 10, 3)
+    assert anchor == (20, pytest.approx(top))
+    assert lr_factor(21, ocfg, 10, 6, anchor) < top and lr_factor(60, ocfg, 10, 6, anchor) == pytest.approx(0.01)
+    assert resume_anchor(state, ocfg, 10, 3, 3) is None  # same length: the plain schedule
+    assert resume_anchor({"scheduler": {"last_epoch": 5}}, ocfg, 10, 3, 6) is None  # still warming up
+
+
+def test_a_one_class_val_split_keeps_temperature_one_and_warns(sample_manifest, tmp_path, caplog):
+    manifest = one_class_val_manifest(sample_manifest, tmp_path)
+    assert train(manifest, tmp_path / "run", "--set", "train.monitor=loss") == 0
+    assert "val split has no images of class 'fracture'" in caplog.text
+    meta = checkpoint.read_meta(tmp_path / "run" / "best")
+    assert meta["temperature"] == 1.0 and meta["threshold"] is None

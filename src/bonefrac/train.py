@@ -8,8 +8,10 @@ It never reads the `test` split: only `evaluate` does.
 
 `resume=True` continues the run in `out_dir` from `last` with the same configuration: only the keys in
 `trainutil.RESUME_MAY_CHANGE` may differ from the saved one (more epochs, patience, the watchdog, where it runs
-and decodes); anything else would mix two experiments in one run, so it is refused. A larger `train.epochs` also
-stretches a cosine schedule from the resumed step on. Without `resume` an `out_dir` that holds a run is refused.
+and decodes); anything else would mix two experiments in one run, so it is refused. After a changed
+`train.epochs` a cosine schedule decays from the learning rate it had reached to the new end, without a jump. A
+run killed before its first epoch finished has nothing to resume: `resume` then starts it afresh. Without
+`resume` an `out_dir` that holds a run is refused.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from .models import WithBoxHead, build_model, use_flipped_dgrad
 from .predict import infer_logits, resolve_device
 from .trainutil import (Ema, GradAllReduce, Watchdog, append_metrics, check_resume_config, check_val_classes,
                         decode_caches, distributed_setup, gather_arrays, lesion_loss, make_optimizer, make_scheduler,
-                        parallelize, refuse_existing_run, trim_metrics, why_no_best)
+                        open_tensorboard, parallelize, prepare_resume, refuse_existing_run, resume_anchor, trim_metrics,
+                        why_no_best)
 from .transforms import augment, normalize
 
 log = logging.getLogger(__name__)
@@ -45,9 +48,11 @@ def train(manifest: str | Path, out_dir: str | Path, cfg: Config, resume: bool =
     """Train a model; returns the path of the best checkpoint (chosen on validation)."""
     rank, world = distributed_setup()
     out_dir = Path(out_dir)
+    afresh = resume and not prepare_resume(out_dir, rank, world)  # killed in its first epoch: nothing to resume
+    resume = resume and not afresh
     if resume:
         check_resume_config(out_dir / "last", cfg)
-    else:
+    elif not afresh:
         refuse_existing_run(out_dir)
     device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
@@ -60,10 +65,13 @@ def train(manifest: str | Path, out_dir: str | Path, cfg: Config, resume: bool =
 
     # On a hang no checkpoint is written: the weights have moved on since `last` (the end of the last completed
     # epoch), so saving them under that epoch would make --resume repeat steps on top of them.
-    watchdog = Watchdog(cfg.train.watchdog_s, on_timeout=lambda: log.error(
-        "the last completed epoch (%d) is kept in %s; continue with --resume", run.state["epoch"], out_dir / "last"))
+    watchdog = Watchdog(cfg.train.watchdog_s, on_timeout=lambda: log.error("%s", _resume_hint(run)))
     try:
         for epoch in range(run.state["epoch"], cfg.train.epochs):
+            # Checked before each epoch, not after: a --resume of a run that stopped early must not train more.
+            if cfg.train.patience and run.state["bad_epochs"] >= cfg.train.patience:
+                log.info("early stopping: no %s improvement for %d epochs", run.monitor, run.state["bad_epochs"])
+                break
             gen = torch.Generator().manual_seed(cfg.train.seed * 100_003 + epoch)  # resumable: seed per epoch
             t0 = time.perf_counter()
             train_loss, seen = _train_pass(run, gen, epoch, watchdog)
@@ -71,17 +79,20 @@ def train(manifest: str | Path, out_dir: str | Path, cfg: Config, resume: bool =
             elapsed = time.perf_counter() - t0
             score, row = _score_epoch(run, epoch, train_loss, val_logits, val_y, seen, elapsed)
             _save_epoch(run, epoch, score, row, val_logits, val_y, watchdog)
-            if cfg.train.patience and run.state["bad_epochs"] >= cfg.train.patience:
-                log.info("early stopping: no %s improvement for %d epochs", run.monitor, run.state["bad_epochs"])
-                break
     except KeyboardInterrupt:
-        log.warning("interrupted; the last completed epoch is saved in %s (use --resume)", out_dir / "last")
+        log.warning("interrupted; %s", _resume_hint(run))
         raise
     finally:
         watchdog.stop()
         if run.writer:
             run.writer.close()
     return _finish(run)
+
+
+def _resume_hint(run) -> str:
+    if run.state["epoch"] == 0:
+        return "no epoch was completed; --resume starts the run afresh in the same folder"
+    return f"the last completed epoch ({run.state['epoch']}) is kept in {run.out_dir / 'last'}; continue with --resume"
 
 
 @dataclass
@@ -108,6 +119,7 @@ class _Run:
     state: dict = field(default_factory=lambda: {"epoch": 0, "best_score": -math.inf, "bad_epochs": 0})
     step_model: torch.nn.Module | None = None  # what a step calls: `net`, compiled and/or in DDP
     grad_sync: GradAllReduce | None = None
+    lr_anchor: tuple[int, float] | None = None  # make_scheduler's anchor after a resume that changed train.epochs
     base_meta: dict = field(default_factory=dict)  # checkpoint metadata common to every epoch
     writer: object = None  # TensorBoard, on rank 0 when installed
 
@@ -201,12 +213,23 @@ def _resume(run: _Run, manifest) -> None:
     else:
         run.net.load_state_dict(trained.state_dict())
     run.optimizer.load_state_dict(state["optimizer"])
+    cfg = run.cfg
+    saved_epochs = (meta.get("config") or {}).get("train", {}).get("epochs", cfg.train.epochs)
+    run.lr_anchor = resume_anchor(state, cfg.optim, run.steps_per_epoch, saved_epochs, cfg.train.epochs)
+    if run.lr_anchor:
+        run.scheduler = make_scheduler(run.optimizer, cfg.optim, run.steps_per_epoch, cfg.train.epochs, run.lr_anchor)
     run.scheduler.load_state_dict(state["scheduler"])
     if run.ema and state.get("ema"):
         run.ema.load_state_dict(state["ema"])
     torch.set_rng_state(state["torch_rng"])
+    if state.get("cuda_rng") and torch.cuda.is_available() and len(state["cuda_rng"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])  # dropout / drop-path go on with their stream
+    if state.get("world", run.world) != run.world:
+        log.warning("resuming a run of %d processes with %d: steps per epoch and the data shards change, so the "
+                    "run will not match an uninterrupted one", state["world"], run.world)
     run.state = {k: state[k] for k in ("epoch", "best_score", "bad_epochs")}
-    trim_metrics(run.out_dir / "metrics.csv", run.state["epoch"])
+    if run.rank == 0:
+        trim_metrics(run.out_dir / "metrics.csv", run.state["epoch"])
     log.info("resuming at epoch %d (best %s so far %.4f)", run.state["epoch"] + 1, run.monitor,
              run.state["best_score"])
 
@@ -220,17 +243,7 @@ def _start_outputs(run: _Run, manifest) -> None:
     if run.rank == 0:
         run.out_dir.mkdir(parents=True, exist_ok=True)
         (run.out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-        run.writer = _tensorboard(run.out_dir)
-
-
-def _tensorboard(out_dir: Path):
-    """A TensorBoard writer logging to `out_dir/tb`, or None when tensorboard is not installed."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        log.warning("tensorboard not installed: no TensorBoard logs")
-        return None
-    return SummaryWriter(str(out_dir / "tb"))
+        run.writer = open_tensorboard(run.out_dir)
 
 
 def _train_pass(run: _Run, gen: torch.Generator, epoch: int, watchdog: Watchdog) -> tuple[float, int]:
@@ -363,7 +376,8 @@ def _save_epoch(run: _Run, epoch: int, score: float, row: dict, val_logits, val_
 
 def calibration_meta(val_logits, val_y, class_names, pos, monitor, score) -> dict:
     """Temperature, decision threshold and operating points fitted on validation, for the checkpoint."""
-    temperature = metrics.fit_temperature(val_logits, val_y)
+    # One class only: any temperature "fits" by pushing every probability towards it; keep the model's own.
+    temperature = metrics.fit_temperature(val_logits, val_y) if len(np.unique(val_y)) > 1 else 1.0
     probs = metrics.softmax(val_logits, temperature)
     out = {"temperature": temperature, "threshold": None, "operating_points": None,
            "val_metrics": {"monitor": monitor, "score": score, "n": int(len(val_y))}}
@@ -383,6 +397,8 @@ def _save_last(run: _Run, epoch_done: int) -> None:
         train_state = {"epoch": epoch_done, "best_score": state["best_score"], "bad_epochs": state["bad_epochs"],
                        "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
                        "ema": run.ema.state_dict() if run.ema else {}, "torch_rng": torch.get_rng_state(),
+                       "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                       "world": run.world, "lr_anchor": run.lr_anchor,
                        "box_head": run.net.box_head.state_dict() if run.net is not run.model else {}}
         checkpoint.save(run.out_dir / "last", run.model, {**run.base_meta, "epoch": epoch_done}, train_state)
 

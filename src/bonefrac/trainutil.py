@@ -53,25 +53,59 @@ def make_optimizer(model, ocfg, global_batch: int, device: torch.device):
     raise BonefracError(one_of_error("optim.name", ocfg.name, OPTIMIZERS))
 
 
-def make_scheduler(optimizer, ocfg, steps_per_epoch: int, epochs: int):
-    """Per-step cosine with linear warm-up, per-epoch ReduceLROnPlateau (mode max), or constant."""
+def make_scheduler(optimizer, ocfg, steps_per_epoch: int, epochs: int, anchor: tuple[int, float] | None = None):
+    """Per-step cosine with linear warm-up, per-epoch ReduceLROnPlateau (mode max), or constant. `anchor`
+    (step, factor): from that step on, decay from that factor instead (a resume that changed train.epochs)."""
     if ocfg.schedule == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=ocfg.plateau_factor,
                                                           patience=ocfg.plateau_patience)
     if ocfg.schedule not in SCHEDULES:
         raise BonefracError(one_of_error("optim.schedule", ocfg.schedule, SCHEDULES))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, ocfg, steps_per_epoch, epochs, anchor))
+
+
+def lr_factor(step: int, ocfg, steps_per_epoch: int, epochs: int, anchor: tuple[int, float] | None = None) -> float:
+    """The learning-rate multiplier of `make_scheduler`'s per-step schedules at `step`."""
+    if ocfg.schedule == "constant":
+        return 1.0
     total = max(1, steps_per_epoch * epochs)
     warmup = int(ocfg.warmup_epochs * steps_per_epoch)
+    if step < warmup:
+        return (step + 1) / warmup
+    start, top = (warmup, 1.0) if anchor is None or step < anchor[0] else anchor
+    progress = min(1.0, (step - start) / max(1, total - start))
+    return ocfg.min_lr_ratio + (top - ocfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
-    def factor(step: int) -> float:
-        if ocfg.schedule == "constant":
-            return 1.0
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return ocfg.min_lr_ratio + (1 - ocfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+def resume_anchor(state: dict, ocfg, steps_per_epoch: int, saved_epochs: int, epochs: int):
+    """The schedule anchor for a resumed run (see make_scheduler): the saved one, or, when train.epochs changed
+    after warm-up, the step reached and its factor, so the learning rate goes on decaying from where it was
+    instead of jumping to where a schedule of the new length would be at that step."""
+    anchor = state.get("lr_anchor")
+    step = int(state["scheduler"].get("last_epoch", 0)) if isinstance(state.get("scheduler"), dict) else 0
+    if ocfg.schedule != "cosine" or saved_epochs == epochs or step < int(ocfg.warmup_epochs * steps_per_epoch):
+        return tuple(anchor) if anchor else None
+    return step, lr_factor(step, ocfg, steps_per_epoch, saved_epochs, tuple(anchor) if anchor else None)
+
+
+def prepare_resume(out_dir: Path, rank: int, world: int) -> bool:
+    """Before a --resume: on rank 0, put back checkpoints a kill left half-swapped (once, before any rank reads
+    them). Returns False when there is nothing to resume: the run stopped during its first epoch, before `last`
+    existed; its metrics.csv (rows of an epoch never saved) is removed and the caller starts afresh there."""
+    last = out_dir / "last"
+    if rank == 0:
+        for name in ("last", "best"):
+            checkpoint.recover(out_dir / name)
+    if world > 1:
+        torch.distributed.barrier()
+    if (last / checkpoint.META_FILE).is_file():
+        return True
+    log.warning("%s holds no finished epoch to resume from (the run stopped during its first one): starting the "
+                "run afresh in the same folder", out_dir)
+    if rank == 0:
+        (out_dir / "metrics.csv").unlink(missing_ok=True)
+    return False
 
 
 def lesion_loss(logits: torch.Tensor, masks: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -297,6 +331,10 @@ def check_val_classes(monitor: str, class_names, y_va) -> None:
     if monitor == "auroc" and missing:
         raise BonefracError(f"the val split has no images of class {', '.join(map(repr, missing))}, so the "
                             f"train.monitor AUROC is undefined; re-split the data or set another train.monitor")
+    if missing:
+        log.warning("the val split has no images of class %s: per-class metrics, thresholds and (with fewer than "
+                    "two classes) the calibration cannot be fitted for it; re-split the data if you can",
+                    ", ".join(map(repr, missing)))
 
 
 def why_no_best(cfg, state, monitor, out_dir) -> str:
@@ -335,3 +373,13 @@ def append_metrics(out_dir: Path, row: dict, writer) -> None:
         for key, value in row.items():
             if key != "epoch":
                 writer.add_scalar(key, value, row["epoch"])
+
+
+def open_tensorboard(out_dir: Path):
+    """A TensorBoard writer logging to `out_dir/tb`, or None when tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.warning("tensorboard not installed: no TensorBoard logs")
+        return None
+    return SummaryWriter(str(out_dir / "tb"))
