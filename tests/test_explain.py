@@ -63,6 +63,25 @@ def test_batching_and_ensemble_use_the_same_computation():
         gradcam(predictor, images, target_class=5)
 
 
+def test_an_ensemble_explains_the_class_it_predicts_itself():
+    from bonefrac.explain import explain_arrays
+    from bonefrac.predict import decide
+
+    torch.manual_seed(0)
+    members = [_predictor(create("resnet18", 2, 3)), _predictor(create("resnet18", 2, 3))]
+    images = _images(2) + _images(3)
+    probs = Ensemble(members).predict_arrays(images)
+    # A threshold between the ensemble's probabilities, so that it decides differently for some images than
+    # its first member does at that member's own (0.5) threshold.
+    threshold = float(np.median(probs[:, 1]))
+    ensemble = Ensemble(members, threshold=threshold)
+    _, classes, returned = explain_arrays(ensemble, images)
+    np.testing.assert_array_equal(classes, decide(probs, 1, threshold))
+    np.testing.assert_allclose(returned, probs, atol=1e-6)  # the ensemble's probabilities, not the member's
+    _, fixed, _ = explain_arrays(ensemble, images, target_class=0)
+    assert (fixed == 0).all()
+
+
 def test_hook_fallback_for_a_plain_module():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2, padding=1),

@@ -465,3 +465,58 @@ def test_parity_difference_is_recorded_with_significant_digits(tmp_path, monkeyp
     out.write_bytes(b"x")
     result = ex._verify(Fixed(ref), out, [None, None], None, {"positive_index": 1}, None, "fp32")
     assert result["parity"]["max_abs_prob_diff"] == pytest.approx(4.84e-7, rel=1e-3)  # not rounded to 0.0
+
+
+def test_int8_export_of_an_ensemble_of_tf_padded_members(same_pad_ckpt, tmp_path):
+    # TF "same" padding gives each member's branch its own symbolic batch axis, which onnxruntime's shape
+    # inference cannot merge on its own (it used to end in "Incomplete symbolic shape inference").
+    import shutil
+
+    import torch
+
+    root = tmp_path / "ens"
+    shutil.copytree(same_pad_ckpt, root / "members" / "0_m")
+    torch.manual_seed(3)  # a second, different member (identical copies would be merged by graph optimisation)
+    other = create("tf_mobilenetv3_small_minimal_100", 2).eval()
+    checkpoint.save(root / "members" / "1_m", other, checkpoint.read_meta(same_pad_ckpt))
+    spec = {"format": "bonefrac-ensemble", "members": ["members/0_m", "members/1_m"],
+            "class_names": ["no_fracture", "fracture"], "positive_index": 1, "weights": [0.5, 0.5],
+            "threshold": 0.5, "operating_points": None}
+    (root / "ensemble.json").write_text(json.dumps(spec))
+    # The random member is touchier than a trained net (see the single-model test above: 0.18 there), hence
+    # the wide tolerance; the point is that quantization runs and keeps each member's input side in float.
+    report = export(root, tmp_path / "q.onnx", images=SAMPLE / "images", int8=True, n_calib=8, n_parity=8,
+                    tolerance=0.35)
+    assert report["variant"] == "int8" and report["parity"]["max_abs_prob_diff"] <= 0.35
+    assert len(report["int8"]["float_conv_nodes"]) == 8  # the first four convolutions of both members
+
+
+def test_export_refuses_an_out_name_its_format_cannot_be_served_from(ckpt, tmp_path):
+    for fmt, name in (("onnx", "m.model"), ("torchscript", "m.onnx"), ("onnx", "m.pt")):
+        with pytest.raises(BonefracError, match=f"{name}: a {fmt} export needs a name ending in"):
+            export(ckpt, tmp_path / name, fmt=fmt)  # no images given: the name check comes first
+    assert not list(tmp_path.iterdir())
+
+
+def test_broken_metadata_in_an_exported_file_is_a_clear_error(tmp_path):
+    from bonefrac.backends import _parse_meta
+
+    with pytest.raises(BonefracError, match="m.onnx: its bonefrac metadata is not valid JSON"):
+        _parse_meta(b"{not json", tmp_path / "m.onnx")
+    with pytest.raises(BonefracError, match="lacks 'preprocess.size'"):
+        _parse_meta(json.dumps({"arch": "a", "class_names": ["x", "y"], "preprocess": {}}), "m.onnx")
+    with pytest.raises(BonefracError, match="lacks 'arch'"):
+        _parse_meta("[1, 2]", "m.onnx")
+
+
+def test_non_finite_outputs_are_an_error_row_not_a_negative():
+    from types import SimpleNamespace
+
+    from bonefrac.backends import prediction_rows
+
+    model = SimpleNamespace(positive_index=1, threshold=0.15, class_names=["no_fracture", "fracture"])
+    rows = prediction_rows(np.array([[np.nan, np.nan], [0.2, 0.8], [np.inf, 0.0]]), model, 0.15)
+    assert [r["status"] for r in rows] == ["error", "ok", "error"]
+    assert rows[0]["refer"] and rows[0].get("prediction") is None and "non-finite" in rows[0]["message"]
+    assert rows[1]["prediction"] == "fracture"
+    json.loads(json.dumps(rows[0], allow_nan=False))  # valid JSON: no bare NaN

@@ -386,3 +386,15 @@ def test_bootstrap_speed_1000_by_1000():
     B.bootstrap_ci(_acc, y, p, n_boot=1000)
     B.metrics_with_ci(y, p, NAMES2, groups=np.arange(1000) // 3, positive_index=1, threshold=0.5, n_boot=1000, seed=0)
     assert time.perf_counter() - start < 5.0
+
+
+def test_one_vs_rest_by_hand():
+    y = np.array([0, 1, 2, 2, 1, 0])
+    probs = np.array([[.7, .2, .1], [.2, .5, .3], [.1, .3, .6], [.5, .1, .4], [.3, .3, .4], [.2, .2, .6]])
+    out = M.one_vs_rest(y, probs, 2)
+    # class 2 is called (argmax) for rows 2, 4, 5: true positive row 2; rows 3 missed; rows 4, 5 false alarms
+    assert out["sensitivity"] == pytest.approx(1 / 2) and out["specificity"] == pytest.approx(2 / 4)
+    # p2 of positives 0.6, 0.4 against negatives 0.1, 0.3, 0.4, 0.6 (ties count half): 0.6 wins 3 and ties 1
+    # (3.5), 0.4 wins 2 and ties 1 (2.5), of 8 pairs
+    assert out["auroc"] == pytest.approx((3.5 + 2.5) / 8)
+    assert M.one_vs_rest(np.array([2, 2]), probs[:2], 2)["auroc"] is None  # no negatives

@@ -251,3 +251,32 @@ def test_external_test_set_gets_a_domain_shift_summary(run, manifest, tmp_path):
     assert shift["scores_a"]["n"] == ref["n"] and shift["scores_b"]["n"] == 100
     assert 0.0 <= shift["ks_statistic"] <= 1.0
     assert (out / "score_shift.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_non_finite_model_output_stops_evaluate_with_a_clear_error(run, manifest, tmp_path, monkeypatch, caplog):
+    import bonefrac.evaluate as evaluate_mod
+
+    def broken(predictor, rows, cache_dir):
+        probs = np.full((len(rows), 2), 0.5)
+        probs[3] = np.nan
+        return probs
+
+    monkeypatch.setattr(evaluate_mod, "predict_manifest", broken)
+    assert main(["evaluate", str(run / "best"), "--manifest", str(manifest), "--out", str(tmp_path / "e"),
+                 "--bootstrap", "0"]) == 2
+    assert "non-finite probabilities (NaN/inf) for 1 image(s)" in caplog.text and "Traceback" not in caplog.text
+
+
+def test_file_names_that_are_not_utf8_are_written_escaped(run, tmp_path, capsys):
+    import os
+
+    src = sorted((Path(__file__).resolve().parents[1] / "data" / "sample" / "images").glob("*.webp"))[0]
+    odd = tmp_path / os.fsdecode(b"caf\xe9, \"x\".webp")  # a Latin-1 name, with a comma and quotes
+    shutil.copy(src, odd)
+    assert main(["predict", "--model", str(run / "best"), str(odd), "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert len(rows) == 1 and rows[0]["path"].endswith('caf\\xe9, "x".webp') and rows[0]["status"] == "ok"
+    rows = main(["explain", str(run / "best"), str(odd), "--out", str(tmp_path / "cam")])
+    assert rows == 0
+    written = pd.read_csv(tmp_path / "cam" / "explain.csv")
+    assert written.path[0].endswith('caf\\xe9, "x".webp') and written.heatmap[0].endswith(".png")

@@ -121,10 +121,15 @@ def _parse_meta(raw, path) -> dict:
     if not raw:
         raise BonefracError(f"{path}: exported model carries no bonefrac metadata; re-export it with "
                             "`bonefrac export`")
-    meta = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+    try:
+        meta = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BonefracError(f"{path}: its bonefrac metadata is not valid JSON ({exc}); re-export the model") from None
     for key in ("arch", "class_names", "preprocess"):
-        if key not in meta:
+        if key not in (meta if isinstance(meta, dict) else {}):
             raise BonefracError(f"{path}: bonefrac metadata lacks '{key}'")
+    if not isinstance(meta["preprocess"], dict) or "size" not in meta["preprocess"]:
+        raise BonefracError(f"{path}: bonefrac metadata lacks 'preprocess.size'")
     return meta
 
 
@@ -297,6 +302,10 @@ def prediction_rows(probs: np.ndarray, predictor, refer_margin: float) -> list[d
     pos, threshold, names = predictor.positive_index, predictor.threshold, predictor.class_names
     labels = decide(probs, pos, threshold)
     refer = needs_review(probs, pos, threshold, refer_margin)
+    finite = np.isfinite(probs).all(axis=1)
+    # A NaN compares false with every threshold: without this it would read as a confident negative.
+    broken = {"status": "error", "refer": True, "message": "the model produced non-finite output (NaN/inf) for this "
+              "image; no prediction (check the model file and its export)"}
     return [{"status": "ok", "prediction": names[lab], "confidence": round(float(row[lab]), 6), "refer": bool(flag),
-             "probabilities": {c: round(float(v), 6) for c, v in zip(names, row)}}
-            for row, lab, flag in zip(probs, labels, refer)]
+             "probabilities": {c: round(float(v), 6) for c, v in zip(names, row)}} if ok else dict(broken)
+            for row, lab, flag, ok in zip(probs, labels, refer, finite)]

@@ -76,12 +76,18 @@ def evaluate(models: list[str], manifest: str | Path, split: str = "test", out_d
     if isinstance(predictor, Ensemble) and "ensemble_dir" not in predictor.meta:
         ensemble_fit = _fit_loose_ensemble(predictor, df, names, cache_dir, split)
     probs = predict_manifest(predictor, rows, cache_dir)
+    broken = np.flatnonzero(~np.isfinite(probs).all(axis=1))
+    if len(broken):
+        raise BonefracError(f"the model gave non-finite probabilities (NaN/inf) for {len(broken)} image(s), e.g. "
+                            f"{rows.path.iloc[broken[0]]}; no metrics computed (check the model file)")
 
     pos = predictor.positive_index
     if positive_class is not None:
         pos = metrics.positive_class_index(names, positive_class)
     threshold = predictor.threshold if pos == predictor.positive_index else None
     result = metrics.classification_metrics(y, probs, names, pos, threshold)
+    if positive_class is not None and len(names) > 2:  # the K-class metrics above have no positive class
+        result["one_vs_rest"] = {"positive_class": names[pos], **metrics.one_vs_rest(y, probs, pos)}
     result.update(split=split, manifest=str(manifest), models=[str(m) for m in models], tta=tta)
     if isinstance(predictor, Ensemble):
         result["ensemble"] = ensemble_fit or {"weights": [float(w) for w in predictor.weights],

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import BonefracError
+from .io import printable_path
 from .predict import decide
 from .transforms import normalize, resize_batch, to_unit
 
@@ -40,13 +41,19 @@ def gradcam(predictor, images: list[np.ndarray], target_class: int | None = None
 
 def explain_arrays(predictor, images: list[np.ndarray], target_class=None,
                    batch_size: int = 16) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-    """(heatmaps as in `gradcam`, explained class index per image, the explained model's calibrated
-    probabilities (n, K)). `target_class` may also be a sequence with one class index per image."""
+    """(heatmaps as in `gradcam`, explained class index per image, the predictor's calibrated probabilities
+    (n, K)). `target_class` may also be a sequence with one class index per image. An ensemble's map is drawn
+    by its first member, for the class the ensemble itself predicts (at its own threshold) unless one is given."""
     member = _first_member(predictor)
     n_classes = len(member.class_names)
     targets = None if target_class is None else np.array(np.broadcast_to(np.asarray(target_class, int), (len(images),)))
     if targets is not None and len(targets) and not ((targets >= 0) & (targets < n_classes)).all():
         raise BonefracError(f"class index {target_class} is outside 0..{n_classes - 1} ({member.class_names})")
+    ensemble_probs = None
+    if member is not predictor and len(images):
+        ensemble_probs = predictor.predict_arrays(images)
+        if targets is None:
+            targets = decide(ensemble_probs, predictor.positive_index, predictor.threshold)
     heatmaps, classes, probs = [], [], []
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
@@ -57,7 +64,7 @@ def explain_arrays(predictor, images: list[np.ndarray], target_class=None,
         probs.append(logits["probs"])
     if not images:
         return [], np.zeros(0, int), np.zeros((0, n_classes), np.float32)
-    return heatmaps, np.concatenate(classes), np.concatenate(probs)
+    return heatmaps, np.concatenate(classes), ensemble_probs if ensemble_probs is not None else np.concatenate(probs)
 
 
 def _first_member(predictor):
@@ -200,13 +207,13 @@ def explain_files(predictor, paths: list[str], out_dir: str | Path, target_class
         explained = iter(zip(*explain_arrays(predictor, good, target, batch_size))) if good else iter(())
         for path, img, err in decoded:  # rows stay in input order
             if err is not None:
-                rows.append({"path": str(path), "error": err})
+                rows.append({"path": printable_path(path), "error": err})
                 continue
             cam, cls, prob = next(explained)
             png = out_dir / _unique_name(path, used)
             Image.fromarray(overlay(img, cam)).save(png)
-            rows.append({"path": str(path), "heatmap": png.name, "explained_class": names[cls],
-                         "probability": round(float(prob[cls]), 6), "error": ""})
+            rows.append({"path": printable_path(path), "heatmap": printable_path(png.name),
+                         "explained_class": names[cls], "probability": round(float(prob[cls]), 6), "error": ""})
     pd.DataFrame(rows, columns=["path", "heatmap", "explained_class", "probability", "error"]).to_csv(
         out_dir / "explain.csv", index=False)
     log.info("explained %d of %d images into %s", sum(1 for r in rows if not r["error"]), len(rows), out_dir)

@@ -133,7 +133,7 @@ def export(ckpt, out, fmt: str = "onnx", int8: bool = False, fp16: bool = False,
     fmt, variant = _check_options(fmt, int8, fp16)
     if int(int8_float_convs) < 0:
         raise BonefracError(f"int8_float_convs must be >= 0, got {int8_float_convs}")
-    out = _check_out(out)  # before the slow part: a bad --out must not cost a whole export
+    out = _check_out(out, fmt)  # before the slow part: a bad --out must not cost a whole export
     source = load_predictor([ckpt], "cpu")  # a Predictor, or an Ensemble for an ensemble directory
     wrapped, meta = _deployable(source, ckpt)
     calib, parity, labels = _reference_images(manifest, images, meta, n_calib, n_parity)
@@ -157,10 +157,15 @@ def export(ckpt, out, fmt: str = "onnx", int8: bool = False, fp16: bool = False,
     return report
 
 
-def _check_out(out) -> Path:
+OUT_SUFFIXES = {"onnx": (".onnx",), "torchscript": (".pt", ".ts", ".torchscript")}
+
+
+def _check_out(out, fmt: str) -> Path:
     out = Path(out)
     if out.is_dir():
         raise BonefracError(f"--out {out} is a directory; give a file name such as {out / 'model.onnx'}")
+    if out.suffix.lower() not in OUT_SUFFIXES[fmt]:  # the service and predict pick the back-end by suffix
+        raise BonefracError(f"--out {out}: a {fmt} export needs a name ending in {' or '.join(OUT_SUFFIXES[fmt])}")
     return out
 
 
@@ -300,7 +305,11 @@ def _quantize_int8(fp32_path: Path, calib: list[np.ndarray], size: int, tmp: Pat
             return next(self._it, None)
 
     prep = tmp / "prep.onnx"
-    quant_pre_process(str(fp32_path), str(prep))
+    try:  # auto_merge: an ensemble's members (e.g. TF-padded EfficientNets) name the batch axis differently
+        quant_pre_process(str(fp32_path), str(prep), auto_merge=True)
+    except Exception as exc:  # onnxruntime raises plain Exceptions here
+        raise BonefracError(f"INT8 export: onnxruntime could not prepare the graph for quantization ({exc}); "
+                            "export fp32 or fp16 instead") from None
     model = onnx.load(str(prep))
     for i, node in enumerate(model.graph.node):  # exclusion goes by node name
         node.name = node.name or f"bonefrac_node_{i}"

@@ -182,6 +182,12 @@ def _check_size(width: int, height: int, name: str, max_pixels: int) -> None:
         )
 
 
+def printable_path(path) -> str:
+    """`path` as text that any output (UTF-8 CSV, JSON, a strict terminal) can hold: bytes of a file name that
+    are not UTF-8 (e.g. a Latin-1 name on Linux) become backslash escapes instead of crashing the writer."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def quiet_image_metadata_logs() -> None:
     """Keep Pillow's and pydicom's DEBUG lines out of the logs whatever the root level: they print TIFF/EXIF tag
     and DICOM element values, text that can name a patient. Called by the CLI and the service at start-up."""

@@ -94,6 +94,16 @@ def binary_predict(probs, pos: int, threshold: float):
     return np.where(probs[:, pos] >= threshold, pos, 1 - pos)
 
 
+def one_vs_rest(y, probs, pos: int) -> dict:
+    """Class `pos` of a K-class model against the rest: AUROC of probs[:, pos] (None when y is all one side),
+    and sensitivity / specificity of the model's own decision (the argmax is `pos`, or not)."""
+    y, probs = np.asarray(y), np.asarray(probs, dtype=float)
+    is_pos, called = y == pos, probs.argmax(axis=1) == pos
+    auroc = float(roc_auc_score(is_pos, probs[:, pos])) if 0 < is_pos.sum() < len(y) else None
+    return {"auroc": auroc, "sensitivity": _div((called & is_pos).sum(), is_pos.sum()),
+            "specificity": _div((~called & ~is_pos).sum(), (~is_pos).sum())}
+
+
 def _auroc(y, probs, pos: int | None):
     """Binary AUROC of probs[:, pos], or one-vs-rest macro for K > 2; None if a class is absent."""
     k = probs.shape[1]

@@ -21,7 +21,7 @@ import torch
 from . import checkpoint
 from .data import progress_bar
 from .errors import BonefracError, ImageReadError
-from .io import image_files, read_image, read_image_and_colour
+from .io import image_files, printable_path, read_image, read_image_and_colour
 from .transforms import hflip, normalize, resize_batch, to_unit
 
 log = logging.getLogger(__name__)
@@ -209,7 +209,8 @@ def predict_files(predictor, inputs: list[str], batch_size: int = 32, xray_check
     "ok": prediction, confidence, probabilities, `refer` (probability close to the threshold: review it) and the
     `threshold` that decided (None for multi-class models, which predict the most probable class);
     "not_xray": the image fails the radiograph check (a photo, document, blank or noise), `message` says why,
-    and no prediction is given; "error": `error` names the problem (unreadable, missing, too large)."""
+    and no prediction is given; "error": `error` names the problem (unreadable, missing, too large), or `message`
+    says the model's output was not finite. `path` is printable (see io.printable_path)."""
     from .backends import prediction_rows  # backends imports this module
 
     paths = expand_paths(inputs)
@@ -222,7 +223,7 @@ def predict_files(predictor, inputs: list[str], batch_size: int = 32, xray_check
             results = iter([{**row, "threshold": predictor.threshold}
                             for row in prediction_rows(probs, predictor, refer_margin)])
             for path, (_, problem) in zip(chunk, read):
-                yield {"path": str(path), **(problem if problem is not None else next(results))}
+                yield {"path": printable_path(path), **(problem if problem is not None else next(results))}
 
 
 def _read_checked(path: Path, xray_check: bool):
