@@ -160,19 +160,32 @@ def _stems(rows: pd.DataFrame) -> list[str]:
 
 
 def _jobs(train: pd.DataFrame, goal: dict[str, int], out_dir: Path, acfg, seed: int, fmt: str) -> list[dict]:
-    jobs = []
+    jobs, folders = [], set()
     for cls, rows in train.groupby("label", sort=True):
         extra = goal[cls] - len(rows)
         if extra <= 0:
             continue
-        folder = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in str(cls))
+        folder = _class_folder(cls, folders)
         (out_dir / "images" / folder).mkdir(parents=True, exist_ok=True)
         per = copies_per_source(rows.sha256.tolist(), extra, seed)
         for (_, row), stem, n in zip(rows.iterrows(), _stems(rows), per):
             if n:
-                jobs.append({"path": row.path, "sha256": row.sha256 or row.path, "copies": n, "stem": stem, "folder": folder,
-                             "row": row.to_dict(), "acfg": acfg, "seed": seed, "fmt": fmt, "out_dir": out_dir})
+                jobs.append({"path": row.path, "sha256": row.sha256 or row.path, "copies": n, "stem": stem,
+                             "folder": folder, "row": row.to_dict(), "acfg": acfg, "seed": seed, "fmt": fmt,
+                             "out_dir": out_dir})
     return jobs
+
+
+def _class_folder(cls, taken: set) -> str:
+    """A file-system-safe folder name for class `cls`, distinct from those in `taken` (then added to it):
+    classes "a b" and "a_b" would otherwise write their copies over each other's."""
+    base = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in str(cls)) or "class"
+    folder, n = base, 1
+    while folder.lower() in taken:  # lower: case-insensitive file systems
+        n += 1
+        folder = f"{base}_{n}"
+    taken.add(folder.lower())
+    return folder
 
 
 def augment_manifest(manifest: str | Path, out_dir: str | Path, balance: bool = False, target: int | None = None,
@@ -198,8 +211,9 @@ def augment_manifest(manifest: str | Path, out_dir: str | Path, balance: bool = 
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:  # torch and PIL release the GIL while they work
         new_rows = [r for rows in pool.map(_augment_source, jobs) for r in rows]
-    out = pd.concat([df.assign(augmented_from=""), pd.DataFrame(new_rows, columns=[*df.columns, "augmented_from"])],
-                    ignore_index=True)
+    if "augmented_from" not in df:  # an already augmented manifest keeps its copies' provenance
+        df = df.assign(augmented_from="")
+    out = pd.concat([df, pd.DataFrame(new_rows, columns=list(df.columns))], ignore_index=True)
     from .manifest import write_manifest
 
     write_manifest(out, out_dir / "manifest.csv")

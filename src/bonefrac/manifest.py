@@ -32,13 +32,12 @@ from .dedup import NEAR_DUP_THRESHOLD, crossing_groups, dihedral_phash, duplicat
 from .errors import BonefracError, ImageReadError
 from .io import decode_image
 # read_csv lives with the source readers; load_manifest, data and export import it from here.
-from .sources import collect, read_csv, resolve_labels, sorted_labels
+from .sources import PATH_COLUMNS, collect, read_csv, resolve_labels, sorted_labels
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 MANIFEST_COLUMNS = ("path", "label", "group", "split", "sha256", "width", "height")
-PATH_COLUMNS = {"path", "augmented_from"}  # image paths: relative to the manifest's folder on disk
 
 
 # --- public API ---------------------------------------------------------------------------------------------
@@ -74,7 +73,7 @@ def prepare(out_dir, *, source=None, labels_csv=None, path_col="image", label_co
         match_copies = "auto" if keep_folder_split else "off"
     pairs, copies = duplicate_pairs(rows["path"].tolist(), rows["sha256"].tolist(), hashes, near_dup_threshold,
                                     match_copies, workers)
-    rows["group"] = group_ids(rows["sha256"].tolist(), pairs)
+    rows["group"] = group_ids(rows["sha256"].tolist(), np.concatenate([pairs, _provenance_pairs(rows)]))
     crossing = []
     if split_all:
         rows["split"] = split_all
@@ -91,6 +90,17 @@ def prepare(out_dir, *, source=None, labels_csv=None, path_col="image", label_co
     report["elapsed_s"] = round(time.perf_counter() - started, 2)
     _write(out_dir, manifest, report)
     return report
+
+
+def _provenance_pairs(rows: pd.DataFrame) -> np.ndarray:
+    """(copy, source) row pairs from an `augmented_from` column (a manifest written by `augment`): a copy
+    belongs to its source's group whatever the hashes say (small rotations escape them)."""
+    if "augmented_from" not in rows:
+        return np.zeros((0, 2), dtype=np.int64)
+    index = {p: i for i, p in enumerate(rows["path"])}
+    pairs = [(i, index[src]) for i, src in enumerate(rows["augmented_from"].fillna("").astype(str))
+             if src in index]
+    return np.array(pairs, dtype=np.int64).reshape(-1, 2)
 
 
 def load_manifest(path) -> pd.DataFrame:
@@ -195,7 +205,13 @@ def _analyse_one(path: str):
 def _analyse(rows: pd.DataFrame, workers):
     """Decode every image once; -> (readable rows with sha256/width/height, rejected, hashes (N, 8, 4))."""
     repeated = rows["path"].duplicated()
-    rejected = [{"path": p, "reason": "listed more than once"} for p in rows.loc[repeated, "path"]]
+    first = dict(zip(rows.loc[~repeated, "path"], rows.loc[~repeated, "label"]))
+    rejected = [{"path": p, "reason": "listed more than once" if lab == first[p] else
+                 f"listed more than once with another label ({lab!r}; the first row's {first[p]!r} is kept)"}
+                for p, lab in zip(rows.loc[repeated, "path"], rows.loc[repeated, "label"])]
+    if conflicts := sum("another label" in r["reason"] for r in rejected):
+        log.warning("%d image(s) listed again with a different label: the first label is kept (see "
+                    "prepare_report.json, 'rejected')", conflicts)
     rows = rows.loc[~repeated].reset_index(drop=True)
     workers = max(1, int(workers if workers is not None else os.cpu_count() or 1))
     paths = rows["path"].tolist()

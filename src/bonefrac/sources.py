@@ -24,6 +24,8 @@ from .io import IMAGE_EXTENSIONS, looks_like_image
 
 log = logging.getLogger(__name__)
 
+PATH_COLUMNS = {"path", "augmented_from"}  # image paths: relative to the manifest's (or CSV's) folder on disk
+
 # Folder names and CSV `split` values accepted for each split; the values are the manifest's split names.
 _SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
@@ -113,17 +115,25 @@ def _rows_from_csv(csv: Path, base: Path, path_col: str, label_col: str, recompu
     for col in frame.columns:
         if col not in (path_col, label_col) and col not in recomputed:
             rows[col] = frame[col].to_numpy()
+    for col in PATH_COLUMNS & set(rows.columns) - {"path"}:  # e.g. augmented_from: relative to this CSV too
+        rows[col] = [str((base / p.strip()).resolve()) if p.strip() else "" for p in rows[col].astype(str)]
     return rows
 
 
 def _rows_from_folder(root: Path):
     if not root.is_dir():
         raise BonefracError(f"source is neither a folder nor a CSV file: {root}")
-    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not _ignored_folder(d))
     if not subdirs:
         raise BonefracError(f"no class folders in {root} (expected {root}/<class>/<image files>)")
     rejected = _stray_images(root)
-    if {d.name.lower() for d in subdirs} <= set(_SPLIT_ALIASES):
+    split_dirs = [d.name for d in subdirs if d.name.lower() in _SPLIT_ALIASES]
+    if split_dirs and len(split_dirs) < len(subdirs):  # guessing either layout would be silently wrong
+        others = [d.name for d in subdirs if d.name.lower() not in _SPLIT_ALIASES]
+        raise BonefracError(f"{root} mixes split folders ({', '.join(split_dirs)}) with other folders "
+                            f"({', '.join(others[:5])}); move those out (a --out folder too) or list the images "
+                            f"in a labels CSV")
+    if split_dirs:
         records = []
         for split_dir in subdirs:
             rejected += _stray_images(split_dir)
@@ -137,9 +147,14 @@ def _rows_from_folder(root: Path):
     return (rows.drop(columns="folder_split") if kind == "folder" else rows), rejected, kind
 
 
+def _ignored_folder(folder: Path) -> bool:
+    """Hidden folders and the __MACOSX metadata folder that macOS zip files carry."""
+    return folder.name.startswith(".") or folder.name == "__MACOSX"
+
+
 def _scan_classes(root: Path, split, rejected: list) -> list:
     records = []
-    for class_dir in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):
+    for class_dir in sorted(d for d in root.iterdir() if d.is_dir() and not _ignored_folder(d)):
         for file in sorted(class_dir.rglob("*")):
             if file.name.startswith(".") or not file.is_file():
                 continue
