@@ -101,8 +101,8 @@ def prepare_resume(out_dir: Path, rank: int, world: int) -> bool:
         torch.distributed.barrier()
     if (last / checkpoint.META_FILE).is_file():
         return True
-    log.warning("%s holds no finished epoch to resume from (the run stopped during its first one): starting the "
-                "run afresh in the same folder", out_dir)
+    log.warning("%s holds no finished epoch to resume from (no run yet, or it stopped during its first epoch): "
+                "starting the run afresh in the same folder", out_dir)
     if rank == 0:
         (out_dir / "metrics.csv").unlink(missing_ok=True)
     return False
