@@ -81,7 +81,7 @@ def test_empty_section_counts_as_empty(tmp_path):
 
 # (key, a value outside the range, the nearest allowed value, the range as the error states it)
 RANGE_CASES = [
-    ("model.in_chans", "0", "1", ">= 1"),
+    ("model.in_chans", "2", "1", "one of 1, 3"),
     ("model.drop_rate", "1", "0.99", "in [0, 1)"),
     ("model.drop_path_rate", "-0.1", "0", "in [0, 1)"),
     ("model.std", "0", "null", "null or > 0"),
@@ -147,3 +147,27 @@ def test_unknown_choice_fails_at_load(key, bad, good, choices):
     with pytest.raises(ConfigError, match=rf"'{key}'.*'{bad}'") as info:
         load_config(None, [f"{key}={bad}"])
     assert all(f"'{c}'" in str(info.value) for c in choices)
+
+
+@pytest.mark.parametrize("override, match", [
+    ("train.epochs=[1", r"override 'train.epochs=\[1': the value is not valid YAML"),
+    ("data.size=!!python/object:os.system x", "the value is not valid YAML"),
+    ("optim.lr=inf", "optim.lr' needs a finite number"),
+    ("optim.lr=.nan", "optim.lr' needs a finite number"),
+    ("augment.rotate_deg=.inf", "augment.rotate_deg' needs a finite number"),
+    ("model.in_chans=4", "model.in_chans"),
+])
+def test_malformed_or_non_finite_overrides_fail_clearly(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
+
+
+def test_non_string_keys_and_yaml_errors_are_one_clear_line(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  1: 2\n")
+    with pytest.raises(ConfigError, match="unknown config key.*: 1;"):
+        load_config(cfg)
+    cfg.write_text("train:\n  epochs: [1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg)
+    assert "not valid YAML at line" in str(err.value) and "\n" not in str(err.value)

@@ -165,3 +165,20 @@ def test_fine_tuning_starts_from_a_checkpoint_directory(tmp_path):
     (tmp_path / "ens" / ENSEMBLE_FILE).write_text("{}")
     with pytest.raises(BonefracError, match="is an ensemble"):
         build_model(ModelConfig(arch="tf_efficientnet_lite0", pretrained=str(tmp_path / "ens")), 2)
+
+
+def test_a_weights_file_that_is_not_one_or_not_for_this_model_is_a_clear_error(tmp_path):
+    from safetensors.torch import save_file
+
+    from bonefrac.models import create
+
+    (tmp_path / "junk.safetensors").write_text("not weights at all")
+    (tmp_path / "junk.pth").write_bytes(b"\x80\x04junk")
+    torch.save([torch.zeros(3)], tmp_path / "list.pth")
+    save_file(create("resnet18", 2).state_dict(), str(tmp_path / "resnet18.safetensors"))
+    for name, message in (("junk.safetensors", "not a readable safetensors weights file"),
+                          ("junk.pth", "not a readable PyTorch weights file"),
+                          ("list.pth", "holds no mapping of tensor names to tensors"),
+                          ("resnet18.safetensors", r"only \d+ of the \d+ tensors .* match it")):
+        with pytest.raises(BonefracError, match=f"{name}: {message}"):
+            build_model(ModelConfig(arch="tf_efficientnet_lite0", pretrained=str(tmp_path / name)), 2)

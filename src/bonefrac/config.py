@@ -8,6 +8,7 @@ fails at load time instead of as a ZeroDivisionError (or a run without a checkpo
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,7 +126,7 @@ def from_dict(data: dict | None, cls=Config, prefix: str = ""):
         raise ConfigError(f"config section '{where}' must be a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(map(str, set(data) - names))  # str: YAML keys may be numbers or null
     if unknown:
         where = f" in section '{prefix.rstrip('.')}'" if prefix else ""
         raise ConfigError(f"unknown config key(s){where}: {', '.join(unknown)}; known: {', '.join(sorted(names))}")
@@ -176,7 +177,7 @@ def _one_of(*choices):
 # meaning 'off'), which stay allowed. String choices are checked here too, so a typo fails before the image
 # cache is built.
 _RULES = {
-    "model.in_chans": _AT_LEAST_1,
+    "model.in_chans": _one_of(1, 3),
     "model.drop_rate": _FRACTION,
     "model.drop_path_rate": _FRACTION,
     "model.std": _optional(_POSITIVE),
@@ -248,7 +249,7 @@ def _coerce(value, kind, key: str):
         return float(value)
     if kind is float and isinstance(value, str):
         try:  # YAML 1.1 reads "1e-3" (no dot) as a string
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
     if kind is str and isinstance(value, bool):
@@ -257,6 +258,8 @@ def _coerce(value, kind, key: str):
         raise ConfigError(f"config key '{key}' needs true/false, got {value!r}")
     if kind in (int, float, str) and (not isinstance(value, kind) or isinstance(value, bool) and kind is not bool):
         raise ConfigError(f"config key '{key}' needs a {kind.__name__}, got {value!r}")
+    if kind is float and not math.isfinite(value):  # inf and nan pass every range rule below, then train to NaN
+        raise ConfigError(f"config key '{key}' needs a finite number, got {value!r}")
     return value
 
 
@@ -277,9 +280,17 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             raise ConfigError(f"config section '{section}' must be a mapping, got {type(out[section]).__name__}")
         text = raw.strip()
         # YAML 1.1 would turn on/off/yes/no into booleans; on the command line they mean the words.
-        out[section][key] = text if text.lower() in ("on", "off", "yes", "no") else (
-            yaml.safe_load(text) if text else None)
+        try:
+            out[section][key] = text if text.lower() in ("on", "off", "yes", "no") else (
+                yaml.safe_load(text) if text else None)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override '{item}': the value is not valid YAML ({_first_line(exc)})") from None
     return out
+
+
+def _first_line(exc: Exception) -> str:
+    """PyYAML's messages run over several lines; a command-line error is one."""
+    return " ".join(str(exc).split("\n")[:1]).strip() or type(exc).__name__
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -292,7 +303,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             loaded = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"{path}: not valid YAML{where} ({getattr(exc, 'problem', None) or _first_line(exc)})") \
+                from None
         data = {} if loaded is None else loaded  # an empty file (or only comments) means all defaults
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (model:, data:, augment:, optim:, train:) "

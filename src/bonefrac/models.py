@@ -218,8 +218,9 @@ def load_positional(model, state: dict) -> None:
     load_matching(model, dict(zip(keys, state.values())))
 
 
-def load_matching(model, state: dict) -> None:
-    """Load the tensors whose names and shapes fit; a 3-channel stem is summed for 1-channel models."""
+def load_matching(model, state: dict) -> int:
+    """Load the tensors whose names and shapes fit (returns how many); a 3-channel stem is summed for
+    1-channel models."""
     target = model.state_dict()
     fitted, skipped = {}, []
     for key, tensor in state.items():
@@ -236,6 +237,7 @@ def load_matching(model, state: dict) -> None:
     missing = [k for k in target if k not in fitted]
     log.info("pretrained: %d tensors loaded, %d left at init (%s)", len(fitted), len(missing),
              ", ".join(missing[:4]) + ("…" if len(missing) > 4 else ""))
+    return len(fitted)
 
 
 def _checkpoint_weights(path: Path, arch: str) -> tuple[Path, dict] | None:
@@ -260,16 +262,26 @@ def _checkpoint_weights(path: Path, arch: str) -> tuple[Path, dict] | None:
 def _load_file(model, path: Path):
     if not path.is_file():
         raise BonefracError(f"pretrained weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        for key in ("state_dict", "model", "model_state_dict"):
-            if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-                state = state[key]
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # safetensors and pickle raise their own types for a file that is not theirs
+        raise BonefracError(f"{path}: not a readable {'safetensors' if path.suffix == '.safetensors' else 'PyTorch'} "
+                            f"weights file ({type(exc).__name__}: {str(exc)[:200]})") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BonefracError(f"{path}: holds no mapping of tensor names to tensors (a state_dict)")
     state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
-    load_matching(model, state)
+    loaded, expected = load_matching(model, state), len(model.state_dict())
+    # Half at least: a classifier head of another class count may not fit, the backbone must.
+    if loaded < expected / 2:
+        raise BonefracError(f"{path}: only {loaded} of the {expected} tensors of {type(model).__name__} match it by "
+                            "name and shape; is it a weights file for this model.arch?")
     return "file"
 
