@@ -290,7 +290,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def _first_line(exc: Exception) -> str:
     """PyYAML's messages run over several lines; a command-line error is one."""
-    return " ".join(str(exc).split("\n")[:1]).strip() or type(exc).__name__
+    return str(exc).split("\n", 1)[0].strip() or type(exc).__name__
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -244,8 +244,8 @@ def _describe(data: bytes) -> str:
 
 
 def _scale_percentile(arr: np.ndarray) -> np.ndarray:
-    """Linear map of the 0.5-99.5 percentile range to 0..255 (flat images become 0). Above 4 M pixels the
-    percentiles come from an evenly strided sample of ~4 M of them (a view, no copy): exact percentiles of a
+    """Linear map of the 0.5-99.5 percentile range to 0..255 (flat images become 0). From 8 M pixels on the
+    percentiles come from an evenly strided sample of 4-8 M of them (a view, no copy): exact percentiles of a
     60 M pixel image would need several full-size copies."""
     flat = arr.reshape(-1)
     sample = flat[::max(1, flat.size // _PERCENTILE_SAMPLE)]

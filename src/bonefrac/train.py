@@ -48,11 +48,11 @@ def train(manifest: str | Path, out_dir: str | Path, cfg: Config, resume: bool =
     """Train a model; returns the path of the best checkpoint (chosen on validation)."""
     rank, world = distributed_setup()
     out_dir = Path(out_dir)
-    afresh = resume and not prepare_resume(out_dir, rank, world)  # killed in its first epoch: nothing to resume
-    resume = resume and not afresh
     if resume:
-        check_resume_config(out_dir / "last", cfg)
-    elif not afresh:
+        resume = prepare_resume(out_dir, rank, world)  # False: killed in its first epoch, nothing to resume
+        if resume:
+            check_resume_config(out_dir / "last", cfg)
+    else:
         refuse_existing_run(out_dir)
     device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)

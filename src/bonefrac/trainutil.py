@@ -70,7 +70,7 @@ def lr_factor(step: int, ocfg, steps_per_epoch: int, epochs: int, anchor: tuple[
     if ocfg.schedule == "constant":
         return 1.0
     total = max(1, steps_per_epoch * epochs)
-    warmup = int(ocfg.warmup_epochs * steps_per_epoch)
+    warmup = _warmup_steps(ocfg, steps_per_epoch)
     if step < warmup:
         return (step + 1) / warmup
     start, top = (warmup, 1.0) if anchor is None or step < anchor[0] else anchor
@@ -78,15 +78,19 @@ def lr_factor(step: int, ocfg, steps_per_epoch: int, epochs: int, anchor: tuple[
     return ocfg.min_lr_ratio + (top - ocfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def _warmup_steps(ocfg, steps_per_epoch: int) -> int:
+    return int(ocfg.warmup_epochs * steps_per_epoch)
+
+
 def resume_anchor(state: dict, ocfg, steps_per_epoch: int, saved_epochs: int, epochs: int):
     """The schedule anchor for a resumed run (see make_scheduler): the saved one, or, when train.epochs changed
     after warm-up, the step reached and its factor, so the learning rate goes on decaying from where it was
     instead of jumping to where a schedule of the new length would be at that step."""
-    anchor = state.get("lr_anchor")
-    step = int(state["scheduler"].get("last_epoch", 0)) if isinstance(state.get("scheduler"), dict) else 0
-    if ocfg.schedule != "cosine" or saved_epochs == epochs or step < int(ocfg.warmup_epochs * steps_per_epoch):
-        return tuple(anchor) if anchor else None
-    return step, lr_factor(step, ocfg, steps_per_epoch, saved_epochs, tuple(anchor) if anchor else None)
+    anchor = tuple(state["lr_anchor"]) if state.get("lr_anchor") else None  # JSON may give it back as a list
+    step = int(state["scheduler"].get("last_epoch", 0))
+    if ocfg.schedule != "cosine" or saved_epochs == epochs or step < _warmup_steps(ocfg, steps_per_epoch):
+        return anchor
+    return step, lr_factor(step, ocfg, steps_per_epoch, saved_epochs, anchor)
 
 
 def prepare_resume(out_dir: Path, rank: int, world: int) -> bool:

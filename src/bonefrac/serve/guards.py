@@ -14,7 +14,7 @@ class BodyLimitMiddleware:
     """Refuses bodies over `max_bytes` with 413: from Content-Length up front, else while streaming, so an
     endless chunked upload is cut off without being buffered."""
 
-    def __init__(self, app, max_bytes: int, telemetry=None):
+    def __init__(self, app, max_bytes: int, telemetry):
         self.app, self.max_bytes, self.telemetry = app, max_bytes, telemetry
 
     async def __call__(self, scope, receive, send):
@@ -47,8 +47,7 @@ class BodyLimitMiddleware:
                 await self._refuse(scope, receive, send)
 
     async def _refuse(self, scope, receive, send):
-        if self.telemetry is not None:
-            self.telemetry.error("request_too_large")
+        self.telemetry.error("request_too_large")
         mb = self.max_bytes / 1024 / 1024
         response = error_response(413, "request_too_large", f"request body over the {mb:g} MB limit",
                                   headers={"Connection": "close"})
