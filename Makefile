@@ -41,9 +41,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# The split is pinned to the shipped model's data_split.csv (made by `prepare --seed 42` before 2026-12-06, when
+# prepare's group order became independent of row order): re-deriving it would put some of the shipped model's
+# training images into "test".
 fracatlas-model:
-	$(BONEFRAC) prepare --labels $(FRACATLAS)/labels.csv --label-col fractured \
-	    --class-names no_fracture,fracture --out $(WORK)/data
+	$(BONEFRAC) prepare $(FRACATLAS)/images --labels models/fracatlas_effnet_lite/data_split.csv --label-col label \
+	    --class-names no_fracture,fracture --keep-folder-split --match-copies off --out $(WORK)/data
 	$(BONEFRAC) train --manifest $(WORK)/data/manifest.csv --out $(WORK)/lite2_strong \
 	    --config configs/fracatlas_lite2_strong.yaml $(LITE2_SET)
 	$(BONEFRAC) train --manifest $(WORK)/data/manifest.csv --out $(WORK)/lite2 --config configs/fracatlas_lite2.yaml $(LITE2_SET)

@@ -50,8 +50,10 @@ VARIANTS = ("eager", "default", "reduce-overhead", "frozen")
 # Options a "frozen" variant may add, joined with "-" (e.g. frozen-fp16-mm): fp16 instead of bf16 weights, 1x1
 # convolutions as matmuls (they fuse with their BN/activation epilogues), max-autotune kernel selection (every
 # convolution too: slow to compile), autotuned Triton matmul templates only (`gemm`: with `mm` they take the
-# pointwise ops around them as prologues/epilogues), coordinate-descent tuning of the generated kernels (`cdt`).
-FROZEN_OPTIONS = ("fp16", "mm", "autotune", "gemm", "cdt")
+# pointwise ops around them as prologues/epilogues), Triton matmul templates *only* (`tritonmm`: every matmul
+# takes its neighbours' pointwise work, even where cuBLAS alone is faster; convolutions stay cuDNN, not autotuned),
+# coordinate-descent tuning of the generated kernels (`cdt`).
+FROZEN_OPTIONS = ("fp16", "mm", "autotune", "gemm", "tritonmm", "cdt")
 
 
 def bench_arch(arch: str, size: int, batch: int, reps: int, variants: list[str], profile_dir: str | None = None
@@ -99,6 +101,8 @@ def inductor_patch(options: set[str]) -> dict:
     patch = {"freezing": True, "conv_1x1_as_mm": "mm" in options}
     if "gemm" in options:
         patch.update(max_autotune_gemm=True, max_autotune_gemm_backends="TRITON,ATEN")
+    if "tritonmm" in options:
+        patch.update(max_autotune_gemm=True, max_autotune_gemm_backends="TRITON", max_autotune_conv_backends="ATEN")
     if "cdt" in options:
         patch["coordinate_descent_tuning"] = True
     return patch

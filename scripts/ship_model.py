@@ -18,7 +18,8 @@ def main() -> None:
     args = p.parse_args()
     model, meta = checkpoint.load(args.checkpoint)
     meta = {k: v for k, v in meta.items() if k not in ("format_version", "code_version")}
-    checkpoint.save(args.out, model, {**meta, "weights_dtype": "float16"}, dtype=torch.float16)
+    checkpoint.save(args.out, model, {**meta, "weights_dtype": "float16"}, dtype=torch.float16,
+                    seen=checkpoint.read_seen(args.checkpoint))
     logging.basicConfig(level=logging.INFO)
     logging.info("wrote %s", args.out)
 

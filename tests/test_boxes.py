@@ -112,3 +112,27 @@ def test_box_supervised_training_saves_a_plain_classifier_and_resumes(sample_man
 def test_box_loss_without_boxes_is_a_clear_error(sample_manifest, tmp_path, caplog):
     assert main(["train", "--manifest", str(sample_manifest), "--out", str(tmp_path / "r"), *NO_BOXES]) != 0
     assert "data.boxes" in caplog.text
+
+
+def test_boxes_outside_the_image_are_clipped_or_ignored_and_blank_cells_are_named(sample_manifest, tmp_path):
+    rows = _rows(sample_manifest)
+    name = Path(pd.read_csv(BOXES).image.iloc[0])
+    i = int(np.flatnonzero(rows.path.map(lambda p: Path(p).name) == name.name)[0])
+    w, h = rows.width[i], rows.height[i]
+    csv = tmp_path / "boxes.csv"
+    image = (BOXES.parent / name).resolve()
+    # wholly left of the image (a negative end index once filled a band across it), and one poking out below
+    csv.write_text(f"image,x,y,w,h\n{image},{-w},{h / 2},{w / 5},{h / 10}\n{image},{w / 2},{h * 0.9},{w / 10},{h}\n")
+    masks, known = box_masks(rows, csv, 100, negative_label=None)
+    assert known[i] == 1.0
+    ys, xs = np.nonzero(masks[i])
+    assert xs.min() >= 50 and ys.min() >= 90 and ys.max() == 99  # only the clipped second box
+    csv.write_text(f"image,x,y,w,h\n{image},{-w},{h / 2},{w / 5},{h / 10}\n")
+    masks, known = box_masks(rows, csv, 100, negative_label=None)
+    assert masks[i].max() == 0 and known[i] == 0.0  # nothing left of it: not evidence of "nothing here"
+    csv.write_text(f"image,x,y,w,h\n{image},1,2,3,4\n{image},,2,3,4\n")
+    with pytest.raises(BonefracError, match="missing or non-numeric.*data row 2"):
+        box_masks(rows, csv, 100, negative_label=None)
+    csv.write_text(f"image,x,y,w,h\n{image},1,2,0,4\n")
+    with pytest.raises(BonefracError, match="width/height <= 0"):
+        box_masks(rows, csv, 100, negative_label=None)

@@ -114,6 +114,8 @@ RANGE_CASES = [
     ("train.eval_batch_size", "0", "1", ">= 1"),
     ("train.max_steps_per_epoch", "0", "null", "null or >= 1"),
     ("train.box_loss", "-1", "0", ">= 0"),  # 0 is documented: no box loss
+    ("train.seed", "-1", "0", "from 0 to 2**32 - 1"),  # numpy's range: -1 crashed when training started
+    ("train.seed", "4294967296", "4294967295", "from 0 to 2**32 - 1"),
 ]
 
 

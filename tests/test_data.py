@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -40,6 +42,35 @@ def test_an_interrupted_cache_build_is_redone(images, tmp_path):
     data.write_bytes(b"\0" * data.stat().st_size)
     again = build_cache(images, [""] * 6, 16, cache_dir, workers=1, progress=False)
     assert int(again[5].mean()) == 200 and done.exists()
+
+
+def test_a_cache_changed_on_disk_is_rebuilt_not_trusted(images, tmp_path, caplog):
+    cache_dir = tmp_path / "cache"
+    build_cache(images, [""] * 6, 16, cache_dir, workers=1, progress=False)
+    data = next(cache_dir.glob("*.u8"))
+    data.write_bytes(b"\0" * data.stat().st_size)  # right size, wrong pixels: the size check alone accepted it
+    with caplog.at_level("WARNING", logger="bonefrac"):
+        again = build_cache(images, [""] * 6, 16, cache_dir, workers=1, progress=False)
+    assert int(again[5].mean()) == 200 and "does not match its record" in caplog.text
+
+
+def test_build_files_of_killed_processes_are_removed(images, tmp_path):
+    import platform
+    import subprocess
+    import sys
+
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    host = platform.node()
+    orphan = cache_dir / f"abc.{host}.{dead}.12345678.part"  # what a SIGKILLed build leaves
+    alive = cache_dir / f"abc.{host}.{os.getpid()}.12345678.part"  # a build still running
+    other_host = cache_dir / f"abc.elsewhere.{dead}.12345678.part"  # a shared folder: not ours to judge
+    for f in (orphan, alive, other_host):
+        f.write_bytes(b"x")
+    build_cache(images, [""] * 6, 16, cache_dir, workers=1, progress=False)
+    assert not orphan.exists() and alive.exists() and other_host.exists()
 
 
 def test_a_second_build_never_touches_the_file_another_process_reads(images, tmp_path, monkeypatch):

@@ -202,6 +202,7 @@ def test_ensemble_directory_round_trip(ckpt, second, manifest, tmp_path):
     assert main(["evaluate", str(moved), "--manifest", str(manifest), "--out", str(ev), "--bootstrap", "0"]) == 0
     m = json.loads((ev / "metrics.json").read_text())
     assert m["ensemble"]["weights"] == pytest.approx(spec["weights"]) and m["threshold"] == spec["threshold"]
+    assert m["seen_by_model"] == {"train": 0, "val": 0, "of": m["n"]}  # the members' lists travelled with them
 
 
 def test_an_ensemble_directory_can_be_the_default_model(ckpt, second, manifest, tmp_path, monkeypatch):
@@ -263,3 +264,86 @@ def test_predictor_softmax_is_float64_like_the_threshold_search():
     probs = _softmax(logits)
     assert probs.dtype == np.float64
     np.testing.assert_array_equal(probs, softmax(logits))  # a score equal to a val threshold stays equal
+
+
+def test_predictor_divides_by_the_temperature_in_float64():
+    # A float32 division before the float64 softmax moved scores off the values the thresholds were chosen on.
+    from bonefrac.metrics import softmax
+    from bonefrac.predict import Predictor
+
+    logits = (np.random.default_rng(1).normal(size=(500, 2)) * 4).astype(np.float32)
+    predictor = Predictor.__new__(Predictor)
+    predictor.temperature = 0.7
+    predictor.logits_uint8 = lambda x: logits
+    np.testing.assert_array_equal(predictor.probs_uint8(None), softmax(logits, 0.7))
+
+
+def test_predictions_agree_with_the_metrics_when_the_model_has_no_threshold(ckpt, manifest, tmp_path, monkeypatch):
+    copy = tmp_path / "ckpt"
+    shutil.copytree(ckpt, copy)
+    meta = checkpoint.read_meta(copy)
+    meta.update(threshold=None, operating_points=None)
+    (copy / checkpoint.META_FILE).write_text(json.dumps(meta))
+
+    def exactly_half_for_every_other_image(predictor, rows, cache_dir):
+        p = np.where(np.arange(len(rows)) % 2 == 0, 0.5, 0.2)
+        return np.c_[1 - p, p]
+
+    monkeypatch.setattr(evaluate_mod, "predict_manifest", exactly_half_for_every_other_image)
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(copy), "--manifest", str(manifest), "--out", str(out), "--bootstrap", "0"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    called = (pd.read_csv(out / "predictions.csv").prediction == "fracture").sum()
+    n = m["n"]
+    assert m["threshold"] == 0.5 and sum(row[1] for row in m["confusion_matrix"]) == (n + 1) // 2
+    assert called == (n + 1) // 2  # was 0: argmax gives a 0.5/0.5 tie to the first class
+
+
+def test_report_does_not_claim_an_unfitted_ensemble_was_fitted(ckpt, second, manifest, tmp_path):
+    small = _val_cut(manifest, tmp_path, {"no_fracture": 2, "fracture": 2})
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(ckpt), "--model", str(second), "--manifest", str(small), "--out", str(out),
+                 "--bootstrap", "0"]) == 0
+    html = (out / "report.html").read_text()
+    assert "weights fitted on validation" not in html and "chosen on validation" not in html
+    assert "not fitted for this ensemble" in html and "equal weights" in html
+
+
+@pytest.mark.parametrize("args, problem", [
+    (["evaluate", "m", "--manifest", "m.csv", "--out", "o", "--bootstrap", "-1"], "at least 0, got '-1'"),
+    (["prepare", "src", "--out", "o", "--seed", "-1"], "from 0 to 4294967295, got '-1'"),
+    (["augment", "--manifest", "m.csv", "--out", "o", "--factor", "2", "--seed", "x"], "got 'x'"),
+    (["prepare", "src", "--out", "o", "--workers", "0"], "at least 1, got '0'")])
+def test_out_of_range_numbers_are_usage_errors(args, problem, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2 and problem in capsys.readouterr().err
+
+
+def test_checkpoints_list_what_they_saw_and_evaluate_warns_on_a_redrawn_split(ckpt, manifest, tmp_path, caplog):
+    from bonefrac.manifest import load_manifest
+
+    rows = load_manifest(manifest)
+    seen = checkpoint.read_seen(ckpt)
+    fitted = rows[rows.split != "test"]
+    assert seen == dict(zip(fitted.sha256, fitted.split)) and set(seen.values()) == {"train", "val"}
+    raw = pd.read_csv(manifest)
+    redrawn = Path(manifest).parent / "redrawn.csv"  # beside the original: its relative paths still resolve
+    raw.assign(split="test").to_csv(redrawn, index=False)
+    out = tmp_path / "eval"
+    with caplog.at_level("WARNING", logger="bonefrac"):
+        assert main(["evaluate", str(ckpt), "--manifest", str(redrawn), "--out", str(out), "--bootstrap", "0"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    n_train, n_val = (int((rows.split == s).sum()) for s in ("train", "val"))
+    assert m["seen_by_model"] == {"train": n_train, "val": n_val, "of": len(rows)}
+    assert "optimistic" in caplog.text and "has seen some of these images" in (out / "report.html").read_text()
+
+
+def test_the_shipped_model_lists_its_fracatlas_images_and_none_of_the_sample():
+    seen = checkpoint.read_seen(ROOT / "models" / "fracatlas_effnet_lite")
+    assert seen is not None and len(seen) > 3000 and set(seen.values()) == {"train", "val"}
+    labels = pd.read_csv(SAMPLE / "labels.csv")
+    import hashlib
+
+    sample = {hashlib.sha256((SAMPLE / p).read_bytes()).hexdigest() for p in labels.image}
+    assert not sample & set(seen)  # the demo's predictions are held-out ones, as the model card says

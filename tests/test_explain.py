@@ -165,3 +165,22 @@ def test_pointing_game_scores_by_hand():
     g = centre_gaussian((41, 81))
     assert g.shape == (41, 81) and np.unravel_index(g.argmax(), g.shape) == (20, 40) and g.max() <= 1.0
     assert g[20, 40 + 20] == pytest.approx(np.exp(-0.5 * (20 / (0.25 * 81)) ** 2), rel=1e-3)
+
+
+def test_swin_features_are_explained_channels_first_and_vit_is_refused():
+    import timm
+
+    from bonefrac.explain import _features_and_logits
+
+    torch.manual_seed(0)
+    swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=2, img_size=56,
+                             embed_dim=24, depths=(1, 1), num_heads=(1, 2), window_size=7).eval()
+    inp = torch.randn(2, 3, 56, 56)
+    feats, logits = _features_and_logits(swin, inp)
+    # was the NHWC tensor read as (B, C, h, w): a "heatmap" over channels
+    assert feats.shape == (2, swin.num_features, 7, 7)
+    with torch.no_grad():
+        assert torch.allclose(logits, swin(inp), atol=1e-5)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=2, img_size=32, depth=1).eval()
+    with pytest.raises(BonefracError, match="tokens"):  # was: an attention tensor explained as a feature map
+        _features_and_logits(vit, torch.randn(1, 3, 32, 32))

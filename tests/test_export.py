@@ -520,3 +520,19 @@ def test_non_finite_outputs_are_an_error_row_not_a_negative():
     assert rows[0]["refer"] and rows[0].get("prediction") is None and "non-finite" in rows[0]["message"]
     assert rows[1]["prediction"] == "fracture"
     json.loads(json.dumps(rows[0], allow_nan=False))  # valid JSON: no bare NaN
+
+
+def test_refer_band_is_centred_on_the_threshold_by_hand():
+    from bonefrac.backends import needs_review
+
+    p = np.array([0.0, 0.09, 0.10, 0.13, 0.20, 0.30, 0.40, 0.60])
+    probs = np.c_[1 - p, p]
+    # threshold 0.2: below it p -> 0.5 * p / 0.2, above it 0.5 + 0.5 * (p - 0.2) / 0.8; refer within 0.15 of 0.5
+    # rescaled: 0, .225, .25, .325, .5, .5625, .625, .75 -> within 0.15 of 0.5 for p = .20, .30, .40 only
+    assert needs_review(probs, 1, 0.2, 0.15).tolist() == [False, False, False, False, True, True, True, False]
+    # at threshold 0.5 it is the plain band |p - 0.5| < 0.15
+    q = np.array([0.34, 0.36, 0.5, 0.64, 0.66])
+    assert needs_review(np.c_[1 - q, q], 1, 0.5, 0.15).tolist() == [False, True, True, True, False]
+    # the shipped model's low threshold (0.14) no longer flags confident negatives: was every p < 0.29
+    low = np.array([0.01, 0.05, 0.12, 0.25])
+    assert needs_review(np.c_[1 - low, low], 1, 0.14, 0.15).tolist() == [False, False, True, True]

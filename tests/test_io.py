@@ -203,28 +203,37 @@ def test_formats_outside_the_list_are_refused(fmt, tmp_path):
         decode_image(buf.getvalue(), f"x.{fmt.lower()}")
 
 
-def test_colour_ybr_dicom_is_converted_to_grey_once(tmp_path):
+def colour_or_empty_dicom(path, sop_class, **tags):
+    """An explicit-VR little-endian DICOM file of `sop_class` holding exactly `tags` (pydicom 3)."""
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.pixels import convert_color_space
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-    rgb = np.zeros((4, 6, 3), np.uint8)
-    rgb[:, :3] = (200, 40, 40)
-    rgb[:, 3:] = (30, 160, 220)
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PlanarConfiguration = 4, 6, 3, 0
-    ds.PhotometricInterpretation = "YBR_FULL"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.PixelData = convert_color_space(rgb, "RGB", "YBR_FULL").tobytes()
+    for key, value in tags.items():
+        setattr(ds, key, value)
     ds.set_original_encoding(False, True)
-    ds.save_as(tmp_path / "ybr.dcm", enforce_file_format=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_colour_ybr_dicom_is_converted_to_grey_once(tmp_path):
+    from pydicom.pixels import convert_color_space
+    from pydicom.uid import SecondaryCaptureImageStorage
+
+    rgb = np.zeros((4, 6, 3), np.uint8)
+    rgb[:, :3] = (200, 40, 40)
+    rgb[:, 3:] = (30, 160, 220)
+    path = colour_or_empty_dicom(tmp_path / "ybr.dcm", SecondaryCaptureImageStorage, Rows=4, Columns=6,
+                                 SamplesPerPixel=3, PlanarConfiguration=0, PhotometricInterpretation="YBR_FULL",
+                                 BitsAllocated=8, BitsStored=8, HighBit=7, PixelRepresentation=0,
+                                 PixelData=convert_color_space(rgb, "RGB", "YBR_FULL").tobytes())
     expected = np.asarray(Image.fromarray(rgb).convert("L"), dtype=int)
-    assert np.abs(read_image(tmp_path / "ybr.dcm").astype(int) - expected).max() <= 2
+    assert np.abs(read_image(path).astype(int) - expected).max() <= 2
 
 
 def test_dicom_without_preamble_by_suffix(tmp_path):
@@ -378,3 +387,101 @@ def test_dicom_without_preamble_is_read_by_content_whatever_its_name(implicit):
         assert np.array_equal(decode_image(raw.getvalue(), name), expected)
     with pytest.raises(ImageReadError, match="report.dcm"):
         decode_image(b"%PDF-1.4 not an image" * 10, "report.dcm")
+
+
+# --- DICOM and TIFF corners (session 10 review) -------------------------------------------------------------
+
+
+def test_dicom_padding_is_left_out_of_the_window_and_shown_black(tmp_path):
+    body = np.full((60, 100), 1000, np.uint16)
+    body[:, 50:] = 3000  # left half soft tissue, right half bone
+    padded = body.copy()
+    padded[:, :20] = padded[:, -20:] = 65535  # 40 % outside the collimator
+    plain = read_image(write_dicom(tmp_path / "plain.dcm", body))
+    got = read_image(write_dicom(tmp_path / "pad.dcm", padded, PixelPaddingValue=65535))
+    # Counted in the window, the padding squashed bone to 8 of 255 and itself came out white.
+    assert got[:, 25:50].max() == 0 and got[:, 50:80].min() == 255 == plain[:, 50:].min()
+    assert got[:, :20].max() == 0 and got[:, -20:].max() == 0
+    ranged = read_image(write_dicom(tmp_path / "range.dcm", np.where(padded == 65535, 60000, padded).astype(np.uint16),
+                                    PixelPaddingValue=59000, PixelPaddingRangeLimit=65535))
+    assert np.array_equal(ranged, got)
+
+
+def test_16bit_min_is_white_tiff_is_inverted_like_8bit(tmp_path):
+    ramp8 = np.tile(np.arange(256, dtype=np.uint8), (4, 1))
+    ramp16 = ramp8.astype(np.uint16) * 257
+    out = {}
+    for bits, im in ((8, Image.fromarray(ramp8, "L")),
+                     (16, Image.frombytes("I;16", ramp16.shape[::-1], ramp16.tobytes()))):
+        buf = io.BytesIO()
+        im.save(buf, "TIFF")
+        data = bytearray(buf.getvalue())
+        tag = bytes(data).find(b"\x06\x01\x03\x00\x01\x00\x00\x00\x01\x00")  # 262 SHORT x1 = 1 (min is black)
+        assert tag > 0
+        data[tag + 8] = 0  # -> 0: min is white
+        out[bits] = decode_image(bytes(data), f"ramp{bits}.tif").astype(int)
+    assert out[8][0, 0] == 255 and out[8][0, -1] == 0  # Pillow inverts 8-bit itself
+    assert out[16][0, 0] == 255 and out[16][0, -1] == 0  # bonefrac must do it for 16-bit
+    assert np.abs(out[16] - out[8]).max() <= 3
+
+
+def _pydicom_example(name):
+    from pathlib import Path
+
+    path = Path(pydicom.__file__).parent / "data" / "test_files" / name
+    if not path.is_file():
+        pytest.skip(f"pydicom's example {name} is not installed")
+    return path
+
+
+@pytest.mark.parametrize("name", ["examples_palette.dcm", "examples_jpeg2k.dcm"])
+def test_palette_and_jpeg2000_colour_dicom_give_the_luma_pydicom_shows(name):
+    from pydicom.pixels import apply_color_lut
+
+    path = _pydicom_example(name)
+    ds = pydicom.dcmread(path)
+    try:
+        ref = ds.pixel_array  # RGB for YBR_RCT (the decoder's own transform)
+    except Exception as exc:  # no JPEG 2000 decoder in this environment
+        pytest.skip(f"pydicom cannot decode {name} here: {exc}")
+    if ds.PhotometricInterpretation == "PALETTE COLOR":
+        ref = apply_color_lut(ref, ds)  # was: the palette indices read as grey
+        ref = (ref / np.iinfo(ref.dtype).max * 255).round().astype(np.uint8)
+    expected = np.asarray(Image.fromarray(ref, "RGB").convert("L"), dtype=int)
+    assert np.abs(read_image(path).astype(int) - expected).max() <= 1  # YBR_RCT was refused
+
+
+def test_colour_dicom_scales_by_bits_stored(tmp_path):
+    from pydicom.uid import SecondaryCaptureImageStorage
+
+    rgb = np.zeros((4, 8, 3), np.uint16)
+    rgb[:, 4:] = 4095  # full-scale white in 12 bits
+    path = colour_or_empty_dicom(tmp_path / "rgb12.dcm", SecondaryCaptureImageStorage, Rows=4, Columns=8,
+                                 SamplesPerPixel=3, PlanarConfiguration=0, PhotometricInterpretation="RGB",
+                                 BitsAllocated=16, BitsStored=12, HighBit=11, PixelRepresentation=0,
+                                 PixelData=rgb.astype("<u2").tobytes())
+    img = read_image(path)
+    assert img[0, -1] == 255 and img[0, 0] == 0  # was 16: divided by 65535
+
+
+def test_undecodable_dicom_is_one_line_and_logs_no_traceback(caplog):
+    from bonefrac.io import quiet_image_metadata_logs
+
+    path = _pydicom_example("JPGExtended.dcm")
+    quiet_image_metadata_logs()
+    with caplog.at_level("DEBUG"):
+        try:
+            read_image(path)
+        except ImageReadError as exc:
+            assert "\n" not in exc.reason and "JPGExtended.dcm" in str(exc)
+        else:  # a decoder for 12-bit JPEG Extended is installed here: nothing to check
+            return
+    assert not [r for r in caplog.records if r.levelno >= 40]  # pydicom's own ERROR with a traceback
+
+
+def test_dicom_without_an_image_says_so(tmp_path):
+    from pydicom.uid import BasicTextSRStorage
+
+    path = colour_or_empty_dicom(tmp_path / "report.dcm", BasicTextSRStorage, Modality="SR")
+    with pytest.raises(ImageReadError, match=r"report.dcm.*without an image.*Basic Text SR"):
+        read_image(path)

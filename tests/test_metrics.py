@@ -151,10 +151,30 @@ def test_thresholds_and_operating_points():
     assert M.threshold_for_specificity(Y2, S2, 0.95) == pytest.approx(0.8)
     assert M.threshold_for_specificity(Y2, S2, 0.75) == pytest.approx(0.3)
     ops = M.operating_points(Y2, S2)
-    # screening (sensitivity >= 0.90) needs all four positives: 0.3; at 0.5 two suffice: 0.8
+    # screening (sensitivity >= 0.90) needs all four positives: 0.3. At target 0.5 two would suffice (0.8), but
+    # screening is never less sensitive than the default, which already reaches it: 0.3.
     assert ops == pytest.approx({"default": 0.3, "high_sensitivity": 0.3, "high_specificity": 0.8, "screening": 0.3})
-    assert M.operating_points(Y2, S2, screening_sensitivity=0.5)["screening"] == pytest.approx(0.8)
+    assert M.operating_points(Y2, S2, screening_sensitivity=0.5)["screening"] == pytest.approx(0.3)
     json.dumps(ops, allow_nan=False)
+
+
+def test_screening_point_is_never_less_sensitive_than_the_default():
+    # 19 positives spread over 0.55-0.99 and one at 0.30; 38 negatives at 0.01-0.40, two at 0.60 and 0.62.
+    # Youden: 0.55 (sens 19/20, spec 38/40); the highest threshold with sensitivity >= 0.90 is higher (18/20).
+    y = np.r_[np.ones(20), np.zeros(40)].astype(int)
+    s = np.r_[np.linspace(0.55, 0.99, 19), 0.30, np.linspace(0.01, 0.40, 38), 0.60, 0.62]
+    assert M.threshold_for_sensitivity(y, s, 0.90) > 0.56
+    ops = M.operating_points(y, s)
+    assert ops["default"] == pytest.approx(0.55)
+    assert ops["screening"] == pytest.approx(0.55)  # not the 0.90 point: sensitivity 0.90 < the default's 0.95
+    sens = {k: M.threshold_metrics(y, s, t)["sensitivity"] for k, t in ops.items()}
+    assert sens["screening"] >= sens["default"]
+
+
+def test_saturated_top_score_gives_a_threshold_of_at_most_one():
+    y, s = np.array([0, 1, 1, 0]), np.array([1.0, 1.0, 0.7, 0.2])
+    t = M.threshold_for_specificity(y, s, 1.0)
+    assert t == 1.0  # "predict nothing" would be just above 1.0: not a probability a model can be set to
 
 
 def test_threshold_above_every_score_is_finite():
@@ -197,6 +217,19 @@ def test_softmax_and_temperature_recovery():
     t = M.fit_temperature(true_logits * 2.5, y)
     assert t == pytest.approx(2.5, rel=0.08)
     assert M.softmax(true_logits * 2.5, t) == pytest.approx(M.softmax(true_logits), abs=0.03)
+
+
+def test_temperature_fit_that_runs_into_a_bound_keeps_one(caplog):
+    # A validation set the model gets entirely right: the NLL keeps falling as T -> 0, which would turn every
+    # probability into 0 or 1 and every threshold into 1.0.
+    logits = np.array([[2.0, -1.0], [1.5, 0.0], [-0.5, 1.0], [0.0, 3.0]])
+    y = np.array([0, 0, 1, 1])
+    with caplog.at_level("WARNING"):
+        assert M.fit_temperature(logits, y) == 1.0
+    assert "perfectly separated" in caplog.text
+    # ...and one it ranks backwards drives T to the upper bound
+    assert M.fit_temperature(logits, 1 - y) == 1.0
+    assert "not ranked" in caplog.text
 
 
 # ---------------------------------------------------------------------------- bootstrap

@@ -138,6 +138,25 @@ def test_predict_at_a_saved_operating_point(run, capsys, caplog):
     assert predict("--operating-point", "default") == predict()  # "default" is the model's own threshold
 
 
+def test_predict_reads_the_operating_point_from_the_environment_like_serve(run, capsys, monkeypatch, caplog):
+    image = str(sorted((SAMPLE / "images").glob("*.webp"))[0])
+    meta = checkpoint.read_meta(run / "best")
+    monkeypatch.setenv("BONEFRAC_OPERATING_POINT", "high_sensitivity")
+    caplog.set_level(logging.INFO, logger="bonefrac")
+    assert main(["predict", "--model", str(run / "best"), "--no-xray-check", image]) == 0
+    assert json.loads(capsys.readouterr().out)["threshold"] == meta["operating_points"]["high_sensitivity"]
+    assert "from BONEFRAC_OPERATING_POINT" in caplog.text  # was silently ignored
+    assert main(["predict", "--model", str(run / "best"), "--no-xray-check", "--operating-point", "default",
+                 image]) == 0  # the flag still wins
+    assert json.loads(capsys.readouterr().out)["threshold"] == meta["threshold"]
+
+
+def test_predict_on_a_folder_without_images_says_so(run, tmp_path, caplog):
+    (tmp_path / "empty").mkdir()
+    assert main(["predict", "--model", str(run / "best"), str(tmp_path / "empty")]) == 2
+    assert f"no image files found in {tmp_path / 'empty'}" in caplog.text
+
+
 def test_predict_at_an_unknown_operating_point_lists_the_saved_ones(run, caplog):
     image = str(sorted((SAMPLE / "images").glob("*.webp"))[0])
     assert main(["predict", "--model", str(run / "best"), "--operating-point", "screenig", image]) == 2

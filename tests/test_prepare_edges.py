@@ -1,13 +1,17 @@
 """prepare and augment on awkward inputs: split layouts with stray folders, augmented manifests prepared again
-(copies stay with their sources), class names that clash as folder names, repeated rows with other labels."""
+(copies stay with their sources), class names and file stems that clash, repeated rows with other labels,
+tiny images, blank manifest cells."""
 
+import hashlib
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from bonefrac.augment import augment_manifest
+from bonefrac.config import AugmentConfig
 from bonefrac.errors import BonefracError
 from bonefrac.manifest import load_manifest, prepare
 
@@ -86,3 +90,115 @@ def test_a_repeated_row_with_another_label_is_named_in_the_report(tmp_path):
     report = prepare(tmp_path / "p", labels_csv=csv, workers=1, split_all="test", match_copies="off")
     (reason,) = [r["reason"] for r in report["rejected"]]
     assert "another label ('1'; the first row's '0' is kept)" in reason
+
+
+def test_repeated_stems_never_take_another_sources_copy_name(tmp_path):
+    # Sources a, a (another folder) and a_1: the repeated `a` at row 1 became `a_1`, the third source's own stem,
+    # and both wrote images/<class>/a_1_aug0.png.
+    rows = sample_rows(4)
+    names = [("p1", "a"), ("p2", "a"), ("p3", "a_1"), ("p4", "b")]
+    images = []
+    for (folder, stem), (src, _) in zip(names, rows):
+        (tmp_path / folder).mkdir()
+        images.append(shutil.copy(src, tmp_path / folder / f"{stem}.webp"))
+    csv = tmp_path / "labels.csv"
+    pd.DataFrame({"image": [str(p) for p in images], "label": ["x"] * 3 + ["y"]}).to_csv(csv, index=False)
+    prepare(tmp_path / "p", labels_csv=csv, workers=1, fractions=(1.0, 0.0, 0.0), match_copies="off")
+    augment_manifest(tmp_path / "p" / "manifest.csv", tmp_path / "aug", factor=3, seed=1, workers=1)
+    copies = load_manifest(tmp_path / "aug" / "manifest.csv")
+    copies = copies[copies.augmented_from.notna() & (copies.augmented_from != "")]
+    copies = copies[copies.label == "x"]
+    assert len(copies) == 6 and copies.path.nunique() == 6
+    for row in copies.itertuples():  # every row describes the pixels in its file
+        assert hashlib.sha256(Path(row.path).read_bytes()).hexdigest() == row.sha256
+
+
+def test_a_one_pixel_wide_image_can_be_augmented_with_blur(tmp_path):
+    from PIL import Image
+
+    for i, shape in enumerate([(40, 1), (1, 30), (30, 30)]):
+        folder = tmp_path / "src" / ("x" if i < 2 else "y")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((np.arange(shape[0] * shape[1]).reshape(shape) * 7 + i * 50).astype(np.uint8)).save(
+            folder / f"im{i}.png")
+    prepare(tmp_path / "p", source=tmp_path / "src", workers=1, fractions=(1.0, 0.0, 0.0), match_copies="off")
+    acfg = AugmentConfig(blur_p=1.0)
+    augment_manifest(tmp_path / "p" / "manifest.csv", tmp_path / "aug", factor=2, seed=0, workers=1, acfg=acfg)
+    assert len(load_manifest(tmp_path / "aug" / "manifest.csv")) == 6
+
+
+def test_a_manifest_with_a_blank_sha256_is_refused_by_name(tmp_path):
+    rows = sample_rows(4)
+    frame = pd.DataFrame({"path": [str(p) for p, _ in rows], "label": ["a", "b", "a", "b"],
+                          "group": ["g0", "g1", "g2", "g3"], "split": "train", "sha256": ["ab" * 32] * 4,
+                          "width": 64, "height": 64})
+    frame.loc[2, "sha256"] = ""
+    frame.to_csv(tmp_path / "manifest.csv", index=False)
+    with pytest.raises(BonefracError, match=r"1 row\(s\) without a sha256 \(the first is data row 3\)"):
+        load_manifest(tmp_path / "manifest.csv")
+
+
+def _labels_csv(tmp_path, rows, name="labels.csv") -> Path:
+    csv = tmp_path / name
+    pd.DataFrame(rows, columns=["image", "label"]).to_csv(csv, index=False)
+    return csv
+
+
+def test_the_split_does_not_depend_on_row_order(tmp_path):
+    rows = [(str(p), "fracture" if y else "no_fracture") for p, y in sample_rows(60)]
+    splits = []
+    for name, order in (("a", rows), ("b", rows[::-1])):
+        prepare(tmp_path / name, labels_csv=_labels_csv(tmp_path, order, f"{name}.csv"), workers=1, seed=7,
+                match_copies="off")
+        m = load_manifest(tmp_path / name / "manifest.csv")
+        splits.append(dict(zip(m.sha256, m.split)))
+    assert splits[0] == splits[1]  # was: 44 of 100 sample images moved when the rows were shuffled
+
+
+def test_copies_of_a_missing_source_stay_together(tmp_path):
+    rows = sample_rows(40)
+    frame = pd.DataFrame({"image": [str(p) for p, _ in rows], "label": [y for _, y in rows]})
+    # every 4 consecutive images pose as copies of one source that is not in the table (moved, unreadable)
+    frame["augmented_from"] = [str(tmp_path / f"gone_{i // 4}.png") for i in range(len(frame))]
+    csv = tmp_path / "labels.csv"
+    frame.to_csv(csv, index=False)
+    prepare(tmp_path / "p", labels_csv=csv, class_names="0,1", workers=1, match_copies="off")
+    m = load_manifest(tmp_path / "p" / "manifest.csv")
+    per_source = m.groupby("augmented_from").agg(groups=("group", "nunique"), splits=("split", "nunique"))
+    assert len(per_source) == 10 and (per_source.groups == 1).all() and (per_source.splits == 1).all()
+
+
+def test_blank_images_are_rejected_not_grouped_together(tmp_path):
+    from PIL import Image
+
+    for i, (label, value) in enumerate([("a", 40), ("a", 128), ("b", 200), ("b", 255)]):
+        (tmp_path / "src" / label).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((32, 32), value, np.uint8)).save(tmp_path / "src" / label / f"flat{i}.png")
+    for i, (src, y) in enumerate(sample_rows(8)):
+        shutil.copy(src, tmp_path / "src" / ("b" if y else "a") / src.name)
+    report = prepare(tmp_path / "p", source=tmp_path / "src", workers=1, match_copies="off")
+    reasons = {Path(r["path"]).name: r["reason"] for r in report["rejected"]}
+    assert reasons == {f"flat{i}.png": f"blank image (every pixel is {v})" for i, v in enumerate([40, 128, 200, 255])}
+
+
+def test_hidden_folders_inside_class_folders_are_skipped(tmp_path):
+    rows = sample_rows(12)
+    for i, (src, y) in enumerate(rows):
+        folder = tmp_path / "src" / ("b" if y else "a")
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, folder / src.name)
+    (tmp_path / "src" / "a" / ".ipynb_checkpoints").mkdir()
+    shutil.copy(rows[0][0], tmp_path / "src" / "a" / ".ipynb_checkpoints" / "x-checkpoint.webp")
+    prepare(tmp_path / "p", source=tmp_path / "src", workers=1, match_copies="off")
+    assert len(load_manifest(tmp_path / "p" / "manifest.csv")) == 12
+
+
+def test_empty_splits_and_bad_options_are_named(tmp_path, caplog):
+    rows = [(str(p), lab) for (p, _), lab in zip(sample_rows(4), ["a", "b", "a", "b"])]
+    csv = _labels_csv(tmp_path, rows)
+    with caplog.at_level("WARNING"):
+        prepare(tmp_path / "p", labels_csv=csv, workers=1, match_copies="off")
+    assert "split 'test' is empty: 4 duplicate groups are too few" in caplog.text  # was silent
+    for bad in ({"fractions": "0.7,0.15,0.15"}, {"fractions": (float("nan"), 0.5, 0.5)}, {"seed": -1}):
+        with pytest.raises(BonefracError, match="fractions|seed"):
+            prepare(tmp_path / "q", labels_csv=csv, workers=1, match_copies="off", **bad)

@@ -116,6 +116,16 @@ def test_resume_refuses_a_changed_config_but_allows_more_epochs(base, sample_man
     assert list(pd.read_csv(out / "metrics.csv").epoch) == [1, 2]
 
 
+def test_resume_without_a_config_uses_the_runs_own(base, sample_manifest, tmp_path, caplog):
+    out = copy_run(base, tmp_path)
+    bare = ["train", "--manifest", str(sample_manifest), "--out", str(out), "--resume"]
+    caplog.set_level("INFO", logger="bonefrac")
+    # no --config and no --set: the defaults differ from the run's (size, monitor, ...), which was refused
+    assert main([*bare, "--set", "train.epochs=2", "--set", "train.watchdog_s=0"]) == 0
+    assert "resuming with the run's own configuration" in caplog.text
+    assert list(pd.read_csv(out / "metrics.csv").epoch) == [1, 2]
+
+
 def test_a_swap_killed_between_renames_is_recovered_and_guards_a_fresh_run(base, sample_manifest, tmp_path,
                                                                            caplog):
     out = copy_run(base, tmp_path)

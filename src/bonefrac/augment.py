@@ -24,6 +24,7 @@ import io as _stdio
 import json
 import logging
 import os
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -89,7 +90,7 @@ def reference_transform(img: np.ndarray, acfg: AugmentConfig, rng: np.random.Gen
     x = TF.affine(x, angle=0.0, translate=shift, scale=float(rng.uniform(*acfg.scale)),
                   shear=[float(rng.uniform(-acfg.shear_deg, acfg.shear_deg)), 0.0], interpolation=bilinear)
     x = _brightness_contrast(x, acfg, rng)  # the "colour jitter" step: on grey it is a second such draw
-    if rng.random() < acfg.blur_p:
+    if rng.random() < acfg.blur_p and min(x.shape[-2:]) >= 2:  # reflect padding needs 2 px a side
         x = TF.gaussian_blur(x, [3, 3])
     return x[0].numpy()
 
@@ -151,12 +152,22 @@ def _load(manifest: Path):
 
 
 def _stems(rows: pd.DataFrame) -> list[str]:
-    """File-name stems for copies: the source's stem, made unique within its class with the row number."""
+    """File-name stems for copies, unique within the class: the source's stem; a repeated stem gets the row
+    number, then _2, _3 ... while that name is another source's stem (sources `a`, `a`, `a_1`)."""
     stems = [Path(p).stem for p in rows.path]
-    seen: dict[str, int] = {}
-    for s in stems:
-        seen[s] = seen.get(s, 0) + 1
-    return [s if seen[s] == 1 else f"{s}_{i}" for s, i in zip(stems, rows.index)]
+    counts = Counter(stems)
+    used = {s for s in stems if counts[s] == 1}
+    out = []
+    for s, i in zip(stems, rows.index):
+        name, n = s, 1
+        if counts[s] > 1:
+            name = f"{s}_{i}"
+            while name in used:
+                n += 1
+                name = f"{s}_{i}_{n}"
+        used.add(name)
+        out.append(name)
+    return out
 
 
 def _jobs(train: pd.DataFrame, goal: dict[str, int], out_dir: Path, acfg, seed: int, fmt: str) -> list[dict]:
@@ -170,7 +181,7 @@ def _jobs(train: pd.DataFrame, goal: dict[str, int], out_dir: Path, acfg, seed: 
         per = copies_per_source(rows.sha256.tolist(), extra, seed)
         for (_, row), stem, n in zip(rows.iterrows(), _stems(rows), per):
             if n:
-                jobs.append({"path": row.path, "sha256": row.sha256 or row.path, "copies": n, "stem": stem,
+                jobs.append({"path": row.path, "sha256": row.sha256, "copies": n, "stem": stem,
                              "folder": folder, "row": row.to_dict(), "acfg": acfg, "seed": seed, "fmt": fmt,
                              "out_dir": out_dir})
     return jobs

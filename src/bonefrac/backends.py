@@ -284,13 +284,17 @@ def check_radiograph(gray: np.ndarray, colourfulness_value: float = 0.0,
 
 def needs_review(probs: np.ndarray, positive_index: int | None, threshold: float | None,
                  margin: float = 0.15) -> np.ndarray:
-    """Per-image refer flag from the model's own uncertainty: the positive probability within `margin` of the
-    decision threshold (binary), or the top probability below 1 - margin of certainty (multi-class)."""
+    """Per-image refer flag from the model's own uncertainty. Binary: the positive probability, rescaled
+    piecewise-linearly so that the decision threshold sits at 0.5 (0 and 1 stay put), lies within `margin` of 0.5;
+    at a threshold of 0.5 that is plain |p - 0.5| < margin, and a low threshold (0.14, say) no longer flags every
+    negative call. Multi-class: the top two probabilities within 2 * margin of each other."""
     if probs.size == 0:
         return np.zeros(0, bool)
     if positive_index is not None and probs.shape[1] == 2:
-        t = 0.5 if threshold is None else float(threshold)
-        return np.abs(probs[:, positive_index] - t) < margin
+        t = min(max(0.5 if threshold is None else float(threshold), 1e-9), 1 - 1e-9)
+        p = probs[:, positive_index]
+        centred = np.where(p < t, 0.5 * p / t, 0.5 + 0.5 * (p - t) / (1 - t))
+        return np.abs(centred - 0.5) < margin
     top = np.sort(probs, axis=1)
     return (top[:, -1] - top[:, -2]) < 2 * margin
 

@@ -22,6 +22,9 @@ from .errors import BonefracError
 META_FILE = "bonefrac.json"
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"
+# "<split> <sha256>" per line for every train and val image the model was fitted or selected on: `evaluate` warns
+# when it is asked to score any of them (a re-drawn split, another manifest of the same data).
+SEEN_FILE = "seen_images.txt"
 FORMAT_VERSION = 1
 SIBLINGS = (".tmp", ".old")  # the swap's temporary names: `dir.tmp` (new, complete once its JSON is) and `dir.old`
 
@@ -29,8 +32,9 @@ log = logging.getLogger(__name__)
 
 
 def save(path: str | Path, model: torch.nn.Module, meta: dict, train_state: dict | None = None,
-         dtype: torch.dtype | None = None) -> Path:
-    """Write a checkpoint directory; `dtype` (e.g. torch.float16) shrinks floating weights for shipping."""
+         dtype: torch.dtype | None = None, seen: dict[str, str] | None = None) -> Path:
+    """Write a checkpoint directory; `dtype` (e.g. torch.float16) shrinks floating weights for shipping;
+    `seen` ({sha256: "train" or "val"}) lists the images the model learnt from or was selected on."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -47,6 +51,8 @@ def save(path: str | Path, model: torch.nn.Module, meta: dict, train_state: dict
     save_file(state, str(tmp / WEIGHTS_FILE))
     if train_state is not None:
         torch.save(train_state, tmp / STATE_FILE)
+    if seen:
+        (tmp / SEEN_FILE).write_text("".join(f"{split} {sha}\n" for sha, split in sorted(seen.items())))
     # The JSON goes last: a `.tmp` whose JSON parses is complete, which is how `recover` tells it apart.
     meta = {"format_version": FORMAT_VERSION, "code_version": __version__, **meta}
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=_json_default))
@@ -97,6 +103,16 @@ def _complete(path: Path) -> bool:
     except (OSError, ValueError):
         return False
     return (path / WEIGHTS_FILE).is_file()
+
+
+def read_seen(path: str | Path) -> dict[str, str] | None:
+    """{sha256: split} of the images a checkpoint was trained or selected on; None when it does not say (a
+    checkpoint from before the list was kept, or a file stripped of it)."""
+    file = recover(path) / SEEN_FILE
+    if not file.is_file():
+        return None
+    pairs = (line.split() for line in file.read_text().splitlines() if line.strip())
+    return {sha: split for split, sha in pairs}
 
 
 def read_meta(path: str | Path) -> dict:

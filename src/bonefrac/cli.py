@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+from pathlib import Path
 
 from .errors import BonefracError
 
@@ -21,8 +23,9 @@ OPERATING_POINT_HELP = ("decide at a threshold saved with the model (chosen on v
 def _prepare(args) -> None:
     from .manifest import prepare
 
-    if (args.source is None) == (args.labels is None):
-        raise BonefracError("give either an image folder SOURCE or --labels FILE.csv (not both)")
+    if args.source is None and args.labels is None:
+        raise BonefracError("give an image folder SOURCE or --labels FILE.csv (or both: the CSV's paths are "
+                            "then relative to SOURCE)")
     class_names = args.class_names.split(",") if args.class_names else None
     copies = {} if args.match_copies is None else {"match_copies": args.match_copies}  # unset: prepare decides
     report = prepare(args.out, source=args.source, labels_csv=args.labels, path_col=args.path_col,
@@ -37,7 +40,12 @@ def _train(args) -> None:
     from .config import load_config
     from .train import train
 
-    cfg = load_config(args.config, args.set)
+    config = args.config
+    saved = Path(args.out) / "config.json"
+    if args.resume and config is None and saved.is_file():  # resume as the run was started, --set on top
+        log.info("resuming with the run's own configuration, %s", saved)
+        config = saved
+    cfg = load_config(config, args.set)
     best = train(args.manifest, args.out, cfg, resume=args.resume)
     log.info("best checkpoint: %s", best)
 
@@ -55,16 +63,21 @@ def _evaluate(args) -> None:
 
 def _predict(args) -> None:
     from .backends import DEFAULT_POINT, use_operating_point
-    from .predict import load_predictor, predict_files
+    from .predict import default_model_path, load_predictor, predict_files
 
     if not args.paths:
         raise BonefracError("name at least one image file or folder to predict")
+    if args.operating_point is None and os.environ.get("BONEFRAC_OPERATING_POINT"):  # as `serve` reads it
+        args.operating_point = os.environ["BONEFRAC_OPERATING_POINT"]
+        log.info("operating point '%s' from BONEFRAC_OPERATING_POINT", args.operating_point)
     averaged = len(args.model or []) > 1  # several checkpoints, averaged with equal weights
     if averaged and args.operating_point not in (None, DEFAULT_POINT):
         # The points were chosen for one model's probabilities, not for this unfitted average of several.
         raise BonefracError("--operating-point needs one checkpoint or an ensemble directory; build an ensemble "
                             "with its own operating points from these checkpoints with `bonefrac ensemble`")
     predictor = load_predictor(args.model, args.device, args.tta, args.batch_size)
+    if not args.model:  # say which: $BONEFRAC_MODEL may stand in for the shipped model
+        log.info("model: %s", default_model_path())
     use_operating_point(predictor, args.operating_point)
     if averaged:
         log.warning("%d checkpoints averaged with equal weights and the first one's threshold; fit weights and "
@@ -79,6 +92,8 @@ def _predict(args) -> None:
         log.warning("%d of %d inputs got no prediction: %d unreadable, %d not an X-ray", counts["error"] +
                     counts["not_xray"], sum(counts.values()), counts["error"], counts["not_xray"])
     if not counts["ok"]:
+        if not counts["error"] and not counts["not_xray"]:
+            raise BonefracError(f"no image files found in {', '.join(map(str, args.paths))}")
         raise BonefracError(f"no prediction made for any of the {sum(counts.values())} input(s)")
 
 
@@ -153,14 +168,23 @@ def _augment(args) -> None:
     log.info("manifest: %s/manifest.csv (%d copies; train %s)", args.out, report["n_copies"], report["train_after"])
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"needs a whole number of at least 1, got {text!r}")
-    return value
+def _int_in(low: int, high: int | None = None):
+    """An argparse type: a whole number from `low` (to `high`), else a one-line usage error naming the value."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            span = f"from {low} to {high}" if high is not None else f"of at least {low}"
+            raise argparse.ArgumentTypeError(f"needs a whole number {span}, got {text!r}")
+        return value
+    return parse
+
+
+_positive_int = _int_in(1)
+_count = _int_in(0)
+_seed = _int_in(0, 2**32 - 1)  # numpy's seed range
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,20 +195,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("prepare", help="scan images or a labels CSV into a leakage-aware manifest")
     s.add_argument("source", nargs="?", help="image folder: root/<class>/* or root/{train,val,test}/<class>/*")
-    s.add_argument("--labels", help="CSV of image paths (relative to the CSV) and labels, instead of SOURCE")
+    s.add_argument("--labels", help="CSV of image paths and labels; paths are relative to the CSV, or to SOURCE "
+                   "when one is given")
     s.add_argument("--path-col", default="image")
     s.add_argument("--label-col", default="label")
     s.add_argument("--class-names", help="comma-separated names for integer labels 0,1,...")
     s.add_argument("--out", required=True)
-    s.add_argument("--seed", type=int, default=42)
+    s.add_argument("--seed", type=_seed, default=42)
     s.add_argument("--keep-folder-split", action="store_true", help="keep the folder's train/val/test split")
     s.add_argument("--split-all", choices=["train", "val", "test"], help="put every image in one split")
-    s.add_argument("--near-dup-threshold", type=int, default=None,
+    s.add_argument("--near-dup-threshold", type=_count, default=None,
                    help="max Hamming distance of perceptual hashes for near duplicates")
     s.add_argument("--match-copies", metavar="{auto,off,PATH}",
                    help="also group augmented copies with a copy detector: auto (the shipped one, if any), off, "
                         "or a detector folder; default: auto with --keep-folder-split, else off")
-    s.add_argument("--workers", type=int, default=None)
+    s.add_argument("--workers", type=_positive_int, default=None)
     s.set_defaults(func=_prepare)
 
     s = sub.add_parser("train", help="train a model on a manifest's train split, selecting on val")
@@ -192,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--config", help="YAML experiment file (see configs/)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.epochs=3")
-    s.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    s.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint "
+                   "(without --config: with the run's own config.json, --set applied on top)")
     s.set_defaults(func=_train)
 
     s = sub.add_parser("evaluate", help="metrics, plots and an HTML report on a manifest split")
@@ -203,17 +229,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--positive-class")
     s.add_argument("--reference", help="metrics.json of an internal test set, for a domain-shift summary")
-    s.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for intervals (0: none)")
+    s.add_argument("--bootstrap", type=_count, default=1000, help="bootstrap resamples for intervals (0: none)")
     s.add_argument("--tta", action="store_true", help="average with a horizontally flipped view")
     s.add_argument("--device", default="auto")
     s.set_defaults(func=_evaluate)
 
     s = sub.add_parser("predict", help="predict image files, folders or DICOM; JSON lines or CSV")
     s.add_argument("paths", nargs="*")
-    s.add_argument("--model", action="append", help="checkpoint dir (repeatable: ensemble); default: shipped")
-    s.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
+    s.add_argument("--model", action="append", help="checkpoint or ensemble dir (repeatable: averaged); default: "
+                   "$BONEFRAC_MODEL, else the shipped model (also read: $BONEFRAC_OPERATING_POINT)")
+    s.add_argument("--format", choices=["jsonl", "csv"], default="jsonl", help="JSON lines (default) or CSV")
     s.add_argument("--batch-size", type=_positive_int, default=32)
-    s.add_argument("--tta", action="store_true")
+    s.add_argument("--tta", action="store_true", help="average with a horizontally flipped view")
     s.add_argument("--no-xray-check", action="store_true",
                    help="predict every readable image, even ones that do not look like a radiograph")
     s.add_argument("--device", default="auto")
@@ -227,13 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--manifest", help="manifest: train split calibrates INT8, val split checks parity/metrics")
     s.add_argument("--images", help="image folder for calibration and parity, instead of --manifest")
     s.add_argument("--tolerance", type=float, help="max |p_exported - p_torch| (default per variant)")
-    s.add_argument("--int8-float-convs", type=int,
+    s.add_argument("--int8-float-convs", type=_count,
                    help="input-side convolutions --int8 keeps in float (default 4; 0 quantizes all)")
     s.add_argument("--out", required=True)
     s.set_defaults(func=_export)
 
     s = sub.add_parser("serve", help="HTTP service and web page (settings also from BONEFRAC_* variables)")
-    s.add_argument("--model", help="checkpoint dir, .onnx or TorchScript file; default: shipped model")
+    s.add_argument("--model", help="checkpoint or ensemble dir, .onnx or TorchScript file; default: "
+                   "$BONEFRAC_MODEL, else the shipped model")
     s.add_argument("--host", help="default 127.0.0.1")
     s.add_argument("--port", type=int, help="default 8000")
     s.add_argument("--max-batch", type=int, help="micro-batch size (1: no batching; default 16)")
@@ -269,13 +297,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--manifest", required=True)
     s.add_argument("--out", required=True)
     s.add_argument("--balance", action="store_true", help="raise every class to the largest class's count")
-    s.add_argument("--target", type=int, help="raise every class to at least this many train images")
+    s.add_argument("--target", type=_positive_int, help="raise every class to at least this many train images")
     s.add_argument("--factor", type=float, help="multiply every class's train images by this (e.g. 4)")
     s.add_argument("--config", help="YAML whose `augment` section sets the transforms (default: reference)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. augment.rotate_deg=15")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=_seed, default=0)
     s.add_argument("--format", choices=["png", "webp"], default="png")
-    s.add_argument("--workers", type=int, default=None)
+    s.add_argument("--workers", type=_positive_int, default=None)
     s.set_defaults(func=_augment)
     return p
 

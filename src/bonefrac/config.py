@@ -205,6 +205,7 @@ _RULES = {
     "optim.plateau_patience": _NON_NEGATIVE,
     "optim.grad_clip": _optional(_POSITIVE),
     "train.epochs": _AT_LEAST_1,
+    "train.seed": (lambda v: 0 <= v < 2**32, "a whole number from 0 to 2**32 - 1 (numpy's seed range)"),
     "train.patience": _NON_NEGATIVE,
     "train.label_smoothing": _FRACTION,
     "train.compile": _one_of(*COMPILE_SWITCH),

@@ -140,8 +140,10 @@ def resolve_detector(match_copies) -> Path | None:
         return None
     if str(match_copies) == "auto":
         path = shipped_detector_path()
-        if path is None:
-            log.info("no shipped copy detector (models/%s): freshly augmented copies are not matched", SHIPPED_NAME)
+        if path is None:  # e.g. a pip install without the source checkout's models/ folder
+            log.warning("no copy detector found (models/%s in the source checkout, or $%s): freshly augmented "
+                        "copies (small rotations, crops) are NOT matched, so leaks between splits may go "
+                        "unreported", SHIPPED_NAME, ENV_VAR)
         return path
     path = Path(match_copies)
     if not path.is_dir():

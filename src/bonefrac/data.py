@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import uuid
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -45,18 +46,26 @@ def _decode(args):
 
 def build_cache(paths: list[str], hashes: list[str], size: int, cache_dir: str | Path, workers: int = 0,
                 progress: bool = True) -> np.ndarray:
-    """A read-only (N, size, size) uint8 memmap of the images, built (in parallel) only when missing."""
+    """A read-only (N, size, size) uint8 memmap of the images, built (in parallel) only when missing.
+
+    A cache whose file no longer matches the record written beside it (size, and a hash of up to 64 images
+    spread over it) is rebuilt with a warning; build files left by killed processes of this machine are removed.
+    """
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     key = cache_key(paths, hashes, size)
     data_file, done_file = cache_dir / f"{key}.u8", cache_dir / f"{key}.json"
     shape = (len(paths), size, size)
-    if done_file.is_file() and data_file.is_file() and data_file.stat().st_size == int(np.prod(shape)):
-        return np.memmap(data_file, dtype=np.uint8, mode="c", shape=shape)  # "c": writable view, file untouched
+    if done_file.is_file() and data_file.is_file():
+        if _matches_record(data_file, done_file, shape):
+            return np.memmap(data_file, dtype=np.uint8, mode="c", shape=shape)  # "c": writable, file untouched
+        log.warning("cache %s does not match its record (changed on disk since it was built); rebuilding",
+                    data_file.name)
     log.info("decoding %d images into cache %s (%d px)", len(paths), data_file.name, size)
+    _remove_orphaned_parts(cache_dir)
     # Built under a name of its own and renamed when complete: two processes building the same cache (a sweep,
     # or train and evaluate on one manifest) must never truncate or half-fill the file the other one trusts.
-    part_file = cache_dir / f"{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part"
+    part_file = cache_dir / f"{key}.{platform.node()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part"
     try:
         errors = _decode_into(part_file, paths, size, workers or os.cpu_count() or 1, progress)
         if errors:
@@ -64,8 +73,46 @@ def build_cache(paths: list[str], hashes: list[str], size: int, cache_dir: str |
         os.replace(part_file, data_file)
     finally:
         part_file.unlink(missing_ok=True)  # a failed or interrupted build leaves nothing behind
-    done_file.write_text(json.dumps({"n": len(paths), "size": size, "version": CACHE_VERSION}))
+    done_file.write_text(json.dumps({"n": len(paths), "size": size, "version": CACHE_VERSION,
+                                     "sample_sha256": _sample_hash(data_file, shape)}))
     return np.memmap(data_file, dtype=np.uint8, mode="c", shape=shape)  # "c": writable view, file untouched
+
+
+def _sample_hash(data_file: Path, shape: tuple) -> str:
+    """SHA-256 of up to 64 images spread evenly over the cache (first and last included): cheap to check on
+    every run, and a zeroed, swapped or partly rewritten file fails it."""
+    arr = np.memmap(data_file, dtype=np.uint8, mode="r", shape=shape)
+    h = hashlib.sha256()
+    for i in np.unique(np.linspace(0, shape[0] - 1, min(shape[0], 64)).round().astype(int)):
+        h.update(arr[i].tobytes())
+    return h.hexdigest()
+
+
+def _matches_record(data_file: Path, done_file: Path, shape: tuple) -> bool:
+    if data_file.stat().st_size != int(np.prod(shape)):
+        return False
+    try:
+        record = json.loads(done_file.read_text())
+    except (OSError, ValueError):
+        return False
+    # Caches built before the hash was recorded are trusted on their size, as they were then.
+    return "sample_sha256" not in record or record["sample_sha256"] == _sample_hash(data_file, shape)
+
+
+def _remove_orphaned_parts(cache_dir: Path) -> None:
+    """Delete build files (`KEY.HOST.PID.ID.part`) of this machine whose process no longer runs (a SIGKILL or
+    power loss skips the cleanup in build_cache); other machines' files sharing the folder are left alone."""
+    for part in cache_dir.glob("*.part"):
+        fields = part.name.split(".")
+        if len(fields) < 5 or ".".join(fields[1:-3]) != platform.node() or not fields[-3].isdigit():
+            continue
+        try:
+            os.kill(int(fields[-3]), 0)
+        except ProcessLookupError:
+            log.info("removing %s, left by a cache build that was killed", part.name)
+            part.unlink(missing_ok=True)
+        except OSError:  # alive under another user, or cannot tell: leave it
+            pass
 
 
 def _decode_into(part_file: Path, paths: list[str], size: int, workers: int, progress: bool) -> list[str]:
@@ -88,8 +135,12 @@ def box_masks(rows, boxes_csv: str | Path, size: int, negative_label: str | None
 
     Returns `(masks, known)`: uint8 (N, size, size), 1 inside any box of the image stretched to a square like
     the image cache, and float32 (N,) 1 where the mask is known: the image has boxes, or its label is
-    `negative_label` (nothing to find). Other images (e.g. fractured but unannotated) get weight 0.
+    `negative_label` (nothing to find). Other images (e.g. fractured but unannotated) get weight 0. Boxes are
+    clipped to their image; ones wholly outside are ignored (warned). BonefracError, naming the CSV row, for a
+    box with a missing or non-numeric coordinate or a width/height <= 0.
     """
+    import pandas as pd
+
     from .manifest import read_csv
 
     boxes_csv = Path(boxes_csv)
@@ -103,8 +154,14 @@ def box_masks(rows, boxes_csv: str | Path, size: int, negative_label: str | None
     masks = np.zeros((len(rows), size, size), dtype=np.uint8)
     known = (rows["label"].to_numpy() == negative_label).astype(np.float32)
     width, height = rows["width"].to_numpy(float), rows["height"].to_numpy(float)
-    matched = 0
-    for key, (x, y, w, h) in zip(keys, boxes[["x", "y", "w", "h"]].to_numpy(float)):
+    coords = pd.DataFrame({c: pd.to_numeric(boxes[c], errors="coerce") for c in "xywh"}).to_numpy(float)
+    bad = ~np.isfinite(coords).all(axis=1) | (coords[:, 2] <= 0) | (coords[:, 3] <= 0)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise BonefracError(f"{boxes_csv}: {int(bad.sum())} box(es) with a missing or non-numeric coordinate or a "
+                            f"width/height <= 0 (the first is data row {first + 1}: {boxes['image'].iloc[first]})")
+    matched = outside = 0
+    for key, (x, y, w, h) in zip(keys, coords):
         i = index.get(key)
         if i is None:
             continue
@@ -112,8 +169,14 @@ def box_masks(rows, boxes_csv: str | Path, size: int, negative_label: str | None
         sx, sy = size / width[i], size / height[i]
         x0, y0 = int(np.floor(x * sx)), int(np.floor(y * sy))
         x1, y1 = max(x0 + 1, int(np.ceil((x + w) * sx))), max(y0 + 1, int(np.ceil((y + h) * sy)))
-        masks[i, max(y0, 0):y1, max(x0, 0):x1] = 1
+        x0, x1, y0, y1 = (int(np.clip(v, 0, size)) for v in (x0, x1, y0, y1))
+        if x1 <= x0 or y1 <= y0:  # wholly outside the image: no evidence of where the fracture is
+            outside += 1
+            continue
+        masks[i, y0:y1, x0:x1] = 1
         known[i] = 1.0
+    if outside:
+        log.warning("%s: %d box(es) lie wholly outside their image; ignored", boxes_csv, outside)
     if matched == 0:
         raise BonefracError(f"{boxes_csv}: no box matches an image of the manifest (paths are read relative to "
                             f"the CSV's folder)")

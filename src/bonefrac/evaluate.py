@@ -27,7 +27,7 @@ from .data import build_cache
 from .errors import BonefracError
 from .io import read_image
 from .manifest import load_manifest
-from .predict import ENSEMBLE_FILE, Ensemble, Predictor, decide, load_predictor
+from .predict import ENSEMBLE_FILE, Ensemble, Predictor, decide, default_model_path, load_predictor
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ def evaluate(models: list[str], manifest: str | Path, split: str = "test", out_d
     names = predictor.class_names
     df = load_manifest(manifest)
     rows = select_rows(df, split, names, manifest)
+    seen = seen_by_model(models, rows)
     y = rows.label.map({c: i for i, c in enumerate(names)}).to_numpy()
     cache_dir = Path(manifest).parent / "cache"
     ensemble_fit = None
@@ -88,7 +89,7 @@ def evaluate(models: list[str], manifest: str | Path, split: str = "test", out_d
     result = metrics.classification_metrics(y, probs, names, pos, threshold)
     if positive_class is not None and len(names) > 2:  # the K-class metrics above have no positive class
         result["one_vs_rest"] = {"positive_class": names[pos], **metrics.one_vs_rest(y, probs, pos)}
-    result.update(split=split, manifest=str(manifest), models=[str(m) for m in models], tta=tta)
+    result.update(split=split, manifest=str(manifest), models=[str(m) for m in models], tta=tta, seen_by_model=seen)
     if isinstance(predictor, Ensemble):
         result["ensemble"] = ensemble_fit or {"weights": [float(w) for w in predictor.weights],
                                               "fitted_on": predictor.meta.get("ensemble_dir")}
@@ -103,12 +104,43 @@ def evaluate(models: list[str], manifest: str | Path, split: str = "test", out_d
                                       for k, t in points.items()}
     if ref is not None:
         result["domain_shift"] = metrics.domain_shift_summary(ref, result, ref["scores"], _scores(probs, pos))
-    pred = decide(probs, pos, threshold)
+    if len(names) == 2:  # decide exactly as the metrics above did (at 0.5 when the model has no threshold)
+        pred = decide(probs, names.index(result["positive_class"]), result["threshold"])
+    else:
+        pred = decide(probs, pos, threshold)
     _write_predictions(out_dir, rows, y, probs, pred, names)
     result["scores"] = _scores(probs, pos).round(6).tolist()  # kept for later domain-shift comparisons
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
     _write_report(out_dir, result, rows, y, probs, pred, names, pos, points, ref, predictor)
     return result
+
+
+def seen_by_model(models: list, rows: pd.DataFrame) -> dict | None:
+    """How many of `rows` the model(s) were trained ("train") or selected ("val") on, by image hash, from the
+    list each checkpoint keeps (checkpoint.SEEN_FILE); warns when any were. None when a model keeps no list."""
+    seen = {}
+    for path in _checkpoint_dirs(models or [default_model_path()]):
+        listed = checkpoint.read_seen(path)
+        if listed is None:
+            log.info("%s does not list the images it was trained on: overlap with this set not checked", path)
+            return None
+        seen.update(listed)
+    hits = rows.sha256.map(seen).value_counts()
+    out = {"train": int(hits.get("train", 0)), "val": int(hits.get("val", 0)), "of": int(len(rows))}
+    if out["train"] or out["val"]:
+        log.warning("%d of the %d images evaluated here were in the model's training split and %d in its "
+                    "validation split: these metrics are optimistic (was the split drawn again?)",
+                    out["train"], out["of"], out["val"])
+    return out
+
+
+def _checkpoint_dirs(models: list):
+    for model in map(Path, models):
+        if (model / ENSEMBLE_FILE).is_file():
+            spec = json.loads((model / ENSEMBLE_FILE).read_text())
+            yield from (model / rel for rel in spec.get("members", []))
+        else:
+            yield model
 
 
 def _load_reference(reference: str | Path) -> dict:
@@ -212,8 +244,9 @@ def build_ensemble(models: list[str], manifest: str | Path, out_dir: str | Path,
     for i, src in enumerate(models):
         rel = f"members/{i}_{ens.members[i].meta['arch']}"
         (out_dir / rel).mkdir(parents=True)
-        for name in (checkpoint.META_FILE, checkpoint.WEIGHTS_FILE):  # never the optimizer state
-            shutil.copy2(Path(src) / name, out_dir / rel / name)
+        for name in (checkpoint.META_FILE, checkpoint.WEIGHTS_FILE, checkpoint.SEEN_FILE):  # no optimizer state
+            if name != checkpoint.SEEN_FILE or (Path(src) / name).is_file():
+                shutil.copy2(Path(src) / name, out_dir / rel / name)
         members.append(rel)
     spec = {"format": "bonefrac-ensemble", "members": members, "class_names": ens.class_names,
             "positive_index": ens.positive_index, "sources": [str(m) for m in models],
@@ -332,16 +365,23 @@ def _write_report(out_dir, result, rows, y, probs, pred, names, pos, points, ref
     headline = {k: result.get(k) for k in ("accuracy", "balanced_accuracy", "auroc", "sensitivity",
                                            "specificity", "ppv", "npv", "threshold") if result.get(k) is not None}
     sections = [("Data", [summary]), ("Headline metrics", [headline])]
+    if result.get("seen_by_model") and (result["seen_by_model"]["train"] or result["seen_by_model"]["val"]):
+        sections.insert(0, ("Warning: the model has seen some of these images",
+                            ["Images of this set were in the model's training or validation split (counts below): "
+                             "every metric here is optimistic.", result["seen_by_model"]]))
     if "ci" in result:
         ci = [{"metric": k, **v} for k, v in result["ci"].items() if isinstance(v, dict) and "value" in v]
         sections.append(("95 % bootstrap intervals (resampling duplicate groups)", [ci]))
     sections.append(("Per class", [[{"class": c, **v, **_class_intervals(result.get("ci", {}), c)}
                                      for c, v in result["per_class"].items()]]))
+    fitted = not result.get("ensemble") or result["ensemble"].get("fitted_on")
     if result.get("operating_points"):
-        sections.append(("Operating points (thresholds chosen on validation)",
+        how = "chosen on validation" if fitted else "the first member's, not fitted for this ensemble"
+        sections.append((f"Operating points (thresholds {how})",
                          [[{"point": k, **v} for k, v in result["operating_points"].items()]]))
     if result.get("ensemble"):
-        sections.append(("Ensemble (weights fitted on validation)", [result["ensemble"]]))
+        how = "weights fitted on validation" if fitted else "equal weights: no usable val split to fit them on"
+        sections.append((f"Ensemble ({how})", [result["ensemble"]]))
     sections.append(("Curves", plots[1:3]))
     sections.append(("Calibration", [result["calibration"], plots[3]]))
     sections.append(("Confusion matrix", [plots[0]]))

@@ -5,7 +5,8 @@
 
 `predictor` is a `bonefrac.predict.Predictor` (an `Ensemble` explains its first member). The target layer is the
 model's last 4-D feature map before global pooling: timm's `forward_features` output (CNNs, EfficientNets,
-ConvNeXts), or, for a model without it, the last module whose output is 4-D, found with forward hooks.
+ConvNeXts; Swin's channels-last map too), or, for a model without it, the last module whose output is 4-D, found
+with forward hooks. Token models (ViT) have no such map and are refused with a clear error.
 A heatmap explains one class score (the logit); by default the class the predictor decides on.
 """
 
@@ -88,15 +89,19 @@ def _cam_batch(member, x_uint8: torch.Tensor, targets: np.ndarray | None):
 
 
 def _features_and_logits(model, inp: torch.Tensor):
-    """(last 4-D feature map requiring grad, logits). Only the head is differentiated: the backbone runs
-    without a graph, which keeps memory at inference level."""
+    """(last feature map as (B, C, h, w) requiring grad, logits). Only the head is differentiated: the backbone
+    runs without a graph, which keeps memory at inference level. NHWC features (Swin) are explained in NCHW;
+    token sequences (ViT) have no spatial map to explain: BonefracError."""
     if hasattr(model, "forward_features") and hasattr(model, "forward_head"):
         with torch.no_grad():
             feats = model.forward_features(inp)
-        if feats.ndim == 4 and not _channels_last_output(model, feats):
-            feats = feats.detach().float().requires_grad_(True)
-            with torch.enable_grad():
-                return feats, model.forward_head(feats).float()
+        if feats.ndim != 4:
+            raise BonefracError(f"{type(model).__name__} gives {feats.ndim}-D features (tokens), not a spatial "
+                                "feature map; Grad-CAM here needs a convolutional or Swin-like model")
+        nhwc = _channels_last_output(model, feats)
+        leaf = (feats.permute(0, 3, 1, 2) if nhwc else feats).detach().float().requires_grad_(True)
+        with torch.enable_grad():
+            return leaf, model.forward_head(leaf.permute(0, 2, 3, 1) if nhwc else leaf).float()
     return _hooked_features_and_logits(model, inp)
 
 

@@ -119,13 +119,19 @@ def decode_image_and_colour(data: bytes, name: str, max_pixels: int = MAX_PIXELS
     if not data:
         raise ImageReadError(name, "empty file (0 bytes)")
     if is_dicom_bytes(data):
-        return _decode_dicom(data, name, max_pixels), None
+        return _dicom(data, name, max_pixels), None
     try:
         return _decode_pil(data, name, max_pixels, thumbnail)
     except ImageReadError:
         if Path(name).suffix.lower() in DICOM_SUFFIXES:
-            return _decode_dicom(data, name, max_pixels), None
+            return _dicom(data, name, max_pixels), None
         raise
+
+
+def _dicom(data: bytes, name: str, max_pixels: int) -> np.ndarray:
+    from .dicom import decode_dicom  # lazy: only DICOM users pay for pydicom (and dicom.py imports this module)
+
+    return decode_dicom(data, name, max_pixels)
 
 
 def resize_gray(img: np.ndarray, size) -> np.ndarray:
@@ -159,8 +165,10 @@ def _decode_pil(data: bytes, name: str, max_pixels: int,
             with Image.open(_stdio.BytesIO(data), formats=PIL_FORMATS) as im:
                 _check_size(im.width, im.height, name, max_pixels)
                 im.load()  # raises on truncation because LOAD_TRUNCATED_IMAGES stays False
+                # Pillow inverts 1- and 8-bit "min is white" TIFFs itself, but not 16-bit ones.
+                min_is_white = im.format == "TIFF" and im.tag_v2.get(262) == 0
                 im = ImageOps.exif_transpose(im)  # show it the way a viewer does
-                return _pil_to_gray(im), _colour_thumbnail(im, thumbnail)
+                return _pil_to_gray(im, min_is_white), _colour_thumbnail(im, thumbnail)
     except ImageReadError:
         raise
     except Image.DecompressionBombError as exc:
@@ -193,6 +201,9 @@ def quiet_image_metadata_logs() -> None:
     and DICOM element values, text that can name a patient. Called by the CLI and the service at start-up."""
     for name in ("PIL", "pydicom"):
         logging.getLogger(name).setLevel(logging.INFO)
+    # pydicom logs a full traceback at ERROR for every compressed file it has no decoder for; the reason
+    # reaches the caller anyway, as the ImageReadError for that file.
+    logging.getLogger("pydicom.pixels").setLevel(logging.CRITICAL)
 
 
 def _colour_thumbnail(im: Image.Image, size: int) -> np.ndarray | None:
@@ -203,14 +214,16 @@ def _colour_thumbnail(im: Image.Image, size: int) -> np.ndarray | None:
     return np.asarray(rgb.reduce(factor) if factor > 1 else rgb, dtype=np.uint8)  # box reduce: cheap
 
 
-def _pil_to_gray(im: Image.Image) -> np.ndarray:
-    """Convert any PIL mode to the contract: 8-bit luma, alpha on black, deep images percentile-scaled."""
+def _pil_to_gray(im: Image.Image, min_is_white: bool = False) -> np.ndarray:
+    """Convert any PIL mode to the contract: 8-bit luma, alpha on black, deep images percentile-scaled (and
+    inverted when `min_is_white`: a 16-bit TIFF whose photometric says 0 is white)."""
     mode = im.mode
     if mode in ("I", "F") or mode.startswith("I;16"):
         arr = np.asarray(im)
         if arr.ndim == 3:  # multi-channel deep data: use the first channel rather than guess a colour model
             arr = arr[..., 0]
-        return _scale_percentile(arr)  # no float copy of the whole image: scaled in blocks
+        out = _scale_percentile(arr)  # no float copy of the whole image: scaled in blocks
+        return 255 - out if min_is_white else out
     if mode == "L":
         return np.asarray(im, dtype=np.uint8).copy()
     has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info
@@ -243,11 +256,13 @@ def _describe(data: bytes) -> str:
         return f"unknown content starting {head.hex()}"
 
 
-def _scale_percentile(arr: np.ndarray) -> np.ndarray:
-    """Linear map of the 0.5-99.5 percentile range to 0..255 (flat images become 0). From 8 M pixels on the
-    percentiles come from an evenly strided sample of 4-8 M of them (a view, no copy): exact percentiles of a
-    60 M pixel image would need several full-size copies."""
-    flat = arr.reshape(-1)
+def _scale_percentile(arr: np.ndarray, basis: np.ndarray | None = None) -> np.ndarray:
+    """Linear map of the 0.5-99.5 percentile range of `basis` (default: `arr` itself; DICOM passes the pixels
+    that are not padding) to 0..255 (flat images become 0). From 8 M pixels on the percentiles come from an
+    evenly strided sample of 4-8 M of them (a view, no copy): exact percentiles of a 60 M pixel image would need
+    several full-size copies."""
+    basis = arr if basis is None else basis
+    flat = basis.reshape(-1)
     sample = flat[::max(1, flat.size // _PERCENTILE_SAMPLE)]
     if sample.dtype.kind == "f":
         sample = sample[np.isfinite(sample)]
@@ -255,7 +270,7 @@ def _scale_percentile(arr: np.ndarray) -> np.ndarray:
         return np.zeros(arr.shape, dtype=np.uint8)
     lo, hi = np.percentile(sample, _PERCENTILES)
     if hi <= lo:  # very peaked histogram: fall back to the full range before giving up
-        lo, hi = _finite_range(arr)
+        lo, hi = _finite_range(basis)
     return _scale_range(arr, lo, hi)
 
 
@@ -279,120 +294,3 @@ def _scale_range(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
         np.clip(block, 0.0, 255.0, out=block)
         out[start:start + rows] = np.rint(block)
     return out
-
-
-# --- DICOM -------------------------------------------------------------------------------------------------
-
-
-def _default_transfer_syntax(ds) -> None:
-    """A dataset without file meta (no preamble) names no transfer syntax, and pydicom then refuses its pixels:
-    use the encoding it was read with (pydicom detects implicit/explicit VR and byte order)."""
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-
-    meta = getattr(ds, "file_meta", None)
-    if meta is not None and "TransferSyntaxUID" in meta:
-        return
-    implicit, little = getattr(ds, "original_encoding", None) or (ds.is_implicit_VR, ds.is_little_endian)
-    if implicit is None:  # not read from bytes: DICOM's default encoding
-        implicit, little = True, True
-    if meta is None:
-        ds.file_meta = meta = FileMetaDataset()
-    meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
-                              ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
-
-
-def _dicom_luts():
-    """(apply_modality_lut, apply_voi_lut, convert_color_space) from pydicom 3.x, falling back to 2.x."""
-    try:
-        from pydicom.pixels import apply_modality_lut, apply_voi_lut, convert_color_space
-    except ImportError:  # pydicom 2.x
-        from pydicom.pixel_data_handlers.util import (apply_modality_lut, apply_voi_lut,
-                                                      convert_color_space)
-    return apply_modality_lut, apply_voi_lut, convert_color_space
-
-
-def _decode_dicom(data: bytes, name: str, max_pixels: int) -> np.ndarray:
-    """DICOM -> modality LUT -> VOI LUT/window (or percentile window) -> MONOCHROME1 inverted -> uint8."""
-    try:
-        import pydicom  # lazy: only DICOM users pay for the import
-    except ImportError:
-        raise ImageReadError(name, "DICOM file but pydicom is not installed (pip install pydicom)") from None
-    try:
-        ds = pydicom.dcmread(_stdio.BytesIO(data), force=True)
-        _default_transfer_syntax(ds)
-        rows, cols = int(ds.Rows), int(ds.Columns)
-    except Exception as exc:  # pydicom raises many types on malformed files
-        raise ImageReadError(name, f"not a readable DICOM image: {exc}") from None
-    _check_size(cols, rows, name, max_pixels)
-    try:
-        arr = _dicom_first_frame(ds, rows * cols, name, max_pixels)
-        return _dicom_to_gray(arr, ds)
-    except ImageReadError:
-        raise
-    except Exception as exc:
-        raise ImageReadError(name, f"cannot decode DICOM pixel data: {exc}") from None
-
-
-def _dicom_first_frame(ds, frame_pixels: int, name: str, max_pixels: int) -> np.ndarray:
-    """Decode only the first frame where pydicom allows it (3.x), else all frames (2.x, size-checked)."""
-    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
-    try:
-        from pydicom.pixels import pixel_array
-    except ImportError:  # pydicom 2.x decodes every frame at once
-        if frame_pixels * n_frames > max_pixels:
-            raise ImageReadError(name, f"DICOM with {n_frames} frames is over the {max_pixels:,} pixel limit")
-        arr = ds.pixel_array
-        return arr[0] if n_frames > 1 else arr
-    # as_rgb=False: pydicom 3 would convert YBR to RGB itself, and _dicom_to_gray converts once for both versions.
-    return pixel_array(ds, index=0 if n_frames > 1 else None, as_rgb=False)
-
-
-def _dicom_to_gray(arr: np.ndarray, ds) -> np.ndarray:
-    apply_modality_lut, apply_voi_lut, convert_color_space = _dicom_luts()
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    if arr.ndim == 3:  # colour DICOM (e.g. a secondary capture): no LUTs, just luma
-        if photometric.startswith("YBR") and int(ds.get("SamplesPerPixel", 1)) == 3:
-            arr = convert_color_space(arr, photometric, "RGB")
-        rgb = Image.fromarray(_scale_range(arr, 0, float(np.iinfo(arr.dtype).max)
-                                           if arr.dtype.kind in "ui" else 1.0), mode="RGB")
-        return np.asarray(rgb.convert("L"), dtype=np.uint8).copy()
-    values = apply_modality_lut(arr, ds)
-    out = _apply_voi(values, ds, apply_voi_lut)
-    if out is None:
-        out = _scale_percentile(np.asarray(values))
-    if photometric == "MONOCHROME1":  # MONOCHROME1 stores bone dark; the contract wants bone bright
-        out = 255 - out
-    return out
-
-
-def _apply_voi(values: np.ndarray, ds, apply_voi_lut) -> np.ndarray | None:
-    """The file's VOI LUT or window scaled to 0..255, or None when the file has none (or a broken one)."""
-    has_lut = bool(ds.get("VOILUTSequence"))
-    has_window = ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None
-    if not (has_lut or has_window):
-        return None
-    try:
-        if has_lut:  # pydicom prefers the LUT when both are present
-            # Clip to the table's input range ourselves: pydicom maps through the LUT's dtype, which wraps.
-            n_entries, first = _lut_span(ds.VOILUTSequence[0])
-            values = np.clip(np.rint(values), first, first + n_entries - 1).astype(np.int64)
-            probe = np.arange(first, first + n_entries, dtype=np.int64)
-        else:
-            probe = np.array([-1e12, 1e12])  # windows clip to their output range y_min..y_max
-        out = np.asarray(apply_voi_lut(values, ds, index=0), dtype=np.float64)
-        ends = np.asarray(apply_voi_lut(probe, ds, index=0), dtype=np.float64)
-    except Exception as exc:  # e.g. a window width of 0 or a malformed LUT: the percentile window still works
-        # No file name: uploaded names often carry a patient's name, and logs must hold no identifiers.
-        log.warning("ignoring unusable VOI LUT/window in a DICOM file: %s", exc)
-        return None
-    lo, hi = float(ends.min()), float(ends.max())
-    if hi <= lo:
-        return None
-    return _scale_range(out, lo, hi)
-
-
-def _lut_span(item) -> tuple[int, int]:
-    """(number of entries, first mapped value) of a VOI LUT item; 0 entries means 65536 (PS3.3 C.11.2.1.1)."""
-    descriptor = [int(v) for v in item.LUTDescriptor]
-    return descriptor[0] or 2**16, descriptor[1]

@@ -60,6 +60,8 @@ def prepare(out_dir, *, source=None, labels_csv=None, path_col="image", label_co
     """
     started = time.perf_counter()
     fractions = _check_options(fractions, split_all, keep_folder_split)
+    if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise BonefracError(f"seed must be a whole number from 0 to 2**32 - 1, got {seed!r}")
     rows, rejected, kind, origin = collect(source, labels_csv, path_col, label_col, MANIFEST_COLUMNS)
     if keep_folder_split and "folder_split" not in rows:
         raise BonefracError("keep_folder_split needs a train/val/test folder layout or a 'split' CSV column")
@@ -83,7 +85,9 @@ def prepare(out_dir, *, source=None, labels_csv=None, path_col="image", label_co
     else:
         rows["split"] = _stratified_group_split(rows, names, fractions, seed)
     manifest = _manifest_frame(rows)
-    _warn_empty_cells(manifest, names)
+    expected = [split_all] if split_all else sorted(set(manifest["split"])) if keep_folder_split else \
+        [name for name, f in zip(SPLITS, fractions) if f > 0]
+    _warn_empty_cells(manifest, names, expected)
     report = _report(manifest, names, rejected, crossing, origin, kind, seed, fractions, near_dup_threshold,
                      split_all, keep_folder_split)
     report["copy_matcher"] = copies
@@ -94,12 +98,15 @@ def prepare(out_dir, *, source=None, labels_csv=None, path_col="image", label_co
 
 def _provenance_pairs(rows: pd.DataFrame) -> np.ndarray:
     """(copy, source) row pairs from an `augmented_from` column (a manifest written by `augment`): a copy
-    belongs to its source's group whatever the hashes say (small rotations escape them)."""
+    belongs to its source's group whatever the hashes say (small rotations escape them), and copies of one
+    source belong together even when the source itself is not in the table."""
     if "augmented_from" not in rows:
         return np.zeros((0, 2), dtype=np.int64)
     index = {p: i for i, p in enumerate(rows["path"])}
-    pairs = [(i, index[src]) for i, src in enumerate(rows["augmented_from"].fillna("").astype(str))
-             if src in index]
+    pairs = []
+    for i, src in enumerate(rows["augmented_from"].fillna("").astype(str)):
+        if src:  # the source's row, or else the first copy of the same source: copies stay together either way
+            pairs.append((i, index.setdefault(src, i)))
     return np.array(pairs, dtype=np.int64).reshape(-1, 2)
 
 
@@ -107,7 +114,7 @@ def load_manifest(path) -> pd.DataFrame:
     """Read a manifest CSV; paths come back absolute (relative ones resolved against the manifest's folder).
 
     Raises BonefracError when the file is missing/unreadable, required columns are missing (naming them and
-    the available ones), or a split value is not train/val/test.
+    the available ones), a path or sha256 cell is blank, or a split value is not train/val/test.
     """
     path = Path(path)
     frame = read_csv(path, dtype={c: str for c in ("path", "label", "group", "split", "sha256")})
@@ -117,6 +124,12 @@ def load_manifest(path) -> pd.DataFrame:
     bad = sorted(set(frame["split"]) - set(SPLITS))
     if bad:
         raise BonefracError(f"manifest {path}: unknown split value(s) {bad}; expected {list(SPLITS)}")
+    for col in ("path", "sha256"):  # both key the image cache: a blank would reuse stale pixels or crash later
+        blank = frame[col].isna() | (frame[col].str.strip() == "")
+        if blank.any():
+            first = int(np.flatnonzero(blank.to_numpy())[0]) + 1
+            raise BonefracError(f"manifest {path}: {int(blank.sum())} row(s) without a {col} (the first is data "
+                                f"row {first}); make manifests with `bonefrac prepare`, which fills every column")
     resolve_paths(frame, path)
     no_group = frame["group"].isna() | (frame["group"].str.strip() == "")
     if no_group.any():  # never let blank cells become one shared "nan" group
@@ -160,8 +173,11 @@ def _check_options(fractions, split_all, keep_folder_split) -> np.ndarray:
             raise BonefracError(f"split_all must be one of {list(SPLITS)}, got {split_all!r}")
         if keep_folder_split:
             raise BonefracError("choose split_all or keep_folder_split, not both")
-    values = np.asarray(fractions, dtype=np.float64)
-    if values.shape != (3,) or (values < 0).any() or abs(values.sum() - 1.0) > 1e-3:
+    try:
+        values = np.asarray(fractions, dtype=np.float64)
+    except (TypeError, ValueError):
+        values = np.full(1, np.nan)
+    if values.shape != (3,) or not np.isfinite(values).all() or (values < 0).any() or abs(values.sum() - 1) > 1e-3:
         raise BonefracError(f"fractions must be 3 non-negative numbers summing to 1, got {fractions!r}")
     return values
 
@@ -176,10 +192,15 @@ def _check_classes(rows: pd.DataFrame, names: list, class_names) -> None:
         log.warning("classes with no readable image: %s", absent)
 
 
-def _warn_empty_cells(manifest: pd.DataFrame, names: list) -> None:
-    """A class missing from a split that exists: training cannot select on, calibrate on or test it."""
+def _warn_empty_cells(manifest: pd.DataFrame, names: list, splits: list) -> None:
+    """A class missing from a split that should have images: training cannot select on, calibrate on or test it;
+    an expected split with no image at all (fewer groups than splits) is named as such."""
     counts = pd.crosstab(manifest["label"], manifest["split"])
-    for split in counts.columns:
+    for split in splits:
+        if split not in counts.columns:
+            log.warning("split '%s' is empty: %d duplicate groups are too few to fill every split",
+                        split, manifest["group"].nunique())
+            continue
         missing = [n for n in names if counts.get(split, {}).get(n, 0) == 0]
         if missing:
             log.warning("split '%s' has no images of class(es) %s (too few images of them to split 3 ways?)",
@@ -199,6 +220,8 @@ def _analyse_one(path: str):
         img = decode_image(data, path)
     except ImageReadError as exc:
         return exc.reason
+    if img.min() == img.max():  # no content; its hash would be noise shared by every other blank image
+        return f"blank image (every pixel is {int(img.min())})"
     return hashlib.sha256(data).hexdigest(), img.shape[1], img.shape[0], dihedral_phash(img)
 
 
@@ -247,18 +270,23 @@ def _tracked(results, bar) -> list:
 
 
 def _stratified_group_split(rows: pd.DataFrame, names: list, fractions: np.ndarray, seed: int) -> list[str]:
-    """Per class (of each group's majority label), shuffle groups, place big ones first, and give each
-    group to the split furthest below its target image count. Deterministic for a given seed."""
+    """Per class (of each group's majority label), order groups big first, then by a seeded hash of their
+    content, and give each group to the split furthest below its target image count.
+
+    The order depends on the seed and the images' bytes only (never on row order or file listing), so the same
+    images and seed always give the same split."""
     rank = {n: i for i, n in enumerate(names)}
     majority = rows.groupby("group")["label"].agg(
         lambda s: min(s.value_counts().items(), key=lambda kv: (-kv[1], rank[kv[0]]))[0])
     sizes = rows.groupby("group").size()
-    rng = np.random.default_rng(seed)
+    content = rows.groupby("group")["sha256"].min()  # the group's identity, whatever its id or row order
+
+    def shuffle_key(group):
+        return hashlib.sha256(f"{seed}|{content[group]}".encode()).hexdigest()
+
     split_of = {}
     for name in names:
-        groups = majority.index[majority == name].to_numpy()
-        groups = groups[rng.permutation(len(groups))]
-        groups = sorted(groups, key=lambda g: -sizes[g])  # stable: ties keep the shuffled order
+        groups = sorted(majority.index[majority == name], key=lambda g: (-sizes[g], shuffle_key(g)))
         targets = fractions * sum(sizes[g] for g in groups)
         filled = np.zeros(3)
         for group in groups:

@@ -239,7 +239,8 @@ def _roc_pick(y_bin, scores, pick) -> float:
         return 0.5
     fpr, tpr, thr = roc_curve(y_bin, scores, drop_intermediate=False)
     thr = thr.astype(float)
-    thr[0] = np.nextafter(scores.max(), np.inf)
+    # Capped at 1: a saturated top score (exactly 1.0) would otherwise give a "threshold" above any probability.
+    thr[0] = min(np.nextafter(scores.max(), np.inf), 1.0)
     return float(thr[int(pick(fpr, tpr))])
 
 
@@ -267,11 +268,13 @@ def threshold_for_specificity(y_bin, scores, target: float = 0.95) -> float:
 def operating_points(y_bin, scores, sensitivity_target: float = 0.95, specificity_target: float = 0.95,
                      screening_sensitivity: float = 0.90) -> dict:
     """Named thresholds: {"default": Youden, "high_sensitivity": ..., "high_specificity": ..., "screening": ...};
-    screening sits between the default and the high-sensitivity point (sensitivity >= 0.90 by default)."""
-    return {"default": youden_threshold(y_bin, scores),
+    screening reaches validation sensitivity >= 0.90 (by default) and is never less sensitive than the default
+    (it is the default when the Youden point already reaches the target)."""
+    default = youden_threshold(y_bin, scores)
+    return {"default": default,
             "high_sensitivity": threshold_for_sensitivity(y_bin, scores, sensitivity_target),
             "high_specificity": threshold_for_specificity(y_bin, scores, specificity_target),
-            "screening": threshold_for_sensitivity(y_bin, scores, screening_sensitivity)}
+            "screening": min(default, threshold_for_sensitivity(y_bin, scores, screening_sensitivity))}
 
 
 def threshold_metrics(y_bin, scores, t: float) -> dict:
@@ -293,7 +296,11 @@ def softmax(logits, temperature: float = 1.0) -> np.ndarray:
 
 
 def fit_temperature(logits, y, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
-    """Temperature T minimising the NLL of softmax(logits / T) (temperature scaling, fit on validation)."""
+    """Temperature T minimising the NLL of softmax(logits / T) (temperature scaling, fit on validation).
+
+    Returns 1.0 with a warning when the fit runs into a bound: a validation set the model separates perfectly
+    drives T towards 0 (every probability 0 or 1, so no threshold can be chosen), one it cannot rank towards
+    infinity; neither is a calibration."""
     logits = np.asarray(logits, dtype=float)
     y, _ = check_inputs(y, logits)
     true_logit = logits[np.arange(len(y)), y]
@@ -303,7 +310,13 @@ def fit_temperature(logits, y, bounds: tuple[float, float] = (0.05, 20.0)) -> fl
         return float(np.mean(special.logsumexp(logits / t, axis=1) - true_logit / t))
 
     # Searching log T keeps the scale even between over- and under-confident models.
-    res = optimize.minimize_scalar(nll, bounds=np.log(bounds), method="bounded", options={"xatol": 1e-6})
+    lo, hi = np.log(bounds)
+    res = optimize.minimize_scalar(nll, bounds=(lo, hi), method="bounded", options={"xatol": 1e-6})
+    if min(res.x - lo, hi - res.x) < 1e-3:
+        logger.warning("temperature fit ran into its bound T=%.3g (the %d validation images are %s); keeping "
+                       "T = 1", float(np.exp(res.x)), len(y),
+                       "perfectly separated" if res.x - lo < 1e-3 else "not ranked by the model")
+        return 1.0
     return float(np.exp(res.x))
 
 

@@ -96,7 +96,7 @@ class Predictor:
         return torch.cat(out).cpu().numpy() if out else np.zeros((0, len(self.class_names)), np.float32)
 
     def probs_uint8(self, x: torch.Tensor) -> np.ndarray:
-        return _softmax(self.logits_uint8(x) / self.temperature)
+        return _softmax(self.logits_uint8(x).astype(np.float64) / self.temperature)
 
     def predict_arrays(self, images: list[np.ndarray]) -> np.ndarray:
         """(n, K) probabilities for decoded 2-D uint8 images of any size."""

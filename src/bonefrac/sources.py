@@ -156,7 +156,8 @@ def _scan_classes(root: Path, split, rejected: list) -> list:
     records = []
     for class_dir in sorted(d for d in root.iterdir() if d.is_dir() and not _ignored_folder(d)):
         for file in sorted(class_dir.rglob("*")):
-            if file.name.startswith(".") or not file.is_file():
+            inner = file.relative_to(class_dir).parts  # .ipynb_checkpoints/ and the like, at any depth
+            if any(part.startswith(".") or part == "__MACOSX" for part in inner) or not file.is_file():
                 continue
             if looks_like_image(file):
                 records.append((str(file.resolve()), class_dir.name, split))

@@ -121,6 +121,7 @@ class _Run:
     grad_sync: GradAllReduce | None = None
     lr_anchor: tuple[int, float] | None = None  # make_scheduler's anchor after a resume that changed train.epochs
     base_meta: dict = field(default_factory=dict)  # checkpoint metadata common to every epoch
+    seen: dict = field(default_factory=dict)  # {sha256: split} of the train/val images, saved beside each checkpoint
     writer: object = None  # TensorBoard, on rank 0 when installed
 
     @property
@@ -240,6 +241,9 @@ def _start_outputs(run: _Run, manifest) -> None:
     run.base_meta = {"arch": cfg.model.arch, "class_names": run.class_names, "positive_index": pos,
                      "positive_class": run.class_names[pos] if pos is not None else None, "preprocess": run.prep,
                      "config": to_dict(cfg), "manifest_sha256": manifest_sha256(manifest)}
+    rows = load_manifest(manifest)
+    rows = rows[rows.split.isin(("train", "val"))]
+    run.seen = dict(zip(rows.sha256, rows.split))  # an image in both keeps "val": either way it was seen
     if run.rank == 0:
         run.out_dir.mkdir(parents=True, exist_ok=True)
         (run.out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
@@ -361,7 +365,7 @@ def _save_epoch(run: _Run, epoch: int, score: float, row: dict, val_logits, val_
             meta = {**run.base_meta, "epoch": epoch + 1,
                     **calibration_meta(val_logits, val_y, run.class_names, run.pos, run.monitor, score)}
             watchdog.beat()  # fitting the calibration can take a while on a large val split
-            checkpoint.save(run.out_dir / "best", run.eval_model, meta)
+            checkpoint.save(run.out_dir / "best", run.eval_model, meta, seen=run.seen)
     else:
         state["bad_epochs"] += 1
     state["epoch"] = epoch + 1
@@ -400,7 +404,8 @@ def _save_last(run: _Run, epoch_done: int) -> None:
                        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                        "world": run.world, "lr_anchor": run.lr_anchor,
                        "box_head": run.net.box_head.state_dict() if run.net is not run.model else {}}
-        checkpoint.save(run.out_dir / "last", run.model, {**run.base_meta, "epoch": epoch_done}, train_state)
+        checkpoint.save(run.out_dir / "last", run.model, {**run.base_meta, "epoch": epoch_done}, train_state,
+                        seen=run.seen)
 
 
 def _finish(run: _Run) -> Path:

@@ -10,12 +10,12 @@
 | BONEFRAC_MAX_REQUEST_MB | 20 | finite > 0 | request body cap |
 | BONEFRAC_MAX_FILES | 16 | >= 1 | images per request |
 | BONEFRAC_MAX_PIXELS | 60000000 | >= 1 | per image, checked from the header before decoding |
-| BONEFRAC_RATE_LIMIT | 600 | >= 0 | requests per minute per client (0: off) |
+| BONEFRAC_RATE_LIMIT | 600 | >= 0 | requests per minute per client, bursts of max(5, rate/10) (0: off) |
 | BONEFRAC_API_KEY | unset | non-empty | when set, /v1/* needs header `X-API-Key` (or `Authorization: Bearer`) |
 | BONEFRAC_CORS_ORIGINS | unset (CORS off) | | comma-separated allowed origins |
 | BONEFRAC_TRUSTED_PROXIES | 127.0.0.1 | IPs, networks or * | comma-separated proxies whose X-Forwarded-For names the client |
 | BONEFRAC_AUDIT_DB | unset (off) | | SQLite file for the audit log |
-| BONEFRAC_REFER_MARGIN | 0.15 | 0 <= m < 0.5 | refer when the positive probability is this close to the threshold |
+| BONEFRAC_REFER_MARGIN | 0.15 | 0 <= m < 0.5 | refer when p (rescaled: threshold -> 0.5) is this close to 0.5 |
 | BONEFRAC_XRAY_CHECK | 1 | boolean | 0 disables the "not an X-ray" refusal |
 | BONEFRAC_PREPROCESS_WORKERS | min(8, CPUs), 0 on <= 2 | >= 0 | upload decode/check/resize processes (0: threads) |
 | BONEFRAC_WARMUP | 1 | boolean | run the model once per batch size 1..MAX_BATCH before the service reports ready |

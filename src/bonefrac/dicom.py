@@ -1,0 +1,191 @@
+"""DICOM for io.py's pixel contract: one file in, a 2-D uint8 array out where bone is bright.
+
+Grey images: stored values -> padding masked (PixelPaddingValue, optionally a range to PixelPaddingRangeLimit:
+the area outside the collimator) -> modality LUT (rescale slope/intercept) -> the file's VOI LUT or window, else
+the 0.5-99.5 percentile window of the pixels that are not padding -> MONOCHROME1 inverted -> padding black.
+Colour images (RGB, YBR, PALETTE COLOR) become ITU-R 601 luma of their full stored range. Multi-frame files give
+their first frame. Every failure is an ImageReadError naming the file; its reason is one line.
+
+`decode_dicom` is called by `io.decode_image` for bytes recognised as DICOM; nothing else needs this module.
+"""
+
+from __future__ import annotations
+
+import io as _stdio
+import logging
+
+import numpy as np
+from PIL import Image
+
+from .errors import ImageReadError
+from .io import _check_size, _scale_percentile, _scale_range
+
+log = logging.getLogger(__name__)
+# Decoders that produce RGB from a colour transform of their own (JPEG 2000's RCT/ICT): convert nothing.
+_CONVERT_TO_RGB = ("YBR_FULL", "YBR_FULL_422")
+
+
+def decode_dicom(data: bytes, name: str, max_pixels: int) -> np.ndarray:
+    """DICOM bytes -> (height, width) uint8, bone bright; ImageReadError(name, reason) when it cannot be."""
+    try:
+        import pydicom  # lazy: only DICOM users pay for the import
+    except ImportError:
+        raise ImageReadError(name, "DICOM file but pydicom is not installed (pip install pydicom)") from None
+    try:
+        ds = pydicom.dcmread(_stdio.BytesIO(data), force=True)
+    except Exception as exc:  # pydicom raises many types on malformed files
+        raise ImageReadError(name, f"not a readable DICOM file: {_one_line(exc)}") from None
+    pixels = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+    if "Rows" not in ds or "Columns" not in ds or not any(k in ds for k in pixels):
+        kind = getattr(ds.get("SOPClassUID"), "name", None) or "unknown kind"
+        raise ImageReadError(name, f"DICOM file without an image (no pixel data; {kind})")
+    try:
+        _default_transfer_syntax(ds)
+        rows, cols = int(ds.Rows), int(ds.Columns)
+    except Exception as exc:
+        raise ImageReadError(name, f"not a readable DICOM image: {_one_line(exc)}") from None
+    _check_size(cols, rows, name, max_pixels)
+    try:
+        return _to_gray(_first_frame(ds, rows * cols, name, max_pixels), ds)
+    except ImageReadError:
+        raise
+    except Exception as exc:
+        raise ImageReadError(name, f"cannot decode DICOM pixel data: {_one_line(exc)}") from None
+
+
+def _one_line(exc: Exception) -> str:
+    # pydicom's "no plugin can decode this" lists every plugin over many lines; one line fits logs and CSV cells.
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return (text[:297] + "...") if len(text) > 300 else (text or type(exc).__name__)
+
+
+def _default_transfer_syntax(ds) -> None:
+    """A dataset without file meta (no preamble) names no transfer syntax, and pydicom then refuses its pixels:
+    use the encoding it was read with (pydicom detects implicit/explicit VR and byte order)."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return
+    implicit, little = getattr(ds, "original_encoding", None) or (ds.is_implicit_VR, ds.is_little_endian)
+    if implicit is None:  # not read from bytes: DICOM's default encoding
+        implicit, little = True, True
+    if meta is None:
+        ds.file_meta = meta = FileMetaDataset()
+    meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                              ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+
+
+def _luts():
+    """(apply_modality_lut, apply_voi_lut, convert_color_space, apply_color_lut): pydicom 3.x, else 2.x."""
+    try:
+        from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, convert_color_space
+    except ImportError:  # pydicom 2.x
+        from pydicom.pixel_data_handlers.util import (apply_color_lut, apply_modality_lut, apply_voi_lut,
+                                                      convert_color_space)
+    return apply_modality_lut, apply_voi_lut, convert_color_space, apply_color_lut
+
+
+def _first_frame(ds, frame_pixels: int, name: str, max_pixels: int) -> np.ndarray:
+    """Decode only the first frame where pydicom allows it (3.x), else all frames (2.x, size-checked)."""
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    try:
+        from pydicom.pixels import pixel_array
+    except ImportError:  # pydicom 2.x decodes every frame at once
+        if frame_pixels * n_frames > max_pixels:
+            raise ImageReadError(name, f"DICOM with {n_frames} frames is over the {max_pixels:,} pixel limit")
+        arr = ds.pixel_array
+        return arr[0] if n_frames > 1 else arr
+    # as_rgb=False: pydicom 3 would convert YBR to RGB itself, and _to_gray converts once for both versions.
+    return pixel_array(ds, index=0 if n_frames > 1 else None, as_rgb=False)
+
+
+def _to_gray(arr: np.ndarray, ds) -> np.ndarray:
+    apply_modality_lut, apply_voi_lut, convert_color_space, apply_color_lut = _luts()
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric == "PALETTE COLOR":  # the stored values are indices into colour tables
+        rgb = apply_color_lut(arr, ds)
+        return _luma(rgb, float(np.iinfo(rgb.dtype).max) if rgb.dtype.kind in "ui" else 1.0)
+    if arr.ndim == 3:  # colour (e.g. a secondary capture): no grey LUTs, just luma
+        if photometric in _CONVERT_TO_RGB and int(ds.get("SamplesPerPixel", 1)) == 3:
+            arr = convert_color_space(arr, photometric, "RGB")
+        return _luma(arr, _stored_max(arr, ds))
+    padding = _padding_mask(arr, ds)
+    values = np.asarray(apply_modality_lut(arr, ds))
+    out = _apply_voi(values, ds, apply_voi_lut)
+    if out is None:
+        out = _scale_percentile(values, basis=None if padding is None else values[~padding])
+    if photometric == "MONOCHROME1":  # MONOCHROME1 stores bone dark; the contract wants bone bright
+        out = 255 - out
+    if padding is not None:
+        out[padding] = 0
+    return out
+
+
+def _stored_max(arr: np.ndarray, ds) -> float:
+    """Full scale of integer pixels: 2**BitsStored - 1 (a 12-bit image in 16-bit words tops out at 4095)."""
+    if arr.dtype.kind not in "ui":
+        return 1.0
+    bits = int(ds.get("BitsStored") or 0) or arr.dtype.itemsize * 8
+    return float(2 ** min(bits, arr.dtype.itemsize * 8) - 1)
+
+
+def _luma(rgb: np.ndarray, top: float) -> np.ndarray:
+    scaled = Image.fromarray(_scale_range(rgb, 0, top), mode="RGB")
+    return np.asarray(scaled.convert("L"), dtype=np.uint8).copy()
+
+
+def _padding_mask(arr: np.ndarray, ds) -> np.ndarray | None:
+    """True where the stored value is PixelPaddingValue (or between it and PixelPaddingRangeLimit): pixels
+    outside the imaged field. None when the file declares no padding or no pixel carries it."""
+    value = _int_tag(ds, "PixelPaddingValue")
+    if value is None:
+        return None
+    limit = _int_tag(ds, "PixelPaddingRangeLimit")
+    lo, hi = (value, value) if limit is None else (min(value, limit), max(value, limit))
+    mask = (arr >= lo) & (arr <= hi)
+    return mask if mask.any() else None
+
+
+def _int_tag(ds, keyword: str) -> int | None:
+    """An US-or-SS tag as an int; pydicom can leave such a value as raw bytes when the VR was ambiguous."""
+    value = ds.get(keyword)
+    if value is None or isinstance(value, int):
+        return value
+    if isinstance(value, bytes) and len(value) in (2, 4):
+        signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+        return int.from_bytes(value, "little" if ds.is_little_endian is not False else "big", signed=signed)
+    return None
+
+
+def _apply_voi(values: np.ndarray, ds, apply_voi_lut) -> np.ndarray | None:
+    """The file's VOI LUT or window scaled to 0..255, or None when the file has none (or a broken one)."""
+    has_lut = bool(ds.get("VOILUTSequence"))
+    has_window = ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None
+    if not (has_lut or has_window):
+        return None
+    try:
+        if has_lut:  # pydicom prefers the LUT when both are present
+            # Clip to the table's input range ourselves: pydicom maps through the LUT's dtype, which wraps.
+            n_entries, first = _lut_span(ds.VOILUTSequence[0])
+            values = np.clip(np.rint(values), first, first + n_entries - 1).astype(np.int64)
+            probe = np.arange(first, first + n_entries, dtype=np.int64)
+        else:
+            probe = np.array([-1e12, 1e12])  # windows clip to their output range y_min..y_max
+        out = np.asarray(apply_voi_lut(values, ds, index=0), dtype=np.float64)
+        ends = np.asarray(apply_voi_lut(probe, ds, index=0), dtype=np.float64)
+    except Exception as exc:  # e.g. a window width of 0 or a malformed LUT: the percentile window still works
+        # No file name: uploaded names often carry a patient's name, and logs must hold no identifiers.
+        log.warning("ignoring unusable VOI LUT/window in a DICOM file: %s", _one_line(exc))
+        return None
+    lo, hi = float(ends.min()), float(ends.max())
+    if hi <= lo:
+        return None
+    return _scale_range(out, lo, hi)
+
+
+def _lut_span(item) -> tuple[int, int]:
+    """(number of entries, first mapped value) of a VOI LUT item; 0 entries means 65536 (PS3.3 C.11.2.1.1)."""
+    descriptor = [int(v) for v in item.LUTDescriptor]
+    return descriptor[0] or 2**16, descriptor[1]
