@@ -202,3 +202,27 @@ def test_empty_splits_and_bad_options_are_named(tmp_path, caplog):
     for bad in ({"fractions": "0.7,0.15,0.15"}, {"fractions": (float("nan"), 0.5, 0.5)}, {"seed": -1}):
         with pytest.raises(BonefracError, match="fractions|seed"):
             prepare(tmp_path / "q", labels_csv=csv, workers=1, match_copies="off", **bad)
+
+
+def test_a_file_listed_in_two_splits_of_a_kept_split_is_reported_as_a_leak(tmp_path, caplog):
+    rows = sample_rows(12)
+    frame = pd.DataFrame({"image": [str(p) for p, _ in rows], "label": [y for _, y in rows],
+                          "split": ["train"] * 8 + ["val", "val", "test", "test"]})
+    frame = pd.concat([frame, frame.iloc[[0]].assign(split="test")])  # image 0 again, now in test
+    csv = tmp_path / "labels.csv"
+    frame.to_csv(csv, index=False)
+    with caplog.at_level("WARNING"):
+        report = prepare(tmp_path / "p", labels_csv=csv, class_names="0,1", keep_folder_split=True, workers=1,
+                         match_copies="off")
+    leak = [c for c in report["crossing_groups"] if c.get("same_file")]
+    assert len(leak) == 1 and set(leak[0]["splits"]) == {"train", "test"}  # was: no crossing group at all
+    assert "listed in two splits" in caplog.text
+    (reason,) = [r["reason"] for r in report["rejected"]]
+    assert reason.startswith("listed again in split 'test' (kept in 'train')")
+    # a link in another split folder to a file of the first is the same file
+    tree = split_tree(tmp_path / "tree", 12)
+    (src,) = list((tree / "train").glob("*/*"))[:1]
+    (tree / "test" / src.parent.name).mkdir(parents=True, exist_ok=True)
+    (tree / "test" / src.parent.name / "link.webp").symlink_to(src)
+    report = prepare(tmp_path / "q", source=tree, keep_folder_split=True, workers=1, match_copies="off")
+    assert [c for c in report["crossing_groups"] if c.get("same_file")]

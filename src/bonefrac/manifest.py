@@ -82,6 +82,7 @@ def prepare(out_dir, *, source=None, labels_csv=None, path_col="image", label_co
     elif keep_folder_split:
         rows["split"] = rows["folder_split"]
         crossing = crossing_groups(rows["group"].tolist(), rows["split"].tolist(), rows["path"].tolist())
+        crossing += _listed_in_two_splits(rejected, dict(zip(rows["path"], rows["group"])))
     else:
         rows["split"] = _stratified_group_split(rows, names, fractions, seed)
     manifest = _manifest_frame(rows)
@@ -94,6 +95,16 @@ def prepare(out_dir, *, source=None, labels_csv=None, path_col="image", label_co
     report["elapsed_s"] = round(time.perf_counter() - started, 2)
     _write(out_dir, manifest, report)
     return report
+
+
+def _listed_in_two_splits(rejected: list, group_of: dict) -> list[dict]:
+    """crossing_groups entries for files the given split lists in two splits (`_analyse` kept one listing)."""
+    twice = [r for r in rejected if "splits" in r and r["path"] in group_of]
+    if twice:
+        log.warning("%d file(s) are listed in two splits of the given split: a leak (see crossing_groups)",
+                    len(twice))
+    return [{"group": group_of[r["path"]], "splits": {s: [r["path"]] for s in r["splits"]}, "same_file": True}
+            for r in twice]
 
 
 def _provenance_pairs(rows: pd.DataFrame) -> np.ndarray:
@@ -232,6 +243,12 @@ def _analyse(rows: pd.DataFrame, workers):
     rejected = [{"path": p, "reason": "listed more than once" if lab == first[p] else
                  f"listed more than once with another label ({lab!r}; the first row's {first[p]!r} is kept)"}
                 for p, lab in zip(rows.loc[repeated, "path"], rows.loc[repeated, "label"])]
+    if "folder_split" in rows:  # a given split that lists one file (or a link to it) in two splits leaks it
+        kept = dict(zip(rows.loc[~repeated, "path"], rows.loc[~repeated, "folder_split"]))
+        for entry, split in zip(rejected, rows.loc[repeated, "folder_split"]):
+            if split != kept[entry["path"]]:
+                entry.update(reason=f"listed again in split '{split}' (kept in '{kept[entry['path']]}'): one file "
+                                    "in two splits", splits=sorted({split, kept[entry["path"]]}))
     if conflicts := sum("another label" in r["reason"] for r in rejected):
         log.warning("%d image(s) listed again with a different label: the first label is kept (see "
                     "prepare_report.json, 'rejected')", conflicts)
