@@ -1,5 +1,3 @@
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -55,22 +53,16 @@ def test_a_cache_changed_on_disk_is_rebuilt_not_trusted(images, tmp_path, caplog
 
 
 def test_build_files_of_killed_processes_are_removed(images, tmp_path):
-    import platform
-    import subprocess
-    import sys
+    from bonefrac.data import _build_lock
 
     cache_dir = tmp_path / "cache"
     cache_dir.mkdir()
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True, check=True).stdout.strip()
-    host = platform.node()
-    orphan = cache_dir / f"abc.{host}.{dead}.12345678.part"  # what a SIGKILLed build leaves
-    alive = cache_dir / f"abc.{host}.{os.getpid()}.12345678.part"  # a build still running
-    other_host = cache_dir / f"abc.elsewhere.{dead}.12345678.part"  # a shared folder: not ours to judge
-    for f in (orphan, alive, other_host):
-        f.write_bytes(b"x")
-    build_cache(images, [""] * 6, 16, cache_dir, workers=1, progress=False)
-    assert not orphan.exists() and alive.exists() and other_host.exists()
+    orphan = cache_dir / "abc.123.12345678.part"  # what a SIGKILLed build leaves: nobody holds its lock
+    orphan.write_bytes(b"x")
+    running = cache_dir / "abc.456.12345678.part"
+    with _build_lock(running):  # a build in progress (another process, another container: same lock)
+        build_cache(images, [""] * 6, 16, cache_dir, workers=1, progress=False)
+        assert not orphan.exists() and running.exists()
 
 
 def test_a_second_build_never_touches_the_file_another_process_reads(images, tmp_path, monkeypatch):

@@ -203,6 +203,10 @@ def test_ensemble_directory_round_trip(ckpt, second, manifest, tmp_path):
     m = json.loads((ev / "metrics.json").read_text())
     assert m["ensemble"]["weights"] == pytest.approx(spec["weights"]) and m["threshold"] == spec["threshold"]
     assert m["seen_by_model"] == {"train": 0, "val": 0, "of": m["n"]}  # the members' lists travelled with them
+    from bonefrac.manifest import load_manifest
+
+    val = load_manifest(manifest).query("split == 'val'")
+    assert checkpoint.read_seen(moved) == dict.fromkeys(val.sha256, "val")  # what its weights were fitted on
 
 
 def test_an_ensemble_directory_can_be_the_default_model(ckpt, second, manifest, tmp_path, monkeypatch):

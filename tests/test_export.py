@@ -536,3 +536,7 @@ def test_refer_band_is_centred_on_the_threshold_by_hand():
     # the shipped model's low threshold (0.14) no longer flags confident negatives: was every p < 0.29
     low = np.array([0.01, 0.05, 0.12, 0.25])
     assert needs_review(np.c_[1 - low, low], 1, 0.14, 0.15).tolist() == [False, False, True, True]
+    # thresholds of exactly 0 and 1: a score on the threshold is decided positive and is the least certain
+    edge = np.array([0.0, 0.5, 1 - 5e-10, 1.0])
+    assert needs_review(np.c_[1 - edge, edge], 1, 0.0, 0.15).tolist() == [True, False, False, False]
+    assert needs_review(np.c_[1 - edge, edge], 1, 1.0, 0.15).tolist() == [False, False, True, True]

@@ -171,10 +171,13 @@ def test_screening_point_is_never_less_sensitive_than_the_default():
     assert sens["screening"] >= sens["default"]
 
 
-def test_saturated_top_score_gives_a_threshold_of_at_most_one():
+def test_saturated_top_score_gives_a_usable_threshold_just_above_one():
+    from bonefrac.backends import MAX_THRESHOLD, _is_probability
+
     y, s = np.array([0, 1, 1, 0]), np.array([1.0, 1.0, 0.7, 0.2])
     t = M.threshold_for_specificity(y, s, 1.0)
-    assert t == 1.0  # "predict nothing" would be just above 1.0: not a probability a model can be set to
+    assert t == MAX_THRESHOLD and M.threshold_metrics(y, s, t)["specificity"] == 1.0  # 1.0 would call them
+    assert _is_probability(t)  # predict/serve accept it (they refused it: "not a threshold from 0 to 1")
 
 
 def test_threshold_above_every_score_is_finite():
@@ -219,17 +222,22 @@ def test_softmax_and_temperature_recovery():
     assert M.softmax(true_logits * 2.5, t) == pytest.approx(M.softmax(true_logits), abs=0.03)
 
 
-def test_temperature_fit_that_runs_into_a_bound_keeps_one(caplog):
-    # A validation set the model gets entirely right: the NLL keeps falling as T -> 0, which would turn every
-    # probability into 0 or 1 and every threshold into 1.0.
+def test_temperature_fit_on_a_perfectly_classified_val_set_keeps_one(caplog):
+    # Every image right: the NLL keeps falling as T -> 0, which would turn every probability into 0 or 1 and every
+    # threshold into 1.0.
     logits = np.array([[2.0, -1.0], [1.5, 0.0], [-0.5, 1.0], [0.0, 3.0]])
     y = np.array([0, 0, 1, 1])
     with caplog.at_level("WARNING"):
         assert M.fit_temperature(logits, y) == 1.0
-    assert "perfectly separated" in caplog.text
-    # ...and one it ranks backwards drives T to the upper bound
-    assert M.fit_temperature(logits, 1 - y) == 1.0
-    assert "not ranked" in caplog.text
+    assert "classified correctly" in caplog.text
+    # A model that needs more than the bound is not "separable": it gets the bound, not 1 (which is further off).
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    weak = np.c_[np.zeros(400), (2 * y - 1) * 0.3 + rng.normal(0, 1, 400)] * 40  # ranks well, far too confident
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        t = M.fit_temperature(weak, y)
+    assert t == pytest.approx(20.0, rel=1e-3) and "ran into its bound" in caplog.text
 
 
 # ---------------------------------------------------------------------------- bootstrap

@@ -149,6 +149,9 @@ def test_predict_reads_the_operating_point_from_the_environment_like_serve(run, 
     assert main(["predict", "--model", str(run / "best"), "--no-xray-check", "--operating-point", "default",
                  image]) == 0  # the flag still wins
     assert json.loads(capsys.readouterr().out)["threshold"] == meta["threshold"]
+    best = str(run / "best")  # an unfitted average has no saved points: the variable is set for serve, not this
+    assert main(["predict", "--model", best, "--model", best, "--no-xray-check", image]) == 0
+    assert "BONEFRAC_OPERATING_POINT=high_sensitivity ignored" in caplog.text
 
 
 def test_predict_on_a_folder_without_images_says_so(run, tmp_path, caplog):

@@ -192,8 +192,11 @@ def _saved_points(predictor) -> dict:
     return points
 
 
+MAX_THRESHOLD = float(np.nextafter(1.0, 2.0))  # "predict nothing" above a saturated score of 1.0 (metrics._roc_pick)
+
+
 def _is_probability(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= MAX_THRESHOLD
 
 
 def _listed(points: dict) -> str:
@@ -291,10 +294,11 @@ def needs_review(probs: np.ndarray, positive_index: int | None, threshold: float
     if probs.size == 0:
         return np.zeros(0, bool)
     if positive_index is not None and probs.shape[1] == 2:
-        t = min(max(0.5 if threshold is None else float(threshold), 1e-9), 1 - 1e-9)
+        t = 0.5 if threshold is None else float(threshold)
         p = probs[:, positive_index]
-        centred = np.where(p < t, 0.5 * p / t, 0.5 + 0.5 * (p - t) / (1 - t))
-        return np.abs(centred - 0.5) < margin
+        with np.errstate(divide="ignore", invalid="ignore"):  # t = 0 or 1: one side is empty
+            centred = np.where(p >= t, 0.5 + 0.5 * (p - t) / max(1 - t, 1e-12), 0.5 * p / max(t, 1e-12))
+        return np.abs(centred - 0.5) < margin  # p == t (decided positive) sits at 0.5: referred
     top = np.sort(probs, axis=1)
     return (top[:, -1] - top[:, -2]) < 2 * margin
 

@@ -67,10 +67,15 @@ def _predict(args) -> None:
 
     if not args.paths:
         raise BonefracError("name at least one image file or folder to predict")
-    if args.operating_point is None and os.environ.get("BONEFRAC_OPERATING_POINT"):  # as `serve` reads it
-        args.operating_point = os.environ["BONEFRAC_OPERATING_POINT"]
-        log.info("operating point '%s' from BONEFRAC_OPERATING_POINT", args.operating_point)
     averaged = len(args.model or []) > 1  # several checkpoints, averaged with equal weights
+    env_point = os.environ.get("BONEFRAC_OPERATING_POINT")
+    if args.operating_point is None and env_point:  # as `serve` reads it
+        if averaged:
+            log.info("BONEFRAC_OPERATING_POINT=%s ignored: an unfitted average of checkpoints has no saved points",
+                     env_point)
+        else:
+            args.operating_point = env_point
+            log.info("operating point '%s' from BONEFRAC_OPERATING_POINT", env_point)
     if averaged and args.operating_point not in (None, DEFAULT_POINT):
         # The points were chosen for one model's probabilities, not for this unfitted average of several.
         raise BonefracError("--operating-point needs one checkpoint or an ensemble directory; build an ensemble "

@@ -9,11 +9,11 @@ memory and a batch is one gather, so the input pipeline never keeps the model wa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
-import platform
 import uuid
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -24,6 +24,11 @@ import torch
 from .config import SAMPLERS, one_of_error
 from .errors import BonefracError, ImageReadError
 from .io import read_image, resize_gray
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -65,12 +70,14 @@ def build_cache(paths: list[str], hashes: list[str], size: int, cache_dir: str |
     _remove_orphaned_parts(cache_dir)
     # Built under a name of its own and renamed when complete: two processes building the same cache (a sweep,
     # or train and evaluate on one manifest) must never truncate or half-fill the file the other one trusts.
-    part_file = cache_dir / f"{key}.{platform.node()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part"
+    part_file = cache_dir / f"{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part"
     try:
-        errors = _decode_into(part_file, paths, size, workers or os.cpu_count() or 1, progress)
-        if errors:
-            raise BonefracError(f"{len(errors)} manifest image(s) could not be read (re-run prepare): {errors[0]}")
-        os.replace(part_file, data_file)
+        with _build_lock(part_file):  # held until the rename: an unlocked part file is an orphan
+            errors = _decode_into(part_file, paths, size, workers or os.cpu_count() or 1, progress)
+            if errors:
+                raise BonefracError(f"{len(errors)} manifest image(s) could not be read (re-run prepare): "
+                                    f"{errors[0]}")
+            os.replace(part_file, data_file)
     finally:
         part_file.unlink(missing_ok=True)  # a failed or interrupted build leaves nothing behind
     done_file.write_text(json.dumps({"n": len(paths), "size": size, "version": CACHE_VERSION,
@@ -99,20 +106,29 @@ def _matches_record(data_file: Path, done_file: Path, shape: tuple) -> bool:
     return "sample_sha256" not in record or record["sample_sha256"] == _sample_hash(data_file, shape)
 
 
+@contextlib.contextmanager
+def _build_lock(part_file: Path):
+    """Hold an exclusive advisory lock on the new `part_file` while it is built: the lock dies with the process,
+    so a part file nobody holds was left by a killed build (whatever machine or container shares the folder)."""
+    with open(part_file, "wb") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield
+
+
 def _remove_orphaned_parts(cache_dir: Path) -> None:
-    """Delete build files (`KEY.HOST.PID.ID.part`) of this machine whose process no longer runs (a SIGKILL or
-    power loss skips the cleanup in build_cache); other machines' files sharing the folder are left alone."""
+    """Delete build files whose builder is gone (a SIGKILL or power loss skips the cleanup in build_cache): those
+    whose lock can be taken. Without flock (Windows) nothing is removed."""
+    if fcntl is None:
+        return
     for part in cache_dir.glob("*.part"):
-        fields = part.name.split(".")
-        if len(fields) < 5 or ".".join(fields[1:-3]) != platform.node() or not fields[-3].isdigit():
-            continue
         try:
-            os.kill(int(fields[-3]), 0)
-        except ProcessLookupError:
-            log.info("removing %s, left by a cache build that was killed", part.name)
-            part.unlink(missing_ok=True)
-        except OSError:  # alive under another user, or cannot tell: leave it
-            pass
+            with open(part, "rb") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # locked: a build in progress (or unreadable): leave it
+            continue
+        log.info("removing %s, left by a cache build that was killed", part.name)
+        part.unlink(missing_ok=True)
 
 
 def _decode_into(part_file: Path, paths: list[str], size: int, workers: int, progress: bool) -> list[str]:

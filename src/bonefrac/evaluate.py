@@ -139,6 +139,8 @@ def _checkpoint_dirs(models: list):
         if (model / ENSEMBLE_FILE).is_file():
             spec = json.loads((model / ENSEMBLE_FILE).read_text())
             yield from (model / rel for rel in spec.get("members", []))
+            if (model / checkpoint.SEEN_FILE).is_file():  # the val images its weights were fitted on
+                yield model
         else:
             yield model
 
@@ -239,7 +241,10 @@ def build_ensemble(models: list[str], manifest: str | Path, out_dir: str | Path,
     if not isinstance(ens, Ensemble) or "ensemble_dir" in ens.meta:
         raise BonefracError("name the member checkpoints themselves, not an ensemble directory")
     df = load_manifest(manifest)
-    fit = fit_ensemble(ens, check_val_split(df, ens.class_names, manifest), Path(manifest).parent / "cache")
+    val = check_val_split(df, ens.class_names, manifest)
+    fit = fit_ensemble(ens, val, Path(manifest).parent / "cache")
+    (out_dir / checkpoint.SEEN_FILE).parent.mkdir(parents=True, exist_ok=True)
+    (out_dir / checkpoint.SEEN_FILE).write_text("".join(f"val {sha}\n" for sha in sorted(set(val.sha256))))
     members = []
     for i, src in enumerate(models):
         rel = f"members/{i}_{ens.members[i].meta['arch']}"

@@ -270,7 +270,8 @@ def _analyse(rows: pd.DataFrame, workers):
     good = rows.loc[ok].reset_index(drop=True)
     kept = [r for r in results if isinstance(r, tuple)]
     if not kept:
-        raise BonefracError(f"none of the {len(paths)} image files could be read (see the warnings)")
+        raise BonefracError(f"none of the {len(paths)} image files could be used (see the warnings: unreadable "
+                            "or blank)")
     good["sha256"], good["width"], good["height"] = ([r[i] for r in kept] for i in range(3))
     return good, rejected, np.stack([r[3] for r in kept])
 

@@ -239,8 +239,9 @@ def _roc_pick(y_bin, scores, pick) -> float:
         return 0.5
     fpr, tpr, thr = roc_curve(y_bin, scores, drop_intermediate=False)
     thr = thr.astype(float)
-    # Capped at 1: a saturated top score (exactly 1.0) would otherwise give a "threshold" above any probability.
-    thr[0] = min(np.nextafter(scores.max(), np.inf), 1.0)
+    # Just above the top score; with a saturated score of exactly 1.0 that is the float after 1.0, which predict,
+    # serve and export accept (`backends.MAX_THRESHOLD`): capping it at 1.0 would call the 1.0 scores positive.
+    thr[0] = np.nextafter(scores.max(), np.inf)
     return float(thr[int(pick(fpr, tpr))])
 
 
@@ -298,9 +299,9 @@ def softmax(logits, temperature: float = 1.0) -> np.ndarray:
 def fit_temperature(logits, y, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
     """Temperature T minimising the NLL of softmax(logits / T) (temperature scaling, fit on validation).
 
-    Returns 1.0 with a warning when the fit runs into a bound: a validation set the model separates perfectly
-    drives T towards 0 (every probability 0 or 1, so no threshold can be chosen), one it cannot rank towards
-    infinity; neither is a calibration."""
+    Returns 1.0 with a warning when the model classifies every validation image correctly: the NLL then keeps
+    falling as T -> 0, turning every probability into 0 or 1 so that no threshold can be chosen. An optimum at a
+    bound otherwise is kept (the bound), with a warning."""
     logits = np.asarray(logits, dtype=float)
     y, _ = check_inputs(y, logits)
     true_logit = logits[np.arange(len(y)), y]
@@ -310,13 +311,15 @@ def fit_temperature(logits, y, bounds: tuple[float, float] = (0.05, 20.0)) -> fl
         return float(np.mean(special.logsumexp(logits / t, axis=1) - true_logit / t))
 
     # Searching log T keeps the scale even between over- and under-confident models.
+    others = np.where(np.eye(logits.shape[1], dtype=bool)[y], -np.inf, logits)
+    if len(y) and (true_logit > others.max(axis=1)).all():
+        logger.warning("every one of the %d validation images is classified correctly: no temperature can be "
+                       "fitted (it would go to 0); keeping T = 1", len(y))
+        return 1.0
     lo, hi = np.log(bounds)
     res = optimize.minimize_scalar(nll, bounds=(lo, hi), method="bounded", options={"xatol": 1e-6})
     if min(res.x - lo, hi - res.x) < 1e-3:
-        logger.warning("temperature fit ran into its bound T=%.3g (the %d validation images are %s); keeping "
-                       "T = 1", float(np.exp(res.x)), len(y),
-                       "perfectly separated" if res.x - lo < 1e-3 else "not ranked by the model")
-        return 1.0
+        logger.warning("temperature fit ran into its bound T = %.3g", float(np.exp(res.x)))
     return float(np.exp(res.x))
 
 

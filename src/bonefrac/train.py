@@ -242,8 +242,8 @@ def _start_outputs(run: _Run, manifest) -> None:
                      "positive_class": run.class_names[pos] if pos is not None else None, "preprocess": run.prep,
                      "config": to_dict(cfg), "manifest_sha256": manifest_sha256(manifest)}
     rows = load_manifest(manifest)
-    rows = rows[rows.split.isin(("train", "val"))]
-    run.seen = dict(zip(rows.sha256, rows.split))  # an image in both keeps "val": either way it was seen
+    for split in ("train", "val"):  # an image in both ends as "val": either way the model has seen it
+        run.seen.update(dict.fromkeys(rows.sha256[rows.split == split], split))
     if run.rank == 0:
         run.out_dir.mkdir(parents=True, exist_ok=True)
         (run.out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
