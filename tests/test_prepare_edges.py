@@ -226,3 +226,23 @@ def test_a_file_listed_in_two_splits_of_a_kept_split_is_reported_as_a_leak(tmp_p
     (tree / "test" / src.parent.name / "link.webp").symlink_to(src)
     report = prepare(tmp_path / "q", source=tree, keep_folder_split=True, workers=1, match_copies="off")
     assert [c for c in report["crossing_groups"] if c.get("same_file")]
+
+
+def test_a_grey_inverted_copy_joins_its_source(tmp_path):
+    from PIL import Image
+
+    from bonefrac.io import read_image
+
+    rows = sample_rows(10)
+    for i, (src, y) in enumerate(rows):
+        folder = tmp_path / "src" / ("b" if y else "a")
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, folder / src.name)
+    source = rows[0][0]
+    inverted = tmp_path / "src" / ("b" if rows[0][1] else "a") / "inverted.png"  # e.g. a MONOCHROME1 export
+    Image.fromarray(255 - read_image(source)).save(inverted)
+    prepare(tmp_path / "p", source=tmp_path / "src", workers=1, match_copies="off")
+    m = load_manifest(tmp_path / "p" / "manifest.csv").set_index("path")
+    assert m.group[str(inverted.resolve())] == m.group[str((tmp_path / "src" / inverted.parent.name /
+                                                              source.name).resolve())]
+    assert m.group.nunique() == 10  # and nothing else merged
