@@ -232,3 +232,10 @@ def test_a_one_class_val_split_keeps_temperature_one_and_warns(sample_manifest, 
     assert "val split has no images of class 'fracture'" in caplog.text
     meta = checkpoint.read_meta(tmp_path / "run" / "best")
     assert meta["temperature"] == 1.0 and meta["threshold"] is None
+
+
+def test_seen_images_lists_train_and_val_and_an_image_in_both_as_val():
+    from bonefrac.train import seen_images
+
+    rows = pd.DataFrame({"sha256": ["a", "b", "a", "c"], "split": ["val", "train", "train", "test"]})
+    assert seen_images(rows) == {"a": "val", "b": "train"}  # was "train": the last row won

@@ -241,13 +241,20 @@ def _start_outputs(run: _Run, manifest) -> None:
     run.base_meta = {"arch": cfg.model.arch, "class_names": run.class_names, "positive_index": pos,
                      "positive_class": run.class_names[pos] if pos is not None else None, "preprocess": run.prep,
                      "config": to_dict(cfg), "manifest_sha256": manifest_sha256(manifest)}
-    rows = load_manifest(manifest)
-    for split in ("train", "val"):  # an image in both ends as "val": either way the model has seen it
-        run.seen.update(dict.fromkeys(rows.sha256[rows.split == split], split))
+    run.seen = seen_images(load_manifest(manifest))
     if run.rank == 0:
         run.out_dir.mkdir(parents=True, exist_ok=True)
         (run.out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
         run.writer = open_tensorboard(run.out_dir)
+
+
+def seen_images(rows) -> dict:
+    """{sha256: split} of a manifest's train and val rows, as checkpoints list them; an image listed in both
+    is "val" whatever the row order (either way the model has seen it)."""
+    seen = {}
+    for split in ("train", "val"):
+        seen.update(dict.fromkeys(rows.sha256[rows.split == split], split))
+    return seen
 
 
 def _train_pass(run: _Run, gen: torch.Generator, epoch: int, watchdog: Watchdog) -> tuple[float, int]:
