@@ -23,6 +23,15 @@ def sample_rows(n: int) -> list[tuple[Path, int]]:
     return [(SAMPLE / p, int(y)) for p, y in zip(labels.image[:n], labels.fractured[:n])]
 
 
+def class_tree(root: Path, rows: list[tuple[Path, int]]) -> Path:
+    """root/a/* and root/b/* (label 1 -> b) holding copies of the sample images `rows`."""
+    for src, y in rows:
+        folder = root / ("b" if y else "a")
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, folder / src.name)
+    return root
+
+
 def split_tree(root: Path, n: int = 24) -> Path:
     for i, (src, y) in enumerate(sample_rows(n)):
         split = "train" if i < n * 2 // 3 else ("val" if i % 2 else "test")
@@ -174,8 +183,7 @@ def test_blank_images_are_rejected_not_grouped_together(tmp_path):
     for i, (label, value) in enumerate([("a", 40), ("a", 128), ("b", 200), ("b", 255)]):
         (tmp_path / "src" / label).mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.full((32, 32), value, np.uint8)).save(tmp_path / "src" / label / f"flat{i}.png")
-    for i, (src, y) in enumerate(sample_rows(8)):
-        shutil.copy(src, tmp_path / "src" / ("b" if y else "a") / src.name)
+    class_tree(tmp_path / "src", sample_rows(8))
     report = prepare(tmp_path / "p", source=tmp_path / "src", workers=1, match_copies="off")
     reasons = {Path(r["path"]).name: r["reason"] for r in report["rejected"]}
     assert reasons == {f"flat{i}.png": f"blank image (every pixel is {v})" for i, v in enumerate([40, 128, 200, 255])}
@@ -183,10 +191,7 @@ def test_blank_images_are_rejected_not_grouped_together(tmp_path):
 
 def test_hidden_folders_inside_class_folders_are_skipped(tmp_path):
     rows = sample_rows(12)
-    for i, (src, y) in enumerate(rows):
-        folder = tmp_path / "src" / ("b" if y else "a")
-        folder.mkdir(parents=True, exist_ok=True)
-        shutil.copy(src, folder / src.name)
+    class_tree(tmp_path / "src", rows)
     (tmp_path / "src" / "a" / ".ipynb_checkpoints").mkdir()
     shutil.copy(rows[0][0], tmp_path / "src" / "a" / ".ipynb_checkpoints" / "x-checkpoint.webp")
     prepare(tmp_path / "p", source=tmp_path / "src", workers=1, match_copies="off")
@@ -234,10 +239,7 @@ def test_a_grey_inverted_copy_joins_its_source(tmp_path):
     from bonefrac.io import read_image
 
     rows = sample_rows(10)
-    for i, (src, y) in enumerate(rows):
-        folder = tmp_path / "src" / ("b" if y else "a")
-        folder.mkdir(parents=True, exist_ok=True)
-        shutil.copy(src, folder / src.name)
+    class_tree(tmp_path / "src", rows)
     source = rows[0][0]
     inverted = tmp_path / "src" / ("b" if rows[0][1] else "a") / "inverted.png"  # e.g. a MONOCHROME1 export
     Image.fromarray(255 - read_image(source)).save(inverted)

@@ -296,8 +296,8 @@ def needs_review(probs: np.ndarray, positive_index: int | None, threshold: float
     if positive_index is not None and probs.shape[1] == 2:
         t = 0.5 if threshold is None else float(threshold)
         p = probs[:, positive_index]
-        with np.errstate(divide="ignore", invalid="ignore"):  # t = 0 or 1: one side is empty
-            centred = np.where(p >= t, 0.5 + 0.5 * (p - t) / max(1 - t, 1e-12), 0.5 * p / max(t, 1e-12))
+        # The floors only keep a threshold of exactly 0 or 1 from dividing by zero (that side is then empty).
+        centred = np.where(p >= t, 0.5 + 0.5 * (p - t) / max(1 - t, 1e-12), 0.5 * p / max(t, 1e-12))
         return np.abs(centred - 0.5) < margin  # p == t (decided positive) sits at 0.5: referred
     top = np.sort(probs, axis=1)
     return (top[:, -1] - top[:, -2]) < 2 * margin

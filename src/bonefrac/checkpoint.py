@@ -52,7 +52,7 @@ def save(path: str | Path, model: torch.nn.Module, meta: dict, train_state: dict
     if train_state is not None:
         torch.save(train_state, tmp / STATE_FILE)
     if seen:
-        (tmp / SEEN_FILE).write_text("".join(f"{split} {sha}\n" for sha, split in sorted(seen.items())))
+        write_seen(tmp, seen)
     # The JSON goes last: a `.tmp` whose JSON parses is complete, which is how `recover` tells it apart.
     meta = {"format_version": FORMAT_VERSION, "code_version": __version__, **meta}
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=_json_default))
@@ -103,6 +103,11 @@ def _complete(path: Path) -> bool:
     except (OSError, ValueError):
         return False
     return (path / WEIGHTS_FILE).is_file()
+
+
+def write_seen(path: str | Path, seen: dict[str, str]) -> None:
+    """Write `seen` ({sha256: split}) as `path`/SEEN_FILE, one "<split> <sha256>" line per image."""
+    (Path(path) / SEEN_FILE).write_text("".join(f"{split} {sha}\n" for sha, split in sorted(seen.items())))
 
 
 def read_seen(path: str | Path) -> dict[str, str] | None:

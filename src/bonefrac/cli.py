@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from .config import MAX_SEED
 from .errors import BonefracError
 
 log = logging.getLogger("bonefrac")
@@ -189,7 +190,7 @@ def _int_in(low: int, high: int | None = None):
 
 _positive_int = _int_in(1)
 _count = _int_in(0)
-_seed = _int_in(0, 2**32 - 1)  # numpy's seed range
+_seed = _int_in(0, MAX_SEED)
 
 
 def build_parser() -> argparse.ArgumentParser:

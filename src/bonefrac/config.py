@@ -157,6 +157,7 @@ def _optional(rule):
 
 
 # String choices, checked here and by the code that consumes them (for callers that build a Config directly).
+MAX_SEED = 2**32 - 1  # numpy's seed range; train, prepare and augment seeds all go through it
 SAMPLERS = ("shuffle", "balanced")
 OPTIMIZERS = ("adamw", "adam")
 SCHEDULES = ("cosine", "plateau", "constant")
@@ -205,7 +206,7 @@ _RULES = {
     "optim.plateau_patience": _NON_NEGATIVE,
     "optim.grad_clip": _optional(_POSITIVE),
     "train.epochs": _AT_LEAST_1,
-    "train.seed": (lambda v: 0 <= v < 2**32, "a whole number from 0 to 2**32 - 1 (numpy's seed range)"),
+    "train.seed": (lambda v: 0 <= v <= MAX_SEED, "a whole number from 0 to 2**32 - 1 (numpy's seed range)"),
     "train.patience": _NON_NEGATIVE,
     "train.label_smoothing": _FRACTION,
     "train.compile": _one_of(*COMPILE_SWITCH),

@@ -54,7 +54,8 @@ def build_cache(paths: list[str], hashes: list[str], size: int, cache_dir: str |
     """A read-only (N, size, size) uint8 memmap of the images, built (in parallel) only when missing.
 
     A cache whose file no longer matches the record written beside it (size, and a hash of up to 64 images
-    spread over it) is rebuilt with a warning; build files left by killed processes of this machine are removed.
+    spread over it) is rebuilt with a warning; build files left by killed builds (no one holds their lock) are
+    removed.
     """
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)

@@ -139,24 +139,14 @@ def _luma(rgb: np.ndarray, top: float) -> np.ndarray:
 def _padding_mask(arr: np.ndarray, ds) -> np.ndarray | None:
     """True where the stored value is PixelPaddingValue (or between it and PixelPaddingRangeLimit): pixels
     outside the imaged field. None when the file declares no padding or no pixel carries it."""
-    value = _int_tag(ds, "PixelPaddingValue")
+    # Both tags are US or SS; pydicom resolves that from PixelRepresentation and returns ints.
+    value = ds.get("PixelPaddingValue")
     if value is None:
         return None
-    limit = _int_tag(ds, "PixelPaddingRangeLimit")
-    lo, hi = (value, value) if limit is None else (min(value, limit), max(value, limit))
+    limit = ds.get("PixelPaddingRangeLimit")
+    lo, hi = sorted((int(value), int(value if limit is None else limit)))
     mask = (arr >= lo) & (arr <= hi)
     return mask if mask.any() else None
-
-
-def _int_tag(ds, keyword: str) -> int | None:
-    """An US-or-SS tag as an int; pydicom can leave such a value as raw bytes when the VR was ambiguous."""
-    value = ds.get(keyword)
-    if value is None or isinstance(value, int):
-        return value
-    if isinstance(value, bytes) and len(value) in (2, 4):
-        signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
-        return int.from_bytes(value, "little" if ds.is_little_endian is not False else "big", signed=signed)
-    return None
 
 
 def _apply_voi(values: np.ndarray, ds, apply_voi_lut) -> np.ndarray | None:

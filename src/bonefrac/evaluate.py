@@ -243,8 +243,8 @@ def build_ensemble(models: list[str], manifest: str | Path, out_dir: str | Path,
     df = load_manifest(manifest)
     val = check_val_split(df, ens.class_names, manifest)
     fit = fit_ensemble(ens, val, Path(manifest).parent / "cache")
-    (out_dir / checkpoint.SEEN_FILE).parent.mkdir(parents=True, exist_ok=True)
-    (out_dir / checkpoint.SEEN_FILE).write_text("".join(f"val {sha}\n" for sha in sorted(set(val.sha256))))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint.write_seen(out_dir, dict.fromkeys(val.sha256, "val"))  # what its weights were fitted on
     members = []
     for i, src in enumerate(models):
         rel = f"members/{i}_{ens.members[i].meta['arch']}"

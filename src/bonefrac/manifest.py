@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from .config import MAX_SEED
 from .dedup import NEAR_DUP_THRESHOLD, crossing_groups, dihedral_phash, duplicate_pairs, group_ids
 from .errors import BonefracError, ImageReadError
 from .io import decode_image
@@ -60,7 +61,7 @@ def prepare(out_dir, *, source=None, labels_csv=None, path_col="image", label_co
     """
     started = time.perf_counter()
     fractions = _check_options(fractions, split_all, keep_folder_split)
-    if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+    if not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
         raise BonefracError(f"seed must be a whole number from 0 to 2**32 - 1, got {seed!r}")
     rows, rejected, kind, origin = collect(source, labels_csv, path_col, label_col, MANIFEST_COLUMNS)
     if keep_folder_split and "folder_split" not in rows:

@@ -132,7 +132,7 @@ class _Run:
 
 def _build_run(manifest, out_dir: Path, cfg: Config, device: torch.device, rank: int, world: int) -> _Run:
     """A fresh run: data, model, optimizer, schedule and loss weights (a resume loads its state on top)."""
-    class_names, y_tr, monitor, train_batches, val_batches = _load_data(manifest, cfg, device, rank, world)
+    class_names, y_tr, monitor, train_batches, val_batches, seen = _load_data(manifest, cfg, device, rank, world)
     model, net, prep = _build_model(cfg, len(class_names), train_batches.masks is not None, device)
     steps_per_epoch = min(len(train_batches), cfg.train.max_steps_per_epoch or len(train_batches))
     optimizer = make_optimizer(net, cfg.optim, cfg.data.batch_size * world, device)
@@ -145,12 +145,13 @@ def _build_run(manifest, out_dir: Path, cfg: Config, device: torch.device, rank:
     return _Run(cfg=cfg, out_dir=out_dir, rank=rank, world=world, class_names=class_names,
                 pos=metrics.positive_class_index(class_names), monitor=monitor, train_batches=train_batches,
                 val_batches=val_batches, steps_per_epoch=steps_per_epoch, prep=prep, model=model, net=net,
-                optimizer=optimizer, scheduler=scheduler, weight=weight, ema=ema)
+                optimizer=optimizer, scheduler=scheduler, weight=weight, ema=ema, seen=seen)
 
 
 def _load_data(manifest, cfg: Config, device: torch.device, rank: int, world: int):
-    """(class names, train labels, selection metric, train batches, val batches) from the manifest's train and val
-    rows, decoded into uint8 caches (train's with a margin for augmentation, and lesion masks with box_loss)."""
+    """(class names, train labels, selection metric, train batches, val batches, seen_images) from the manifest's
+    train and val rows, decoded into uint8 caches (train's with a margin for augmentation, and lesion masks with
+    box_loss)."""
     df = load_manifest(manifest)
     class_names = class_names_for(manifest, df)
     index = {c: i for i, c in enumerate(class_names)}
@@ -172,7 +173,7 @@ def _load_data(manifest, cfg: Config, device: torch.device, rank: int, world: in
     if len(train_batches) == 0:
         raise BonefracError(f"train split has {len(tr)} images, fewer than one batch of {cfg.data.batch_size} "
                             f"per process; lower data.batch_size")
-    return class_names, y_tr, monitor, train_batches, val_batches
+    return class_names, y_tr, monitor, train_batches, val_batches, seen_images(df)
 
 
 def _lesion_masks(cfg, rows, cache_size: int, class_names):
@@ -241,7 +242,6 @@ def _start_outputs(run: _Run, manifest) -> None:
     run.base_meta = {"arch": cfg.model.arch, "class_names": run.class_names, "positive_index": pos,
                      "positive_class": run.class_names[pos] if pos is not None else None, "preprocess": run.prep,
                      "config": to_dict(cfg), "manifest_sha256": manifest_sha256(manifest)}
-    run.seen = seen_images(load_manifest(manifest))
     if run.rank == 0:
         run.out_dir.mkdir(parents=True, exist_ok=True)
         (run.out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
