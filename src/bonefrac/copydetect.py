@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import shipped
 from .errors import BonefracError
 
 log = logging.getLogger(__name__)
@@ -122,15 +123,15 @@ def load_detector(path, device="cpu") -> CopyDetector:
 
 
 def shipped_detector_path() -> Path | None:
-    """The shipped detector: $BONEFRAC_COPY_DETECTOR, else models/copy_detector in the source checkout; None
-    when there is none (a set variable that names no detector folder is an error, not silently ignored)."""
+    """The shipped detector: $BONEFRAC_COPY_DETECTOR, else models/copy_detector of the source checkout, else its
+    copy inside the installed package (in the order of shipped.candidates); None when there is none (a set
+    variable that names no detector folder is an error, not silently ignored)."""
     env = os.environ.get(ENV_VAR)
     if env:
         if not (Path(env) / META_FILE).is_file():
             raise BonefracError(f"{ENV_VAR}={env}: no copy detector there ({META_FILE} missing)")
         return Path(env)
-    path = Path(__file__).resolve().parents[2] / "models" / SHIPPED_NAME
-    return path if (path / META_FILE).is_file() else None
+    return shipped.find(SHIPPED_NAME, META_FILE)
 
 
 def resolve_detector(match_copies) -> Path | None:
@@ -140,10 +141,10 @@ def resolve_detector(match_copies) -> Path | None:
         return None
     if str(match_copies) == "auto":
         path = shipped_detector_path()
-        if path is None:  # e.g. a pip install without the source checkout's models/ folder
-            log.warning("no copy detector found (models/%s in the source checkout, or $%s): freshly augmented "
-                        "copies (small rotations, crops) are NOT matched, so leaks between splits may go "
-                        "unreported", SHIPPED_NAME, ENV_VAR)
+        if path is None:  # e.g. a checkout without models/copy_detector
+            log.warning("no copy detector found (%s, or $%s): freshly augmented copies (small rotations, crops) "
+                        "are NOT matched, so leaks between splits may go unreported",
+                        " or ".join(map(str, shipped.candidates(SHIPPED_NAME))), ENV_VAR)
         return path
     path = Path(match_copies)
     if not path.is_dir():

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint
+from . import checkpoint, shipped
 from .data import progress_bar
 from .errors import BonefracError, ImageReadError
 from .io import image_files, printable_path, read_image, read_image_and_colour
@@ -159,16 +159,28 @@ def _load_ensemble_dir(path: Path, device: str, tta: bool, batch_size: int) -> E
 
 
 def default_model_path() -> Path:
-    """The shipped model: $BONEFRAC_MODEL, else models/<DEFAULT_MODEL_NAME> in the source checkout; either may
-    be a checkpoint or an ensemble directory."""
+    """The model to use when none is named, a checkpoint or ensemble directory: $BONEFRAC_MODEL, else the shipped
+    models/<DEFAULT_MODEL_NAME> of the source checkout, else its copy inside the installed package (in the order
+    of shipped.candidates). BonefracError, naming where it looked, when there is none."""
     env = os.environ.get("BONEFRAC_MODEL")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "models" / DEFAULT_MODEL_NAME
-    if env and path.is_file():
+    if env:
+        return _model_from_env(env)
+    path = shipped.find(DEFAULT_MODEL_NAME, checkpoint.META_FILE, ENSEMBLE_FILE)
+    if path is None:
+        looked = " or ".join(str(p) for p in shipped.candidates(DEFAULT_MODEL_NAME))
+        raise BonefracError(f"no model named and no shipped model at {looked}; pass --model CKPT "
+                            "or set BONEFRAC_MODEL")
+    return path
+
+
+def _model_from_env(env: str) -> Path:
+    path = Path(env)
+    if path.is_file():
         raise BonefracError(f"BONEFRAC_MODEL={env} is a file; this command needs a checkpoint or ensemble "
                             "directory (exported .onnx / TorchScript files are for `bonefrac serve`)")
     if not any((path / name).is_file() for name in (checkpoint.META_FILE, ENSEMBLE_FILE)):
-        raise BonefracError(f"no model named and no shipped model at {path}; pass --model CKPT "
-                            "or set BONEFRAC_MODEL")
+        raise BonefracError(f"no model named and no model at BONEFRAC_MODEL={env}; pass --model CKPT "
+                            "or set BONEFRAC_MODEL to a checkpoint or ensemble directory")
     return path
 
 
