@@ -184,3 +184,52 @@ def test_swin_features_are_explained_channels_first_and_vit_is_refused():
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=2, img_size=32, depth=1).eval()
     with pytest.raises(BonefracError, match="tokens"):  # was: an attention tensor explained as a feature map
         _features_and_logits(vit, torch.randn(1, 3, 32, 32))
+
+
+def test_explain_decides_in_the_forward_precision_predict_uses_and_draws_in_float32(monkeypatch):
+    """On CUDA predict runs under bf16 autocast; explain once ran float32 and could explain (and report) another
+    class than predict's near the threshold. Here autocast is switched on for the CPU, as it is for CUDA."""
+    from bonefrac import predict as predict_mod
+    from bonefrac.explain import explain_arrays
+    from bonefrac.predict import decide
+
+    torch.manual_seed(0)
+    predictor = _predictor(_TinyCnn(), size=64, channels=1)
+    images = _images(4) + _images(5)
+    fp32 = predictor.predict_arrays(images)[:, 1]
+    maps32 = gradcam(predictor, images, target_class=1)
+    monkeypatch.setattr(predict_mod, "uses_autocast", lambda device, amp=True: amp)  # bf16 on the CPU too
+    predicted = predictor.predict_arrays(images)
+    worst = int(np.argmax(np.abs(predicted[:, 1] - fp32)))
+    assert predicted[worst, 1] != fp32[worst]  # else this test could not tell the precisions apart
+    # A threshold between the two precisions' scores of one image: they decide that image differently.
+    predictor.threshold = float((predicted[worst, 1] + fp32[worst]) / 2)
+    _, classes, probs = explain_arrays(predictor, images)
+    np.testing.assert_allclose(probs, predicted, rtol=0, atol=1e-9)
+    np.testing.assert_array_equal(classes, decide(predicted, 1, predictor.threshold))
+    for a, b in zip(gradcam(predictor, images, target_class=1), maps32):  # the map does not depend on it
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_an_ensemble_runs_each_member_once_per_batch():
+    """The first member's Grad-CAM forward also gives its share of the ensemble's probabilities."""
+    from bonefrac.explain import explain_arrays
+    from bonefrac.predict import decide
+
+    torch.manual_seed(0)
+    members = [_predictor(_TinyCnn(), size=64, channels=1) for _ in range(2)]
+    images = _images(6)
+    expected = Ensemble(members).predict_arrays(images)
+    threshold = float(np.median(expected[:, 1]))
+    ensemble = Ensemble(members, weights=[0.7, 0.3], threshold=threshold)
+    expected = ensemble.predict_arrays(images)
+    alone = gradcam(members[0], images, target_class=decide(expected, 1, threshold))
+    calls = [0, 0]
+    for i, m in enumerate(members):
+        m.model.body.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    heatmaps, classes, probs = explain_arrays(ensemble, images)
+    assert calls == [1, 1]  # was [2, 1]: the first member ran for the ensemble's probabilities and for the map
+    np.testing.assert_allclose(probs, expected, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(classes, decide(expected, 1, threshold))
+    for a, b in zip(heatmaps, alone):
+        np.testing.assert_allclose(a, b, atol=1e-6)

@@ -154,10 +154,44 @@ def test_predict_reads_the_operating_point_from_the_environment_like_serve(run, 
     assert "BONEFRAC_OPERATING_POINT=high_sensitivity ignored" in caplog.text
 
 
+def test_explain_decides_at_the_operating_point_predict_uses(run, tmp_path, capsys, monkeypatch):
+    files = [str(p) for p in sorted((SAMPLE / "images").glob("*.webp"))[:24]]
+
+    def predicted(*flags):
+        assert main(["predict", "--model", str(run / "best"), "--no-xray-check", *flags, *files]) == 0
+        return [json.loads(line)["prediction"] for line in capsys.readouterr().out.splitlines()]
+
+    def explained(out, *flags):
+        assert main(["explain", str(run / "best"), *files, "--out", str(tmp_path / out), *flags]) == 0
+        return list(pd.read_csv(tmp_path / out / "explain.csv").explained_class)
+
+    point = "high_sensitivity"
+    assert predicted("--operating-point", point) != predicted()  # else this test could not tell the points apart
+    assert explained("flag", "--operating-point", point) == predicted("--operating-point", point)
+    assert explained("tta", "--tta", "--operating-point", point) == predicted("--tta", "--operating-point", point)
+    monkeypatch.setenv("BONEFRAC_OPERATING_POINT", point)  # read as predict and serve read it
+    assert explained("env") == predicted()
+
+
 def test_predict_on_a_folder_without_images_says_so(run, tmp_path, caplog):
     (tmp_path / "empty").mkdir()
     assert main(["predict", "--model", str(run / "best"), str(tmp_path / "empty")]) == 2
     assert f"no image files found in {tmp_path / 'empty'}" in caplog.text
+
+
+def test_predict_csv_spells_booleans_as_the_json_lines_do(capsys):
+    from bonefrac.cli import _csv_writer
+
+    write = _csv_writer(["no_fracture", "fracture"])
+    rows = [{"path": "a.png", "status": "ok", "prediction": "fracture", "confidence": 0.9, "refer": False,
+             "probabilities": {"no_fracture": 0.1, "fracture": 0.9}, "threshold": 0.5},
+            {"path": "b.png", "status": "not_xray", "refer": True, "message": "not an X-ray: blank"},
+            {"path": "c.png", "status": "error", "error": "unreadable"}]
+    for row in rows:
+        write(row)
+    written = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [r["refer"] for r in written] == ["false", "true", ""]  # was False, True: Python's spelling
+    assert [json.loads(r["refer"]) for r in written[:2]] == [False, True]
 
 
 def test_predict_at_an_unknown_operating_point_lists_the_saved_ones(run, caplog):

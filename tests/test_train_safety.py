@@ -205,6 +205,25 @@ def test_more_epochs_on_resume_continue_the_learning_rate_without_a_jump(base, s
     assert len(lr) == 4 and lr[2] >= lr[3]
 
 
+def test_a_resume_with_more_epochs_builds_the_schedule_once_and_steps_on_at_the_saved_rate(base, sample_manifest,
+                                                                                          tmp_path, monkeypatch):
+    out = copy_run(base, tmp_path)
+    built, rates = [], []
+    real_make, real_step = train_mod.make_scheduler, train_mod.train_step
+    monkeypatch.setattr(train_mod, "make_scheduler", lambda *a, **k: built.append(a[1:]) or real_make(*a, **k))
+
+    def step(step_model, model, x, y, gen, optimizer, *rest, **kwargs):
+        rates.append(optimizer.param_groups[0]["lr"])
+        return real_step(step_model, model, x, y, gen, optimizer, *rest, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_step", step)
+    assert train(sample_manifest, out, "--resume", "--set", "train.monitor=loss", "--set", "train.epochs=2") == 0
+    assert len(built) == 1  # was 2: the fresh run's schedule, then the anchored one
+    saved = pd.read_csv(out / "metrics.csv").lr[0]  # the rate after the first run's last step
+    # The first resumed step goes on at it; the schedule built second reset it to its warm-up start (here 1.0 x lr).
+    assert rates[0] == pytest.approx(saved, rel=1e-9) and rates[1] <= rates[0]
+
+
 def test_lr_factor_with_an_anchor_decays_from_it_to_the_end():
     from types import SimpleNamespace
 

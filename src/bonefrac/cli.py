@@ -69,14 +69,7 @@ def _predict(args) -> None:
     if not args.paths:
         raise BonefracError("name at least one image file or folder to predict")
     averaged = len(args.model or []) > 1  # several checkpoints, averaged with equal weights
-    env_point = os.environ.get("BONEFRAC_OPERATING_POINT")
-    if args.operating_point is None and env_point:  # as `serve` reads it
-        if averaged:
-            log.info("BONEFRAC_OPERATING_POINT=%s ignored: an unfitted average of checkpoints has no saved points",
-                     env_point)
-        else:
-            args.operating_point = env_point
-            log.info("operating point '%s' from BONEFRAC_OPERATING_POINT", env_point)
+    args.operating_point = _operating_point(args.operating_point, averaged)
     if averaged and args.operating_point not in (None, DEFAULT_POINT):
         # The points were chosen for one model's probabilities, not for this unfitted average of several.
         raise BonefracError("--operating-point needs one checkpoint or an ensemble directory; build an ensemble "
@@ -103,8 +96,23 @@ def _predict(args) -> None:
         raise BonefracError(f"no prediction made for any of the {sum(counts.values())} input(s)")
 
 
+def _operating_point(named: str | None, averaged: bool = False) -> str | None:
+    """The operating point predict/explain decide at: the one named, else $BONEFRAC_OPERATING_POINT (as `serve`
+    reads it), except for an unfitted average of checkpoints, which has no saved points."""
+    env_point = os.environ.get("BONEFRAC_OPERATING_POINT")
+    if named is not None or not env_point:
+        return named
+    if averaged:
+        log.info("BONEFRAC_OPERATING_POINT=%s ignored: an unfitted average of checkpoints has no saved points",
+                 env_point)
+        return None
+    log.info("operating point '%s' from BONEFRAC_OPERATING_POINT", env_point)
+    return env_point
+
+
 def _csv_writer(class_names):
-    """A function writing one predict row as CSV to stdout (after the header, written now)."""
+    """A function writing one predict row as CSV to stdout (after the header, written now). `refer` is true/false
+    as in the JSON lines (empty for an unreadable file)."""
     import csv
 
     w = csv.writer(sys.stdout)
@@ -113,8 +121,9 @@ def _csv_writer(class_names):
 
     def write(row: dict) -> None:
         probs = row.get("probabilities", {})
+        refer = json.dumps(bool(row["refer"])) if "refer" in row else ""  # the JSON lines' spelling, not True/False
         w.writerow([row["path"], row["status"], row.get("prediction", ""), row.get("confidence", ""),
-                    row.get("refer", ""), *[probs.get(c, "") for c in class_names],
+                    refer, *[probs.get(c, "") for c in class_names],
                     "" if row.get("threshold") is None else row["threshold"],
                     row.get("error") or row.get("message") or ""])
         sys.stdout.flush()
@@ -141,12 +150,14 @@ def _serve(args) -> None:
 
 
 def _explain(args) -> None:
+    from .backends import use_operating_point
     from .explain import explain_files
     from .predict import load_predictor
 
     if not args.paths:
         raise BonefracError("name at least one image file or folder to explain")
-    predictor = load_predictor([args.ckpt], args.device, batch_size=args.batch_size)
+    predictor = load_predictor([args.ckpt], args.device, args.tta, args.batch_size)
+    use_operating_point(predictor, _operating_point(args.operating_point))  # decide as `predict` would
     explain_files(predictor, args.paths, args.out, args.target_class, args.batch_size)
 
 
@@ -282,8 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("paths", nargs="*", help="image files or folders")
     s.add_argument("--out", required=True)
     s.add_argument("--class", dest="target_class", help="class to explain (default: the predicted one)")
-    s.add_argument("--batch-size", type=_positive_int, default=16)
+    s.add_argument("--batch-size", type=_positive_int, default=32)
+    s.add_argument("--tta", action="store_true", help="decide as `predict --tta` does (the map is of the image)")
     s.add_argument("--device", default="auto")
+    s.add_argument("--operating-point", metavar="NAME", help=OPERATING_POINT_HELP + " (also read: "
+                   "$BONEFRAC_OPERATING_POINT)")
     s.set_defaults(func=_explain)
 
     s = sub.add_parser("calibrate", help="re-fit temperature and operating points on val; rewrites the JSON")

@@ -41,14 +41,30 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise BonefracError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
 
 
-@torch.no_grad()
-def infer_logits(model, x: torch.Tensor, prep: dict, amp: bool = True, tta: bool = False) -> torch.Tensor:
-    """Float32 logits for a uint8 (B, 1, S, S) batch already at the model's size, on the model's device."""
+def uses_autocast(device: torch.device, amp: bool = True) -> bool:
+    """Whether an inference forward on `device` runs under bf16 autocast (on CUDA when `amp`); explain asks, to
+    know whether its float32 Grad-CAM forward also gives predict's probabilities."""
+    return amp and device.type == "cuda"
+
+
+def forward_precision(device: torch.device, amp: bool = True):
+    """The autocast context an inference forward runs in: bf16 where `uses_autocast`, else float32."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=uses_autocast(device, amp))
+
+
+def model_input(model, x: torch.Tensor, prep: dict) -> torch.Tensor:
+    """The normalised float input for a uint8 (B, 1, S, S) batch, in the model's memory format."""
     inp = normalize(to_unit(x), prep["mean"], prep["std"], prep["channels"])
     if next(model.parameters()).is_contiguous(memory_format=torch.channels_last):
         inp = inp.contiguous(memory_format=torch.channels_last)
-    use_amp = amp and inp.device.type == "cuda"
-    with torch.autocast(device_type=inp.device.type, dtype=torch.bfloat16, enabled=use_amp):
+    return inp
+
+
+@torch.no_grad()
+def infer_logits(model, x: torch.Tensor, prep: dict, amp: bool = True, tta: bool = False) -> torch.Tensor:
+    """Float32 logits for a uint8 (B, 1, S, S) batch already at the model's size, on the model's device."""
+    inp = model_input(model, x, prep)
+    with forward_precision(inp.device, amp):
         logits = model(inp).float()
         if tta:
             logits = (logits + model(hflip(inp)).float()) / 2
@@ -96,7 +112,11 @@ class Predictor:
         return torch.cat(out).cpu().numpy() if out else np.zeros((0, len(self.class_names)), np.float32)
 
     def probs_uint8(self, x: torch.Tensor) -> np.ndarray:
-        return _softmax(self.logits_uint8(x).astype(np.float64) / self.temperature)
+        return self.calibrated(self.logits_uint8(x))
+
+    def calibrated(self, logits: np.ndarray) -> np.ndarray:
+        """(n, K) probabilities from this model's logits: temperature, then softmax in float64."""
+        return _softmax(np.asarray(logits, dtype=np.float64) / self.temperature)
 
     def predict_arrays(self, images: list[np.ndarray]) -> np.ndarray:
         """(n, K) probabilities for decoded 2-D uint8 images of any size."""
@@ -122,7 +142,11 @@ class Ensemble:
         return "+".join(m.version for m in self.members)
 
     def predict_arrays(self, images: list[np.ndarray]) -> np.ndarray:
-        return sum(w * m.predict_arrays(images) for w, m in zip(self.weights, self.members))
+        return self.combine([m.predict_arrays(images) for m in self.members])
+
+    def combine(self, member_probs: list[np.ndarray]) -> np.ndarray:
+        """The ensemble's (n, K) probabilities from its members' (in member order)."""
+        return sum(w * p for w, p in zip(self.weights, member_probs))
 
 
 ENSEMBLE_FILE = "ensemble.json"

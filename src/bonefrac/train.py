@@ -57,7 +57,8 @@ def train(manifest: str | Path, out_dir: str | Path, cfg: Config, resume: bool =
     device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
-    run = _build_run(manifest, out_dir, cfg, device, rank, world)  # data, model, optimizer, schedule, loss
+    # Data, model, optimizer, loss; and the schedule, unless resuming (then _resume builds it).
+    run = _build_run(manifest, out_dir, cfg, device, rank, world, resume)
     if resume:
         _resume(run, manifest)
     run.step_model, run.grad_sync = parallelize(run.net, cfg, device, world)
@@ -113,7 +114,7 @@ class _Run:
     model: torch.nn.Module  # the classifier, what the checkpoints hold
     net: torch.nn.Module  # what the optimizer updates: `model`, or a WithBoxHead around it under box supervision
     optimizer: torch.optim.Optimizer
-    scheduler: object
+    scheduler: object  # None only until _resume builds a resumed run's
     weight: torch.Tensor | None  # class weights of the loss
     ema: Ema | None
     state: dict = field(default_factory=lambda: {"epoch": 0, "best_score": -math.inf, "bad_epochs": 0})
@@ -130,13 +131,14 @@ class _Run:
         return self.ema.module if self.ema else self.model
 
 
-def _build_run(manifest, out_dir: Path, cfg: Config, device: torch.device, rank: int, world: int) -> _Run:
-    """A fresh run: data, model, optimizer, schedule and loss weights (a resume loads its state on top)."""
+def _build_run(manifest, out_dir: Path, cfg: Config, device: torch.device, rank: int, world: int,
+               resume: bool = False) -> _Run:
+    """A fresh run: data, model, optimizer, schedule and loss weights (`resume`: _resume adds the schedule)."""
     class_names, y_tr, monitor, train_batches, val_batches, seen = _load_data(manifest, cfg, device, rank, world)
     model, net, prep = _build_model(cfg, len(class_names), train_batches.masks is not None, device)
     steps_per_epoch = min(len(train_batches), cfg.train.max_steps_per_epoch or len(train_batches))
     optimizer = make_optimizer(net, cfg.optim, cfg.data.batch_size * world, device)
-    scheduler = make_scheduler(optimizer, cfg.optim, steps_per_epoch, cfg.train.epochs)
+    scheduler = None if resume else make_scheduler(optimizer, cfg.optim, steps_per_epoch, cfg.train.epochs)
     weight = None
     if cfg.train.class_weights:
         counts = np.bincount(y_tr, minlength=len(class_names)).clip(min=1)
@@ -208,6 +210,12 @@ def _resume(run: _Run, manifest) -> None:
         raise BonefracError(f"{last_dir} was trained on a different manifest; resume with the same --manifest")
     trained, _ = checkpoint.load(last_dir)
     state = checkpoint.load_train_state(last_dir)
+    cfg = run.cfg
+    saved_epochs = (meta.get("config") or {}).get("train", {}).get("epochs", cfg.train.epochs)
+    run.lr_anchor = resume_anchor(state, cfg.optim, run.steps_per_epoch, saved_epochs, cfg.train.epochs)
+    # Once, and before the optimizer's state is loaded: building a schedule sets the learning rate to its first
+    # step's, which that state then replaces by the saved one (built after it, the next step ran at the first's).
+    run.scheduler = make_scheduler(run.optimizer, cfg.optim, run.steps_per_epoch, cfg.train.epochs, run.lr_anchor)
     if isinstance(run.net, WithBoxHead):
         run.net.model.load_state_dict(trained.state_dict())
         if state.get("box_head"):  # absent when the run was started without box supervision
@@ -215,11 +223,6 @@ def _resume(run: _Run, manifest) -> None:
     else:
         run.net.load_state_dict(trained.state_dict())
     run.optimizer.load_state_dict(state["optimizer"])
-    cfg = run.cfg
-    saved_epochs = (meta.get("config") or {}).get("train", {}).get("epochs", cfg.train.epochs)
-    run.lr_anchor = resume_anchor(state, cfg.optim, run.steps_per_epoch, saved_epochs, cfg.train.epochs)
-    if run.lr_anchor:
-        run.scheduler = make_scheduler(run.optimizer, cfg.optim, run.steps_per_epoch, cfg.train.epochs, run.lr_anchor)
     run.scheduler.load_state_dict(state["scheduler"])
     if run.ema and state.get("ema"):
         run.ema.load_state_dict(state["ema"])
