@@ -30,12 +30,13 @@ class BuildPyWithModels(build_py):
         super().run()
         if self.editable_mode:  # an editable install reads models/ in place
             return
+        shipped = Path(self.build_lib) / "bonefrac" / "_shipped"
+        shutil.rmtree(shipped, ignore_errors=True)  # a reused build/ folder must not ship files deleted since
         for name in SHIPPED:
             source = Path(__file__).resolve().parent / "models" / name
             if not source.is_dir():  # fail here, not on the air-gapped machine that installs the wheel
                 raise FileError(f"models/{name} is missing: the wheel would ship without it")
-            target = Path(self.build_lib) / "bonefrac" / "_shipped" / name
-            shutil.rmtree(target, ignore_errors=True)  # a reused build/ folder must not ship files deleted since
+            target = shipped / name
             for path in shipped_files(source):
                 dest = target / path.relative_to(source)
                 self.mkpath(str(dest.parent))

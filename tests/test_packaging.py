@@ -78,6 +78,7 @@ def test_only_a_source_checkout_has_a_models_folder_of_its_own(tmp_path):
     site = tmp_path / "lib" / "python3.12" / "site-packages" / "bonefrac"
     site.mkdir(parents=True)
     assert shipped.checkout_models(site) is None
+    assert shipped.checkout_models(Path("/bonefrac")) is None  # a package right under / (was an IndexError)
 
 
 def _why_no_wheel() -> str | None:
@@ -125,11 +126,13 @@ def _check_wheel(wheel: Path) -> None:
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
         for name in (DEFAULT_MODEL_NAME, SHIPPED_NAME):
-            files = sorted(p for p in (ROOT / "models" / name).iterdir() if p.is_file() and p.name[0] != ".")
-            prefix = f"bonefrac/_shipped/{name}/"
-            assert {n for n in names if n.startswith(prefix)} == {prefix + p.name for p in files}
-            for path in files:
-                assert zf.read(prefix + path.name) == path.read_bytes(), f"{prefix}{path.name} differs"
+            folder = ROOT / "models" / name
+            files = {f"bonefrac/_shipped/{name}/{p.relative_to(folder).as_posix()}": p for p in folder.rglob("*")
+                     if p.is_file() and not any(part[0] == "." or part == "__pycache__"
+                                                for part in p.relative_to(folder).parts)}
+            assert {n for n in names if n.startswith(f"bonefrac/_shipped/{name}/")} == set(files)
+            for entry, path in files.items():
+                assert zf.read(entry) == path.read_bytes(), f"{entry} differs"
         assert "bonefrac/serve/static/index.html" in names  # the service's web page, package data
         assert not [n for n in names if "__pycache__" in n or "/." in n], sorted(names)
 
@@ -138,8 +141,9 @@ def _source_tree(dest: Path) -> Path:
     """A copy of the checkout's tracked and not-ignored files: the sdist is built there, so building leaves
     nothing (egg-info, a stale SOURCES.txt) in the repository."""
     try:
-        listed = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--others",
-                                 "--exclude-standard"], capture_output=True, check=True, timeout=60).stdout
+        # safe.directory: CI may run as another user than the clone's owner, which git otherwise refuses.
+        listed = subprocess.run(["git", "-c", "safe.directory=*", "-C", str(ROOT), "ls-files", "-z", "--cached",
+                                 "--others", "--exclude-standard"], capture_output=True, check=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         pytest.skip(f"needs a git checkout to copy the source tree from: {exc}")
     for rel in filter(None, listed.decode().split("\0")):

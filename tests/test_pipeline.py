@@ -173,6 +173,25 @@ def test_explain_decides_at_the_operating_point_predict_uses(run, tmp_path, caps
     assert explained("env") == predicted()
 
 
+def test_explain_refuses_what_predict_refuses(run, tmp_path):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    shutil.copy(sorted((SAMPLE / "images").glob("*.webp"))[0], images / "xray.webp")
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    Image.fromarray(np.full((64, 64), 255, np.uint8)).save(images / "blank.png")  # readable, not an X-ray
+
+    def explain(out, *flags):
+        assert main(["explain", str(run / "best"), str(images), "--out", str(tmp_path / out), *flags]) == 0
+        rows = pd.read_csv(tmp_path / out / "explain.csv", keep_default_na=False)
+        return {Path(r.path).name: r for r in rows.itertuples()}
+
+    rows = explain("checked")
+    assert rows["blank.png"].error.startswith("not an X-ray") and not rows["blank.png"].heatmap  # was explained
+    assert rows["broken.png"].error and rows["xray.webp"].heatmap and not rows["xray.webp"].error
+    assert sorted(p.name for p in (tmp_path / "checked").glob("*.png")) == [rows["xray.webp"].heatmap]
+    assert explain("unchecked", "--no-xray-check")["blank.png"].heatmap  # as `predict --no-xray-check`
+
+
 def test_predict_on_a_folder_without_images_says_so(run, tmp_path, caplog):
     (tmp_path / "empty").mkdir()
     assert main(["predict", "--model", str(run / "best"), str(tmp_path / "empty")]) == 2

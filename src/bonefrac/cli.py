@@ -158,7 +158,7 @@ def _explain(args) -> None:
         raise BonefracError("name at least one image file or folder to explain")
     predictor = load_predictor([args.ckpt], args.device, args.tta, args.batch_size)
     use_operating_point(predictor, _operating_point(args.operating_point))  # decide as `predict` would
-    explain_files(predictor, args.paths, args.out, args.target_class, args.batch_size)
+    explain_files(predictor, args.paths, args.out, args.target_class, args.batch_size, not args.no_xray_check)
 
 
 def _calibrate(args) -> None:
@@ -289,12 +289,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_serve)
 
     s = sub.add_parser("explain", help="Grad-CAM heatmaps over the X-ray, one PNG per image")
-    s.add_argument("ckpt", help="checkpoint dir (an ensemble explains its first member)")
+    s.add_argument("ckpt", help="checkpoint or ensemble dir (an ensemble's class, its first member's map)")
     s.add_argument("paths", nargs="*", help="image files or folders")
     s.add_argument("--out", required=True)
     s.add_argument("--class", dest="target_class", help="class to explain (default: the predicted one)")
     s.add_argument("--batch-size", type=_positive_int, default=32)
     s.add_argument("--tta", action="store_true", help="decide as `predict --tta` does (the map is of the image)")
+    s.add_argument("--no-xray-check", action="store_true",
+                   help="explain every readable image, even ones predict would refuse as not a radiograph")
     s.add_argument("--device", default="auto")
     s.add_argument("--operating-point", metavar="NAME", help=OPERATING_POINT_HELP + " (also read: "
                    "$BONEFRAC_OPERATING_POINT)")

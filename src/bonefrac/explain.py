@@ -3,11 +3,12 @@
     heatmaps = gradcam(predictor, [read_image(p)])   # list of float32 (H, W) in [0, 1], one per image
     rgb = overlay(read_image(p), heatmaps[0])         # (H, W, 3) uint8, the heatmap blended onto the X-ray
 
-`predictor` is a `bonefrac.predict.Predictor` (an `Ensemble` explains its first member). The target layer is the
-model's last 4-D feature map before global pooling: timm's `forward_features` output (CNNs, EfficientNets,
-ConvNeXts; Swin's channels-last map too), or, for a model without it, the last module whose output is 4-D, found
-with forward hooks. Token models (ViT) have no such map and are refused with a clear error.
-A heatmap explains one class score (the logit); by default the class the predictor decides on.
+`predictor` is a `bonefrac.predict.Predictor` (for an `Ensemble`, the map is its first member's; the class and
+probabilities are the ensemble's, as predict gives them). The target layer is the model's last 4-D feature map
+before global pooling: timm's `forward_features` output (CNNs, EfficientNets, ConvNeXts; Swin's channels-last map
+too), or, for a model without it, the last module whose output is 4-D, found with forward hooks. Token models
+(ViT) have no such map and are refused with a clear error. A heatmap explains one class score (the logit); by
+default the class the predictor decides on.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 
 from .errors import BonefracError
 from .io import printable_path
-from . import predict as _predict
+from . import predict as _predict  # by module: uses_autocast is looked up at call time (tests switch it)
 from .predict import decide, infer_logits, model_input
 from .transforms import resize_batch
 
@@ -203,12 +204,14 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = OVERLAY_ALPHA
 
 
 def explain_files(predictor, paths: list[str], out_dir: str | Path, target_class: str | None = None,
-                  batch_size: int = 16) -> list[dict]:
-    """Write `<stem>_gradcam.png` per readable image and `explain.csv`; returns one row per input file."""
+                  batch_size: int = 16, xray_check: bool = True) -> list[dict]:
+    """Write `<stem>_gradcam.png` per readable image and `explain.csv`; returns one row per input file. Images
+    that fail predict's radiograph check (`xray_check`) get no map, as they get no prediction, and their row's
+    `error` says why."""
     import pandas as pd
     from PIL import Image
 
-    from .predict import _safe_read, expand_paths
+    from .predict import expand_paths
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -217,7 +220,7 @@ def explain_files(predictor, paths: list[str], out_dir: str | Path, target_class
     rows, used = [], set()
     files = expand_paths(paths)
     for start in range(0, len(files), batch_size):
-        decoded = [(p, *_safe_read(p)) for p in files[start:start + batch_size]]
+        decoded = [(p, *_explainable(p, xray_check)) for p in files[start:start + batch_size]]
         good = [img for _, img, err in decoded if err is None]
         explained = iter(zip(*explain_arrays(predictor, good, target, batch_size))) if good else iter(())
         for path, img, err in decoded:  # rows stay in input order
@@ -233,6 +236,14 @@ def explain_files(predictor, paths: list[str], out_dir: str | Path, target_class
         out_dir / "explain.csv", index=False)
     log.info("explained %d of %d images into %s", sum(1 for r in rows if not r["error"]), len(rows), out_dir)
     return rows
+
+
+def _explainable(path: Path, xray_check: bool) -> tuple[np.ndarray | None, str | None]:
+    """(grey image, None), or (None, why it gets no map: unreadable, or not an X-ray as predict would say)."""
+    from .predict import _read_checked
+
+    gray, problem = _read_checked(path, xray_check)
+    return gray, None if problem is None else problem.get("error") or problem.get("message")
 
 
 def _class_index(names: list[str], target: str | None) -> int | None:

@@ -21,7 +21,7 @@ import torch
 from . import checkpoint, shipped
 from .data import progress_bar
 from .errors import BonefracError, ImageReadError
-from .io import image_files, printable_path, read_image, read_image_and_colour
+from .io import image_files, printable_path, read_image_and_colour
 from .transforms import hflip, normalize, resize_batch, to_unit
 
 log = logging.getLogger(__name__)
@@ -230,13 +230,6 @@ def expand_paths(inputs: list[str]) -> list[Path]:
         else:
             out.append(path)  # missing files become error rows, not a crash
     return out
-
-
-def _safe_read(path: Path):
-    try:
-        return read_image(path), None
-    except ImageReadError as exc:
-        return None, exc.reason
 
 
 def predict_files(predictor, inputs: list[str], batch_size: int = 32, xray_check: bool = True,

@@ -8,15 +8,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
+
 def checkout_models(package_dir: Path) -> Path | None:
     """The models/ folder of the source checkout that holds `package_dir` (src/bonefrac beside pyproject.toml),
     or None: for an installed package the same relative path is some unrelated folder (`pip install --target
     /deps` would look in /models)."""
-    root = package_dir.parents[1]
-    return root / "models" if package_dir.parent.name == "src" and (root / "pyproject.toml").is_file() else None
+    if package_dir.parent.name != "src":  # also a package right under / (no parents to climb)
+        return None
+    root = package_dir.parent.parent
+    return root / "models" if (root / "pyproject.toml").is_file() else None
 
 
-CHECKOUT_DIR = checkout_models(Path(__file__).resolve().parent)
+def _checkout_dir() -> Path | None:
+    # The path as imported first: a checkout whose src/ is a link resolves to outside it.
+    here = Path(__file__).absolute().parent
+    return checkout_models(here) or checkout_models(here.resolve())
+
+
+CHECKOUT_DIR = _checkout_dir()
 PACKAGE_DIR = Path(__file__).resolve().parent / "_shipped"
 
 
