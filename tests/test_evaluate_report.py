@@ -207,6 +207,10 @@ def test_ensemble_directory_round_trip(ckpt, second, manifest, tmp_path):
 
     val = load_manifest(manifest).query("split == 'val'")
     assert checkpoint.read_seen(moved) == dict.fromkeys(val.sha256, "val")  # what its weights were fitted on
+    assert main(["evaluate", str(moved), "--manifest", str(manifest), "--split", "val", "--out", str(ev / "val"),
+                 "--bootstrap", "0"]) == 0  # scored on what it was fitted on: every image counted as seen
+    assert json.loads((ev / "val" / "metrics.json").read_text())["seen_by_model"] == {"train": 0, "val": len(val),
+                                                                                      "of": len(val)}
 
 
 def test_an_ensemble_directory_can_be_the_default_model(ckpt, second, manifest, tmp_path, monkeypatch):

@@ -74,9 +74,10 @@ def _predict(args) -> None:
         # The points were chosen for one model's probabilities, not for this unfitted average of several.
         raise BonefracError("--operating-point needs one checkpoint or an ensemble directory; build an ensemble "
                             "with its own operating points from these checkpoints with `bonefrac ensemble`")
-    predictor = load_predictor(args.model, args.device, args.tta, args.batch_size)
     if not args.model:  # say which: $BONEFRAC_MODEL may stand in for the shipped model
-        log.info("model: %s", default_model_path())
+        args.model = [str(default_model_path())]
+        log.info("model: %s", args.model[0])
+    predictor = load_predictor(args.model, args.device, args.tta, args.batch_size)
     use_operating_point(predictor, args.operating_point)
     if averaged:
         log.warning("%d checkpoints averaged with equal weights and the first one's threshold; fit weights and "

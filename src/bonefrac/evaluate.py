@@ -27,7 +27,7 @@ from .data import build_cache
 from .errors import BonefracError
 from .io import read_image
 from .manifest import load_manifest
-from .predict import ENSEMBLE_FILE, Ensemble, Predictor, decide, default_model_path, load_predictor
+from .predict import ENSEMBLE_FILE, Ensemble, Predictor, decide, load_predictor
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def evaluate(models: list[str], manifest: str | Path, split: str = "test", out_d
     names = predictor.class_names
     df = load_manifest(manifest)
     rows = select_rows(df, split, names, manifest)
-    seen = seen_by_model(models, rows)
+    seen = seen_by_model(predictor, rows)
     y = rows.label.map({c: i for i, c in enumerate(names)}).to_numpy()
     cache_dir = Path(manifest).parent / "cache"
     ensemble_fit = None
@@ -115,12 +115,13 @@ def evaluate(models: list[str], manifest: str | Path, split: str = "test", out_d
     return result
 
 
-def seen_by_model(models: list, rows: pd.DataFrame) -> dict | None:
-    """How many of `rows` the model(s) were trained ("train") or selected ("val") on, by image hash, from the
-    list each checkpoint keeps (checkpoint.SEEN_FILE); warns when any were. None when a model keeps no list."""
+def seen_by_model(predictor, rows: pd.DataFrame) -> dict | None:
+    """How many of `rows` the predictor's model(s) were trained ("train") or selected ("val") on, by image hash,
+    from the list each checkpoint keeps (checkpoint.SEEN_FILE); warns when any were. None when a model keeps no
+    list."""
     seen = {}
-    for path in _checkpoint_dirs(models or [default_model_path()]):
-        listed = checkpoint.read_seen(path)
+    for path in _checkpoint_dirs(predictor):
+        listed = checkpoint.read_seen(path) if path is not None else None
         if listed is None:
             log.info("%s does not list the images it was trained on: overlap with this set not checked", path)
             return None
@@ -134,15 +135,14 @@ def seen_by_model(models: list, rows: pd.DataFrame) -> dict | None:
     return out
 
 
-def _checkpoint_dirs(models: list):
-    for model in map(Path, models):
-        if (model / ENSEMBLE_FILE).is_file():
-            spec = json.loads((model / ENSEMBLE_FILE).read_text())
-            yield from (model / rel for rel in spec.get("members", []))
-            if (model / checkpoint.SEEN_FILE).is_file():  # the val images its weights were fitted on
-                yield model
-        else:
-            yield model
+def _checkpoint_dirs(predictor) -> list:
+    """The folders whose seen lists count: every member checkpoint's, and an ensemble directory's own when it
+    keeps one (the val images its weights were fitted on)."""
+    dirs = [m.path for m in (predictor.members if isinstance(predictor, Ensemble) else [predictor])]
+    ensemble_dir = predictor.meta.get("ensemble_dir")
+    if ensemble_dir and (Path(ensemble_dir) / checkpoint.SEEN_FILE).is_file():
+        dirs.append(Path(ensemble_dir))
+    return dirs
 
 
 def _load_reference(reference: str | Path) -> dict:

@@ -89,6 +89,7 @@ class Predictor:
         self.temperature = float(meta.get("temperature") or 1.0)
         self.threshold = meta.get("threshold")
         self.positive_index = meta.get("positive_index")
+        self.path: Path | None = None  # the checkpoint folder, when loaded from one
 
     @classmethod
     def from_checkpoint(cls, path, device: str = "auto", tta: bool = False, batch_size: int = 32):
@@ -96,7 +97,9 @@ class Predictor:
         model, meta = checkpoint.load(path, dev)
         if dev.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
-        return cls(model, meta, dev, tta, batch_size)
+        predictor = cls(model, meta, dev, tta, batch_size)
+        predictor.path = Path(path)
+        return predictor
 
     @property
     def version(self) -> str:

@@ -123,7 +123,7 @@ def _rows_from_csv(csv: Path, base: Path, path_col: str, label_col: str, recompu
 def _rows_from_folder(root: Path):
     if not root.is_dir():
         raise BonefracError(f"source is neither a folder nor a CSV file: {root}")
-    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not _ignored_folder(d))
+    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not _ignored(d.name))
     if not subdirs:
         raise BonefracError(f"no class folders in {root} (expected {root}/<class>/<image files>)")
     rejected = _stray_images(root)
@@ -147,17 +147,17 @@ def _rows_from_folder(root: Path):
     return (rows.drop(columns="folder_split") if kind == "folder" else rows), rejected, kind
 
 
-def _ignored_folder(folder: Path) -> bool:
-    """Hidden folders and the __MACOSX metadata folder that macOS zip files carry."""
-    return folder.name.startswith(".") or folder.name == "__MACOSX"
+def _ignored(name: str) -> bool:
+    """Hidden files and folders, and the __MACOSX metadata folder that macOS zip files carry."""
+    return name.startswith(".") or name == "__MACOSX"
 
 
 def _scan_classes(root: Path, split, rejected: list) -> list:
     records = []
-    for class_dir in sorted(d for d in root.iterdir() if d.is_dir() and not _ignored_folder(d)):
+    for class_dir in sorted(d for d in root.iterdir() if d.is_dir() and not _ignored(d.name)):
         for file in sorted(class_dir.rglob("*")):
             inner = file.relative_to(class_dir).parts  # .ipynb_checkpoints/ and the like, at any depth
-            if any(part.startswith(".") or part == "__MACOSX" for part in inner) or not file.is_file():
+            if any(map(_ignored, inner)) or not file.is_file():
                 continue
             if looks_like_image(file):
                 records.append((str(file.resolve()), class_dir.name, split))
