@@ -78,8 +78,8 @@ def _first_member(predictor):
 def _forward(member, x_uint8: torch.Tensor):
     """(feature map, logits) of a float32 forward for Grad-CAM, and the calibrated probabilities `predict` gives
     for the batch. The class explained follows predict's own forward (bf16 autocast on CUDA, the flipped view
-    with tta), so explain reports predict's class; the map comes from float32 on every device (bf16 features and
-    gradients moved the shipped model's map peak by more than 15 px on 5 of 32 images)."""
+    with tta), so explain reports predict's class; the map comes from float32 on every device (with bf16 features
+    and gradients the shipped model's map peak moved by more than 15 px on 5 of 32 images, in a CPU emulation)."""
     x = x_uint8.to(member.device)
     feats, logits = _features_and_logits(member.model, model_input(member.model, x, member.prep))
     if _predict.uses_autocast(x.device) or member.tta:  # predict's forward differs from this one: run it
