@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from bonefrac import checkpoint
-from bonefrac.cli import main
+from bonefrac.cli import main, parse_args
 from bonefrac.manifest import load_manifest
 from bonefrac.models import FlippedDgradConv2d
 from conftest import interrupt_second_epoch
@@ -355,3 +355,16 @@ def test_file_names_that_are_not_utf8_are_written_escaped(run, tmp_path, capsys)
     assert rows == 0
     written = pd.read_csv(tmp_path / "cam" / "explain.csv")
     assert written.path[0].endswith('caf\\xe9, "x".webp') and written.heatmap[0].endswith(".png")
+
+
+def test_image_and_checkpoint_names_may_follow_options(run, tmp_path, capsys):
+    # argparse fills a list positional once: `explain CKPT --out DIR a b` used to stop at "unrecognized arguments"
+    imgs = sorted(str(p) for p in (SAMPLE / "images").glob("*.webp"))[:3]
+    assert main(["explain", str(run / "best"), imgs[0], "--out", str(tmp_path / "cam"), *imgs[1:]]) == 0
+    assert len(pd.read_csv(tmp_path / "cam" / "explain.csv")) == 3
+    assert main(["predict", imgs[0], "--model", str(run / "best"), *imgs[1:], "--format", "csv"]) == 0
+    assert capsys.readouterr().out.count(".webp") == 3
+    args = parse_args(["evaluate", "a", "--manifest", "m.csv", "b", "--out", "o"])
+    assert args.model == ["a", "b"] and args.out == "o"
+    with pytest.raises(SystemExit):  # an unknown option is still refused
+        parse_args(["explain", "ck", "--out", "o", "a.png", "--bogus"])

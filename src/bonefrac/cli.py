@@ -328,7 +328,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=["png", "webp"], default="png")
     s.add_argument("--workers", type=_positive_int, default=None)
     s.set_defaults(func=_augment)
+    p.command_parsers = sub.choices  # read by parse_args
     return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse a bonefrac command line; positionals may also follow options (`explain CKPT --out DIR a.png b.png`)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # argparse fills a list positional (images, checkpoints) once, so names after an option were left over:
+        # parse the command's own arguments again with options and positionals intermixed.
+        argv = sys.argv[1:] if argv is None else list(argv)
+        rest = argv[argv.index(args.command) + 1:]
+        vars(args).update(vars(parser.command_parsers[args.command].parse_intermixed_args(rest)))
+    return args
 
 
 def run_logged(fn, *args, verbose: bool = False) -> int:
@@ -348,7 +362,7 @@ def run_logged(fn, *args, verbose: bool = False) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     if args.command == "evaluate":
         args.model = args.model + args.model_opt
         if not args.model:
