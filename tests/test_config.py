@@ -39,6 +39,16 @@ def test_bad_config_fails_clearly(overrides, match):
         load_config(None, overrides)
 
 
+def test_the_compile_switch_takes_booleans_too(tmp_path):
+    assert load_config(None, ["train.compile=false"]).train.compile == "off"
+    assert load_config(None, ["train.compile=true"]).train.compile == "on"
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  compile: no\n")  # YAML 1.1 reads an unquoted no as false
+    assert load_config(f).train.compile == "off"
+    with pytest.raises(ConfigError, match="needs a word.*quote it"):  # other string keys still refuse booleans
+        load_config(None, ["optim.schedule=true"])
+
+
 def test_unknown_key_in_file(tmp_path):
     f = tmp_path / "bad.yaml"
     f.write_text("train:\n  epochs: 2\n  lerning_rate: 0.1\n")

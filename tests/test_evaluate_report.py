@@ -88,6 +88,34 @@ def test_calibrate_refits_the_temperature_on_val(ckpt, manifest, tmp_path, caplo
     assert load_predictor([str(copy)], "cpu").temperature == pytest.approx(new["temperature"])
 
 
+def _resplit(manifest, tmp_path, name: str, mapping: dict) -> Path:
+    """A copy of the sample manifest with its split names swapped by `mapping` (e.g. test rows as val)."""
+    df = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    df["path"] = [str(Path(manifest).parent / p) for p in df.path]
+    out = tmp_path / name / "manifest.csv"
+    out.parent.mkdir()
+    df.assign(split=df.split.map(mapping)).to_csv(out, index=False)
+    return out
+
+
+def test_calibrate_refuses_training_images_keeps_every_backup_and_lists_its_images(ckpt, manifest, tmp_path,
+                                                                                     caplog):
+    copy = tmp_path / "ckpt"
+    shutil.copytree(ckpt, copy)
+    before = (copy / checkpoint.META_FILE).read_bytes()
+    on_train = _resplit(manifest, tmp_path, "swapped", {"train": "val", "val": "train", "test": "test"})
+    assert main(["calibrate", str(copy), "--manifest", str(on_train)]) == 2
+    assert "training split" in caplog.text and (copy / checkpoint.META_FILE).read_bytes() == before
+    unseen = _resplit(manifest, tmp_path, "unseen", {"train": "train", "val": "test", "test": "val"})
+    for _ in range(2):
+        assert main(["calibrate", str(copy), "--manifest", str(unseen)]) == 0
+    # the training-time fit survives a second calibration, and its images now count as seen (as val)
+    assert (copy / "bonefrac.json.bak").read_bytes() == before and (copy / "bonefrac.json.bak.2").is_file()
+    seen = checkpoint.read_seen(copy)
+    new_val = pd.read_csv(unseen).query("split == 'val'").sha256
+    assert len(new_val) and all(seen[sha] == "val" for sha in new_val)
+
+
 def _val_cut(manifest, tmp_path, n_per_class: dict) -> Path:
     """A copy of the sample manifest whose val split keeps only the first n_per_class[label] rows of each class."""
     df = pd.read_csv(manifest, dtype=str, keep_default_na=False)

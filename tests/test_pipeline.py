@@ -368,3 +368,21 @@ def test_image_and_checkpoint_names_may_follow_options(run, tmp_path, capsys):
     assert args.model == ["a", "b"] and args.out == "o"
     with pytest.raises(SystemExit):  # an unknown option is still refused
         parse_args(["explain", "ck", "--out", "o", "a.png", "--bogus"])
+
+
+def test_evaluate_uses_the_default_model_when_none_is_named(run, manifest, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("BONEFRAC_MODEL", str(run / "best"))
+    assert main(["evaluate", "--manifest", str(manifest), "--out", str(tmp_path / "ev"), "--bootstrap", "0"]) == 0
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["models"] == [str(run / "best")]
+    caplog.clear()  # evaluating the split the model was chosen on is asked for: no hint of a redrawn split
+    assert main(["evaluate", "--manifest", str(manifest), "--split", "val", "--out", str(tmp_path / "v"),
+                 "--bootstrap", "0"]) == 0
+    assert "chosen on its own val split" in caplog.text and "drawn again" not in caplog.text
+
+
+def test_a_model_file_instead_of_a_checkpoint_folder_is_named_as_such(tmp_path, caplog):
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"\x08\x07")
+    img = str(sorted((SAMPLE / "images").glob("*.webp"))[0])
+    assert main(["predict", "--model", str(onnx), img]) == 2
+    assert "model.onnx is a file" in caplog.text and "bonefrac serve" in caplog.text

@@ -55,7 +55,7 @@ def test_an_augmented_manifest_prepared_again_keeps_copies_with_their_sources(tm
     prepare(tmp_path / "p", source=split_tree(tmp_path / "data"), workers=1, match_copies="off")
     augment_manifest(tmp_path / "p" / "manifest.csv", tmp_path / "aug", factor=2, seed=1, workers=1)
     deep = tmp_path / "deeper" / "still" / "re"  # another depth than the CSV's folder: paths must follow
-    prepare(deep, labels_csv=tmp_path / "aug" / "manifest.csv", path_col="path", workers=1, match_copies="off")
+    prepare(deep, labels_csv=tmp_path / "aug" / "manifest.csv", workers=1, match_copies="off")  # path_col found
     rows = load_manifest(deep / "manifest.csv").set_index("path")
     copies = rows[rows.augmented_from.fillna("") != ""]
     assert len(copies) >= 10 and all(Path(p).is_file() for p in copies.augmented_from)
@@ -248,3 +248,23 @@ def test_a_grey_inverted_copy_joins_its_source(tmp_path):
     assert m.group[str(inverted.resolve())] == m.group[str((tmp_path / "src" / inverted.parent.name /
                                                               source.name).resolve())]
     assert m.group.nunique() == 10  # and nothing else merged
+
+
+def test_a_different_manifest_in_out_is_kept_unless_overwrite(tmp_path):
+    data = split_tree(tmp_path / "data")
+    prepare(tmp_path / "p", source=data, workers=1, match_copies="off")
+    before = (tmp_path / "p" / "manifest.csv").read_bytes()
+    prepare(tmp_path / "p", source=data, workers=1, match_copies="off")  # the same manifest again: fine
+    with pytest.raises(BonefracError, match="already holds a different manifest.*--overwrite"):
+        prepare(tmp_path / "p", source=data, workers=1, match_copies="off", keep_folder_split=True)
+    assert (tmp_path / "p" / "manifest.csv").read_bytes() == before and not list((tmp_path / "p").glob("*.new"))
+    prepare(tmp_path / "p", source=data, workers=1, match_copies="off", keep_folder_split=True, overwrite=True)
+    assert (tmp_path / "p" / "manifest.csv").read_bytes() != before
+
+
+def test_csv_paths_that_resolve_nowhere_get_a_hint(tmp_path):
+    labels = tmp_path / "elsewhere" / "labels.csv"
+    labels.parent.mkdir()
+    pd.read_csv(SAMPLE / "labels.csv").head(12).to_csv(labels, index=False)  # paths relative to SAMPLE, not here
+    with pytest.raises(BonefracError, match="none of the 12 image files exists.*relative to the CSV's folder"):
+        prepare(tmp_path / "p", labels_csv=labels, label_col="fractured", workers=1, match_copies="off")

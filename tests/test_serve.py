@@ -133,6 +133,22 @@ def test_bad_files_are_4xx_json(client, name, data, status, code):
     assert resp.json()["error"]["code"] == code and name in resp.json()["error"]["message"]
 
 
+def test_a_bad_file_among_good_ones_gets_its_own_error_result(ckpt, tmp_path):
+    pdf = b"%PDF-1.4\n1 0 obj\n<<>>\nendobj\n" * 10
+    settings = Settings(model=str(ckpt), audit_db=str(tmp_path / "audit.sqlite"))
+    with TestClient(create_app(settings)) as c:
+        resp = post(c, ("x.webp", SAMPLES[0].read_bytes()), ("report.png", pdf), ("empty.png", b""))
+        assert resp.status_code == 200, resp.text
+        ok, pdf_row, empty_row = resp.json()["results"]
+        assert ok["status"] == "ok" and ok["prediction"] in ("fracture", "no_fracture")
+        assert (pdf_row["status"], pdf_row["error_code"]) == ("error", "unsupported_media_type")
+        assert empty_row["error_code"] == "unreadable_image" and "empty.png" in empty_row["message"]
+        assert pdf_row["refer"] is True and pdf_row["probabilities"] is None
+        assert [r["status"] for r in c.get("/v1/audit").json()["rows"]] == ["ok"]  # errors are not cases
+        everything_bad = post(c, ("report.png", pdf), ("empty.png", b""))  # nothing usable: still a 4xx
+        assert everything_bad.status_code == 415 and "report.png" in everything_bad.json()["error"]["message"]
+
+
 def test_bad_requests_are_4xx_json(client):
     cases = [
         (client.post("/v1/predict", json={"image": "x"}), 422),
@@ -146,6 +162,11 @@ def test_bad_requests_are_4xx_json(client):
     for resp, status in cases:
         assert resp.status_code == status, (status, resp.text)
         assert set(resp.json()["error"]) == {"code", "message"}
+    # the upload hint belongs to errors about the body, not to a bad query parameter elsewhere
+    assert "multipart/form-data" in cases[0][0].json()["error"]["message"]
+    bad_query = client.get("/v1/audit", params={"limit": -1})
+    assert bad_query.status_code == 422 and "limit" in bad_query.json()["error"]["message"]
+    assert "multipart" not in bad_query.json()["error"]["message"]
 
 
 def test_ops_endpoints_and_metrics(client):

@@ -126,6 +126,21 @@ def test_resume_without_a_config_uses_the_runs_own(base, sample_manifest, tmp_pa
     assert list(pd.read_csv(out / "metrics.csv").epoch) == [1, 2]
 
 
+def test_resume_into_a_folder_without_a_run_is_refused(sample_manifest, tmp_path, caplog):
+    # a mistyped --out used to start a whole new run there with the default configuration
+    assert main(["train", "--manifest", str(sample_manifest), "--out", str(tmp_path / "typo"), "--resume"]) == 2
+    assert "holds no run to resume" in caplog.text and not (tmp_path / "typo").exists()
+
+
+def test_an_unknown_architecture_is_refused_before_any_image_is_decoded(sample_manifest, tmp_path, monkeypatch,
+                                                                        caplog):
+    def no_data(*_args, **_kwargs):
+        raise AssertionError("the data was loaded first")
+    monkeypatch.setattr(train_mod, "_load_data", no_data)
+    assert train(sample_manifest, tmp_path / "run", "--set", "model.arch=efficientnet_b99") == 2
+    assert "unknown architecture 'efficientnet_b99'" in caplog.text
+
+
 def test_a_swap_killed_between_renames_is_recovered_and_guards_a_fresh_run(base, sample_manifest, tmp_path,
                                                                            caplog):
     out = copy_run(base, tmp_path)

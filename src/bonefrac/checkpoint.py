@@ -127,6 +127,9 @@ def read_meta(path: str | Path) -> dict:
 
 def _meta_of(path: Path) -> dict:
     meta_file = path / META_FILE
+    if path.is_file():
+        raise BonefracError(f"{path} is a file; a bonefrac checkpoint is a directory ({WEIGHTS_FILE} + {META_FILE}). "
+                            "Exported .onnx / TorchScript files are for `bonefrac serve`")
     if not meta_file.is_file():
         raise BonefracError(f"{path}: not a bonefrac checkpoint (no {META_FILE})")
     try:

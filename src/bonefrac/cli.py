@@ -32,7 +32,8 @@ def _prepare(args) -> None:
     report = prepare(args.out, source=args.source, labels_csv=args.labels, path_col=args.path_col,
                      label_col=args.label_col, class_names=class_names, seed=args.seed,
                      keep_folder_split=args.keep_folder_split, split_all=args.split_all,
-                     near_dup_threshold=args.near_dup_threshold, workers=args.workers, **copies)
+                     near_dup_threshold=args.near_dup_threshold, workers=args.workers, overwrite=args.overwrite,
+                     **copies)
     log.info("manifest: %s/manifest.csv (%d images, %d groups, %d rejected)", args.out, report["n_images"],
              report["n_groups"], len(report.get("rejected", [])))
 
@@ -43,7 +44,10 @@ def _train(args) -> None:
 
     config = args.config
     saved = Path(args.out) / "config.json"
-    if args.resume and config is None and saved.is_file():  # resume as the run was started, --set on top
+    if args.resume and not saved.is_file():  # a wrong --out would otherwise start a new run with the defaults
+        raise BonefracError(f"--resume: {args.out} holds no run to resume (no config.json); check --out, or "
+                            "start a new run without --resume")
+    if args.resume and config is None:  # resume as the run was started, --set on top
         log.info("resuming with the run's own configuration, %s", saved)
         config = saved
     cfg = load_config(config, args.set)
@@ -53,7 +57,11 @@ def _train(args) -> None:
 
 def _evaluate(args) -> None:
     from .evaluate import evaluate
+    from .predict import default_model_path
 
+    if not args.model:
+        args.model = [str(default_model_path())]
+        log.info("model: %s", args.model[0])
     result = evaluate(args.model, args.manifest, split=args.split, out_dir=args.out,
                       positive_class=args.positive_class, tta=args.tta, device=args.device,
                       n_boot=args.bootstrap, reference=args.reference)
@@ -215,11 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("source", nargs="?", help="image folder: root/<class>/* or root/{train,val,test}/<class>/*")
     s.add_argument("--labels", help="CSV of image paths and labels; paths are relative to the CSV, or to SOURCE "
                    "when one is given")
-    s.add_argument("--path-col", default="image")
+    s.add_argument("--path-col", help="CSV column of image paths (default: image; path in a bonefrac manifest)")
     s.add_argument("--label-col", default="label")
     s.add_argument("--class-names", help="comma-separated names for integer labels 0,1,...")
     s.add_argument("--out", required=True)
     s.add_argument("--seed", type=_seed, default=42)
+    s.add_argument("--overwrite", action="store_true", help="replace a different manifest already in --out")
     s.add_argument("--keep-folder-split", action="store_true", help="keep the folder's train/val/test split")
     s.add_argument("--split-all", choices=["train", "val", "test"], help="put every image in one split")
     s.add_argument("--near-dup-threshold", type=_count, default=None,
@@ -240,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_train)
 
     s = sub.add_parser("evaluate", help="metrics, plots and an HTML report on a manifest split")
-    s.add_argument("model", nargs="*", help="checkpoint dir(s); several make an ensemble")
+    s.add_argument("model", nargs="*", help="checkpoint dir(s); several make an ensemble; default: "
+                   "$BONEFRAC_MODEL, else the shipped model")
     s.add_argument("--model", dest="model_opt", action="append", default=[], help="checkpoint (repeatable)")
     s.add_argument("--manifest", required=True)
     s.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
@@ -365,8 +375,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.command == "evaluate":
         args.model = args.model + args.model_opt
-        if not args.model:
-            raise SystemExit("bonefrac evaluate: error: name a checkpoint (CKPT or --model CKPT)")
     try:
         return run_logged(args.func, args, verbose=args.verbose)
     except KeyboardInterrupt:

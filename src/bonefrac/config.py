@@ -255,7 +255,10 @@ def _coerce(value, kind, key: str):
         except ValueError:
             pass
     if kind is str and isinstance(value, bool):
-        raise ConfigError(f"config key '{key}' needs a string; quote it (\"on\"/\"off\"), got {value!r}")
+        if key == "train.compile":  # `compile: false` / `--set train.compile=true` mean the switch
+            return "on" if value else "off"
+        raise ConfigError(f"config key '{key}' needs a word, got {value!r} (YAML reads unquoted yes/no/true/false "
+                          "as booleans: quote it in the file)")
     if kind is bool and not isinstance(value, bool):
         raise ConfigError(f"config key '{key}' needs true/false, got {value!r}")
     if kind in (int, float, str) and (not isinstance(value, kind) or isinstance(value, bool) and kind is not bool):

@@ -70,7 +70,7 @@ def evaluate(models: list[str], manifest: str | Path, split: str = "test", out_d
     names = predictor.class_names
     df = load_manifest(manifest)
     rows = select_rows(df, split, names, manifest)
-    seen = seen_by_model(predictor, rows)
+    seen = seen_by_model(predictor, rows, split)
     y = rows.label.map({c: i for i, c in enumerate(names)}).to_numpy()
     cache_dir = Path(manifest).parent / "cache"
     ensemble_fit = None
@@ -115,7 +115,7 @@ def evaluate(models: list[str], manifest: str | Path, split: str = "test", out_d
     return result
 
 
-def seen_by_model(predictor, rows: pd.DataFrame) -> dict | None:
+def seen_by_model(predictor, rows: pd.DataFrame, split: str | None = None) -> dict | None:
     """How many of `rows` the predictor's model(s) were trained ("train") or selected ("val") on, by image hash,
     from the list each checkpoint keeps (checkpoint.SEEN_FILE); warns when any were. None when a model keeps no
     list."""
@@ -129,9 +129,10 @@ def seen_by_model(predictor, rows: pd.DataFrame) -> dict | None:
     hits = rows.sha256.map(seen).value_counts()
     out = {"train": int(hits.get("train", 0)), "val": int(hits.get("val", 0)), "of": int(len(rows))}
     if out["train"] or out["val"]:
+        why = ("the model was chosen on its own val split" if split == "val" and not out["train"]
+               else "was the split drawn again?")
         log.warning("%d of the %d images evaluated here were in the model's training split and %d in its "
-                    "validation split: these metrics are optimistic (was the split drawn again?)",
-                    out["train"], out["of"], out["val"])
+                    "validation split: these metrics are optimistic (%s)", out["train"], out["of"], out["val"], why)
     return out
 
 
@@ -262,10 +263,11 @@ def build_ensemble(models: list[str], manifest: str | Path, out_dir: str | Path,
 
 def calibrate(ckpt: str | Path, manifest: str | Path, device: str = "auto") -> dict:
     """Re-fit a checkpoint's temperature, threshold and operating points on the manifest's val split and
-    rewrite its JSON in place, keeping the previous file as bonefrac.json.bak; returns the new calibration fields.
+    rewrite its JSON in place, keeping the previous file as bonefrac.json.bak (.bak.2, ... on later runs); the val
+    images join the checkpoint's seen list. Returns the new calibration fields.
 
-    Raises BonefracError, leaving the checkpoint untouched, when the val split is unusable (`check_val_split`) or
-    the fit would replace an existing threshold with None."""
+    Raises BonefracError, leaving the checkpoint untouched, when the val split is unusable (`check_val_split`),
+    holds images the model trained on, or the fit would replace an existing threshold with None."""
     from .train import calibration_meta
 
     ckpt = Path(ckpt)
@@ -276,6 +278,12 @@ def calibrate(ckpt: str | Path, manifest: str | Path, device: str = "auto") -> d
     predictor = Predictor.from_checkpoint(ckpt, device)
     names = predictor.class_names
     val = check_val_split(load_manifest(manifest), names, manifest)
+    seen = checkpoint.read_seen(ckpt)
+    trained_on = int((val.sha256.map(seen or {}) == "train").sum())
+    if trained_on:  # a temperature fitted on training images comes out overconfident, as would the thresholds
+        raise BonefracError(f"{manifest}: {trained_on} of the {len(val)} val images were in {ckpt}'s training "
+                            "split; calibrate on images the model has not trained on (the checkpoint is left "
+                            "unchanged)")
     y = val.label.map({c: i for i, c in enumerate(names)}).to_numpy()
     cache = build_cache(val.path.tolist(), val.sha256.tolist(), predictor.size, Path(manifest).parent / "cache")
     logits = predictor.logits_uint8(torch.from_numpy(np.asarray(cache))[:, None])
@@ -287,12 +295,24 @@ def calibrate(ckpt: str | Path, manifest: str | Path, device: str = "auto") -> d
                             f"checkpoint's threshold {meta['threshold']} (the checkpoint is left unchanged)")
     fitted["calibrated_on"] = {"manifest": str(manifest), "split": "val", "n": int(len(y))}
     meta_file = ckpt / checkpoint.META_FILE
-    backup = meta_file.with_name(meta_file.name + ".bak")
-    shutil.copy2(meta_file, backup)  # the only copy of the training-time calibration otherwise
+    backup = _unused_backup_name(meta_file)
+    shutil.copy2(meta_file, backup)  # the only copy of the earlier calibration otherwise
     log.info("temperature %.4f -> %.4f, threshold %s -> %s; previous %s kept as %s", meta.get("temperature") or 1.0,
              fitted["temperature"], meta.get("threshold"), fitted["threshold"], meta_file.name, backup)
     _write_json_atomic(meta_file, {**meta, **fitted})
+    if seen is not None:  # thresholds now come from these images: evaluate must count them as seen
+        checkpoint.write_seen(ckpt, {**seen, **dict.fromkeys(val.sha256, "val")})
     return fitted
+
+
+def _unused_backup_name(meta_file: Path) -> Path:
+    """bonefrac.json.bak for the first calibration (it keeps the training-time fit), then .bak.2, .bak.3, ...:
+    no calibration overwrites an earlier one's backup."""
+    backup, n = meta_file.with_name(meta_file.name + ".bak"), 1
+    while backup.exists():
+        n += 1
+        backup = meta_file.with_name(f"{meta_file.name}.bak.{n}")
+    return backup
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:

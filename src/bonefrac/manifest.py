@@ -44,20 +44,21 @@ MANIFEST_COLUMNS = ("path", "label", "group", "split", "sha256", "width", "heigh
 # --- public API ---------------------------------------------------------------------------------------------
 
 
-def prepare(out_dir, *, source=None, labels_csv=None, path_col="image", label_col="label", class_names=None,
+def prepare(out_dir, *, source=None, labels_csv=None, path_col=None, label_col="label", class_names=None,
             seed=42, fractions=(0.7, 0.15, 0.15), keep_folder_split=False, split_all=None,
-            near_dup_threshold=NEAR_DUP_THRESHOLD, workers=None, match_copies="default") -> dict:
+            near_dup_threshold=NEAR_DUP_THRESHOLD, workers=None, match_copies="default", overwrite=False) -> dict:
     """Write ``out_dir/manifest.csv`` and ``out_dir/prepare_report.json``; return the report dict.
 
     Give ``source`` (an image folder, or a CSV file) or ``labels_csv`` (paths relative to the CSV's folder,
     or to ``source`` when both are given). ``class_names`` (list or "a,b") names integer labels 0,1,..
     in order, or fixes the class order of named labels. Splits are stratified by class and grouped by
     duplicate group (``fractions`` for train/val/test, ``seed``); ``keep_folder_split`` keeps the folder's
-    (or the CSV's ``split`` column's) split and reports groups crossing splits; ``split_all="test"`` puts
+    (or the CSV's ``split`` column's) split and reports groups crossing splits; ``path_col`` is the CSV's path
+    column ("image", else "path" for a CSV without one, such as a manifest); ``split_all="test"`` puts
     every image in one split. ``match_copies`` also groups freshly augmented copies with a learned copy
     detector (copydetect.py): "auto" (the shipped one, if any), a detector folder, or "off"/None; "default" is
-    "auto" with keep_folder_split (auditing someone else's split) and "off" otherwise. Raises BonefracError
-    for unusable input.
+    "auto" with keep_folder_split (auditing someone else's split) and "off" otherwise. A different manifest
+    already in ``out_dir`` is only replaced with ``overwrite``. Raises BonefracError for unusable input.
     """
     started = time.perf_counter()
     fractions = _check_options(fractions, split_all, keep_folder_split)
@@ -94,7 +95,7 @@ def prepare(out_dir, *, source=None, labels_csv=None, path_col="image", label_co
                      split_all, keep_folder_split)
     report["copy_matcher"] = copies
     report["elapsed_s"] = round(time.perf_counter() - started, 2)
-    _write(out_dir, manifest, report)
+    _write(out_dir, manifest, report, overwrite)
     return report
 
 
@@ -271,6 +272,9 @@ def _analyse(rows: pd.DataFrame, workers):
     good = rows.loc[ok].reset_index(drop=True)
     kept = [r for r in results if isinstance(r, tuple)]
     if not kept:
+        if not any(Path(p).exists() for p in paths):  # most likely a CSV whose paths resolve elsewhere
+            raise BonefracError(f"none of the {len(paths)} image files exists (the first: {paths[0]}); a labels "
+                                "CSV's paths are relative to the CSV's folder, or to SOURCE when one is given")
         raise BonefracError(f"none of the {len(paths)} image files could be used (see the warnings: unreadable "
                             "or blank)")
     good["sha256"], good["width"], good["height"] = ([r[i] for r in kept] for i in range(3))
@@ -388,10 +392,16 @@ def _report(manifest, names, rejected, crossing, origin, kind, seed, fractions, 
     }
 
 
-def _write(out_dir, manifest: pd.DataFrame, report: dict) -> None:
+def _write(out_dir, manifest: pd.DataFrame, report: dict, overwrite: bool) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_manifest(manifest, out / "manifest.csv")
+    target, new = out / "manifest.csv", out / "manifest.csv.new"
+    write_manifest(manifest, new)
+    if target.is_file() and not overwrite and target.read_bytes() != new.read_bytes():
+        new.unlink()  # runs trained on the old split could no longer resume, and its test images could be trained on
+        raise BonefracError(f"{target} already holds a different manifest (another split or other images); choose "
+                            "another --out, or pass --overwrite to replace it")
+    os.replace(new, target)
     (out / "prepare_report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     log.info("wrote %s: %d images in %d groups (%d duplicate groups), %d rejected", out / "manifest.csv",
              report["n_images"], report["n_groups"], report["n_duplicate_groups"], report["n_rejected"])

@@ -31,13 +31,20 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _LITE = re.compile(r"^tf_efficientnet_lite([0-4])$")
 
 
-def create(arch: str, num_classes: int, in_chans: int = 3, drop_rate: float = 0.0, drop_path_rate: float = 0.0):
-    """A randomly initialised timm model; a clear error for an unknown architecture name."""
+def check_arch(arch: str) -> None:
+    """BonefracError naming similar timm architectures when `arch` is not one."""
     import timm
 
     if not timm.is_model(arch):
         close = timm.list_models(f"*{arch.split('_')[0]}*")[:8]
         raise BonefracError(f"unknown architecture '{arch}'" + (f"; similar: {', '.join(close)}" if close else ""))
+
+
+def create(arch: str, num_classes: int, in_chans: int = 3, drop_rate: float = 0.0, drop_path_rate: float = 0.0):
+    """A randomly initialised timm model; a clear error for an unknown architecture name."""
+    import timm
+
+    check_arch(arch)
     kwargs = {"num_classes": num_classes, "in_chans": in_chans, "drop_rate": drop_rate}
     if drop_path_rate:
         kwargs["drop_path_rate"] = drop_path_rate

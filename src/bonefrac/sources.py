@@ -89,8 +89,10 @@ def resolve_labels(raw: pd.Series, class_names):
     return raw, names
 
 
-def _rows_from_csv(csv: Path, base: Path, path_col: str, label_col: str, recomputed) -> pd.DataFrame:
+def _rows_from_csv(csv: Path, base: Path, path_col: str | None, label_col: str, recomputed) -> pd.DataFrame:
     frame = read_csv(csv, dtype=str, keep_default_na=False)
+    if path_col is None:  # a manifest (from prepare or augment) names its paths "path"
+        path_col = "path" if "image" not in frame.columns and "path" in frame.columns else "image"
     missing = [c for c in (path_col, label_col) if c not in frame.columns]
     if missing:
         raise BonefracError(f"{csv} lacks column(s) {missing}; available: {list(frame.columns)}")

@@ -33,7 +33,7 @@ from .config import Config, to_dict
 from .data import Batches, box_masks
 from .errors import BonefracError
 from .manifest import class_names_for, load_manifest, manifest_sha256
-from .models import WithBoxHead, build_model, use_flipped_dgrad
+from .models import WithBoxHead, build_model, check_arch, use_flipped_dgrad
 from .predict import infer_logits, resolve_device
 from .trainutil import (Ema, GradAllReduce, Watchdog, append_metrics, check_resume_config, check_val_classes,
                         decode_caches, distributed_setup, gather_arrays, lesion_loss, make_optimizer, make_scheduler,
@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 def train(manifest: str | Path, out_dir: str | Path, cfg: Config, resume: bool = False) -> Path:
     """Train a model; returns the path of the best checkpoint (chosen on validation)."""
+    check_arch(cfg.model.arch)  # before minutes of decoding images into the cache
     rank, world = distributed_setup()
     out_dir = Path(out_dir)
     if resume:

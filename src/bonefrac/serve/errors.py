@@ -72,11 +72,14 @@ def error_response(status: int, code: str, message: str, headers=None) -> JSONRe
 
 
 def _validation_message(exc: RequestValidationError) -> str:
-    parts = []
+    parts, about_body = [], False
     for err in exc.errors()[:5]:
-        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "request"
+        loc = err.get("loc", ())
+        about_body = about_body or (bool(loc) and loc[0] == "body")
+        where = ".".join(str(p) for p in loc if p != "body") or "request"
         parts.append(f"{where}: {err.get('msg', 'invalid')}")
-    return "invalid request: " + "; ".join(parts) + " (send images as multipart/form-data field 'files')"
+    hint = " (send images as multipart/form-data field 'files')" if about_body else ""
+    return "invalid request: " + "; ".join(parts) + hint
 
 
 def _caused_by(exc: BaseException, kind: type) -> bool:

@@ -4,6 +4,7 @@ GET /v1/audit (recent audit rows, when the audit log is on)."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import logging
 
@@ -22,18 +23,20 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", responses=documented(401, 429, 500))
 UPLOAD_ERRORS = documented(400, 413, 415, 422, 503)
 EXPLAIN_MAX_SIDE = 2048  # pixels: longer side of the Grad-CAM overlay /v1/explain returns
+PER_IMAGE_ERRORS = (413, 415, 422)  # statuses of ApiErrors about one file's content (preprocess.py)
 FILES = File(..., description="image files (PNG, JPEG, WebP, BMP, TIFF or DICOM); the type is sniffed from content")
 
 
 class ImageResult(BaseModel):
     filename: str
     sha256: str
-    status: str  # "ok" or "not_xray"
+    status: str  # "ok", "not_xray" or "error" (this file alone could not be read; error_code and message say why)
     prediction: str | None = None
     confidence: float | None = None
     probabilities: dict[str, float] | None = None
     refer: bool
     message: str | None = None
+    error_code: str | None = None
 
 
 class PredictResponse(BaseModel):
@@ -49,34 +52,42 @@ def model_size(predictor) -> int | None:
     return sizes.pop() if len(sizes) == 1 else None
 
 
-async def _decode_uploads(files: list[UploadFile], state, size: int | None) -> list[dict]:
+async def _decode_uploads(files: list[UploadFile], state, size: int | None, partial: bool = False) -> list[dict]:
+    """The request's images decoded and checked, in order. With `partial`, a file that alone is bad (unreadable,
+    unsupported, too large) comes back as {"filename", "sha256", "error": ApiError} while others are usable."""
     settings, preprocessor = state.settings, state.preprocessor
     if len(files) > settings.max_files:
         raise ApiError(413, "too_many_files", f"{len(files)} images in one request; the limit is {settings.max_files}")
     uploads = [(upload.filename or f"file {i + 1}", await upload.read()) for i, upload in enumerate(files)]
-    # All images of a request at once (in a pool they run in parallel); the first bad file in request order
-    # decides the error, as when they ran one after another.
+    # All images of a request at once (in a pool they run in parallel).
     items = await asyncio.gather(*[preprocessor.prepare(data, name, settings.max_pixels, settings.xray_check, size)
                                    for name, data in uploads], return_exceptions=True)
-    for item in items:
-        if isinstance(item, BaseException):
-            raise item
-    return items
+    failed = [it for it in items if isinstance(it, BaseException)]
+    if not failed:
+        return items
+    # One bad file among good ones becomes its own "error" result, as in `bonefrac predict`; a request with no
+    # usable file, or a failure that is not the file's own (a stopped worker, a bug), is answered as an error:
+    # the first such in request order.
+    own = [isinstance(e, ApiError) and e.status in PER_IMAGE_ERRORS for e in failed]
+    if not partial or len(failed) == len(items) or not all(own):
+        raise next((e for e, mine in zip(failed, own) if not mine), failed[0])
+    return [{"filename": name, "sha256": hashlib.sha256(data).hexdigest(), "error": it}
+            if isinstance(it, BaseException) else it for (name, data), it in zip(uploads, items)]
 
 
 async def _analyse(request: Request, files: list[UploadFile]) -> PredictResponse:
     state = request.app.state
     settings, predictor = state.settings, state.predictor
-    items = await _decode_uploads(files, state, model_size(predictor))
-    xrays = [it for it in items if it["check"] is None or it["check"].ok]
+    items = await _decode_uploads(files, state, model_size(predictor), partial=True)
+    xrays = [it for it in items if "error" not in it and (it["check"] is None or it["check"].ok)]
     probs = await state.batcher.submit([it["gray"] for it in xrays]) if xrays else np.zeros((0, 0))
     for item, row in zip(xrays, probs):
         item["probs"] = row
     results = [_result(it, predictor, settings.refer_margin) for it in items]
     for r in results:
         state.telemetry.image(r.status)
-    if state.audit is not None:
-        await _record(state.audit, predictor.version, results)
+    if state.audit is not None:  # what the model assessed; unreadable uploads are not cases to review
+        await _record(state.audit, predictor.version, [r for r in results if r.status != "error"])
     return PredictResponse(model_version=predictor.version, class_names=predictor.class_names,
                            threshold=predictor.threshold, results=results)
 
@@ -93,6 +104,9 @@ async def _record(audit, version: str, results: list[ImageResult]) -> None:
 
 def _result(item: dict, predictor, margin: float) -> ImageResult:
     base = {"filename": item["filename"], "sha256": item["sha256"]}
+    if "error" in item:
+        return ImageResult(**base, status="error", refer=True, message=item["error"].message,
+                           error_code=item["error"].code)
     if "probs" not in item:
         return ImageResult(**base, status="not_xray", refer=True, message=item["check"].reason)
     (fields,) = prediction_rows(item["probs"][None, :], predictor, margin)
@@ -104,7 +118,9 @@ def _result(item: dict, predictor, margin: float) -> ImageResult:
              responses=UPLOAD_ERRORS)
 async def predict(request: Request, files: list[UploadFile] = FILES) -> PredictResponse:
     """Per image: class probabilities, prediction, confidence, a refer flag (low confidence or not an X-ray)
-    and the model version. Assistive output for clinician review, not a diagnosis."""
+    and the model version. Among several files, one that cannot be read gets status "error" (the others are
+    answered); a request whose files all fail is a 4xx error. Assistive output for clinician review, not a
+    diagnosis."""
     return await _analyse(request, files)
 
 
