@@ -366,8 +366,9 @@ def test_image_and_checkpoint_names_may_follow_options(run, tmp_path, capsys):
     assert capsys.readouterr().out.count(".webp") == 3
     args = parse_args(["evaluate", "a", "--manifest", "m.csv", "b", "--out", "o"])
     assert args.model == ["a", "b"] and args.out == "o"
-    with pytest.raises(SystemExit):  # an unknown option is still refused
-        parse_args(["explain", "ck", "--out", "o", "a.png", "--bogus"])
+    for argv in (["explain", "ck", "--out", "o", "a.png", "--bogus"], ["--tta", "predict", "a.png", "b.png"]):
+        with pytest.raises(SystemExit):  # unknown options are still refused, before the command too
+            parse_args(argv)
 
 
 def test_evaluate_uses_the_default_model_when_none_is_named(run, manifest, tmp_path, monkeypatch, caplog):

@@ -145,6 +145,8 @@ def test_a_bad_file_among_good_ones_gets_its_own_error_result(ckpt, tmp_path):
         assert empty_row["error_code"] == "unreadable_image" and "empty.png" in empty_row["message"]
         assert pdf_row["refer"] is True and pdf_row["probabilities"] is None
         assert [r["status"] for r in c.get("/v1/audit").json()["rows"]] == ["ok"]  # errors are not cases
+        metrics = c.get("/metrics").text  # counted as images and by error code, as whole-request refusals are
+        assert 'outcome="error"} 2' in metrics and 'code="unsupported_media_type"} 1' in metrics
         everything_bad = post(c, ("report.png", pdf), ("empty.png", b""))  # nothing usable: still a 4xx
         assert everything_bad.status_code == 415 and "report.png" in everything_bad.json()["error"]["message"]
 

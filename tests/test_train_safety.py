@@ -130,6 +130,8 @@ def test_resume_into_a_folder_without_a_run_is_refused(sample_manifest, tmp_path
     # a mistyped --out used to start a whole new run there with the default configuration
     assert main(["train", "--manifest", str(sample_manifest), "--out", str(tmp_path / "typo"), "--resume"]) == 2
     assert "holds no run to resume" in caplog.text and not (tmp_path / "typo").exists()
+    # with a config named, --resume on a new folder starts the run there (a job script that always resumes)
+    assert train(sample_manifest, tmp_path / "new", "--resume") == 0 and (tmp_path / "new" / "best").is_dir()
 
 
 def test_an_unknown_architecture_is_refused_before_any_image_is_decoded(sample_manifest, tmp_path, monkeypatch,

@@ -44,9 +44,9 @@ def _train(args) -> None:
 
     config = args.config
     saved = Path(args.out) / "config.json"
-    if args.resume and not saved.is_file():  # a wrong --out would otherwise start a new run with the defaults
-        raise BonefracError(f"--resume: {args.out} holds no run to resume (no config.json); check --out, or "
-                            "start a new run without --resume")
+    if args.resume and config is None and not saved.is_file():  # a wrong --out: a new run with the defaults
+        raise BonefracError(f"--resume: {args.out} holds no run to resume (no config.json) and no --config was "
+                            "given; check --out, or start a new run")
     if args.resume and config is None:  # resume as the run was started, --set on top
         log.info("resuming with the run's own configuration, %s", saved)
         config = saved
@@ -350,7 +350,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         # argparse fills a list positional (images, checkpoints) once, so names after an option were left over:
         # parse the command's own arguments again with options and positionals intermixed.
         argv = sys.argv[1:] if argv is None else list(argv)
-        rest = argv[argv.index(args.command) + 1:]
+        at = argv.index(args.command)
+        before = [a for a in extra if a in argv[:at]]
+        if before:  # only -v may come before the command
+            parser.error(f"unrecognized arguments: {' '.join(before)}")
+        rest = argv[at + 1:]
         vars(args).update(vars(parser.command_parsers[args.command].parse_intermixed_args(rest)))
     return args
 

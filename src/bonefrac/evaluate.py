@@ -129,8 +129,8 @@ def seen_by_model(predictor, rows: pd.DataFrame, split: str | None = None) -> di
     hits = rows.sha256.map(seen).value_counts()
     out = {"train": int(hits.get("train", 0)), "val": int(hits.get("val", 0)), "of": int(len(rows))}
     if out["train"] or out["val"]:
-        why = ("the model was chosen on its own val split" if split == "val" and not out["train"]
-               else "was the split drawn again?")
+        why = ("was the split drawn again?" if split == "test" else "the model was chosen on its own val split"
+               if split == "val" and not out["train"] else "the split evaluated holds the model's own images")
         log.warning("%d of the %d images evaluated here were in the model's training split and %d in its "
                     "validation split: these metrics are optimistic (%s)", out["train"], out["of"], out["val"], why)
     return out
@@ -279,6 +279,9 @@ def calibrate(ckpt: str | Path, manifest: str | Path, device: str = "auto") -> d
     names = predictor.class_names
     val = check_val_split(load_manifest(manifest), names, manifest)
     seen = checkpoint.read_seen(ckpt)
+    if seen is None:
+        log.warning("%s does not list the images it was trained on: cannot check that %s's val split is new to it",
+                    ckpt, manifest)
     trained_on = int((val.sha256.map(seen or {}) == "train").sum())
     if trained_on:  # a temperature fitted on training images comes out overconfident, as would the thresholds
         raise BonefracError(f"{manifest}: {trained_on} of the {len(val)} val images were in {ckpt}'s training "

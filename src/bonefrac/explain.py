@@ -81,7 +81,7 @@ def _forward(member, x_uint8: torch.Tensor):
     with tta), so explain reports predict's class; the map comes from float32 on every device (with bf16 features
     and gradients the shipped model's map peak moved by more than 15 px on 5 of 32 images, in a CPU emulation).
     Checked on an H100 with bf16 autocast: class and probability equal predict's on all 609 FracAtlas test images
-    both accepted."""
+    that pass the radiograph check."""
     x = x_uint8.to(member.device)
     feats, logits = _features_and_logits(member.model, model_input(member.model, x, member.prep))
     if _predict.uses_autocast(x.device) or member.tta:  # predict's forward differs from this one: run it

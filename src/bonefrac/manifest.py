@@ -396,12 +396,15 @@ def _write(out_dir, manifest: pd.DataFrame, report: dict, overwrite: bool) -> No
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     target, new = out / "manifest.csv", out / "manifest.csv.new"
-    write_manifest(manifest, new)
-    if target.is_file() and not overwrite and target.read_bytes() != new.read_bytes():
-        new.unlink()  # runs trained on the old split could no longer resume, and its test images could be trained on
-        raise BonefracError(f"{target} already holds a different manifest (another split or other images); choose "
-                            "another --out, or pass --overwrite to replace it")
-    os.replace(new, target)
+    try:
+        write_manifest(manifest, new)
+        if target.is_file() and not overwrite and target.read_bytes() != new.read_bytes():
+            # runs trained on the old split could no longer resume, and its test images could be trained on
+            raise BonefracError(f"{target} already holds a different manifest (another split or other images); "
+                                "choose another --out, or pass --overwrite to replace it")
+        os.replace(new, target)
+    finally:
+        new.unlink(missing_ok=True)
     (out / "prepare_report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     log.info("wrote %s: %d images in %d groups (%d duplicate groups), %d rejected", out / "manifest.csv",
              report["n_images"], report["n_groups"], report["n_duplicate_groups"], report["n_rejected"])

@@ -70,7 +70,7 @@ class Telemetry:
                 out += hist.lines("bonefrac_request_seconds", f'route="{route}"')
             out += ["# HELP bonefrac_batch_size Images per model call.", "# TYPE bonefrac_batch_size histogram"]
             out += self.batches.lines("bonefrac_batch_size")
-            out += ["# HELP bonefrac_errors_total Rejected requests by error code.",
+            out += ["# HELP bonefrac_errors_total Refused requests, and files refused within one, by error code.",
                     "# TYPE bonefrac_errors_total counter"]
             out += [f'bonefrac_errors_total{{code="{c}"}} {n}' for c, n in sorted(self.errors.items())]
             out += ["# HELP bonefrac_images_total Images by outcome.", "# TYPE bonefrac_images_total counter"]

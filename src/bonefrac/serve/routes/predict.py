@@ -86,6 +86,8 @@ async def _analyse(request: Request, files: list[UploadFile]) -> PredictResponse
     results = [_result(it, predictor, settings.refer_margin) for it in items]
     for r in results:
         state.telemetry.image(r.status)
+        if r.error_code:  # counted with whole-request refusals too, so alerts on a code see both
+            state.telemetry.error(r.error_code)
     if state.audit is not None:  # what the model assessed; unreadable uploads are not cases to review
         await _record(state.audit, predictor.version, [r for r in results if r.status != "error"])
     return PredictResponse(model_version=predictor.version, class_names=predictor.class_names,

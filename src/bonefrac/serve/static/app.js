@@ -43,7 +43,8 @@
     const r = data.results[0];
     $("result").hidden = false;
     $("version").textContent = data.model_version;
-    $("prediction").textContent = r.status === "ok" ? r.prediction + " (" + (100 * r.confidence).toFixed(1) + " %)" : "not an X-ray";
+    $("prediction").textContent = r.status === "ok" ? r.prediction + " (" + (100 * r.confidence).toFixed(1) + " %)"
+      : r.status === "not_xray" ? "not an X-ray" : "no result: " + r.message;
     $("refer").hidden = !r.refer;
     $("refer").textContent = r.refer ? "Refer for expert review: " + (r.message || "low confidence") : "";
     showBars(r.probabilities);
