@@ -44,10 +44,10 @@ def _train(args) -> None:
 
     config = args.config
     saved = Path(args.out) / "config.json"
-    if args.resume and config is None and not saved.is_file():  # a wrong --out: a new run with the defaults
-        raise BonefracError(f"--resume: {args.out} holds no run to resume (no config.json) and no --config was "
-                            "given; check --out, or start a new run")
     if args.resume and config is None:  # resume as the run was started, --set on top
+        if not saved.is_file():  # a wrong --out: it would be a new run with the defaults
+            raise BonefracError(f"--resume: {args.out} holds no run to resume (no config.json) and no --config "
+                                "was given; check --out, or start a new run")
         log.info("resuming with the run's own configuration, %s", saved)
         config = saved
     cfg = load_config(config, args.set)
@@ -57,14 +57,10 @@ def _train(args) -> None:
 
 def _evaluate(args) -> None:
     from .evaluate import evaluate
-    from .predict import default_model_path
 
-    if not args.model:
-        args.model = [str(default_model_path())]
-        log.info("model: %s", args.model[0])
-    result = evaluate(args.model, args.manifest, split=args.split, out_dir=args.out,
-                      positive_class=args.positive_class, tta=args.tta, device=args.device,
-                      n_boot=args.bootstrap, reference=args.reference)
+    models = _models_or_default(args.model + args.model_opt)  # CKPT... and --model CKPT
+    result = evaluate(models, args.manifest, split=args.split, out_dir=args.out, positive_class=args.positive_class,
+                      tta=args.tta, device=args.device, n_boot=args.bootstrap, reference=args.reference)
     log.info("metrics: %s/metrics.json  report: %s/report.html", args.out, args.out)
     summary = {k: result[k] for k in ("n", "accuracy", "balanced_accuracy", "auroc") if k in result}
     print(json.dumps(summary))
@@ -72,7 +68,7 @@ def _evaluate(args) -> None:
 
 def _predict(args) -> None:
     from .backends import DEFAULT_POINT, use_operating_point
-    from .predict import default_model_path, load_predictor, predict_files
+    from .predict import load_predictor, predict_files
 
     if not args.paths:
         raise BonefracError("name at least one image file or folder to predict")
@@ -82,10 +78,7 @@ def _predict(args) -> None:
         # The points were chosen for one model's probabilities, not for this unfitted average of several.
         raise BonefracError("--operating-point needs one checkpoint or an ensemble directory; build an ensemble "
                             "with its own operating points from these checkpoints with `bonefrac ensemble`")
-    if not args.model:  # say which: $BONEFRAC_MODEL may stand in for the shipped model
-        args.model = [str(default_model_path())]
-        log.info("model: %s", args.model[0])
-    predictor = load_predictor(args.model, args.device, args.tta, args.batch_size)
+    predictor = load_predictor(_models_or_default(args.model), args.device, args.tta, args.batch_size)
     use_operating_point(predictor, args.operating_point)
     if averaged:
         log.warning("%d checkpoints averaged with equal weights and the first one's threshold; fit weights and "
@@ -103,6 +96,17 @@ def _predict(args) -> None:
         if not counts["error"] and not counts["not_xray"]:
             raise BonefracError(f"no image files found in {', '.join(map(str, args.paths))}")
         raise BonefracError(f"no prediction made for any of the {sum(counts.values())} input(s)")
+
+
+def _models_or_default(models: list[str] | None) -> list[str]:
+    """The checkpoints named, else the default model (logged: $BONEFRAC_MODEL may stand in for the shipped one)."""
+    if models:
+        return models
+    from .predict import default_model_path
+
+    default = str(default_model_path())
+    log.info("model: %s", default)
+    return [default]
 
 
 def _operating_point(named: str | None, averaged: bool = False) -> str | None:
@@ -377,8 +381,6 @@ def run_logged(fn, *args, verbose: bool = False) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.command == "evaluate":
-        args.model = args.model + args.model_opt
     try:
         return run_logged(args.func, args, verbose=args.verbose)
     except KeyboardInterrupt:
