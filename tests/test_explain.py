@@ -233,3 +233,30 @@ def test_an_ensemble_runs_each_member_once_per_batch():
     np.testing.assert_array_equal(classes, decide(expected, 1, threshold))
     for a, b in zip(heatmaps, alone):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", [_TinyCnn, lambda: create("resnet18", 2, 1)], ids=["tiny_cnn", "resnet18"])
+def test_tta_on_the_cpu_reuses_the_float32_forward_and_reports_predicts_probabilities(make):
+    """Without autocast the Grad-CAM forward's logits are predict's unflipped ones; tta then needs only the flipped
+    view. Was 3 forwards per batch: the Grad-CAM one, then predict's unflipped and flipped ones again."""
+    from bonefrac.explain import explain_arrays
+    from bonefrac.predict import decide
+
+    torch.manual_seed(0)
+    predictor = _predictor(make(), size=64, channels=1)
+    images = _images(7) + _images(8)  # 6 images: 2 batches of 4 and 2
+    plain = predictor.predict_arrays(images)
+    maps = gradcam(predictor, images, target_class=1)
+    predictor.tta = True
+    expected = predictor.predict_arrays(images)
+    assert not np.array_equal(expected, plain)  # else this test could not tell whether the flip was averaged in
+    predictor.threshold = float(np.median(expected[:, 1]))
+    calls = []
+    first = next(m for m in predictor.model.modules() if isinstance(m, nn.Conv2d))  # runs once per network pass
+    first.register_forward_hook(lambda *_: calls.append(1))
+    heatmaps, classes, probs = explain_arrays(predictor, images, batch_size=4)
+    assert len(calls) == 2 * 2
+    np.testing.assert_array_equal(probs, expected)  # bit for bit: the same average of the same float32 logits
+    np.testing.assert_array_equal(classes, decide(expected, 1, predictor.threshold))
+    for a, b in zip(gradcam(predictor, images, target_class=1), maps):  # the map is the unflipped view's
+        np.testing.assert_allclose(a, b, atol=1e-6)

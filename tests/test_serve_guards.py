@@ -68,6 +68,24 @@ def test_metrics_count_oversized_bodies_and_internal_errors():
     assert metric(text, 'bonefrac_errors_total{code="internal"}') == 1
 
 
+def test_metrics_label_served_paths_by_their_route_and_unknown_paths_as_unmatched():
+    """FastAPI's router sets scope["route"] for its own APIRoutes only: /openapi.json (a Starlette route) and the
+    static mounts were counted as "unmatched", together with the 404s."""
+    with TestClient(app()) as c:
+        for path in ("/openapi.json", "/docs", "/static/app.js"):
+            assert c.get(path).status_code == 200
+        assert c.get("/static/no-such-file.js").status_code == 404  # the mount answered: its label, not the path
+        assert c.get("/no/such/page").status_code == 404
+        text = c.get("/metrics").text
+    assert metric(text, 'bonefrac_requests_total{route="/openapi.json",status="200"}') == 1
+    assert metric(text, 'bonefrac_requests_total{route="/docs",status="200"}') == 1
+    assert metric(text, 'bonefrac_requests_total{route="/static",status="200"}') == 1
+    assert metric(text, 'bonefrac_requests_total{route="/static",status="404"}') == 1
+    assert metric(text, 'bonefrac_requests_total{route="unmatched",status="404"}') == 1
+    assert metric(text, 'bonefrac_requests_total{route="unmatched",status="200"}') == 0
+    assert "no-such" not in text  # requested paths never become labels
+
+
 def test_every_response_has_nosniff_once():
     with TestClient(app()) as c:
         for resp in (c.get("/health"), c.get("/metrics"), c.get("/nowhere"), c.get("/v1/audit")):

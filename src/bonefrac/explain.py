@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .errors import BonefracError
 from .io import printable_path
 from . import predict as _predict  # by module: uses_autocast is looked up at call time (tests switch it)
-from .predict import decide, infer_logits, model_input
+from .predict import decide, infer_logits, model_input, with_flipped_view
 from .transforms import resize_batch
 
 log = logging.getLogger(__name__)
@@ -80,12 +80,17 @@ def _forward(member, x_uint8: torch.Tensor):
     for the batch. The class explained follows predict's own forward (bf16 autocast on CUDA, the flipped view
     with tta), so explain reports predict's class; the map comes from float32 on every device (with bf16 features
     and gradients the shipped model's map peak moved by more than 15 px on 5 of 32 images, in a CPU emulation).
+    Without autocast the float32 logits are predict's own, so with tta only the flipped view runs again.
     Checked on an H100 with bf16 autocast: class and probability equal predict's on all 609 FracAtlas test images
     that pass the radiograph check."""
     x = x_uint8.to(member.device)
-    feats, logits = _features_and_logits(member.model, model_input(member.model, x, member.prep))
-    if _predict.uses_autocast(x.device) or member.tta:  # predict's forward differs from this one: run it
+    inp = model_input(member.model, x, member.prep)
+    feats, logits = _features_and_logits(member.model, inp)
+    if _predict.uses_autocast(x.device):  # predict's bf16 forward differs from this float32 one: run it
         scored = infer_logits(member.model, x, member.prep, tta=member.tta)
+    elif member.tta:  # the float32 logits are predict's unflipped ones: only the flipped view needs a forward
+        with torch.no_grad(), _predict.forward_precision(x.device):
+            scored = with_flipped_view(member.model, inp, logits.detach())
     else:
         scored = logits.detach()
     return feats, logits, member.calibrated(scored.cpu().numpy())

@@ -67,8 +67,15 @@ def infer_logits(model, x: torch.Tensor, prep: dict, amp: bool = True, tta: bool
     with forward_precision(inp.device, amp):
         logits = model(inp).float()
         if tta:
-            logits = (logits + model(hflip(inp)).float()) / 2
+            logits = with_flipped_view(model, inp, logits)
     return logits
+
+
+def with_flipped_view(model, inp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Test-time augmentation as predict combines it: `logits` (float32, of the model input `inp`) averaged with
+    the logits of its horizontally flipped view. Runs in the caller's grad and precision context; explain calls
+    it with its own unflipped float32 logits, so the combination must live in one place."""
+    return (logits + model(hflip(inp)).float()) / 2
 
 
 def decide(probs: np.ndarray, positive_index: int | None, threshold: float | None) -> np.ndarray:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import hmac
 import time
 
+from starlette.routing import Mount
+
 from .errors import ApiError, BodyTooLarge, error_response
 
 
@@ -134,8 +136,26 @@ class ObserveMiddleware:
         try:
             await self.app(scope, receive, observed_send)
         finally:  # an exception here becomes the 500 that the server's error layer sends: count it as one
-            route = getattr(scope.get("route"), "path", "unmatched")
-            self.telemetry.request(route, status, time.perf_counter() - start)
+            self.telemetry.request(route_label(scope), status, time.perf_counter() - start)
+
+
+def route_label(scope) -> str:
+    """The metrics label of a handled request: the path template of the route or mount that served it (a mount by
+    its prefix, e.g. "/static"), or "unmatched" when none did (404s from the router, refusals before routing). Never
+    the requested path itself, so the label set stays bounded whatever clients ask for."""
+    route = scope.get("route")
+    if route is not None:
+        return getattr(route, "path", "unmatched")
+    # FastAPI's router sets scope["route"] for its own APIRoutes only: Starlette routes (FastAPI's /openapi.json)
+    # and mounts (/static, the offline docs' files) leave just their endpoint, which names the route that matched.
+    endpoint, router = scope.get("endpoint"), scope.get("router")
+    if endpoint is None or router is None:
+        return "unmatched"
+    for candidate in getattr(router, "routes", ()):
+        if getattr(candidate, "endpoint", None) is endpoint or (
+                isinstance(candidate, Mount) and candidate.app is endpoint):
+            return candidate.path
+    return "unmatched"
 
 
 def _bearer(value: str) -> str | None:
