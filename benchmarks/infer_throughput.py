@@ -46,14 +46,17 @@ def timed(fn, x, reps: int, profile_to: str | None = None) -> float:
     return ips
 
 
-VARIANTS = ("eager", "default", "reduce-overhead", "frozen")
+VARIANTS = ("eager", "amp", "amp-grn", "default", "reduce-overhead", "frozen")
+# amp: eager bf16 autocast over float32 weights, not compiled: what `bonefrac predict` runs on CUDA (amp-grn: with
+# bonefrac's fused ConvNeXt V2 kernels, see `grn` below).
 # Options a "frozen" variant may add, joined with "-" (e.g. frozen-fp16-mm): fp16 instead of bf16 weights, 1x1
 # convolutions as matmuls (they fuse with their BN/activation epilogues), max-autotune kernel selection (every
 # convolution too: slow to compile), autotuned Triton matmul templates only (`gemm`: with `mm` they take the
 # pointwise ops around them as prologues/epilogues), Triton matmul templates *only* (`tritonmm`: every matmul
 # takes its neighbours' pointwise work, even where cuBLAS alone is faster; convolutions stay cuDNN, not autotuned),
-# coordinate-descent tuning of the generated kernels (`cdt`).
-FROZEN_OPTIONS = ("fp16", "mm", "autotune", "gemm", "tritonmm", "cdt")
+# coordinate-descent tuning of the generated kernels (`cdt`), bonefrac's fused Triton kernels for ConvNeXt V2's
+# MLP + GRN + residual (`grn`, bonefrac.kernels; other architectures are unchanged by it).
+FROZEN_OPTIONS = ("fp16", "mm", "autotune", "gemm", "tritonmm", "cdt", "grn")
 
 
 def bench_arch(arch: str, size: int, batch: int, reps: int, variants: list[str], profile_dir: str | None = None
@@ -82,6 +85,20 @@ def bench_arch(arch: str, size: int, batch: int, reps: int, variants: list[str],
 
 
 def run_variant(variant: str, model, x, reps: int, profile_to: str | None = None) -> float:
+    if variant.startswith("amp"):
+        import copy
+
+        m = copy.deepcopy(model)
+        if variant == "amp-grn":
+            from bonefrac.kernels import fuse_grn_blocks
+
+            fuse_grn_blocks(m)
+
+        def run(inp):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return m(inp)
+
+        return timed(run, x, reps, profile_to)
     if variant in ("default", "reduce-overhead"):
         compiled = torch.compile(model, mode=variant)
 
@@ -93,7 +110,7 @@ def run_variant(variant: str, model, x, reps: int, profile_to: str | None = None
     options = set(variant.split("-")[1:])
     dtype = torch.float16 if "fp16" in options else torch.bfloat16
     mode = "max-autotune" if "autotune" in options else "reduce-overhead"
-    return frozen(model, x, reps, dtype, inductor_patch(options), mode, profile_to)
+    return frozen(model, x, reps, dtype, inductor_patch(options), mode, profile_to, fuse_grn="grn" in options)
 
 
 def inductor_patch(options: set[str]) -> dict:
@@ -113,7 +130,8 @@ def valid_variant(variant: str) -> bool:
     return head in VARIANTS and set(options) <= set(FROZEN_OPTIONS)
 
 
-def frozen(model, x, reps: int, dtype, patch: dict, mode: str, profile_to: str | None = None) -> float:
+def frozen(model, x, reps: int, dtype, patch: dict, mode: str, profile_to: str | None = None,
+           fuse_grn: bool = False) -> float:
     """Low-precision weights (no autocast casts), inductor freezing (folds BatchNorm into convolutions,
     constant-folds weights), CUDA graphs: the deployment configuration."""
     import copy
@@ -121,6 +139,10 @@ def frozen(model, x, reps: int, dtype, patch: dict, mode: str, profile_to: str |
     import torch._inductor.config as inductor_config
 
     m = copy.deepcopy(model).to(dtype)
+    if fuse_grn:
+        from bonefrac.kernels import fuse_grn_blocks
+
+        log.info("fused GRN blocks: %d", fuse_grn_blocks(m))
     with inductor_config.patch(patch):
         compiled = torch.compile(m, mode=mode)
         return timed(compiled, x.to(dtype), reps, profile_to)

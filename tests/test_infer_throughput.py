@@ -12,9 +12,9 @@ from infer_throughput import inductor_patch, valid_variant  # noqa: E402
 
 def test_variant_names():
     for ok in ("eager", "default", "reduce-overhead", "frozen", "frozen-fp16-mm-gemm", "frozen-fp16-cdt",
-               "frozen-fp16-tritonmm"):
+               "frozen-fp16-tritonmm", "frozen-fp16-grn", "amp", "amp-grn"):
         assert valid_variant(ok), ok
-    for bad in ("frozen-int4", "eager-fp16", "compiled", "frozen-mm-"):
+    for bad in ("frozen-int4", "eager-fp16", "compiled", "frozen-mm-", "amp-fp16"):
         assert not valid_variant(bad), bad
 
 

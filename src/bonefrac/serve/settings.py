@@ -25,7 +25,8 @@ BONEFRAC_API_KEY, where an empty value is an error (it would silently turn authe
 checked here, before any model is loaded; a bad one raises ConfigError naming the variable (and the
 `bonefrac serve` flag, where there is one) and the allowed values. Whether the model saved the point that
 BONEFRAC_OPERATING_POINT names is checked as the service loads it: if not, it does not start. Unknown BONEFRAC_*
-names (typos) are logged as a warning; names read elsewhere in the package (BONEFRAC_COPY_DETECTOR) are known too.
+names (typos) are logged as a warning; names read elsewhere in the package (BONEFRAC_COPY_DETECTOR,
+BONEFRAC_FUSED_KERNELS) are known too.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 # `bonefrac serve --...`
 _FLAGS = {"model", "host", "port", "max_batch", "max_wait_ms", "audit_db", "device", "operating_point"}
 _POINT_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # every name bonefrac saves; a stray space or quote is a typo
-_READ_ELSEWHERE = ("BONEFRAC_COPY_DETECTOR",)  # copydetect.py; BONEFRAC_MODEL is also read by predict.py
+# copydetect.py; kernels.py (opt-in fused GPU kernels); BONEFRAC_MODEL is also read by predict.py
+_READ_ELSEWHERE = ("BONEFRAC_COPY_DETECTOR", "BONEFRAC_FUSED_KERNELS")
 
 
 def _default_workers(cpus: int) -> int:

@@ -1,0 +1,93 @@
+"""Per-stage timing of bonefrac's fused ConvNeXt V2 MLP/GRN kernels (bonefrac.kernels) on a GPU, for several tile
+shapes, against the same block tail in stock PyTorch ops compiled by torch.compile, and cuBLAS's two matmuls alone.
+
+    python benchmarks/grn_kernels.py [--batch 256]
+
+Shapes are ConvNeXt V2 Base's four stages at 224 px (pixels per image x channels, blocks per stage); inputs are
+random fp16. Prints one JSON line per stage (milliseconds per call, max |difference| from the stock result) and the
+totals over the model's 36 blocks. Results: benchmarks/RESULTS.md.
+"""
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+
+STAGES = ((3136, 128, 3), (784, 256, 3), (196, 512, 27), (49, 1024, 3))
+TILES = ((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+         (128, 128, 32, 4, 4))  # BM, BN, BK, warps, pipeline stages
+
+
+def stock(x, w1, b1, w2, b2, gamma, beta, res, hw, batch):
+    """The block tail as timm computes it (fc1, GELU, GRN, fc2) plus the residual add."""
+    h = F.gelu(F.linear(x, w1, b1)).view(batch, hw, -1)
+    g = h.float().norm(dim=1, keepdim=True)
+    nx = g / (g.mean(-1, keepdim=True) + 1e-6)
+    h = (h + beta + gamma * (h * nx.to(h.dtype))).view(batch * hw, -1)
+    return F.linear(h, w2, b2) + res
+
+
+def fused(args, tiles):
+    """bonefrac.kernels' two kernels launched with the given tile shape."""
+    import triton
+
+    from bonefrac import kernels
+
+    x, w1, b1, w2, b2, gamma, beta, res, hw, _ = args
+    (m, c), n = x.shape, w1.shape[0]
+    meta = dict(BM=tiles[0], BN=tiles[1], BK=tiles[2], GROUP_M=8, EVEN_K=True, num_warps=tiles[3],
+                num_stages=tiles[4])
+    h = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    ss = torch.zeros((m // hw, n), device=x.device, dtype=torch.float32)
+    kernels.fc1_gelu_sumsq[(triton.cdiv(m, tiles[0]) * triton.cdiv(n, tiles[1]),)](x, w1, b1, h, ss, m, n, c, hw,
+                                                                                   **meta)
+    g = ss.sqrt()
+    scale = 1.0 + gamma.float() * (g / (g.mean(-1, keepdim=True) + 1e-6))
+    bias = b2.float() + w2.float() @ beta.float()
+    out = torch.empty_like(x)
+    kernels.fc2_scaled_residual[(triton.cdiv(m, tiles[0]) * triton.cdiv(c, tiles[1]),)](
+        h, scale, w2, bias, res, out, m, c, n, hw, **meta)
+    return out
+
+
+def stage_row(hw: int, c: int, blocks: int, batch: int, compiled_stock) -> dict:
+    from triton.testing import do_bench
+
+    from bonefrac import kernels
+
+    def rand(*shape, scale=1.0):
+        return torch.randn(*shape, device="cuda", dtype=torch.float16) * scale
+
+    m = batch * hw
+    args = (rand(m, c), rand(4 * c, c, scale=c ** -0.5), rand(4 * c, scale=0.1), rand(c, 4 * c, scale=(4 * c) ** -0.5),
+            rand(c, scale=0.1), rand(4 * c, scale=0.3), rand(4 * c, scale=0.1), rand(m, c), hw, batch)
+    want = compiled_stock(*args)
+    hidden = F.linear(args[0], args[1], args[2])
+    row = {"hw": hw, "C": c, "blocks": blocks, "stock_ms": round(do_bench(lambda: compiled_stock(*args)), 4),
+           "cublas_fc1_ms": round(do_bench(lambda: F.linear(args[0], args[1], args[2])), 4),
+           "cublas_fc2_ms": round(do_bench(lambda: F.linear(hidden, args[3], args[4])), 4)}
+    for tiles in TILES:
+        diff = (fused(args, tiles).float() - want.float()).abs().max().item()
+        row[str(tiles)] = [round(do_bench(lambda: fused(args, tiles)), 4), round(diff, 4)]
+    row["product_ms"] = round(do_bench(lambda: kernels.grn_mlp_residual(*args[:9], 1e-6)), 4)
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--batch", type=int, default=256)
+    batch = p.parse_args().batch
+    torch.manual_seed(0)
+    compiled_stock = torch.compile(stock)
+    rows = []
+    for hw, c, blocks in STAGES:
+        rows.append(stage_row(hw, c, blocks, batch, compiled_stock))
+        print(json.dumps(rows[-1]), flush=True)
+    total = {k: round(sum(r[k] * r["blocks"] for r in rows), 2) for k in ("stock_ms", "product_ms")}
+    total["best_tiles_ms"] = round(sum(min(r[str(t)][0] for t in TILES) * r["blocks"] for r in rows), 2)
+    print(json.dumps({"device": torch.cuda.get_device_name(), "batch": batch, "all_36_blocks": total}))
+
+
+if __name__ == "__main__":
+    main()

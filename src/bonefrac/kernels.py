@@ -1,0 +1,250 @@
+"""Fused GPU inference kernels for ConvNeXt V2's MLP with Global Response Norm (GRN).
+
+`fuse_grn_blocks(model)` makes every eligible ConvNeXt V2 block of a timm model run its MLP as two Triton
+kernels in fp16/bf16 inference on CUDA; anything else (training, float32, CPU, other layouts) runs timm's own
+forward unchanged, so calling it is always safe. Weights, state_dict keys and outputs stay the model's own.
+
+Why: GRN scales each image's hidden channels by their spatial L2 norm, so stock PyTorch and inductor write the
+4x-wide hidden activation, read it back for the norm, read and write it again to scale it, and read it once more
+in the second matmul: five passes over the block's largest tensor (20 % of ConvNeXt V2 Base's inference time on
+an H100, benchmarks/RESULTS.md). Here the first matmul's epilogue applies GELU, stores the activation once and
+accumulates each image's per-channel sum of squares; a tiny step turns those into GRN's per-image scale; the
+second matmul scales its input tiles as it loads them (prologue) and adds the bias and the block's residual in its
+epilogue: two passes. GRN's bias is folded into the second matmul's bias (fc2(h*s + b) = (h*s) W^T + (W b + c)).
+
+Numerics: the matmuls accumulate in float32 like cuBLAS; the norm is computed in float32 from the rounded
+activation; the per-image sums use atomic adds, so the last bits of a result can differ between runs.
+"""
+
+import functools
+import logging
+import os
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def triton_available() -> bool:
+    """True when Triton imports (it ships with CUDA builds of torch)."""
+    return triton is not None
+
+
+try:  # Triton ships with CUDA builds of torch; without it nothing here is used (fuse_grn_blocks does nothing)
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - CPU-only torch builds
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def tile_ids(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+        # Grouped tile order: neighbouring programs share weight tiles in L2.
+        pid = tl.program_id(0)
+        num_m, num_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
+        per_group = GROUP_M * num_n
+        first_m = (pid // per_group) * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        return first_m + (pid % per_group) % size_m, (pid % per_group) // size_m
+
+    @triton.jit
+    def fc1_gelu_sumsq(x_ptr, w_ptr, b_ptr, h_ptr, ss_ptr, M, N, K, HW, BM: tl.constexpr, BN: tl.constexpr,
+                       BK: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
+        """h = GELU(x @ w.T + b) for rows of all images; ss[image, n] += sum over the tile's rows of h**2."""
+        pid_m, pid_n = tile_ids(M, N, BM, BN, GROUP_M)
+        rm = pid_m * BM + tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        a_ptrs = x_ptr + rm[:, None] * K + rk[None, :]
+        b_ptrs = w_ptr + rn[None, :] * K + rk[:, None]
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k in range(0, K, BK):
+            if EVEN_K:  # no K masks: the loads stay plain, vectorised copies
+                a = tl.load(a_ptrs, mask=rm[:, None] < M, other=0.0)
+                b = tl.load(b_ptrs, mask=rn[None, :] < N, other=0.0)
+            else:
+                a = tl.load(a_ptrs, mask=(rm[:, None] < M) & (rk[None, :] + k < K), other=0.0)
+                b = tl.load(b_ptrs, mask=(rn[None, :] < N) & (rk[:, None] + k < K), other=0.0)
+            acc = tl.dot(a, b, acc)
+            a_ptrs += BK
+            b_ptrs += BK
+        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        h = (0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))).to(h_ptr.dtype.element_ty)
+        valid = (rm[:, None] < M) & (rn[None, :] < N)
+        tl.store(h_ptr + rm[:, None] * N + rn[None, :], h, mask=valid)
+        hf = h.to(tl.float32)
+        sq = tl.where(valid, hf * hf, 0.0)
+        img = rm // HW
+        first = (pid_m * BM) // HW
+        last = (tl.minimum(pid_m * BM + BM, M) - 1) // HW
+        for j in range(first, last + 1):  # a tile may hold the end of one image and the start of the next
+            part = tl.sum(tl.where((img == j)[:, None], sq, 0.0), axis=0)
+            tl.atomic_add(ss_ptr + j * N + rn, part, mask=rn < N)
+
+    @triton.jit
+    def fc2_scaled_residual(h_ptr, s_ptr, w_ptr, b_ptr, r_ptr, o_ptr, M, N, K, HW, BM: tl.constexpr,
+                            BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
+        """o = (h * s[image]) @ w.T + b + r: GRN's per-image channel scale applied to each loaded tile."""
+        pid_m, pid_n = tile_ids(M, N, BM, BN, GROUP_M)
+        rm = pid_m * BM + tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        img = tl.where(rm < M, rm // HW, 0)
+        a_ptrs = h_ptr + rm[:, None] * K + rk[None, :]
+        s_ptrs = s_ptr + img[:, None] * K + rk[None, :]
+        b_ptrs = w_ptr + rn[None, :] * K + rk[:, None]
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k in range(0, K, BK):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=rm[:, None] < M, other=0.0)
+                s = tl.load(s_ptrs)
+                b = tl.load(b_ptrs, mask=rn[None, :] < N, other=0.0)
+            else:
+                kmask = rk[None, :] + k < K
+                a = tl.load(a_ptrs, mask=(rm[:, None] < M) & kmask, other=0.0)
+                s = tl.load(s_ptrs, mask=kmask, other=0.0)
+                b = tl.load(b_ptrs, mask=(rn[None, :] < N) & (rk[:, None] + k < K), other=0.0)
+            a = (a.to(tl.float32) * s).to(w_ptr.dtype.element_ty)
+            acc = tl.dot(a, b, acc)
+            a_ptrs += BK
+            s_ptrs += BK
+            b_ptrs += BK
+        valid = (rm[:, None] < M) & (rn[None, :] < N)
+        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(r_ptr + rm[:, None] * N + rn[None, :], mask=valid, other=0.0).to(tl.float32)
+        tl.store(o_ptr + rm[:, None] * N + rn[None, :], acc.to(o_ptr.dtype.element_ty), mask=valid)
+
+
+def _launch(M: int, N: int, K: int) -> tuple[dict, tuple]:
+    """Tile sizes for an (M x K) @ (K x N) product and its 1-D grid. 128 x 256 tiles were fastest for ConvNeXt V2
+    Base's stages 2-4 on an H100 (benchmarks/RESULTS.md); no autotuning, because autotuning reruns the kernel and
+    the atomic sums would count twice."""
+    bn = 256 if N >= 256 else max(16, 1 << (N - 1).bit_length())
+    bk = 64 if K >= 64 else max(16, 1 << (K - 1).bit_length())
+    meta = {"BM": 128, "BN": bn, "BK": bk, "GROUP_M": 8, "EVEN_K": K % bk == 0, "num_warps": 8, "num_stages": 3}
+    return meta, (-(-M // 128) * -(-N // bn),)
+
+
+def grn_mlp_residual(x, w1, b1, w2, b2, gamma, beta, residual, hw: int, eps: float, traced: bool = False):
+    """The fused block tail: fc2(GRN(GELU(fc1(x)))) + residual, for x and residual of shape (M, C) whose rows are
+    images' pixels in order (M = images * hw). Runs the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1);
+    `traced` when torch.compile traces the call (the custom op below), else the kernels are launched directly
+    (wrap_triton's own bookkeeping cost ~0.25 ms a launch in eager mode on an H100)."""
+    fc1, fc2 = fc1_gelu_sumsq, fc2_scaled_residual
+    if traced:
+        from torch.library import wrap_triton
+
+        fc1, fc2 = wrap_triton(fc1), wrap_triton(fc2)
+    M, C = x.shape
+    hidden = w1.shape[0]
+    h = torch.empty((M, hidden), device=x.device, dtype=x.dtype)
+    ss = torch.zeros((M // hw, hidden), device=x.device, dtype=torch.float32)
+    meta, grid = _launch(M, hidden, C)
+    fc1[grid](x, w1, b1, h, ss, M, hidden, C, hw, **meta)
+    g = ss.sqrt()
+    scale = 1.0 + gamma.float() * (g / (g.mean(dim=-1, keepdim=True) + eps))
+    bias = b2.float() + w2.float() @ beta.float()  # GRN's bias, folded through fc2
+    out = torch.empty((M, w2.shape[0]), device=x.device, dtype=x.dtype)
+    meta, grid = _launch(M, w2.shape[0], hidden)
+    fc2[grid](h, scale.contiguous(), w2, bias, residual, out, M, w2.shape[0], hidden, hw, **meta)
+    return out
+
+
+@functools.cache
+def _op():
+    """`grn_mlp_residual` registered as a custom op, so torch.compile sees the Triton kernels, not a graph break."""
+
+    @torch.library.triton_op("bonefrac::grn_mlp_residual", mutates_args=())
+    def op(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+           gamma: torch.Tensor, beta: torch.Tensor, residual: torch.Tensor, hw: int, eps: float) -> torch.Tensor:
+        return grn_mlp_residual(x, w1, b1, w2, b2, gamma, beta, residual, hw, eps, traced=True)
+
+    return op
+
+
+def _kernel_dtype(block, x: torch.Tensor):
+    """The half dtype the fused kernels would run this block in, or None when timm's forward must run instead."""
+    if block.training or (torch.is_grad_enabled() and (x.requires_grad or block.mlp.fc1.weight.requires_grad)):
+        return None  # no backward for the fused kernels
+    if not (x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")):
+        return None
+    if x.dtype in _HALF:
+        return x.dtype
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return None  # float32 stays timm's exact float32 forward
+
+
+def _eligible(block) -> bool:
+    from timm.layers.activations import GELU as TimmGELU
+    from timm.layers.mlp import GlobalResponseNormMlp
+
+    mlp = getattr(block, "mlp", None)
+    if not isinstance(mlp, GlobalResponseNormMlp):
+        return False
+    exact_gelu = type(mlp.act) is TimmGELU or (type(mlp.act) is torch.nn.GELU and mlp.act.approximate == "none")
+    return exact_gelu and mlp.fc1.bias is not None and mlp.fc2.bias is not None
+
+
+@functools.cache
+def _fused_block_class():
+    from timm.models.convnext import ConvNeXtBlock
+
+    class FusedGrnConvNeXtBlock(ConvNeXtBlock):
+        """A ConvNeXt V2 block whose MLP, GRN and residual add run as the fused kernels when it can."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            dt = _kernel_dtype(self, x)
+            if dt is None:
+                return super().forward(x)
+            shortcut = self.shortcut(x)
+            y = self.conv_dw(x)  # 1x1-convolution MLPs (the small V2 models) normalise before the permute
+            y = self.norm(y).permute(0, 2, 3, 1) if self.use_conv_mlp else self.norm(y.permute(0, 2, 3, 1))
+            b, h, w, c = y.shape
+            mlp = self.mlp
+            w1, w2, b2 = mlp.fc1.weight.flatten(1), mlp.fc2.weight.flatten(1), mlp.fc2.bias
+            if self.gamma is not None:  # layer scale (ConvNeXt V1-style blocks with GRN), folded into fc2
+                w2, b2 = w2 * self.gamma[:, None], b2 * self.gamma
+            residual = shortcut.permute(0, 2, 3, 1).reshape(b * h * w, -1).contiguous()
+            args = (y.reshape(-1, c).to(dt).contiguous(), w1.to(dt).contiguous(), mlp.fc1.bias.to(dt),
+                    w2.to(dt).contiguous(), b2, mlp.grn.weight, mlp.grn.bias, residual, h * w, mlp.grn.eps)
+            if torch.compiler.is_compiling():  # the custom op: compiled graphs hold the kernels, no graph break
+                out = torch.ops.bonefrac.grn_mlp_residual(*args)
+            else:
+                out = grn_mlp_residual(*args)
+            return out.view(b, h, w, -1).permute(0, 3, 1, 2)
+
+    return FusedGrnConvNeXtBlock
+
+
+def fuse_grn_blocks(model: torch.nn.Module) -> int:
+    """Switch every eligible ConvNeXt V2 block of `model` (in place) to the fused inference kernels; returns how
+    many. The blocks keep their parameters and state_dict keys; they fall back to timm's forward whenever the
+    kernels do not apply (see the module docstring)."""
+    from timm.models.convnext import ConvNeXtBlock
+
+    if not triton_available():
+        return 0
+    _op()  # registered here, eagerly: torch.compile traces the forward, which only looks the op up
+    fused = _fused_block_class()
+    n = 0
+    for module in model.modules():
+        if type(module) is ConvNeXtBlock and _eligible(module):
+            module.__class__ = fused
+            n += 1
+    return n
+
+
+def fuse_for_inference(model: torch.nn.Module) -> int:
+    """What `Predictor` calls for a model on CUDA: `fuse_grn_blocks` when $BONEFRAC_FUSED_KERNELS is "1" (opt-in:
+    the whole-model GPU test in tests/test_kernels.py has not run on a GPU yet, see benchmarks/RESULTS.md).
+    Returns the number of blocks fused."""
+    if os.environ.get("BONEFRAC_FUSED_KERNELS", "0").strip().lower() not in ("1", "true", "yes", "on"):
+        return 0
+    n = fuse_grn_blocks(model)
+    if n:
+        log.info("ConvNeXt V2 blocks on fused GRN kernels (BONEFRAC_FUSED_KERNELS): %d", n)
+    return n

@@ -1,0 +1,148 @@
+"""The fused ConvNeXt V2 MLP/GRN kernels (bonefrac.kernels): same outputs as timm's blocks, safe fallbacks.
+
+On CPU the Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1, read when the kernels are defined, hence
+a subprocess); on a CUDA machine the compiled kernels are checked against timm too (skipped elsewhere)."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+kernels = pytest.importorskip("bonefrac.kernels")
+if not kernels.triton_available():
+    pytest.skip("Triton is not installed", allow_module_level=True)
+
+from timm.models.convnext import ConvNeXt, ConvNeXtBlock  # noqa: E402
+
+
+def small_convnext(conv_mlp: bool, layer_scale=None, seed: int = 0):
+    """A 4-stage ConvNeXt V2-style model with GRN weights far from their zero init (zero GRN is the identity)."""
+    torch.manual_seed(seed)
+    model = ConvNeXt(depths=(1, 2, 1, 1), dims=(32, 48, 64, 96), use_grn=True, ls_init_value=layer_scale,
+                     conv_mlp=conv_mlp, num_classes=3).eval()
+    for module in model.modules():
+        if hasattr(module, "grn"):
+            torch.nn.init.normal_(module.grn.weight, std=0.5)
+            torch.nn.init.normal_(module.grn.bias, std=0.2)
+    return model
+
+
+INTERPRETED = r"""
+import copy, json, sys, torch
+sys.path.insert(0, sys.argv[1])
+from test_kernels import small_convnext
+from bonefrac import kernels
+calls = []
+real = kernels.grn_mlp_residual
+kernels.grn_mlp_residual = lambda *a: calls.append(a[-2]) or real(*a)
+out = {}
+for name, conv_mlp, ls in (("linear", False, None), ("conv", True, None), ("layer_scale", False, 0.3)):
+    model = small_convnext(conv_mlp, ls)
+    ref = copy.deepcopy(model)
+    keys = list(model.state_dict())
+    fused = kernels.fuse_grn_blocks(model)
+    x = torch.randn(3, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = ref(x)
+        del calls[:]
+        got = model.half().to(memory_format=torch.channels_last)(x.half()).float()
+        timm_half = ref.half()(x.half()).float()
+    out[name] = {"fused": fused, "calls": list(calls), "same_keys": keys == list(model.state_dict()),
+                 "err": (got - want).abs().max().item(), "timm_half_err": (timm_half - want).abs().max().item(),
+                 "scale": want.abs().max().item()}
+print(json.dumps(out))
+"""
+
+
+def test_interpreted_kernels_match_timm_blocks():
+    """Every block is fused and runs the kernels (one launch pair per block; the 2x2 last stage puts 32 images
+    in one 128-row tile, the 16x16 first stage spreads one image over two tiles), and the half-precision result
+    is as close to timm's float32 output as timm's own half-precision forward is."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", INTERPRETED, os.path.dirname(__file__)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name, r in results.items():
+        assert r["fused"] == 5, name
+        assert r["calls"] == [256, 64, 64, 16, 4], name  # pixels per image, block by block
+        assert r["same_keys"], name
+        assert r["err"] <= 2 * r["timm_half_err"] + 1e-3 * r["scale"], (name, r)
+
+
+def _forward_with_fused_calls(model, x, monkeypatch):
+    calls = []
+    monkeypatch.setattr(kernels, "grn_mlp_residual", lambda *a: calls.append(a) or pytest.fail("kernel ran"))
+    with torch.no_grad():
+        return model(x), calls
+
+
+def test_float32_and_training_fall_back_to_timm_exactly(monkeypatch):
+    """Float32 (the CPU predict path) and training run timm's own forward: outputs equal bit for bit."""
+    model = small_convnext(conv_mlp=False)
+    ref = copy.deepcopy(model)
+    assert kernels.fuse_grn_blocks(model) == 5
+    assert all(type(m).__name__ == "FusedGrnConvNeXtBlock" for m in model.modules() if isinstance(m, ConvNeXtBlock))
+    x = torch.randn(2, 3, 64, 64)
+    got, calls = _forward_with_fused_calls(model, x, monkeypatch)
+    assert not calls and torch.equal(got, ref(x).detach())
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU half: no kernels without the interpreter either
+    got, calls = _forward_with_fused_calls(copy.deepcopy(model).half(), x.half(), monkeypatch)
+    assert not calls
+    model.train()
+    torch.manual_seed(1)
+    y = model(x)
+    torch.manual_seed(1)
+    assert torch.equal(y, ref.train()(x))
+    y.sum().backward()  # gradients flow through timm's forward
+    assert model.stages[0].blocks[0].mlp.grn.weight.grad is not None
+
+
+def test_models_without_grn_are_left_alone():
+    model = ConvNeXt(depths=(1, 1, 1, 1), dims=(16, 16, 16, 16), use_grn=False, num_classes=2)
+    assert kernels.fuse_grn_blocks(model) == 0
+    assert not any(type(m).__name__ == "FusedGrnConvNeXtBlock" for m in model.modules())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_kernels_match_timm(dtype):
+    """ConvNeXt V2 Base's real widths on the GPU: half-precision weights eagerly and compiled, bf16 autocast over
+    float32 weights (predict's path): within timm's own half-precision error of its float32 output."""
+    import timm
+
+    torch.manual_seed(0)
+    ref = timm.create_model("convnextv2_base", num_classes=3).cuda().eval()
+    for module in ref.modules():
+        if hasattr(module, "grn"):
+            torch.nn.init.normal_(module.grn.weight, std=0.3)
+            torch.nn.init.normal_(module.grn.bias, std=0.1)
+    ref = ref.to(memory_format=torch.channels_last)
+    x = torch.randn(6, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
+    fused = copy.deepcopy(ref)
+    assert kernels.fuse_grn_blocks(fused) == 36
+    with torch.no_grad():
+        want = ref(x)
+        timm_half = copy.deepcopy(ref).to(dtype)(x.to(dtype)).float()
+        got = copy.deepcopy(fused).to(dtype)(x.to(dtype)).float()
+        compiled = torch.compile(copy.deepcopy(fused).to(dtype))(x.to(dtype)).float()
+        with torch.autocast("cuda", dtype=dtype):
+            autocast = fused(x).float()
+            timm_autocast = ref(x).float()
+    tol = 2 * (timm_half - want).abs().max().item() + 1e-3 * want.abs().max().item()
+    assert (got - want).abs().max().item() <= tol
+    assert (compiled - want).abs().max().item() <= tol
+    assert (autocast - want).abs().max().item() <= 2 * (timm_autocast - want).abs().max().item() + tol
+
+
+def test_fuse_for_inference_is_opt_in(monkeypatch):
+    monkeypatch.delenv("BONEFRAC_FUSED_KERNELS", raising=False)
+    assert kernels.fuse_for_inference(small_convnext(conv_mlp=False)) == 0
+    monkeypatch.setenv("BONEFRAC_FUSED_KERNELS", "0")
+    assert kernels.fuse_for_inference(small_convnext(conv_mlp=False)) == 0
+    monkeypatch.setenv("BONEFRAC_FUSED_KERNELS", "1")
+    assert kernels.fuse_for_inference(small_convnext(conv_mlp=False)) == 5
