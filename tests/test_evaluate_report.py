@@ -383,3 +383,47 @@ def test_the_shipped_model_lists_its_fracatlas_images_and_none_of_the_sample():
 
     sample = {hashlib.sha256((SAMPLE / p).read_bytes()).hexdigest() for p in labels.image}
     assert not sample & set(seen)  # the demo's predictions are held-out ones, as the model card says
+
+
+def test_ensembles_are_not_fitted_on_images_their_members_trained_on(ckpt, second, manifest, tmp_path, caplog):
+    """As calibrate refuses such a val split: `bonefrac ensemble` refuses it and writes nothing; `evaluate A B`
+    (fitted on the fly) says why and keeps equal weights instead of silently fitting on training images."""
+    on_train = _resplit(manifest, tmp_path, "swapped", {"train": "val", "val": "train", "test": "test"})
+    n = int((pd.read_csv(on_train).split == "val").sum())
+    out = tmp_path / "ens"
+    with pytest.raises(BonefracError, match=rf"{n} of the {n} val images were in .*'s training split.*; fit the "
+                                            r"ensemble on images its members have not trained on") as err:
+        evaluate_mod.build_ensemble([str(ckpt), str(second)], on_train, out, "cpu")
+    assert str(on_train) in str(err.value) and str(second) in str(err.value) and not out.exists()
+    assert main(["ensemble", str(ckpt), str(second), "--manifest", str(on_train), "--out", str(out)]) == 2
+    ev = tmp_path / "eval"
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="bonefrac"):
+        assert main(["evaluate", str(ckpt), str(second), "--manifest", str(on_train), "--out", str(ev),
+                     "--bootstrap", "0"]) == 0
+    assert json.loads((ev / "metrics.json").read_text())["ensemble"] == {"weights": [0.5, 0.5], "fitted_on": None}
+    assert f"{n} of the {n} val images were in {ckpt}'s training split" in caplog.text
+    assert "equal weights" in caplog.text
+
+
+def test_evaluate_for_the_other_class_keeps_the_decisions_predict_makes(ckpt, manifest, tmp_path):
+    """--positive-class no_fracture used to drop the model's threshold and decide at 0.5."""
+    from bonefrac.manifest import load_manifest
+
+    test = load_manifest(manifest).query("split == 'test'").reset_index(drop=True)
+    p = evaluate_mod.predict_manifest(load_predictor([str(ckpt)], "cpu"), test, Path(manifest).parent / "cache")[:, 1]
+    t = float(p.min() if (p < 0.5).any() else p.max())  # a score itself: predict gives that tie to 'fracture'
+    assert ((p >= t) != (p >= 0.5)).any()  # else deciding at 0.5 could not be told apart from deciding at t
+    copy = shutil.copytree(ckpt, tmp_path / "ckpt")
+    (copy / checkpoint.META_FILE).write_text(json.dumps({**checkpoint.read_meta(copy), "threshold": t}))
+    runs = {}
+    for name, flags in (("own", []), ("other", ["--positive-class", "no_fracture"])):
+        assert main(["evaluate", str(copy), "--manifest", str(manifest), "--out", str(tmp_path / name),
+                     "--bootstrap", "0", *flags]) == 0
+        table = pd.read_csv(tmp_path / name / "predictions.csv")
+        runs[name] = json.loads((tmp_path / name / "metrics.json").read_text()), dict(zip(table.path, table.prediction))
+    (own, own_pred), (other, other_pred) = runs["own"], runs["other"]
+    predicted = dict(zip(test.path, np.where(p >= t, "fracture", "no_fracture")))  # predict's rule
+    assert own_pred == other_pred == predicted and other["confusion_matrix"] == own["confusion_matrix"]
+    assert other["positive_class"] == "no_fracture" and other["threshold"] == pytest.approx(1 - t)
+    assert (other["sensitivity"], other["specificity"]) == (own["specificity"], own["sensitivity"])

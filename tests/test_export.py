@@ -235,8 +235,8 @@ def test_operating_points_move_the_decision_or_fail_naming_the_model_and_the_poi
     assert "operating point 'high_sensitivity': threshold 0.25" in caplog.text
     after = [r["prediction"] for r in prediction_rows(probs, pred, 0.1)]
     assert before == ["no_fracture"] * 3 + ["fracture"] and after == ["no_fracture"] + ["fracture"] * 3
-    with pytest.raises(BonefracError, match=r"model resnet10t@test has no operating point 'screenng'; available: "
-                                            r"default \(0\.4\), high_sensitivity \(0\.25\), "
+    with pytest.raises(BonefracError, match=r"model resnet10t@[0-9a-f]{8} has no operating point 'screenng'; "
+                                            r"available: default \(0\.4\), high_sensitivity \(0\.25\), "
                                             r"high_specificity \(0\.55\), screening \(0\.3\)"):
         use_operating_point(pred, "screenng")
     assert pred.threshold == 0.25  # a failed choice changes nothing
@@ -248,7 +248,7 @@ def test_operating_points_move_the_decision_or_fail_naming_the_model_and_the_poi
     for name, (changed, n_classes, message) in cases.items():
         other = Predictor.from_checkpoint(checkpoint.save(tmp_path / name, create("resnet10t", n_classes), changed),
                                           "cpu")
-        with pytest.raises(BonefracError, match=f"model resnet10t@test.*{message}"):
+        with pytest.raises(BonefracError, match=f"model resnet10t@[0-9a-f]{{8}}.*{message}"):
             use_operating_point(other, "screening")
         assert use_operating_point(other, "default") == other.threshold  # the default always works
 
@@ -540,3 +540,31 @@ def test_refer_band_is_centred_on_the_threshold_by_hand():
     edge = np.array([0.0, 0.5, 1 - 5e-10, 1.0])
     assert needs_review(np.c_[1 - edge, edge], 1, 0.0, 0.15).tolist() == [True, False, False, False]
     assert needs_review(np.c_[1 - edge, edge], 1, 1.0, 0.15).tolist() == [False, False, True, True]
+
+
+def test_versions_of_ensembles_and_exported_files_follow_their_contents(ckpt, ensembles, tmp_path):
+    """An ensemble's version joins its members' architectures over its members' versions, weights and thresholds;
+    an exported file's hashes the file. Refitting or recalibrating gives a new version (all used to be the same)."""
+    import re
+    import shutil
+
+    def version(path):
+        return load_backend(path, "cpu").version
+
+    ens = ensembles["same"]
+    refitted = shutil.copytree(ens, tmp_path / "refitted")
+    spec = json.loads((ens / "ensemble.json").read_text())
+    (refitted / "ensemble.json").write_text(json.dumps({**spec, "weights": [0.5, 0.5], "threshold": 0.5}))
+    copied = shutil.copytree(ens, tmp_path / "copied")
+    versions = [version(p) for p in (ens, refitted, copied)]
+    assert re.fullmatch(r"resnet10t\+test_efficientnet@[0-9a-f]{8}", versions[0]), versions
+    assert versions[0] != versions[1] and versions[0] == versions[2]
+    assert versions[0] not in (version(ensembles["mixed"]), version(ckpt))
+    calibrated = shutil.copytree(ckpt, tmp_path / "calibrated")
+    meta = checkpoint.read_meta(ckpt)
+    (calibrated / checkpoint.META_FILE).write_text(json.dumps({**meta, "temperature": 2.0}))
+    for src, name in ((ckpt, "a.onnx"), (calibrated, "b.onnx")):
+        export(src, tmp_path / name, images=SAMPLE / "images", n_parity=4)
+    exported = [version(tmp_path / n) for n in ("a.onnx", "b.onnx")]
+    assert all(re.fullmatch(r"resnet10t@[0-9a-f]{8}\+onnx-fp32", v) for v in exported), exported
+    assert exported[0] != exported[1]

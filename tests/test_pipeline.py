@@ -387,3 +387,22 @@ def test_a_model_file_instead_of_a_checkpoint_folder_is_named_as_such(tmp_path, 
     img = str(sorted((SAMPLE / "images").glob("*.webp"))[0])
     assert main(["predict", "--model", str(onnx), img]) == 2
     assert "model.onnx is a file" in caplog.text and "bonefrac serve" in caplog.text
+
+
+def test_explain_fails_like_predict_when_nothing_could_be_explained(run, tmp_path, caplog):
+    """It exited 0 with only "explained 0 of 2 images"; the reasons were in explain.csv alone."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "zero.png").write_bytes(b"")
+    Image.fromarray(np.full((64, 64), 255, np.uint8)).save(bad / "notes.png")  # readable, not an X-ray
+    out = tmp_path / "o"
+    assert main(["explain", str(run / "best"), str(bad / "zero.png"), str(bad / "notes.png"), "--out", str(out)]) == 2
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("zero.png" in w and "no heatmap" in w for w in warnings), warnings
+    assert any("notes.png" in w and "not an X-ray" in w for w in warnings), warnings
+    assert "2 of 2 inputs got no explanation: 1 unreadable, 1 not an X-ray" in caplog.text
+    assert "no explanation made for any of the 2 input(s)" in caplog.text and "Traceback" not in caplog.text
+    assert len(pd.read_csv(out / "explain.csv")) == 2  # the reasons are still written there
+    (tmp_path / "empty").mkdir()
+    assert main(["explain", str(run / "best"), str(tmp_path / "empty"), "--out", str(out)]) == 2
+    assert f"no image files found in {tmp_path / 'empty'}" in caplog.text

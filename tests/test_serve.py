@@ -212,11 +212,11 @@ def test_an_operating_point_the_model_lacks_stops_the_start_up(ckpt, ckpt_with_p
 
     from bonefrac.cli import main
 
-    with pytest.raises(BonefracError, match=r"model resnet10t@test has no operating point 'screeening'; "
+    with pytest.raises(BonefracError, match=r"model resnet10t@[0-9a-f]{8} has no operating point 'screeening'; "
                                             r"available: default \(0\.5\), screening \(0\.02\), "
                                             r"high_specificity \(0\.9\)"):
         create_app(Settings(model=str(ckpt_with_points), operating_point="screeening"))
-    with pytest.raises(BonefracError, match="resnet10t@test has no saved operating points"):
+    with pytest.raises(BonefracError, match="resnet10t@[0-9a-f]{8} has no saved operating points"):
         create_app(Settings(model=str(ckpt), operating_point="screening"))
     started = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.append(app))  # would serve until interrupted
@@ -572,3 +572,75 @@ def test_openapi_documents_every_error_code_the_service_sends(client):
     for status in ("401", "413", "415", "422", "429", "503"):
         assert responses[status]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorBody"}
     assert "not_xray" in responses["422"]["description"]
+
+
+# --- which model answered; explaining ensembles -------------------------------------------------------------
+
+
+def test_model_version_tells_seeds_and_calibrations_apart_everywhere_it_is_shown(ckpt, tmp_path):
+    """All of these were `resnet10t@test` (architecture + manifest hash): the audit log could not tell them apart."""
+    import json
+    import re
+    import shutil
+
+    import torch
+
+    from bonefrac.predict import Predictor
+
+    meta = checkpoint.read_meta(ckpt)
+    torch.manual_seed(1)
+    other_seed = checkpoint.save(tmp_path / "seed1", create("resnet10t", 2).eval(), meta)
+    calibrated = shutil.copytree(ckpt, tmp_path / "calibrated")
+    (calibrated / checkpoint.META_FILE).write_text(json.dumps({**meta, "temperature": 1.7, "threshold": 0.42}))
+    moved = shutil.copytree(ckpt, tmp_path / "moved")
+    versions = [Predictor.from_checkpoint(p, "cpu").version for p in (ckpt, other_seed, calibrated, moved)]
+    assert all(re.fullmatch(r"resnet10t@[0-9a-f]{8}", v) for v in versions), versions
+    assert len(set(versions[:3])) == 3 and versions[3] == versions[0]  # the same files: the same version
+    settings = Settings(model=str(calibrated), audit_db=str(tmp_path / "audit.sqlite"), preprocess_workers=0)
+    with TestClient(create_app(settings)) as c:
+        ready = c.get("/ready").json()["model_version"]
+        answered = post(c, ("x.webp", SAMPLES[0].read_bytes())).json()["model_version"]
+        audited = c.get("/v1/audit").json()["rows"][0]["model_version"]
+    assert ready == answered == audited == versions[2]
+
+
+def _ensemble_dir(ckpt, root: Path) -> Path:
+    """An ensemble directory as `bonefrac ensemble` writes it: `ckpt` and a hotter copy of it as members."""
+    import json
+    import shutil
+
+    shutil.copytree(ckpt, root / "members" / "0_resnet10t")
+    tiny_checkpoint(root / "members" / "1_resnet10t", temperature=2.0, threshold=0.45)
+    spec = {"format": "bonefrac-ensemble", "members": ["members/0_resnet10t", "members/1_resnet10t"],
+            "class_names": ["no_fracture", "fracture"], "positive_index": 1, "weights": [0.6, 0.4],
+            "threshold": 0.48, "operating_points": None}
+    (root / "ensemble.json").write_text(json.dumps(spec))
+    return root
+
+
+def test_explain_serves_an_ensemble_directory_as_the_cli_explains_it(ckpt, tmp_path):
+    from bonefrac.explain import gradcam, overlay
+    from bonefrac.io import read_image
+    from bonefrac.predict import load_predictor
+
+    ens = _ensemble_dir(ckpt, tmp_path / "ens")
+    with TestClient(create_app(Settings(model=str(ens), preprocess_workers=0, warmup=False))) as c:
+        resp = post(c, ("x.webp", SAMPLES[0].read_bytes()), path="/v1/explain")  # was a 501
+    assert resp.status_code == 200, resp.text
+    gray = read_image(SAMPLES[0])
+    expected = overlay(gray, gradcam(load_predictor([str(ens)], "cpu"), [gray])[0])  # `bonefrac explain ens`
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(resp.content))), expected)
+
+
+def test_explain_of_an_exported_model_is_a_501_that_says_so(ckpt, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from bonefrac.export import export
+
+    export(ckpt, tmp_path / "m.onnx", images=SAMPLES[0].parent, n_parity=4)
+    with TestClient(create_app(Settings(model=str(tmp_path / "m.onnx"), preprocess_workers=0))) as c:
+        resp = post(c, ("x.webp", SAMPLES[0].read_bytes()), path="/v1/explain")
+        version = c.get("/ready").json()["model_version"]
+    assert resp.status_code == 501 and resp.json()["error"]["code"] == "not_implemented"
+    message = resp.json()["error"]["message"]
+    assert "checkpoint or ensemble directory" in message and "exported onnx model" in message
+    assert version.startswith("resnet10t@") and version.endswith("+onnx-fp32") and "@test" not in version

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import modelid
 from .errors import BonefracError, ImageReadError
 from .io import decode_image_and_colour
 from .predict import _softmax, decide
@@ -37,18 +38,21 @@ class _GraphPredictor:
 
     backend = "graph"
 
-    def __init__(self, meta: dict, batch_size: int = 32):
+    def __init__(self, meta: dict, path, batch_size: int = 32):
         self.meta, self.batch_size = meta, batch_size
         self.size = int(meta["preprocess"]["size"])
         self.class_names = list(meta["class_names"])
         self.positive_index = meta.get("positive_index")
         self.threshold = meta.get("threshold")
         self.temperature = float(meta.get("temperature") or 1.0)
+        # The whole file, hashed once at load: its metadata (read from inside it, never from the sidecar) included.
+        variant = (meta.get("export") or {}).get("variant", "fp32")
+        self._version = modelid.file_version(path, meta, f"+{self.backend}-{variant}")
 
     @property
     def version(self) -> str:
-        variant = self.meta.get("export", {}).get("variant", "fp32")
-        return f"{self.meta['arch']}@{str(self.meta.get('manifest_sha256', ''))[:8]}+{self.backend}-{variant}"
+        """`<arch>@<8 hex of the file>+<backend>-<variant>`, e.g. `resnet18@1a2b3c4d+onnx-int8`."""
+        return self._version
 
     def _logits(self, x: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -88,7 +92,7 @@ class OnnxPredictor(_GraphPredictor):
         except Exception as exc:  # onnxruntime raises its own exception types for unreadable models
             raise BonefracError(f"{path}: cannot load ONNX model: {exc}") from None
         raw = self.session.get_modelmeta().custom_metadata_map.get(META_KEY)
-        super().__init__(_parse_meta(raw, path), batch_size)
+        super().__init__(_parse_meta(raw, path), path, batch_size)
 
     def _logits(self, x: np.ndarray) -> np.ndarray:
         return self.session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
@@ -108,7 +112,7 @@ class TorchScriptPredictor(_GraphPredictor):
         except Exception as exc:  # torch.jit raises RuntimeError and friends for non-TorchScript files
             raise BonefracError(f"{path}: cannot load TorchScript model: {exc}") from None
         self.device = device
-        super().__init__(_parse_meta(extra[f"{META_KEY}.json"], path), batch_size)
+        super().__init__(_parse_meta(extra[f"{META_KEY}.json"], path), path, batch_size)
 
     def _logits(self, x: np.ndarray) -> np.ndarray:
         import torch

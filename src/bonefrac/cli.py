@@ -30,7 +30,7 @@ def _prepare(args) -> None:
     class_names = args.class_names.split(",") if args.class_names else None
     copies = {} if args.match_copies is None else {"match_copies": args.match_copies}  # unset: prepare decides
     report = prepare(args.out, source=args.source, labels_csv=args.labels, path_col=args.path_col,
-                     label_col=args.label_col, class_names=class_names, seed=args.seed,
+                     label_col=args.label_col, group_col=args.group_col, class_names=class_names, seed=args.seed,
                      keep_folder_split=args.keep_folder_split, split_all=args.split_all,
                      near_dup_threshold=args.near_dup_threshold, workers=args.workers, overwrite=args.overwrite,
                      **copies)
@@ -84,18 +84,25 @@ def _predict(args) -> None:
         log.warning("%d checkpoints averaged with equal weights and the first one's threshold; fit weights and "
                     "threshold on validation with `bonefrac ensemble`", len(args.model))
     rows = predict_files(predictor, args.paths, args.batch_size, xray_check=not args.no_xray_check)
-    counts = {"ok": 0, "not_xray": 0, "error": 0}
+    statuses = []
     write = _csv_writer(predictor.class_names) if args.format == "csv" else (lambda r: print(json.dumps(r), flush=True))
     for row in rows:
-        counts[row["status"]] += 1
+        statuses.append(row["status"])
         write(row)
+    _check_outcome(statuses, args.paths, "prediction")
+
+
+def _check_outcome(statuses: list[str], paths: list[str], what: str) -> None:
+    """After predict or explain: warn how many inputs got no `what` and why (from each input's row status); a
+    BonefracError (exit status 2) when none got one, or when `paths` held no image file at all."""
+    counts = {status: statuses.count(status) for status in ("ok", "not_xray", "error")}
     if counts["error"] or counts["not_xray"]:
-        log.warning("%d of %d inputs got no prediction: %d unreadable, %d not an X-ray", counts["error"] +
-                    counts["not_xray"], sum(counts.values()), counts["error"], counts["not_xray"])
+        log.warning("%d of %d inputs got no %s: %d unreadable, %d not an X-ray", counts["error"] +
+                    counts["not_xray"], sum(counts.values()), what, counts["error"], counts["not_xray"])
     if not counts["ok"]:
         if not counts["error"] and not counts["not_xray"]:
-            raise BonefracError(f"no image files found in {', '.join(map(str, args.paths))}")
-        raise BonefracError(f"no prediction made for any of the {sum(counts.values())} input(s)")
+            raise BonefracError(f"no image files found in {', '.join(map(str, paths))}")
+        raise BonefracError(f"no {what} made for any of the {sum(counts.values())} input(s)")
 
 
 def _models_or_default(models: list[str] | None) -> list[str]:
@@ -171,7 +178,8 @@ def _explain(args) -> None:
         raise BonefracError("name at least one image file or folder to explain")
     predictor = load_predictor([args.ckpt], args.device, args.tta, args.batch_size)
     use_operating_point(predictor, _operating_point(args.operating_point))  # decide as `predict` would
-    explain_files(predictor, args.paths, args.out, args.target_class, args.batch_size, not args.no_xray_check)
+    rows = explain_files(predictor, args.paths, args.out, args.target_class, args.batch_size, not args.no_xray_check)
+    _check_outcome([r["status"] for r in rows], args.paths, "explanation")  # as predict: 2 when none explained
 
 
 def _calibrate(args) -> None:
@@ -229,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "when one is given")
     s.add_argument("--path-col", help="CSV column of image paths (default: image; path in a bonefrac manifest)")
     s.add_argument("--label-col", default="label")
+    s.add_argument("--group-col", metavar="COL", help="CSV column of patient/study IDs: images sharing a value stay "
+                   "in one group and split (on top of duplicate grouping)")
     s.add_argument("--class-names", help="comma-separated names for integer labels 0,1,...")
     s.add_argument("--out", required=True)
     s.add_argument("--seed", type=_seed, default=42)
@@ -259,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--manifest", required=True)
     s.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
     s.add_argument("--out", required=True)
-    s.add_argument("--positive-class")
+    s.add_argument("--positive-class", help="class the binary metrics (sensitivity, PPV, ...) are about; the "
+                   "decisions stay predict's (the model's threshold t on the other class becomes p > 1 - t)")
     s.add_argument("--reference", help="metrics.json of an internal test set, for a domain-shift summary")
     s.add_argument("--bootstrap", type=_count, default=1000, help="bootstrap resamples for intervals (0: none)")
     s.add_argument("--tta", action="store_true", help="average with a horizontally flipped view")

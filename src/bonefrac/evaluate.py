@@ -7,7 +7,8 @@ operating points, calibration), `predictions.csv` (sorted by loss, worst first),
 Validation-only helpers live here too: `calibrate(ckpt, manifest)` re-fits a checkpoint's temperature and
 operating points, `fit_ensemble(...)` fits an ensemble's weights and threshold and `build_ensemble(...)` writes an
 ensemble directory that every command accepts as a checkpoint. Both refuse a val split with fewer than
-MIN_VAL_IMAGES images or without every class of the model (see `check_val_split`).
+MIN_VAL_IMAGES images or without every class of the model (see `check_val_split`), or holding images a model was
+trained on (`seen.trained_on`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .errors import BonefracError
 from .io import read_image
 from .manifest import load_manifest
 from .predict import ENSEMBLE_FILE, Ensemble, Predictor, decide, load_predictor
+from .seen import seen_by_model, trained_on
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +77,7 @@ def evaluate(models: list[str], manifest: str | Path, split: str = "test", out_d
     cache_dir = Path(manifest).parent / "cache"
     ensemble_fit = None
     if isinstance(predictor, Ensemble) and "ensemble_dir" not in predictor.meta:
-        ensemble_fit = _fit_loose_ensemble(predictor, df, names, cache_dir, split)
+        ensemble_fit = _fit_loose_ensemble(predictor, df, manifest, cache_dir, split)
     probs = predict_manifest(predictor, rows, cache_dir)
     broken = np.flatnonzero(~np.isfinite(probs).all(axis=1))
     if len(broken):
@@ -85,7 +87,7 @@ def evaluate(models: list[str], manifest: str | Path, split: str = "test", out_d
     pos = predictor.positive_index
     if positive_class is not None:
         pos = metrics.positive_class_index(names, positive_class)
-    threshold = predictor.threshold if pos == predictor.positive_index else None
+    threshold = _threshold_for(predictor, pos)
     result = metrics.classification_metrics(y, probs, names, pos, threshold)
     if positive_class is not None and len(names) > 2:  # the K-class metrics above have no positive class
         result["one_vs_rest"] = {"positive_class": names[pos], **metrics.one_vs_rest(y, probs, pos)}
@@ -115,35 +117,18 @@ def evaluate(models: list[str], manifest: str | Path, split: str = "test", out_d
     return result
 
 
-def seen_by_model(predictor, rows: pd.DataFrame, split: str | None = None) -> dict | None:
-    """How many of `rows` the predictor's model(s) were trained ("train") or selected ("val") on, by image hash,
-    from the list each checkpoint keeps (checkpoint.SEEN_FILE); warns when any were. None when a model keeps no
-    list."""
-    seen = {}
-    for path in _checkpoint_dirs(predictor):
-        listed = checkpoint.read_seen(path) if path is not None else None
-        if listed is None:
-            log.info("%s does not list the images it was trained on: overlap with this set not checked", path)
-            return None
-        seen.update(listed)
-    hits = rows.sha256.map(seen).value_counts()
-    out = {"train": int(hits.get("train", 0)), "val": int(hits.get("val", 0)), "of": int(len(rows))}
-    if out["train"] or out["val"]:
-        why = ("was the split drawn again?" if split == "test" else "the model was chosen on its own val split"
-               if split == "val" and not out["train"] else "the split evaluated holds the model's own images")
-        log.warning("%d of the %d images evaluated here were in the model's training split and %d in its "
-                    "validation split: these metrics are optimistic (%s)", out["train"], out["of"], out["val"], why)
-    return out
-
-
-def _checkpoint_dirs(predictor) -> list:
-    """The folders whose seen lists count: every member checkpoint's, and an ensemble directory's own when it
-    keeps one (the val images its weights were fitted on)."""
-    dirs = [m.path for m in (predictor.members if isinstance(predictor, Ensemble) else [predictor])]
-    ensemble_dir = predictor.meta.get("ensemble_dir")
-    if ensemble_dir and (Path(ensemble_dir) / checkpoint.SEEN_FILE).is_file():
-        dirs.append(Path(ensemble_dir))
-    return dirs
+def _threshold_for(predictor, pos: int | None) -> float | None:
+    """The threshold on class `pos`'s probability that gives predict's decisions: the model's own for its positive
+    class; for the other class of a binary model, predict's rule p(own) < t is p(pos) > 1 - t, i.e. p(pos) >= the
+    next float above 1 - t (so a score equal to t still goes to the model's positive class)."""
+    own, t = predictor.positive_index, predictor.threshold
+    if pos == own or own is None or t is None or len(predictor.class_names) != 2:
+        return t if pos == own else None
+    flipped = float(np.nextafter(1.0 - float(t), 2.0))
+    names = predictor.class_names
+    log.info("the model's threshold %.4g is for '%s'; with positive class '%s' the decision is p(%s) > %.4g, "
+             "the same as predict's", t, names[own], names[pos], names[pos], 1.0 - t)
+    return flipped
 
 
 def _load_reference(reference: str | Path) -> dict:
@@ -188,10 +173,11 @@ def check_val_split(df: pd.DataFrame, names: list[str], manifest) -> pd.DataFram
     return val
 
 
-def _fit_loose_ensemble(ens: Ensemble, df: pd.DataFrame, names, cache_dir: Path, split: str) -> dict:
-    """Several checkpoints named on the command line: weights and thresholds from this manifest's val split."""
-    val = df[df.split == "val"]
-    problem = val_problem(val, names)
+def _fit_loose_ensemble(ens: Ensemble, df: pd.DataFrame, manifest, cache_dir: Path, split: str) -> dict:
+    """Several checkpoints named on the command line: weights and thresholds from this manifest's val split,
+    unless it is unusable (too small, a class missing, or holding a member's training images)."""
+    names, val = ens.class_names, df[df.split == "val"]
+    problem = val_problem(val, names) or trained_on(val, [m.path for m in ens.members], manifest)
     if problem:  # evaluating must still work on a manifest without a usable val split: fall back, loudly
         log.warning("no usable val split to fit ensemble weights on (%s); using equal weights and the first "
                     "member's thresholds", problem)
@@ -243,6 +229,10 @@ def build_ensemble(models: list[str], manifest: str | Path, out_dir: str | Path,
         raise BonefracError("name the member checkpoints themselves, not an ensemble directory")
     df = load_manifest(manifest)
     val = check_val_split(df, ens.class_names, manifest)
+    problem = trained_on(val, models, manifest)
+    if problem:
+        raise BonefracError(f"{problem}; fit the ensemble on images its members have not trained on (nothing "
+                            "was written)")
     fit = fit_ensemble(ens, val, Path(manifest).parent / "cache")
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint.write_seen(out_dir, dict.fromkeys(val.sha256, "val"))  # what its weights were fitted on
@@ -278,14 +268,9 @@ def calibrate(ckpt: str | Path, manifest: str | Path, device: str = "auto") -> d
     predictor = Predictor.from_checkpoint(ckpt, device)
     names = predictor.class_names
     val = check_val_split(load_manifest(manifest), names, manifest)
-    seen = checkpoint.read_seen(ckpt)
-    if seen is None:
-        log.warning("%s does not list the images it was trained on: cannot check that %s's val split is new to it",
-                    ckpt, manifest)
-    trained_on = int((val.sha256.map(seen or {}) == "train").sum())
-    if trained_on:  # a temperature fitted on training images comes out overconfident, as would the thresholds
-        raise BonefracError(f"{manifest}: {trained_on} of the {len(val)} val images were in {ckpt}'s training "
-                            "split; calibrate on images the model has not trained on (the checkpoint is left "
+    problem = trained_on(val, [ckpt], manifest)
+    if problem:
+        raise BonefracError(f"{problem}; calibrate on images the model has not trained on (the checkpoint is left "
                             "unchanged)")
     y = val.label.map({c: i for i, c in enumerate(names)}).to_numpy()
     cache = build_cache(val.path.tolist(), val.sha256.tolist(), predictor.size, Path(manifest).parent / "cache")
@@ -303,6 +288,7 @@ def calibrate(ckpt: str | Path, manifest: str | Path, device: str = "auto") -> d
     log.info("temperature %.4f -> %.4f, threshold %s -> %s; previous %s kept as %s", meta.get("temperature") or 1.0,
              fitted["temperature"], meta.get("threshold"), fitted["threshold"], meta_file.name, backup)
     _write_json_atomic(meta_file, {**meta, **fitted})
+    seen = checkpoint.read_seen(ckpt)
     if seen is not None:  # thresholds now come from these images: evaluate must count them as seen
         checkpoint.write_seen(ckpt, {**seen, **dict.fromkeys(val.sha256, "val")})
     return fitted
@@ -399,7 +385,7 @@ def _write_report(out_dir, result, rows, y, probs, pred, names, pos, points, ref
                              "every metric here is optimistic.", result["seen_by_model"]]))
     if "ci" in result:
         ci = [{"metric": k, **v} for k, v in result["ci"].items() if isinstance(v, dict) and "value" in v]
-        sections.append(("95 % bootstrap intervals (resampling duplicate groups)", [ci]))
+        sections.append(("95 % bootstrap intervals (resampling groups: duplicates, copies, patients)", [ci]))
     sections.append(("Per class", [[{"class": c, **v, **_class_intervals(result.get("ci", {}), c)}
                                      for c, v in result["per_class"].items()]]))
     fitted = not result.get("ensemble") or result["ensemble"].get("fitted_on")

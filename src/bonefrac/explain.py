@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .errors import BonefracError
 from .io import printable_path
 from . import predict as _predict  # by module: uses_autocast is looked up at call time (tests switch it)
-from .predict import decide, infer_logits, model_input, with_flipped_view
+from .predict import _read_checked, decide, infer_logits, model_input, with_flipped_view
 from .transforms import resize_batch
 
 log = logging.getLogger(__name__)
@@ -212,9 +212,9 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = OVERLAY_ALPHA
 
 def explain_files(predictor, paths: list[str], out_dir: str | Path, target_class: str | None = None,
                   batch_size: int = 16, xray_check: bool = True) -> list[dict]:
-    """Write `<stem>_gradcam.png` per readable image and `explain.csv`; returns one row per input file. Images
-    that fail predict's radiograph check (`xray_check`) get no map, as they get no prediction, and their row's
-    `error` says why."""
+    """Write `<stem>_gradcam.png` per readable image and `explain.csv`; returns one row per input file, whose
+    `status` is predict's: "ok", "not_xray" (fails predict's radiograph check, `xray_check`: no map, as no
+    prediction) or "error" (unreadable); `error` says why there is no map, and a warning names each such file."""
     import pandas as pd
     from PIL import Image
 
@@ -227,30 +227,38 @@ def explain_files(predictor, paths: list[str], out_dir: str | Path, target_class
     rows, used = [], set()
     files = expand_paths(paths)
     for start in range(0, len(files), batch_size):
-        decoded = [(p, *_explainable(p, xray_check)) for p in files[start:start + batch_size]]
-        good = [img for _, img, err in decoded if err is None]
+        decoded = [(p, *_read_checked(p, xray_check)) for p in files[start:start + batch_size]]
+        good = [img for _, img, problem in decoded if problem is None]
         explained = iter(zip(*explain_arrays(predictor, good, target, batch_size))) if good else iter(())
-        for path, img, err in decoded:  # rows stay in input order
-            if err is not None:
-                rows.append({"path": printable_path(path), "error": err})
+        for path, img, problem in decoded:  # rows stay in input order
+            if problem is not None:  # unreadable, or not an X-ray as predict would say
+                rows.append({"path": printable_path(path), "status": problem["status"],
+                             "error": problem.get("error") or problem.get("message")})
                 continue
             cam, cls, prob = next(explained)
             png = out_dir / _unique_name(path, used)
             Image.fromarray(overlay(img, cam)).save(png)
-            rows.append({"path": printable_path(path), "heatmap": printable_path(png.name),
+            rows.append({"path": printable_path(path), "status": "ok", "heatmap": printable_path(png.name),
                          "explained_class": names[cls], "probability": round(float(prob[cls]), 6), "error": ""})
-    pd.DataFrame(rows, columns=["path", "heatmap", "explained_class", "probability", "error"]).to_csv(
-        out_dir / "explain.csv", index=False)
+    table = out_dir / "explain.csv"
+    columns = ["path", "heatmap", "explained_class", "probability", "error"]  # `status` stays out: the CSV is as before
+    pd.DataFrame(rows, columns=columns).to_csv(table, index=False)
     log.info("explained %d of %d images into %s", sum(1 for r in rows if not r["error"]), len(rows), out_dir)
+    _warn_unexplained(rows, table)
     return rows
 
 
-def _explainable(path: Path, xray_check: bool) -> tuple[np.ndarray | None, str | None]:
-    """(grey image, None), or (None, why it gets no map: unreadable, or not an X-ray as predict would say)."""
-    from .predict import _read_checked
+MAX_LISTED = 20  # files named one per warning line; the rest are counted (all are in explain.csv)
 
-    gray, problem = _read_checked(path, xray_check)
-    return gray, None if problem is None else problem.get("error") or problem.get("message")
+
+def _warn_unexplained(rows: list[dict], table: Path) -> None:
+    """A warning per input without a map, naming it and the reason (predict's rows say the same on stdout)."""
+    missing = [r for r in rows if r["error"]]
+    for row in missing[:MAX_LISTED]:
+        log.warning("%s: no heatmap: %s", row["path"], row["error"])
+    if len(missing) > MAX_LISTED:
+        log.warning("... and %d more inputs without a heatmap; every reason is in %s", len(missing) - MAX_LISTED,
+                    table)
 
 
 def _class_index(names: list[str], target: str | None) -> int | None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint, shipped
+from . import checkpoint, modelid, shipped
 from .data import progress_bar
 from .errors import BonefracError, ImageReadError
 from .io import image_files, printable_path, read_image_and_colour
@@ -97,20 +97,29 @@ class Predictor:
         self.threshold = meta.get("threshold")
         self.positive_index = meta.get("positive_index")
         self.path: Path | None = None  # the checkpoint folder, when loaded from one
+        self._version: str | None = None  # set by from_checkpoint; a model built in memory hashes its weights
 
     @classmethod
     def from_checkpoint(cls, path, device: str = "auto", tta: bool = False, batch_size: int = 32):
         dev = resolve_device(device)
         model, meta = checkpoint.load(path, dev)
         if dev.type == "cuda":
+            from .kernels import fuse_for_inference
+
             model = model.to(memory_format=torch.channels_last)
+            fuse_for_inference(model)  # opt-in (BONEFRAC_FUSED_KERNELS=1), ConvNeXt V2 blocks only
         predictor = cls(model, meta, dev, tta, batch_size)
         predictor.path = Path(path)
+        # Hashed now, once: the files just loaded are the model answering every later request.
+        predictor._version = modelid.checkpoint_version(checkpoint.recover(path), meta)
         return predictor
 
     @property
     def version(self) -> str:
-        return f"{self.meta['arch']}@{self.meta.get('manifest_sha256', '')[:8]}"
+        """`<arch>@<8 hex>` of the weights and the saved decision fields (see bonefrac.modelid)."""
+        if self._version is None:
+            self._version = modelid.module_version(self.model, self.meta)
+        return self._version
 
     def logits_uint8(self, x: torch.Tensor) -> np.ndarray:
         """Logits for uint8 (B, 1, S, S) at this model's size (a progress bar when that takes many batches)."""
@@ -145,11 +154,13 @@ class Ensemble:
         first = members[0]
         self.class_names, self.positive_index, self.size = first.class_names, first.positive_index, first.size
         self.threshold = first.threshold if threshold is None else threshold
-        self.meta = {**first.meta, "ensemble": [m.meta["arch"] for m in members]}
+        self.meta = {**first.meta, "ensemble": [m.meta["arch"] for m in members], "threshold": self.threshold}
 
     @property
     def version(self) -> str:
-        return "+".join(m.version for m in self.members)
+        """`<arch>+<arch>@<8 hex>` of the members' versions, the weights and the saved thresholds (its meta's)."""
+        return modelid.ensemble_version([m.version for m in self.members], [m.meta["arch"] for m in self.members],
+                                        self.weights, self.meta)
 
     def predict_arrays(self, images: list[np.ndarray]) -> np.ndarray:
         return self.combine([m.predict_arrays(images) for m in self.members])

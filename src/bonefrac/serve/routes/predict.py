@@ -129,7 +129,8 @@ async def predict(request: Request, files: list[UploadFile] = FILES) -> PredictR
 @router.post("/explain", summary="Grad-CAM overlay of the first image, as PNG",
              responses={200: {"content": {"image/png": {}}}, **UPLOAD_ERRORS, **documented(501)})
 async def explain(request: Request, files: list[UploadFile] = FILES) -> Response:
-    """The X-ray with a heatmap of the regions that drove the predicted class (PyTorch checkpoints only)."""
+    """The X-ray with a heatmap of the regions that drove the predicted class (PyTorch checkpoints and ensemble
+    directories; an ensemble's map is its first member's, for the class the ensemble predicts)."""
     state = request.app.state
     items = await _decode_uploads(files[:1], state, None)  # full size: the overlay is drawn on it
     check = items[0]["check"]
@@ -153,9 +154,14 @@ def display_size(gray: np.ndarray, max_side: int = EXPLAIN_MAX_SIDE) -> np.ndarr
 
 
 def _explainer(predictor):
-    if getattr(predictor, "model", None) is None:
-        raise ApiError(501, "not_implemented", "explanations need a PyTorch checkpoint; this service runs an "
-                       "exported model (serve the checkpoint directory to enable /v1/explain)")
+    # An ensemble is explained as `bonefrac explain` does it: its first member's map, for its own class.
+    first = (getattr(predictor, "members", None) or [predictor])[0]
+    if getattr(first, "model", None) is None:
+        backend = getattr(predictor, "backend", None)
+        runs = f"an exported {backend} model" if backend else "a model without PyTorch weights"
+        raise ApiError(501, "not_implemented", f"explanations need a PyTorch checkpoint or ensemble directory; this "
+                       f"service runs {runs} (serve the checkpoint or ensemble directory it was exported from to "
+                       "enable /v1/explain)")
     try:
         from ...explain import gradcam, overlay
     except ImportError:
