@@ -112,3 +112,58 @@ def test_balanced_sampler_draws_classes_equally():
     b = Batches(cache, labels, 10, torch.device("cpu"), sampler="balanced")
     drawn = torch.cat([y for _, y in b.epoch(torch.Generator().manual_seed(1))])
     assert 0.35 < drawn.float().mean().item() < 0.65  # about half minority, against 10 % in the data
+
+
+def _sha(path) -> str:
+    import hashlib
+    from pathlib import Path
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _replace_keeping_size_and_mtime(path, value):
+    """Overwrite an image with other pixels, same byte count and modification time (as `cp -p` or a restore
+    would): only the status-change time and the content tell."""
+    import os
+
+    before = os.stat(path)
+    Image.fromarray(np.full((20, 30), value, np.uint8)).save(path)
+    assert os.stat(path).st_size == before.st_size
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+def test_an_image_changed_since_prepare_is_refused_by_name(images, tmp_path):
+    hashes = [_sha(p) for p in images]
+    _replace_keeping_size_and_mtime(images[2], 77)
+    with pytest.raises(BonefracError, match=r"1 image\(s\) changed on disk since prepare.*img2\.png.*re-run"):
+        build_cache(images, hashes, 16, tmp_path / "cache", workers=1, progress=False)
+    assert not list((tmp_path / "cache").glob("*.u8"))  # nothing cached from the changed file
+
+
+def test_a_reused_cache_catches_a_file_changed_since_it_was_built(images, tmp_path):
+    hashes = [_sha(p) for p in images]
+    cache_dir = tmp_path / "cache"
+    build_cache(images, hashes, 16, cache_dir, workers=1, progress=False)
+    _replace_keeping_size_and_mtime(images[4], 3)
+    _replace_keeping_size_and_mtime(images[1], 9)
+    with pytest.raises(BonefracError, match=r"2 image\(s\) changed.*img1\.png, .*img4\.png"):
+        build_cache(images, hashes, 16, cache_dir, workers=1, progress=False)  # was: the old pixels, silently
+
+
+def test_a_reused_cache_rehashes_only_files_whose_stamp_changed(images, tmp_path, monkeypatch):
+    import os
+
+    import bonefrac.data as data_module
+
+    hashes = [_sha(p) for p in images]
+    cache_dir = tmp_path / "cache"
+    build_cache(images, hashes, 16, cache_dir, workers=1, progress=False)
+    hashed = []
+    real = data_module._file_sha256
+    monkeypatch.setattr(data_module, "_file_sha256", lambda p: hashed.append(p) or real(p))
+    build_cache(images, hashes, 16, cache_dir, workers=1, progress=False)
+    assert hashed == []  # unchanged files: a stat each, no read
+    os.utime(images[3])  # touched, same bytes: re-hashed once, accepted, and its new stamp recorded
+    again = build_cache(images, hashes, 16, cache_dir, workers=1, progress=False)
+    build_cache(images, hashes, 16, cache_dir, workers=1, progress=False)
+    assert hashed == [images[3]] and int(again[3].mean()) == 120

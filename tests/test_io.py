@@ -485,3 +485,70 @@ def test_dicom_without_an_image_says_so(tmp_path):
     path = colour_or_empty_dicom(tmp_path / "report.dcm", BasicTextSRStorage, Modality="SR")
     with pytest.raises(ImageReadError, match=r"report.dcm.*without an image.*Basic Text SR"):
         read_image(path)
+
+
+def test_folder_scan_lists_broken_links_and_reading_one_says_so(tmp_path):
+    import os
+
+    from bonefrac.io import image_files
+
+    save(pattern(0), tmp_path / "a.png")
+    os.symlink(tmp_path / "moved" / "b.png", tmp_path / "b.png")
+    os.symlink(tmp_path / "moved" / "IM0002", tmp_path / "IM0002")
+    assert [p.name for p in image_files(tmp_path)] == ["IM0002", "a.png", "b.png"]  # links were dropped silently
+    with pytest.raises(ImageReadError, match=r"b\.png: broken symbolic link \(its target .*moved/b\.png"):
+        read_image(tmp_path / "b.png")
+
+
+def test_predict_reports_a_broken_link_in_a_folder_as_an_error_row(tmp_path):
+    import os
+
+    from bonefrac.predict import predict_files
+
+    class Stub:
+        class_names, positive_index, threshold = ["no_fracture", "fracture"], 1, 0.5
+
+        def predict_arrays(self, images):
+            return np.tile([0.8, 0.2], (len(images), 1))
+
+    save(pattern(0), tmp_path / "scans" / "a.png")
+    os.symlink(tmp_path / "gone.png", tmp_path / "scans" / "b.png")
+    rows = list(predict_files(Stub(), [str(tmp_path / "scans")], xray_check=False))
+    assert [r["status"] for r in rows] == ["ok", "error"] and rows[1]["path"].endswith("b.png")
+    assert rows[1]["error"].startswith("broken symbolic link")
+
+
+def _compressed_dicom(path, transfer_syntax):
+    """A DICOM file whose pixel data is encapsulated under `transfer_syntax` (the frame is not real JPEG)."""
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import UID
+
+    write_dicom(path, np.zeros((4, 4), np.uint16))
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = UID(transfer_syntax)
+    ds.PixelData = encapsulate([b"\xff\xd8\xff\xc3\x00\x0b\x10\x00\x04\x00\x04\x01\x01\x11\x00\xff\xd9"])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path)
+    return path
+
+
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.80"])
+def test_jpeg_lossless_dicom_without_its_decoder_names_the_extra(tmp_path, syntax):
+    from importlib.util import find_spec
+
+    if find_spec("libjpeg") or find_spec("gdcm"):
+        pytest.skip("a JPEG Lossless decoder is installed here")
+    path = _compressed_dicom(tmp_path / "cr.dcm", syntax)
+    with pytest.raises(ImageReadError, match=r"cr\.dcm: cannot decode DICOM pixel data \(compressed as JPEG"
+                                             r".*pip install 'bonefrac\[dicom-jpeg\]'") as caught:
+        read_image(path)
+    assert "\n" not in caught.value.reason
+
+
+def test_the_dicom_extra_named_in_errors_exists():
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    extra = pyproject["project"]["optional-dependencies"]["dicom-jpeg"]
+    assert {r.split(">")[0] for r in extra} == {"pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg"}

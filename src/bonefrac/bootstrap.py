@@ -1,4 +1,5 @@
-"""Bootstrap confidence intervals that resample duplicate groups, not images.
+"""Bootstrap confidence intervals that resample the manifest's groups (duplicates; patients, given
+`prepare --group-col`), not images.
 
 `metrics_with_ci(...)` gives every headline metric as {value, low, high}; `bootstrap_ci(fn, ...)` does the same
 for any metric function. Seeded and repeatable; vectorised so 1,000 resamples of 1,000 images take ~0.1 s.

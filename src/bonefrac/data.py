@@ -3,6 +3,9 @@
 Every image is decoded once (by `io.read_image`) and resized to a square of `size` pixels into a uint8
 memory-mapped file, `<cache_dir>/<key>.u8`. The key hashes the manifest rows (path + sha256) and the size, so a
 changed manifest or resolution builds a new cache; a cache whose build was killed has no `.json` and is rebuilt.
+Each file's bytes are checked against the manifest's sha256 as they are decoded, and a reused cache re-checks
+the files whose size or times changed since (an image replaced after prepare would otherwise be trained on under
+its old label): a changed file stops the run with the list of changed files.
 `Batches` then serves index batches straight from that array: on a GPU the whole cache usually fits in device
 memory and a batch is one gather, so the input pipeline never keeps the model waiting.
 """
@@ -14,8 +17,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import uuid
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +27,7 @@ import torch
 
 from .config import SAMPLERS, one_of_error
 from .errors import BonefracError, ImageReadError
-from .io import read_image, resize_gray
+from .io import decode_image, read_bytes, resize_gray
 
 try:
     import fcntl
@@ -32,6 +36,7 @@ except ImportError:  # Windows
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
+_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 
 
 def cache_key(paths: list[str], hashes: list[str], size: int) -> str:
@@ -41,29 +46,59 @@ def cache_key(paths: list[str], hashes: list[str], size: int) -> str:
     return h.hexdigest()[:24]
 
 
-def _decode(args):
-    path, size = args
+def _decode(job):
+    """-> (image, None, stamp), or (None, problem, None) with problem ("changed", path) or ("unreadable", why)."""
+    path, digest, size = job
     try:
-        return resize_gray(read_image(path), size), None
+        stamp = _stamp(path)  # before reading: a change after this shows up in the next run's check
+    except OSError:
+        stamp = None  # read_bytes below says why
+    try:
+        data = read_bytes(path)
+        if digest is not None and hashlib.sha256(data).hexdigest() != digest:
+            return None, ("changed", path), None
+        return resize_gray(decode_image(data, path), size), None, stamp
     except ImageReadError as exc:
-        return None, str(exc)
+        return None, ("unreadable", str(exc)), None
+
+
+def _stamp(path) -> list[int]:
+    """What tells a file changed without reading it: size, modification and status-change times (ns)."""
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _digests(hashes: list[str]) -> list[str | None]:
+    """The manifest's sha256 cells as lower-case hex digests; None for a cell that is not one (a hand-made
+    manifest), whose file cannot be checked (warned once)."""
+    digests = [h.strip().lower() if isinstance(h, str) and _HEX64.fullmatch(h.strip()) else None for h in hashes]
+    if unchecked := sum(d is None for d in digests):
+        log.warning("%d of %d manifest row(s) have no SHA-256 digest in their sha256 cell: their files cannot be "
+                    "checked for changes since prepare (make manifests with `bonefrac prepare`)",
+                    unchecked, len(digests))
+    return digests
 
 
 def build_cache(paths: list[str], hashes: list[str], size: int, cache_dir: str | Path, workers: int = 0,
                 progress: bool = True) -> np.ndarray:
     """A read-only (N, size, size) uint8 memmap of the images, built (in parallel) only when missing.
 
-    A cache whose file no longer matches the record written beside it (size, and a hash of up to 64 images
-    spread over it) is rebuilt with a warning; build files left by killed builds (no one holds their lock) are
-    removed.
+    Raises BonefracError, listing the files, when an image's bytes differ from its manifest sha256 (replaced
+    since prepare: when building, or for a reused cache, when the file's size or times changed and its hash
+    differs) or an image cannot be read. A cache whose file no longer matches the record written beside it
+    (size, and a hash of up to 64 images spread over it) is rebuilt with a warning; build files left by killed
+    builds (no one holds their lock) are removed.
     """
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     key = cache_key(paths, hashes, size)
     data_file, done_file = cache_dir / f"{key}.u8", cache_dir / f"{key}.json"
     shape = (len(paths), size, size)
+    digests = _digests(hashes)
     if done_file.is_file() and data_file.is_file():
-        if _matches_record(data_file, done_file, shape):
+        record = _read_record(done_file)
+        if record is not None and _matches_record(data_file, record, shape):
+            _check_unchanged(paths, digests, record, done_file)
             return np.memmap(data_file, dtype=np.uint8, mode="c", shape=shape)  # "c": writable, file untouched
         log.warning("cache %s does not match its record (changed on disk since it was built); rebuilding",
                     data_file.name)
@@ -74,16 +109,95 @@ def build_cache(paths: list[str], hashes: list[str], size: int, cache_dir: str |
     part_file = cache_dir / f"{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part"
     try:
         with _build_lock(part_file):  # held until the rename: an unlocked part file is an orphan
-            errors = _decode_into(part_file, paths, size, workers or os.cpu_count() or 1, progress)
-            if errors:
-                raise BonefracError(f"{len(errors)} manifest image(s) could not be read (re-run prepare): "
-                                    f"{errors[0]}")
+            stamps, changed, errors = _decode_into(part_file, paths, digests, size, workers or os.cpu_count() or 1,
+                                                   progress)
+            if changed or errors:
+                raise _unusable_images(changed, errors)
             os.replace(part_file, data_file)
     finally:
         part_file.unlink(missing_ok=True)  # a failed or interrupted build leaves nothing behind
-    done_file.write_text(json.dumps({"n": len(paths), "size": size, "version": CACHE_VERSION,
-                                     "sample_sha256": _sample_hash(data_file, shape)}))
+    _write_record(done_file, {"n": len(paths), "size": size, "version": CACHE_VERSION,
+                              "sample_sha256": _sample_hash(data_file, shape), "stamps": stamps})
     return np.memmap(data_file, dtype=np.uint8, mode="c", shape=shape)  # "c": writable view, file untouched
+
+
+def _unusable_images(changed: list[str], errors: list[str]) -> BonefracError:
+    """One error for the whole build, listing the changed files (each is also logged) and the unreadable ones."""
+    for path in changed:
+        log.error("changed since prepare (sha256 differs from the manifest's): %s", path)
+    parts = []
+    if changed:
+        parts.append(f"{len(changed)} image(s) changed on disk since prepare (their sha256 differs from the "
+                     f"manifest's): {_listing(changed)}; the manifest's labels, groups and splits describe the old "
+                     "content, so re-run `bonefrac prepare` (into a new --out, or with --overwrite)")
+    if errors:
+        for err in errors:
+            log.error("unreadable: %s", err)
+        parts.append(f"{len(errors)} manifest image(s) could not be read (re-run prepare): {_listing(errors)}")
+    return BonefracError("; ".join(parts))
+
+
+def _listing(items: list[str], shown: int = 10) -> str:
+    more = f" and {len(items) - shown} more (all are logged above)" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more
+
+
+def _check_unchanged(paths: list[str], digests: list, record: dict, done_file: Path) -> None:
+    """For a reused cache: re-hash the files whose stamp differs from the build's (or all, for a cache recorded
+    without stamps) and raise, listing them, when any differs from its manifest digest. Gone files only warn:
+    the cache holds them as they were at prepare. New stamps are recorded, so the next run only stats."""
+    old = record.get("stamps") or []
+    old = old if len(old) == len(paths) else [None] * len(paths)
+    now, todo = [], []
+    for i, path in enumerate(paths):
+        try:
+            now.append(_stamp(path))
+        except OSError:
+            now.append(None)
+        if now[i] != old[i] and now[i] is not None and digests[i] is not None:
+            todo.append(i)
+    found = []
+    if todo:
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # hashing releases the GIL
+            found = list(pool.map(lambda i: _file_sha256(paths[i]), todo))
+    changed = [paths[i] for i, digest in zip(todo, found) if digest is not None and digest != digests[i]]
+    if changed:
+        raise _unusable_images(changed, [])
+    gone = [p for p, stamp in zip(paths, now) if stamp is None]
+    if gone:
+        log.warning("%d manifest image(s) are gone from disk or unreadable (the first: %s); the cache still holds "
+                    "them as prepared (re-run prepare to drop them)", len(gone), gone[0])
+    if todo:
+        _write_record(done_file, {**record, "stamps": now})
+
+
+def _file_sha256(path: str) -> str | None:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+def _read_record(done_file: Path) -> dict | None:
+    try:
+        record = json.loads(done_file.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _write_record(done_file: Path, record: dict) -> None:
+    """Write the cache's record atomically: another process may be reading it."""
+    tmp = done_file.with_name(f"{done_file.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, done_file)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _sample_hash(data_file: Path, shape: tuple) -> str:
@@ -96,12 +210,8 @@ def _sample_hash(data_file: Path, shape: tuple) -> str:
     return h.hexdigest()
 
 
-def _matches_record(data_file: Path, done_file: Path, shape: tuple) -> bool:
+def _matches_record(data_file: Path, record: dict, shape: tuple) -> bool:
     if data_file.stat().st_size != int(np.prod(shape)):
-        return False
-    try:
-        record = json.loads(done_file.read_text())
-    except (OSError, ValueError):
         return False
     # Caches built before the hash was recorded are trusted on their size, as they were then.
     return "sample_sha256" not in record or record["sample_sha256"] == _sample_hash(data_file, shape)
@@ -132,19 +242,22 @@ def _remove_orphaned_parts(cache_dir: Path) -> None:
         part.unlink(missing_ok=True)
 
 
-def _decode_into(part_file: Path, paths: list[str], size: int, workers: int, progress: bool) -> list[str]:
-    """Decode every image into a new (N, size, size) uint8 file; returns the errors."""
+def _decode_into(part_file: Path, paths: list[str], digests: list, size: int, workers: int,
+                 progress: bool) -> tuple[list, list[str], list[str]]:
+    """Decode every image into a new (N, size, size) uint8 file; -> (stamps, changed paths, read errors)."""
     arr = np.memmap(part_file, dtype=np.uint8, mode="w+", shape=(len(paths), size, size))
-    errors = []
+    stamps, changed, errors = [], [], []
     with progress_bar(len(paths), "decode", progress) as bar:
-        for i, (img, err) in enumerate(_map(_decode, [(p, size) for p in paths], workers)):
-            if err:
-                errors.append(err)
-            else:
+        for i, (img, problem, stamp) in enumerate(_map(_decode, list(zip(paths, digests, [size] * len(paths))),
+                                                       workers)):
+            stamps.append(stamp)
+            if problem is None:
                 arr[i] = img
+            else:
+                (changed if problem[0] == "changed" else errors).append(problem[1])
             bar.update(1)
     arr.flush()
-    return errors
+    return stamps, changed, errors
 
 
 def box_masks(rows, boxes_csv: str | Path, size: int, negative_label: str | None) -> tuple[np.ndarray, np.ndarray]:

@@ -174,7 +174,7 @@ def crossing_groups(groups: list, splits: list, paths: list) -> list[dict]:
     crossing = [{"group": g, "splits": {s: sorted(p) for s, p in sorted(by_split.items())}}
                 for g, by_split in sorted(members.items()) if len(by_split) > 1]
     if crossing:
-        log.warning("%d duplicate group(s) cross the folder's train/val/test split: the folder split leaks "
-                    "duplicates between splits (see crossing_groups in the report; drop keep_folder_split "
-                    "to re-split by group)", len(crossing))
+        log.warning("%d group(s) (duplicates, or one patient's images with --group-col) cross the folder's "
+                    "train/val/test split: the folder split leaks them between splits (see crossing_groups in the "
+                    "report; drop keep_folder_split to re-split by group)", len(crossing))
     return crossing

@@ -23,6 +23,18 @@ from .io import _check_size, _scale_percentile, _scale_range
 log = logging.getLogger(__name__)
 # Decoders that produce RGB from a colour transform of their own (JPEG 2000's RCT/ICT): convert nothing.
 _CONVERT_TO_RGB = ("YBR_FULL", "YBR_FULL_422")
+# Transfer syntaxes whose pixels need a pylibjpeg plugin (the `dicom-jpeg` extra) or GDCM. Installed by default,
+# Pillow decodes 8-bit JPEG and JPEG 2000, and pydicom itself RLE; these it cannot.
+_EXTRA_DECODERS = {
+    "1.2.840.10008.1.2.4.51": "libjpeg",  # JPEG Extended, 12-bit samples
+    "1.2.840.10008.1.2.4.57": "libjpeg",  # JPEG Lossless (process 14): the usual compressed CR/DX
+    "1.2.840.10008.1.2.4.70": "libjpeg",  # JPEG Lossless, first-order prediction (SV1)
+    "1.2.840.10008.1.2.4.80": "libjpeg",  # JPEG-LS lossless
+    "1.2.840.10008.1.2.4.81": "libjpeg",  # JPEG-LS near-lossless
+    "1.2.840.10008.1.2.4.201": "openjpeg",  # High-Throughput JPEG 2000 (lossless)
+    "1.2.840.10008.1.2.4.202": "openjpeg",  # HTJ2K lossless RPCL
+    "1.2.840.10008.1.2.4.203": "openjpeg",  # HTJ2K
+}
 
 
 def decode_dicom(data: bytes, name: str, max_pixels: int) -> np.ndarray:
@@ -50,7 +62,19 @@ def decode_dicom(data: bytes, name: str, max_pixels: int) -> np.ndarray:
     except ImageReadError:
         raise
     except Exception as exc:
-        raise ImageReadError(name, f"cannot decode DICOM pixel data: {_one_line(exc)}") from None
+        raise ImageReadError(name, f"cannot decode DICOM pixel data{_missing_decoder(ds)}: {_one_line(exc)}") from None
+
+
+def _missing_decoder(ds) -> str:
+    """A hint naming the `dicom-jpeg` extra when the file's transfer syntax needs a decoder of it that is not
+    installed, else "". It goes before pydicom's text, which lists every plugin and gets cut short."""
+    from importlib.util import find_spec
+
+    syntax = ds.file_meta.get("TransferSyntaxUID") if getattr(ds, "file_meta", None) is not None else None
+    plugin = _EXTRA_DECODERS.get(str(syntax))
+    if plugin is None or (find_spec("pylibjpeg") and find_spec(plugin)) or find_spec("gdcm"):
+        return ""
+    return f" (compressed as {syntax.name}: install its decoder with pip install 'bonefrac[dicom-jpeg]')"
 
 
 def _one_line(exc: Exception) -> str:

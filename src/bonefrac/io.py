@@ -7,13 +7,15 @@ Callers need three things from here:
   naming the file and the reason. Nothing is ever silently repaired (truncated files are errors).
 * :func:`resize_gray` is THE resize (PIL bilinear with antialiasing); training and prediction both use it so
   that a model sees the same pixels in both.
-* :data:`IMAGE_EXTENSIONS` lists the file suffixes a folder scan should pick up.
+* :data:`IMAGE_EXTENSIONS` lists the file suffixes a folder scan should pick up; :func:`image_files` is that scan
+  (broken symbolic links included, so that reading them reports them instead of dropping them silently).
 """
 
 from __future__ import annotations
 
 import io as _stdio
 import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -69,9 +71,18 @@ def looks_like_image(file: Path) -> bool:
 
 
 def image_files(folder: Path) -> list[Path]:
-    """Every image or DICOM file below `folder`, sorted; hidden files (".x", e.g. macOS "._x.png") skipped."""
-    return sorted(f for f in Path(folder).rglob("*")
-                  if f.is_file() and not f.name.startswith(".") and looks_like_image(f))
+    """Every image or DICOM file below `folder`, sorted; hidden files (".x", e.g. macOS "._x.png") skipped.
+
+    Broken symbolic links are included whatever their name: what they point to cannot be inspected, and a caller
+    that reads them gets an ImageReadError saying so (a per-file error) rather than a file silently missing.
+    """
+    return sorted(f for f in Path(folder).rglob("*") if not f.name.startswith(".")
+                  and ((f.is_file() and looks_like_image(f)) or is_broken_link(f)))
+
+
+def is_broken_link(path: Path) -> bool:
+    """True for a symbolic link whose target does not exist (or a loop of links): nothing can be read from it."""
+    return path.is_symlink() and not path.exists()
 
 
 def read_image(path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
@@ -81,25 +92,34 @@ def read_image(path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     DICM preamble). Raises ImageReadError (message names ``path`` and the reason) for a missing, empty,
     truncated, corrupt or non-image file, and for images over ``max_pixels`` (checked before decoding).
     """
-    return decode_image(_read_bytes(path), str(path), max_pixels=max_pixels)
+    return decode_image(read_bytes(path), str(path), max_pixels=max_pixels)
 
 
 def read_image_and_colour(path, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, np.ndarray | None]:
     """:func:`read_image` plus the small RGB thumbnail of :func:`decode_image_and_colour` (None for grey
     sources), for the not-an-X-ray check."""
-    return decode_image_and_colour(_read_bytes(path), str(path), max_pixels)
+    return decode_image_and_colour(read_bytes(path), str(path), max_pixels)
 
 
-def _read_bytes(path) -> bytes:
+def read_bytes(path) -> bytes:
+    """The file's bytes, or ImageReadError naming it: not found, a broken symbolic link, a folder, unreadable."""
     path = Path(path)
     try:
         return path.read_bytes()
     except FileNotFoundError:
-        raise ImageReadError(path, "file not found") from None
+        raise ImageReadError(path, broken_link_reason(path) if path.is_symlink() else "file not found") from None
     except IsADirectoryError:
         raise ImageReadError(path, "is a directory, not a file") from None
     except OSError as exc:
         raise ImageReadError(path, f"cannot read file: {exc.strerror or exc}") from None
+
+
+def broken_link_reason(link: Path) -> str:
+    """The reason a broken symbolic link cannot be read, naming its missing target, for error rows and reports."""
+    try:
+        return f"broken symbolic link (its target {os.readlink(link)} does not exist)"
+    except OSError:
+        return "broken symbolic link"
 
 
 def decode_image(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:

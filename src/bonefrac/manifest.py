@@ -2,8 +2,10 @@
 
 ``prepare`` scans an image folder (``root/<class>/*`` or ``root/{train,val,test}/<class>/*``) or a labels CSV,
 decodes each image once (unreadable files are listed as rejected, never fatal), groups exact and near
-duplicates (re-encoded, resized, rotated by 90 degrees or flipped copies) and splits by group so that no
-duplicate leaks across train/val/test (reading the folder or CSV: sources.py; duplicate detection: dedup.py).
+duplicates (re-encoded, resized, rotated by 90 degrees or flipped copies) and, given a CSV column of patient or
+study IDs (``group_col``), each patient's images, and splits by group so that neither a duplicate nor a patient
+leaks across train/val/test (reading the folder or CSV: sources.py; duplicate detection: dedup.py; joining the
+links into groups: groups.py).
 ``load_manifest`` reads a manifest back for the later stages.
 
 Default near-duplicate threshold: 32 of 256 bits. On FracAtlas (4,083 images, 2 cores, workers=2) it finds
@@ -29,9 +31,10 @@ import pandas as pd
 from tqdm import tqdm
 
 from .config import MAX_SEED
-from .dedup import NEAR_DUP_THRESHOLD, crossing_groups, dihedral_phash, duplicate_pairs, group_ids
+from .dedup import NEAR_DUP_THRESHOLD, crossing_groups, dihedral_phash, duplicate_pairs
 from .errors import BonefracError, ImageReadError
-from .io import decode_image
+from .groups import GIVEN_GROUP, assign_groups
+from .io import decode_image, read_bytes
 # read_csv lives with the source readers; load_manifest, data and export import it from here.
 from .sources import PATH_COLUMNS, collect, read_csv, resolve_labels, sorted_labels
 
@@ -46,7 +49,8 @@ MANIFEST_COLUMNS = ("path", "label", "group", "split", "sha256", "width", "heigh
 
 def prepare(out_dir, *, source=None, labels_csv=None, path_col=None, label_col="label", class_names=None,
             seed=42, fractions=(0.7, 0.15, 0.15), keep_folder_split=False, split_all=None,
-            near_dup_threshold=NEAR_DUP_THRESHOLD, workers=None, match_copies="default", overwrite=False) -> dict:
+            near_dup_threshold=NEAR_DUP_THRESHOLD, workers=None, match_copies="default", overwrite=False,
+            group_col=None) -> dict:
     """Write ``out_dir/manifest.csv`` and ``out_dir/prepare_report.json``; return the report dict.
 
     Give ``source`` (an image folder, or a CSV file) or ``labels_csv`` (paths relative to the CSV's folder,
@@ -58,13 +62,15 @@ def prepare(out_dir, *, source=None, labels_csv=None, path_col=None, label_col="
     every image in one split. ``match_copies`` also groups freshly augmented copies with a learned copy
     detector (copydetect.py): "auto" (the shipped one, if any), a detector folder, or "off"/None; "default" is
     "auto" with keep_folder_split (auditing someone else's split) and "off" otherwise. A different manifest
-    already in ``out_dir`` is only replaced with ``overwrite``. Raises BonefracError for unusable input.
+    already in ``out_dir`` is only replaced with ``overwrite``. ``group_col`` names a labels-CSV column of
+    patient or study IDs: images sharing a value share a group (on top of the duplicate groups), so the split
+    keeps each patient on one side (groups.py). Raises BonefracError for unusable input.
     """
     started = time.perf_counter()
     fractions = _check_options(fractions, split_all, keep_folder_split)
     if not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
         raise BonefracError(f"seed must be a whole number from 0 to 2**32 - 1, got {seed!r}")
-    rows, rejected, kind, origin = collect(source, labels_csv, path_col, label_col, MANIFEST_COLUMNS)
+    rows, rejected, kind, origin = collect(source, labels_csv, path_col, label_col, MANIFEST_COLUMNS, group_col)
     if keep_folder_split and "folder_split" not in rows:
         raise BonefracError("keep_folder_split needs a train/val/test folder layout or a 'split' CSV column")
     rows["label"], names = resolve_labels(rows["label"], class_names)
@@ -77,7 +83,7 @@ def prepare(out_dir, *, source=None, labels_csv=None, path_col=None, label_col="
         match_copies = "auto" if keep_folder_split else "off"
     pairs, copies = duplicate_pairs(rows["path"].tolist(), rows["sha256"].tolist(), hashes, near_dup_threshold,
                                     match_copies, workers)
-    rows["group"] = group_ids(rows["sha256"].tolist(), np.concatenate([pairs, _provenance_pairs(rows)]))
+    rows["group"], dup_groups, grouping = assign_groups(rows, pairs, group_col, copies["detector"] is not None)
     crossing = []
     if split_all:
         rows["split"] = split_all
@@ -91,9 +97,9 @@ def prepare(out_dir, *, source=None, labels_csv=None, path_col=None, label_col="
     expected = [split_all] if split_all else sorted(set(manifest["split"])) if keep_folder_split else \
         [name for name, f in zip(SPLITS, fractions) if f > 0]
     _warn_empty_cells(manifest, names, expected)
-    report = _report(manifest, names, rejected, crossing, origin, kind, seed, fractions, near_dup_threshold,
-                     split_all, keep_folder_split)
-    report["copy_matcher"] = copies
+    report = _report(manifest, dup_groups, names, rejected, crossing, origin, kind, seed, fractions,
+                     near_dup_threshold, split_all, keep_folder_split)
+    report["grouping"], report["copy_matcher"] = grouping, copies
     report["elapsed_s"] = round(time.perf_counter() - started, 2)
     _write(out_dir, manifest, report, overwrite)
     return report
@@ -107,20 +113,6 @@ def _listed_in_two_splits(rejected: list, group_of: dict) -> list[dict]:
                     len(twice))
     return [{"group": group_of[r["path"]], "splits": {s: [r["path"]] for s in r["splits"]}, "same_file": True}
             for r in twice]
-
-
-def _provenance_pairs(rows: pd.DataFrame) -> np.ndarray:
-    """(copy, source) row pairs from an `augmented_from` column (a manifest written by `augment`): a copy
-    belongs to its source's group whatever the hashes say (small rotations escape them), and copies of one
-    source belong together even when the source itself is not in the table."""
-    if "augmented_from" not in rows:
-        return np.zeros((0, 2), dtype=np.int64)
-    index = {p: i for i, p in enumerate(rows["path"])}
-    pairs = []
-    for i, src in enumerate(rows["augmented_from"].fillna("").astype(str)):
-        if src:  # the source's row, or else the first copy of the same source: copies stay together either way
-            pairs.append((i, index.setdefault(src, i)))
-    return np.array(pairs, dtype=np.int64).reshape(-1, 2)
 
 
 def load_manifest(path) -> pd.DataFrame:
@@ -226,10 +218,7 @@ def _warn_empty_cells(manifest: pd.DataFrame, names: list, splits: list) -> None
 def _analyse_one(path: str):
     """Worker: (sha256, width, height, hashes) for one file, or the reason it cannot be used."""
     try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        return "file not found" if isinstance(exc, FileNotFoundError) else f"cannot read file: {exc}"
-    try:
+        data = read_bytes(path)
         img = decode_image(data, path)
     except ImageReadError as exc:
         return exc.reason
@@ -359,18 +348,21 @@ def _relative(p, base: Path):
 
 
 def _manifest_frame(rows: pd.DataFrame) -> pd.DataFrame:
-    extras = [c for c in rows.columns if c not in MANIFEST_COLUMNS and c != "folder_split"]
+    extras = [c for c in rows.columns if c not in MANIFEST_COLUMNS and c not in ("folder_split", GIVEN_GROUP)]
     return rows[list(MANIFEST_COLUMNS) + extras]
 
 
-def _report(manifest, names, rejected, crossing, origin, kind, seed, fractions, threshold, split_all,
+def _report(manifest, dup_groups, names, rejected, crossing, origin, kind, seed, fractions, threshold, split_all,
             keep_folder_split) -> dict:
+    """The report dict; duplicates and label conflicts are listed by duplicate group (`dup_groups`, one per row:
+    a patient's distinct images with different labels are no conflict), under the id of the manifest's group."""
     counts = {"total": {n: int((manifest["label"] == n).sum()) for n in names}}
     for split in SPLITS:
         part = manifest[manifest["split"] == split]
         counts[split] = {n: int((part["label"] == n).sum()) for n in names}
     duplicates, conflicts = [], []
-    for group, members in manifest.groupby("group", sort=True):
+    for _, members in manifest.groupby(np.asarray(dup_groups), sort=True):
+        group = members["group"].iloc[0]
         if len(members) > 1:
             kind_ = "exact" if members["sha256"].nunique() == 1 else "near"
             duplicates.append({"group": group, "kind": kind_, "labels": sorted(set(members["label"])),

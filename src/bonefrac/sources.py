@@ -1,10 +1,12 @@
 """Read an image source into labelled rows for `manifest.prepare`: an ImageFolder tree or a labels CSV.
 
-``collect(source, labels_csv, path_col, label_col, recomputed)`` returns ``(rows, rejected, kind, origin)``:
-rows with absolute ``path``, raw ``label``, ``folder_split`` (train/val/test layouts and CSVs with a ``split``
-column only) and any extra CSV columns; ``rejected`` lists files that cannot be used (not an image type, or an
-image outside any class folder). ``resolve_labels`` maps raw labels to class names. ``read_csv`` is the
-package's CSV reader (errors name the file); `bonefrac.manifest` re-exports it.
+``collect(source, labels_csv, path_col, label_col, recomputed, group_col)`` returns ``(rows, rejected, kind,
+origin)``: rows with absolute ``path``, raw ``label``, ``folder_split`` (train/val/test layouts and CSVs with a
+``split`` column only), ``given_group`` (the ``group_col`` values, CSVs only) and any extra CSV columns;
+``rejected`` lists files that cannot be used (not an image type, an image outside any class folder, a broken
+symbolic link). Without ``group_col``, CSV columns that look like patient/study IDs are warned about.
+``resolve_labels`` maps raw labels to class names. ``read_csv`` is the package's CSV reader (errors name the
+file); `bonefrac.manifest` re-exports it.
 
 Apart from ``read_csv``, only `manifest.prepare` uses this module: the house rule is that only prepare scans folders
 (and makes splits).
@@ -13,6 +15,7 @@ Apart from ``read_csv``, only `manifest.prepare` uses this module: the house rul
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -20,7 +23,8 @@ import numpy as np
 import pandas as pd
 
 from .errors import BonefracError
-from .io import IMAGE_EXTENSIONS, looks_like_image
+from .groups import GIVEN_GROUP, id_like_columns
+from .io import IMAGE_EXTENSIONS, broken_link_reason, is_broken_link, looks_like_image
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +34,11 @@ PATH_COLUMNS = {"path", "augmented_from"}  # image paths: relative to the manife
 _SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 
-def collect(source, labels_csv, path_col, label_col, recomputed):
-    """-> (rows with path/label[/folder_split]/extras, rejected, source kind, source description).
+def collect(source, labels_csv, path_col, label_col, recomputed, group_col=None):
+    """-> (rows with path/label[/folder_split][/given_group]/extras, rejected, source kind, source description).
 
     CSV columns named in ``recomputed`` (the manifest's own columns) are not carried over as extras.
+    ``group_col`` (a CSV column of patient/study IDs) needs a labels CSV.
     """
     if source is None and labels_csv is None:
         raise BonefracError("give an image folder (source) or a labels CSV (labels_csv)")
@@ -43,8 +48,12 @@ def collect(source, labels_csv, path_col, label_col, recomputed):
         labels_csv, source = source, None
     if labels_csv is not None:
         base = Path(source) if source is not None else Path(labels_csv).parent
-        rows = _rows_from_csv(Path(labels_csv), base, path_col, label_col, recomputed)
+        rows = _rows_from_csv(Path(labels_csv), base, path_col, label_col, recomputed, group_col)
         return rows, [], "csv", str(Path(labels_csv).resolve())
+    if group_col is not None:
+        raise BonefracError(f"group_col ({group_col!r}) needs a labels CSV: an image folder names no patients. List "
+                            "the images in a CSV with a patient column (or add one to the manifest.csv that "
+                            "prepare wrote for the folder) and prepare that CSV with it")
     rows, rejected, kind = _rows_from_folder(Path(source))
     return rows, rejected, kind, str(Path(source).resolve())
 
@@ -89,11 +98,12 @@ def resolve_labels(raw: pd.Series, class_names):
     return raw, names
 
 
-def _rows_from_csv(csv: Path, base: Path, path_col: str | None, label_col: str, recomputed) -> pd.DataFrame:
+def _rows_from_csv(csv: Path, base: Path, path_col: str | None, label_col: str, recomputed,
+                   group_col: str | None) -> pd.DataFrame:
     frame = read_csv(csv, dtype=str, keep_default_na=False)
     if path_col is None:  # a manifest (from prepare or augment) names its paths "path"
         path_col = "path" if "image" not in frame.columns and "path" in frame.columns else "image"
-    missing = [c for c in (path_col, label_col) if c not in frame.columns]
+    missing = [c for c in (path_col, label_col, group_col) if c is not None and c not in frame.columns]
     if missing:
         raise BonefracError(f"{csv} lacks column(s) {missing}; available: {list(frame.columns)}")
     if frame.empty:
@@ -103,7 +113,7 @@ def _rows_from_csv(csv: Path, base: Path, path_col: str | None, label_col: str, 
         if len(blank):  # +2: the header is line 1 and rows count from 0
             raise BonefracError(f"{csv}: empty '{col}' on line(s) {[int(i) + 2 for i in blank[:10]]}")
     rows = pd.DataFrame({
-        "path": [str((base / p.strip()).resolve()) for p in frame[path_col]],
+        "path": [_resolved(base / p.strip()) for p in frame[path_col]],
         "label": frame[label_col].str.strip(),
     })
     if "split" in frame.columns:
@@ -111,7 +121,11 @@ def _rows_from_csv(csv: Path, base: Path, path_col: str | None, label_col: str, 
         bad = sorted(set(rows["folder_split"]) - set(_SPLIT_ALIASES.values()))
         if bad:
             raise BonefracError(f"{csv}: unknown split value(s) {bad}")
-    dropped = [c for c in frame.columns if c in recomputed and c not in (path_col, label_col)]
+    if group_col is not None:
+        rows[GIVEN_GROUP] = _group_column(frame, csv, group_col)
+    else:
+        _warn_unused_id_columns(csv, id_like_columns(frame.columns, exclude=(path_col, label_col)))
+    dropped = [c for c in frame.columns if c in recomputed and c not in (path_col, label_col, group_col)]
     if dropped:
         log.info("CSV columns %s are recomputed by prepare and not carried over", dropped)
     for col in frame.columns:
@@ -120,6 +134,24 @@ def _rows_from_csv(csv: Path, base: Path, path_col: str | None, label_col: str, 
     for col in PATH_COLUMNS & set(rows.columns) - {"path"}:  # e.g. augmented_from: relative to this CSV too
         rows[col] = [str((base / p.strip()).resolve()) if p.strip() else "" for p in rows[col].astype(str)]
     return rows
+
+
+def _group_column(frame: pd.DataFrame, csv: Path, group_col: str) -> np.ndarray:
+    """The group column's values, stripped; a blank cell links its image to no other (warned, with a count)."""
+    values = frame[group_col].str.strip()
+    if blank := int((values == "").sum()):
+        log.warning("%s: %d row(s) with an empty '%s': each of those images is only grouped with its duplicates",
+                    csv, blank, group_col)
+    return values.to_numpy()
+
+
+def _warn_unused_id_columns(csv: Path, columns: list) -> None:
+    # Names only, never values: the values are patient identifiers, and logs must hold none.
+    if columns:
+        log.warning("%s: column(s) %s look like patient or study IDs but are not used: without --group-col, "
+                    "prepare groups images by their pixels only, so one patient's images can land in different "
+                    "splits (and the confidence intervals come out too narrow). Pass --group-col %s to keep "
+                    "images that share a value together", csv, columns, columns[0])
 
 
 def _rows_from_folder(root: Path):
@@ -149,6 +181,12 @@ def _rows_from_folder(root: Path):
     return (rows.drop(columns="folder_split") if kind == "folder" else rows), rejected, kind
 
 
+def _resolved(path: Path) -> str:
+    """The absolute path with links resolved, except that a broken link keeps its own path: resolving it would
+    name only its missing target, and the user needs to find the link."""
+    return os.path.normpath(path.absolute()) if is_broken_link(path) else str(path.resolve())
+
+
 def _ignored(name: str) -> bool:
     """Hidden files and folders, and the __MACOSX metadata folder that macOS zip files carry."""
     return name.startswith(".") or name == "__MACOSX"
@@ -159,9 +197,13 @@ def _scan_classes(root: Path, split, rejected: list) -> list:
     for class_dir in sorted(d for d in root.iterdir() if d.is_dir() and not _ignored(d.name)):
         for file in sorted(class_dir.rglob("*")):
             inner = file.relative_to(class_dir).parts  # .ipynb_checkpoints/ and the like, at any depth
-            if any(map(_ignored, inner)) or not file.is_file():
+            if any(map(_ignored, inner)):
                 continue
-            if looks_like_image(file):
+            if is_broken_link(file):  # whatever its name: it may well have been an image
+                rejected.append({"path": _resolved(file), "reason": broken_link_reason(file)})
+            elif not file.is_file():
+                continue
+            elif looks_like_image(file):
                 records.append((str(file.resolve()), class_dir.name, split))
             else:
                 rejected.append({"path": str(file.resolve()), "reason": f"not an image file type ({file.suffix})"})
@@ -169,6 +211,12 @@ def _scan_classes(root: Path, split, rejected: list) -> list:
 
 
 def _stray_images(folder: Path) -> list:
-    """Image files lying beside the class folders instead of inside one have no label: report them."""
-    return [{"path": str(f.resolve()), "reason": "image outside any class folder (no label)"}
-            for f in sorted(folder.iterdir()) if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
+    """Image files lying beside the class folders have no label, and a broken link there may be a missing class
+    folder: report both."""
+    strays = []
+    for f in sorted(folder.iterdir()):
+        if is_broken_link(f) and not _ignored(f.name):
+            strays.append({"path": _resolved(f), "reason": broken_link_reason(f)})
+        elif f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
+            strays.append({"path": str(f.resolve()), "reason": "image outside any class folder (no label)"})
+    return strays
