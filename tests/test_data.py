@@ -126,10 +126,15 @@ def _replace_keeping_size_and_mtime(path, value):
     would): only the status-change time and the content tell."""
     import os
 
+    import time
+
     before = os.stat(path)
     Image.fromarray(np.full((20, 30), value, np.uint8)).save(path)
     assert os.stat(path).st_size == before.st_size
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    while os.stat(path).st_ctime_ns == before.st_ctime_ns:  # coarse clocks: make the change visible, as in life
+        time.sleep(0.005)
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
 
 
 def test_an_image_changed_since_prepare_is_refused_by_name(images, tmp_path):
@@ -167,3 +172,23 @@ def test_a_reused_cache_rehashes_only_files_whose_stamp_changed(images, tmp_path
     again = build_cache(images, hashes, 16, cache_dir, workers=1, progress=False)
     build_cache(images, hashes, 16, cache_dir, workers=1, progress=False)
     assert hashed == [images[3]] and int(again[3].mean()) == 120
+
+
+def test_a_read_only_cache_record_still_serves_the_cache(images, tmp_path, monkeypatch, caplog):
+    import logging
+    import os
+
+    import bonefrac.data as data_module
+
+    hashes = [_sha(p) for p in images]
+    cache_dir = tmp_path / "cache"
+    build_cache(images, hashes, 16, cache_dir, workers=1, progress=False)
+    os.utime(images[0])  # re-checked, so the record would be updated: on a read-only cache that fails
+
+    def read_only(*_):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(data_module, "_write_record", read_only)
+    with caplog.at_level(logging.WARNING, logger="bonefrac.data"):
+        cache = build_cache(images, hashes, 16, cache_dir, workers=1, progress=False)
+    assert cache.shape == (6, 16, 16) and "could not update the cache record" in caplog.text

@@ -59,9 +59,9 @@ print(json.dumps(out))
 
 
 def test_interpreted_kernels_match_timm_blocks():
-    """Every block is fused and runs the kernels (one launch pair per block; the 2x2 last stage puts 32 images
-    in one 128-row tile, the 16x16 first stage spreads one image over two tiles), and the half-precision result
-    is as close to timm's float32 output as timm's own half-precision forward is."""
+    """Every block is fused and runs the kernels (one launch pair per block), and the half-precision result is as
+    close to timm's float32 output as timm's own half-precision forward is. (Tiles that end inside an image are
+    the per-block test's job below: here every stage's pixels per image divide the 128-row tile.)"""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, "-c", INTERPRETED, os.path.dirname(__file__)], env=env,
                           capture_output=True, text=True, timeout=600)
@@ -72,6 +72,44 @@ def test_interpreted_kernels_match_timm_blocks():
         assert r["calls"] == [256, 64, 64, 16, 4], name  # pixels per image, block by block
         assert r["same_keys"], name
         assert r["err"] <= 2 * r["timm_half_err"] + 1e-3 * r["scale"], (name, r)
+
+
+BLOCK_TAIL = r"""
+import json, sys, torch
+import torch.nn.functional as F
+from bonefrac import kernels
+out = {}
+for hw, c, batch in ((49, 40, 5), (196, 64, 3), (324, 40, 5)):  # tiles end inside images; masked and even K
+    g = torch.Generator().manual_seed(hw)
+    def r(*shape, s=1.0):
+        return (torch.randn(*shape, generator=g) * s).half()
+    x, res = r(batch * hw, c), r(batch * hw, c)
+    w1, b1, w2, b2 = r(4 * c, c, s=c ** -0.5), r(4 * c, s=0.1), r(c, 4 * c, s=(4 * c) ** -0.5), r(c, s=0.1)
+    gamma, beta = r(4 * c, s=0.5), r(4 * c, s=0.2)
+    got = kernels.grn_mlp_residual(x, w1, b1, w2, b2, gamma, beta, res, hw, 1e-6).double()
+    # float64 reference with the kernels' two roundings to half (the stored activation, the scaled tile)
+    h = F.gelu(x.double() @ w1.double().T + b1.double()).half().double()
+    n = h.view(batch, hw, -1).pow(2).sum(1).sqrt()
+    scale = 1 + gamma.double() * n / (n.mean(-1, keepdim=True) + 1e-6)
+    a = (h.view(batch, hw, -1) * scale[:, None]).half().double().view(batch * hw, -1)
+    want = a @ w2.double().T + b2.double() + w2.double() @ beta.double() + res.double()
+    one = kernels.grn_mlp_residual(x[2 * hw:3 * hw], w1, b1, w2, b2, gamma, beta, res[2 * hw:3 * hw], hw, 1e-6)
+    out[f"{hw}x{c}"] = {"err": (got - want).abs().max().item(), "scale": want.abs().max().item(),
+                        "alone": (one.double() - got[2 * hw:3 * hw]).abs().max().item()}
+print(json.dumps(out))
+"""
+
+
+def test_interpreted_block_tail_matches_a_float64_reference():
+    """The kernels against a float64 reference (with the same two roundings to half) where 128-row tiles end inside
+    images (49, 196, 324 pixels per image) and K is and is not a multiple of the tile: each image's GRN norm must
+    count all of its rows, in whichever tiles they fall, and an image alone must give what it gives in the batch."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", BLOCK_TAIL], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for shape, r in json.loads(proc.stdout.strip().splitlines()[-1]).items():
+        assert r["err"] <= 2e-3 * r["scale"], (shape, r)  # fp16 output rounding is 1e-3 relative
+        assert r["alone"] <= 2e-3 * r["scale"], (shape, r)
 
 
 def _forward_with_fused_calls(model, x, monkeypatch):

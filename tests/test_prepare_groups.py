@@ -62,7 +62,7 @@ def test_group_col_carried_column_and_blank_ids(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         report = prepare(tmp_path / "out", labels_csv=csv, path_col="file", label_col="diagnosis",
                          group_col="patient_id", split_all="test", workers=1)
-    assert "3 row(s) with an empty 'patient_id'" in caplog.text
+    assert "3 row(s) with an empty or placeholder 'patient_id'" in caplog.text
     assert "look like patient" not in caplog.text  # the column is used: nothing to warn about
     df, _ = outputs(tmp_path / "out")
     assert df["patient_id"].notna().sum() == 15 and "given_group" not in df.columns
@@ -142,3 +142,18 @@ def test_cli_passes_group_col(tmp_path):
                  "--group-col", "patient_id", "--out", str(tmp_path / "out"), "--workers", "1"]) in (0, None)
     df, report = outputs(tmp_path / "out")
     assert (df.groupby("patient")["split"].nunique() == 1).all() and df["group"].nunique() == 20
+
+
+def test_placeholder_ids_link_nothing(tmp_path, caplog):
+    """'NA' / 'unknown' cells are no patient: as IDs they would join 8 unrelated patients into one group."""
+    csv = patients_csv(tmp_path / "data")
+    text = csv.read_text().splitlines()
+    for i in range(1, 25):  # the first 8 patients' 24 rows
+        head, _, _ = text[i].rpartition(",")
+        text[i] = f"{head},{'NA' if i % 2 else 'unknown'}"
+    csv.write_text("\n".join(text) + "\n")
+    with caplog.at_level(logging.WARNING):
+        prepare(tmp_path / "out", labels_csv=csv, path_col="file", label_col="diagnosis", group_col="group", workers=1)
+    df, _ = outputs(tmp_path / "out")
+    assert df["group"].nunique() == 24 + 12  # each placeholder row alone, the other 12 patients one group each
+    assert "placeholder" in caplog.text

@@ -158,6 +158,7 @@ def _check_unchanged(paths: list[str], digests: list, record: dict, done_file: P
             todo.append(i)
     found = []
     if todo:
+        log.info("re-checking %d image(s) changed on disk since the cache was built against the manifest", len(todo))
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # hashing releases the GIL
             found = list(pool.map(lambda i: _file_sha256(paths[i]), todo))
     changed = [paths[i] for i, digest in zip(todo, found) if digest is not None and digest != digests[i]]
@@ -168,7 +169,11 @@ def _check_unchanged(paths: list[str], digests: list, record: dict, done_file: P
         log.warning("%d manifest image(s) are gone from disk or unreadable (the first: %s); the cache still holds "
                     "them as prepared (re-run prepare to drop them)", len(gone), gone[0])
     if todo:
-        _write_record(done_file, {**record, "stamps": now})
+        try:
+            _write_record(done_file, {**record, "stamps": now})
+        except OSError as exc:  # a read-only cache still serves; the next run re-checks these files again
+            log.warning("could not update the cache record %s (%s): the same files are re-checked next time",
+                        done_file, exc.strerror or exc)
 
 
 def _file_sha256(path: str) -> str | None:

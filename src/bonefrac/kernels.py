@@ -28,14 +28,14 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 def triton_available() -> bool:
-    """True when Triton imports (it ships with CUDA builds of torch)."""
-    return triton is not None
+    """True when Triton imports (it ships with CUDA builds of torch) and torch can wrap its kernels (>= 2.6)."""
+    return triton is not None and hasattr(torch.library, "triton_op")
 
 
 try:  # Triton ships with CUDA builds of torch; without it nothing here is used (fuse_grn_blocks does nothing)
     import triton
     import triton.language as tl
-except ImportError:  # pragma: no cover - CPU-only torch builds
+except Exception:  # pragma: no cover - CPU-only torch builds, or a broken Triton install: kernels unavailable
     triton = None
 
 if triton is not None:
@@ -58,7 +58,8 @@ if triton is not None:
         rm = pid_m * BM + tl.arange(0, BM)
         rn = pid_n * BN + tl.arange(0, BN)
         rk = tl.arange(0, BK)
-        a_ptrs = x_ptr + rm[:, None] * K + rk[None, :]
+        row = rm.to(tl.int64)  # M x N passes 2**31 elements in large batches (stage 1 at 512 px: batch 257)
+        a_ptrs = x_ptr + row[:, None] * K + rk[None, :]
         b_ptrs = w_ptr + rn[None, :] * K + rk[:, None]
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k in range(0, K, BK):
@@ -74,7 +75,7 @@ if triton is not None:
         acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
         h = (0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))).to(h_ptr.dtype.element_ty)
         valid = (rm[:, None] < M) & (rn[None, :] < N)
-        tl.store(h_ptr + rm[:, None] * N + rn[None, :], h, mask=valid)
+        tl.store(h_ptr + row[:, None] * N + rn[None, :], h, mask=valid)
         hf = h.to(tl.float32)
         sq = tl.where(valid, hf * hf, 0.0)
         img = rm // HW
@@ -93,7 +94,8 @@ if triton is not None:
         rn = pid_n * BN + tl.arange(0, BN)
         rk = tl.arange(0, BK)
         img = tl.where(rm < M, rm // HW, 0)
-        a_ptrs = h_ptr + rm[:, None] * K + rk[None, :]
+        row = rm.to(tl.int64)
+        a_ptrs = h_ptr + row[:, None] * K + rk[None, :]
         s_ptrs = s_ptr + img[:, None] * K + rk[None, :]
         b_ptrs = w_ptr + rn[None, :] * K + rk[:, None]
         acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -114,8 +116,8 @@ if triton is not None:
             b_ptrs += BK
         valid = (rm[:, None] < M) & (rn[None, :] < N)
         acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-        acc += tl.load(r_ptr + rm[:, None] * N + rn[None, :], mask=valid, other=0.0).to(tl.float32)
-        tl.store(o_ptr + rm[:, None] * N + rn[None, :], acc.to(o_ptr.dtype.element_ty), mask=valid)
+        acc += tl.load(r_ptr + row[:, None] * N + rn[None, :], mask=valid, other=0.0).to(tl.float32)
+        tl.store(o_ptr + row[:, None] * N + rn[None, :], acc.to(o_ptr.dtype.element_ty), mask=valid)
 
 
 def _launch(M: int, N: int, K: int) -> tuple[dict, tuple]:
@@ -146,7 +148,8 @@ def grn_mlp_residual(x, w1, b1, w2, b2, gamma, beta, residual, hw: int, eps: flo
     fc1[grid](x, w1, b1, h, ss, M, hidden, C, hw, **meta)
     g = ss.sqrt()
     scale = 1.0 + gamma.float() * (g / (g.mean(dim=-1, keepdim=True) + eps))
-    bias = b2.float() + w2.float() @ beta.float()  # GRN's bias, folded through fc2
+    with torch.autocast(x.device.type, enabled=False):  # float32, also when called under autocast
+        bias = b2.float() + w2.float() @ beta.float()  # GRN's bias, folded through fc2
     out = torch.empty((M, w2.shape[0]), device=x.device, dtype=x.dtype)
     meta, grid = _launch(M, w2.shape[0], hidden)
     fc2[grid](h, scale.contiguous(), w2, bias, residual, out, M, w2.shape[0], hidden, hw, **meta)
@@ -243,6 +246,9 @@ def fuse_for_inference(model: torch.nn.Module) -> int:
     the whole-model GPU test in tests/test_kernels.py has not run on a GPU yet, see benchmarks/RESULTS.md).
     Returns the number of blocks fused."""
     if os.environ.get("BONEFRAC_FUSED_KERNELS", "0").strip().lower() not in ("1", "true", "yes", "on"):
+        return 0
+    if not triton_available():
+        log.warning("BONEFRAC_FUSED_KERNELS is on but Triton (or torch >= 2.6) is missing: timm's forward runs")
         return 0
     n = fuse_grn_blocks(model)
     if n:

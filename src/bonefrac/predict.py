@@ -104,10 +104,11 @@ class Predictor:
         dev = resolve_device(device)
         model, meta = checkpoint.load(path, dev)
         if dev.type == "cuda":
-            from .kernels import fuse_for_inference
-
             model = model.to(memory_format=torch.channels_last)
-            fuse_for_inference(model)  # opt-in (BONEFRAC_FUSED_KERNELS=1), ConvNeXt V2 blocks only
+            if os.environ.get("BONEFRAC_FUSED_KERNELS"):  # opt-in; Triton is imported only then
+                from .kernels import fuse_for_inference
+
+                fuse_for_inference(model)
         predictor = cls(model, meta, dev, tta, batch_size)
         predictor.path = Path(path)
         # Hashed now, once: the files just loaded are the model answering every later request.

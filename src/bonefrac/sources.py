@@ -136,12 +136,23 @@ def _rows_from_csv(csv: Path, base: Path, path_col: str | None, label_col: str, 
     return rows
 
 
+# Cells that mean "no ID" in exported spreadsheets: as IDs they would join unrelated patients into one group.
+_NO_ID = {"", "na", "n/a", "nan", "none", "null", "unknown", "-", "--", "?"}
+
+
 def _group_column(frame: pd.DataFrame, csv: Path, group_col: str) -> np.ndarray:
-    """The group column's values, stripped; a blank cell links its image to no other (warned, with a count)."""
+    """The group column's values, stripped; a blank or placeholder cell ("NA", "unknown", "-", ...) links its image
+    to no other (warned, with a count), and one ID holding a large share of the images is warned about."""
     values = frame[group_col].str.strip()
+    values = values.where(~values.str.lower().isin(_NO_ID), "")
     if blank := int((values == "").sum()):
-        log.warning("%s: %d row(s) with an empty '%s': each of those images is only grouped with its duplicates",
-                    csv, blank, group_col)
+        log.warning("%s: %d row(s) with an empty or placeholder '%s' (NA, unknown, -, ...): each of those images is "
+                    "only grouped with its duplicates", csv, blank, group_col)
+    counts = values[values != ""].value_counts()
+    if len(values) >= 20 and len(counts) and counts.iloc[0] > 0.1 * len(values):  # names no value: logs hold no IDs
+        log.warning("%s: one '%s' value covers %d of %d images: if it is a placeholder rather than one patient, "
+                    "the split cannot be balanced (blank those cells)", csv, group_col, int(counts.iloc[0]),
+                    len(values))
     return values.to_numpy()
 
 
