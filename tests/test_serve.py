@@ -265,6 +265,25 @@ def test_audit_log_survives_restart(ckpt, tmp_path):
     assert len(rows) == 1 and rows[0]["model_version"].startswith("resnet10t") and len(rows[0]["image_sha256"]) == 64
 
 
+def test_audit_rows_keep_the_threshold_and_old_logs_gain_the_column(ckpt, tmp_path):
+    """The model version names the files, not the operating point: the threshold that decided is stored beside it.
+    A log written before the column existed keeps its rows and takes new ones."""
+    import sqlite3
+
+    db = tmp_path / "audit.sqlite"
+    with sqlite3.connect(db) as old:
+        old.execute("CREATE TABLE predictions (id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, "
+                    "model_version TEXT NOT NULL, image_sha256 TEXT NOT NULL, status TEXT NOT NULL, prediction TEXT, "
+                    "probabilities TEXT, refer INTEGER NOT NULL)")
+        old.execute("INSERT INTO predictions (time, model_version, image_sha256, status, refer) "
+                    "VALUES (0, 'old@00000000', 'x', 'ok', 0)")
+    with TestClient(create_app(Settings(model=str(ckpt), audit_db=str(db), preprocess_workers=0))) as c:
+        answer = post(c, ("x.webp", SAMPLES[0].read_bytes())).json()
+        rows = c.get("/v1/audit").json()["rows"]
+    assert [r["model_version"] for r in rows][1] == "old@00000000" and rows[1]["threshold"] is None
+    assert answer["threshold"] is not None and rows[0]["threshold"] == answer["threshold"]
+
+
 def test_micro_batcher_groups_concurrent_requests():
     calls = []
 

@@ -1,5 +1,6 @@
 """Optional audit log in SQLite: one row per analysed image (time, model version, image hash, probabilities,
-prediction, refer flag), so low-confidence cases can be reviewed. No pixels, file names or patient fields."""
+prediction, the threshold that decided it, refer flag), so low-confidence cases can be reviewed. No pixels, file
+names or patient fields."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from pathlib import Path
 
 _SCHEMA = """CREATE TABLE IF NOT EXISTS predictions (
     id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, model_version TEXT NOT NULL,
-    image_sha256 TEXT NOT NULL, status TEXT NOT NULL, prediction TEXT, probabilities TEXT, refer INTEGER NOT NULL)"""
+    image_sha256 TEXT NOT NULL, status TEXT NOT NULL, prediction TEXT, probabilities TEXT, refer INTEGER NOT NULL,
+    threshold REAL)"""
 
 
 class AuditUnavailable(Exception):
@@ -32,6 +34,7 @@ class AuditLog:
             # longer block the writes each prediction needs.
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(_SCHEMA)
+            _add_threshold_column(db)
 
     @contextmanager
     def _connect(self):
@@ -41,13 +44,14 @@ class AuditLog:
             db.execute(_SCHEMA)
             yield db
 
-    def record(self, model_version: str, results: list[dict]) -> None:
+    def record(self, model_version: str, results: list[dict], threshold: float | None = None) -> None:
+        """One row per result; `threshold`: the decision threshold in use (the operating point's), if any."""
         rows = [(time.time(), model_version, r["sha256"], r["status"], r.get("prediction"),
-                 json.dumps(r.get("probabilities")), int(bool(r.get("refer")))) for r in results]
+                 json.dumps(r.get("probabilities")), int(bool(r.get("refer"))), threshold) for r in results]
         try:
             with self._lock, self._connect() as db:
                 db.executemany("INSERT INTO predictions (time, model_version, image_sha256, status, prediction, "
-                               "probabilities, refer) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                               "probabilities, refer, threshold) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
         except sqlite3.Error as exc:
             raise AuditUnavailable(f"{type(exc).__name__}: {exc}") from exc  # sqlite's text: no row content
 
@@ -62,3 +66,10 @@ class AuditLog:
             raise AuditUnavailable(f"{type(exc).__name__}: {exc}") from exc
         return [{**dict(r), "probabilities": json.loads(r["probabilities"] or "null"), "refer": bool(r["refer"])}
                 for r in rows]
+
+
+def _add_threshold_column(db) -> None:
+    # Logs written before the column existed keep their rows (threshold NULL): the model version names the model
+    # files, not the operating point a service ran at, so the threshold is recorded beside it.
+    if "threshold" not in {row[1] for row in db.execute("PRAGMA table_info(predictions)")}:
+        db.execute("ALTER TABLE predictions ADD COLUMN threshold REAL")

@@ -89,15 +89,16 @@ async def _analyse(request: Request, files: list[UploadFile]) -> PredictResponse
         if r.error_code:  # counted with whole-request refusals too, so alerts on a code see both
             state.telemetry.error(r.error_code)
     if state.audit is not None:  # what the model assessed; unreadable uploads are not cases to review
-        await _record(state.audit, predictor.version, [r for r in results if r.status != "error"])
+        await _record(state.audit, predictor.version, [r for r in results if r.status != "error"],
+                      predictor.threshold)
     return PredictResponse(model_version=predictor.version, class_names=predictor.class_names,
                            threshold=predictor.threshold, results=results)
 
 
-async def _record(audit, version: str, results: list[ImageResult]) -> None:
+async def _record(audit, version: str, results: list[ImageResult], threshold: float | None) -> None:
     """Audit before answering: a prediction that could not be recorded is not handed out (503, retry)."""
     try:
-        await asyncio.to_thread(audit.record, version, [r.model_dump() for r in results])
+        await asyncio.to_thread(audit.record, version, [r.model_dump() for r in results], threshold)
     except AuditUnavailable as exc:
         log.warning("audit write failed, prediction withheld: %s", exc)
         raise ApiError(503, "audit_unavailable", "the audit log could not be written; the prediction "
