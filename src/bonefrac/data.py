@@ -27,7 +27,7 @@ import torch
 
 from .config import SAMPLERS, one_of_error
 from .errors import BonefracError, ImageReadError
-from .io import decode_image, read_bytes, resize_gray
+from .io import decode_image, file_sha256, read_bytes, resize_gray
 
 try:
     import fcntl
@@ -177,14 +177,11 @@ def _check_unchanged(paths: list[str], digests: list, record: dict, done_file: P
 
 
 def _file_sha256(path: str) -> str | None:
-    digest = hashlib.sha256()
+    """The file's hash, or None when it cannot be read now (reported as gone, not as changed)."""
     try:
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
+        return file_sha256(path)
     except OSError:
         return None
-    return digest.hexdigest()
 
 
 def _read_record(done_file: Path) -> dict | None:

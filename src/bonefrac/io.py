@@ -13,6 +13,7 @@ Callers need three things from here:
 
 from __future__ import annotations
 
+import hashlib
 import io as _stdio
 import logging
 import os
@@ -99,6 +100,13 @@ def read_image_and_colour(path, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarra
     """:func:`read_image` plus the small RGB thumbnail of :func:`decode_image_and_colour` (None for grey
     sources), for the not-an-X-ray check."""
     return decode_image_and_colour(read_bytes(path), str(path), max_pixels)
+
+
+def file_sha256(path) -> str:
+    """Hex SHA-256 of a file's bytes, read in blocks (OSError when it cannot be read): the one file hash behind
+    manifests, model versions and the image cache's change check."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def read_bytes(path) -> bytes:

@@ -34,7 +34,7 @@ from .config import MAX_SEED
 from .dedup import NEAR_DUP_THRESHOLD, crossing_groups, dihedral_phash, duplicate_pairs
 from .errors import BonefracError, ImageReadError
 from .groups import GIVEN_GROUP, assign_groups
-from .io import decode_image, read_bytes
+from .io import decode_image, file_sha256, read_bytes
 # read_csv lives with the source readers; load_manifest, data and export import it from here.
 from .sources import PATH_COLUMNS, collect, read_csv, resolve_labels, sorted_labels
 
@@ -162,11 +162,7 @@ def class_names_for(manifest_path, df: pd.DataFrame) -> list[str]:
 
 def manifest_sha256(path) -> str:
     """Hex SHA-256 of the manifest file's bytes (checkpoints record it to tie a model to its data)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_sha256(path)
 
 
 # --- checks -------------------------------------------------------------------------------------------------

@@ -15,15 +15,11 @@ import hashlib
 import json
 from pathlib import Path
 
+from .io import file_sha256  # a 350 MB model costs about a second, once per load
+
 DECISION_KEYS = ("arch", "class_names", "positive_index", "positive_class", "preprocess", "temperature",
                  "threshold", "operating_points")
 DIGITS = 8  # 32 bits: enough to tell a site's models apart, short enough to read in a log line
-
-
-def file_digest(path: str | Path) -> str:
-    """SHA-256 hex digest of a file, read in blocks (a 350 MB model costs about a second, once per load)."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def version(arch: str, content_digest: str, meta: dict, suffix: str = "") -> str:
@@ -37,12 +33,12 @@ def checkpoint_version(path: str | Path, meta: dict) -> str:
     """The version of a checkpoint directory: its weights file and its JSON's decision fields."""
     from .checkpoint import WEIGHTS_FILE
 
-    return version(meta["arch"], file_digest(Path(path) / WEIGHTS_FILE), meta)
+    return version(meta["arch"], file_sha256(Path(path) / WEIGHTS_FILE), meta)
 
 
 def file_version(path: str | Path, meta: dict, suffix: str = "") -> str:
     """The version of an exported model file (ONNX, TorchScript): the whole file, which carries its metadata."""
-    return version(meta["arch"], file_digest(path), meta, suffix)
+    return version(meta["arch"], file_sha256(path), meta, suffix)
 
 
 def module_version(model, meta: dict) -> str:
