@@ -33,6 +33,7 @@ def test_config_is_frozen():
     (["augment.scale=0.9"], "list of 2"),
     (["epochs=3"], "section.key"),
     (["train.epochs"], "section.key=value"),
+    (["data.sampler=balanced", "train.class_weights=true"], "both correct class imbalance"),
 ])
 def test_bad_config_fails_clearly(overrides, match):
     with pytest.raises(ConfigError, match=match):

@@ -69,3 +69,30 @@ def test_grad_allreduce_equals_the_full_batch_gradient(tmp_path):
         torch.testing.assert_close(got["grad"], ref.weight.grad)  # mean of the halves = full-batch gradient
         halves = [x[:6, :3].mean(0), x[6:, :3].mean(0)]
         torch.testing.assert_close(got["running_mean"], 0.1 * (halves[0] + halves[1]) / 2)
+
+
+def test_each_rank_augments_from_its_own_stream_and_buffers_are_averaged_in_ddp_mode(monkeypatch):
+    """Ranks share the epoch's order but not its augmentations or dropout (with one stream, every rank's images
+    got the same transforms); after the epoch BatchNorm statistics are averaged in DDP mode too (DDP syncs only
+    gradients, so ranks validated and calibrated with different statistics than the saved model's)."""
+    from types import SimpleNamespace
+
+    import bonefrac.train as train_mod
+
+    calls, synced = [], []
+    monkeypatch.setattr(train_mod, "_train_epoch",
+                        lambda *a: calls.append((a[3], a[-1], torch.rand(1).item())) or (0.0, 0))
+    monkeypatch.setattr(train_mod, "sync_buffers", lambda module: synced.append(module))
+    net, ema = torch.nn.BatchNorm1d(2), SimpleNamespace(module=torch.nn.BatchNorm1d(2))
+    for rank in (0, 1, 2):
+        torch.manual_seed(7)  # what train() seeds on every rank
+        run = SimpleNamespace(rank=rank, world=3, grad_sync=None, net=net, ema=ema, step_model=net,
+                              train_batches=None, steps_per_epoch=1, optimizer=None, scheduler=None,
+                              cfg=SimpleNamespace(train=SimpleNamespace(seed=7)), prep=None, weight=None)
+        train_mod._train_pass(run, torch.Generator().manual_seed(5), epoch=2, watchdog=None)
+    (order0, aug0, drop0), (order1, aug1, drop1), (_, aug2, drop2) = calls
+    assert aug0 is order0 and aug1 is not order1  # rank 0 keeps the one-process stream
+    draws = [torch.rand(4, generator=g) for g in (aug0, aug1, aug2)]
+    assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])
+    assert len({drop0, drop1, drop2}) == 3  # dropout (the global RNG) differs too
+    assert synced == [net, ema.module] * 3

@@ -86,14 +86,15 @@ for hw, c, batch in ((49, 40, 5), (196, 64, 3), (324, 40, 5)):  # tiles end insi
     x, res = r(batch * hw, c), r(batch * hw, c)
     w1, b1, w2, b2 = r(4 * c, c, s=c ** -0.5), r(4 * c, s=0.1), r(c, 4 * c, s=(4 * c) ** -0.5), r(c, s=0.1)
     gamma, beta = r(4 * c, s=0.5), r(4 * c, s=0.2)
-    got = kernels.grn_mlp_residual(x, w1, b1, w2, b2, gamma, beta, res, hw, 1e-6).double()
+    bias = kernels.fold_grn_bias(w2, b2, beta)
+    got = kernels.grn_mlp_residual(x, w1, b1, w2, bias, gamma, res, hw, 1e-6).double()
     # float64 reference with the kernels' two roundings to half (the stored activation, the scaled tile)
     h = F.gelu(x.double() @ w1.double().T + b1.double()).half().double()
     n = h.view(batch, hw, -1).pow(2).sum(1).sqrt()
     scale = 1 + gamma.double() * n / (n.mean(-1, keepdim=True) + 1e-6)
     a = (h.view(batch, hw, -1) * scale[:, None]).half().double().view(batch * hw, -1)
     want = a @ w2.double().T + b2.double() + w2.double() @ beta.double() + res.double()
-    one = kernels.grn_mlp_residual(x[2 * hw:3 * hw], w1, b1, w2, b2, gamma, beta, res[2 * hw:3 * hw], hw, 1e-6)
+    one = kernels.grn_mlp_residual(x[2 * hw:3 * hw], w1, b1, w2, bias, gamma, res[2 * hw:3 * hw], hw, 1e-6)
     out[f"{hw}x{c}"] = {"err": (got - want).abs().max().item(), "scale": want.abs().max().item(),
                         "alone": (one.double() - got[2 * hw:3 * hw]).abs().max().item()}
 print(json.dumps(out))
@@ -184,3 +185,30 @@ def test_fuse_for_inference_is_opt_in(monkeypatch):
     assert kernels.fuse_for_inference(small_convnext(conv_mlp=False)) == 0
     monkeypatch.setenv("BONEFRAC_FUSED_KERNELS", "1")
     assert kernels.fuse_for_inference(small_convnext(conv_mlp=False)) == 5
+
+
+def test_block_operands_are_cached_until_a_parameter_changes():
+    """Half-precision weights and the folded bias are made once per dtype and remade when a weight changes in place
+    (load_state_dict, an optimiser step) or is replaced; their values are fc1/fc2's, with layer scale and GRN's bias
+    folded into fc2."""
+    model = small_convnext(conv_mlp=False, layer_scale=0.3)
+    kernels.fuse_grn_blocks(model)
+    block = model.stages[1].blocks[0]
+    mlp = block.mlp
+    ops = block._operands(torch.float16)
+    assert block._operands(torch.float16) is ops
+    assert block._operands(torch.bfloat16) is not ops
+    ops = block._operands(torch.float16)
+    w2 = mlp.fc2.weight.detach() * block.gamma.detach()[:, None]
+    assert torch.equal(ops[0], mlp.fc1.weight.detach().half()) and torch.equal(ops[2], w2.half())
+    want_bias = (mlp.fc2.bias * block.gamma + w2 @ mlp.grn.bias).detach()
+    assert torch.allclose(ops[3], want_bias, atol=1e-6) and ops[3].dtype == torch.float32
+    with torch.no_grad():
+        mlp.fc2.weight.mul_(2)
+    remade = block._operands(torch.float16)
+    assert remade is not ops and torch.equal(remade[2], (2 * w2).half())
+    state = {k: v + 1 for k, v in model.state_dict().items()}
+    model.load_state_dict(state)
+    assert torch.equal(block._operands(torch.float16)[1], mlp.fc1.bias.detach().half())
+    mlp.grn.bias = torch.nn.Parameter(torch.zeros_like(mlp.grn.bias))
+    assert torch.allclose(block._operands(torch.float16)[3], (mlp.fc2.bias * block.gamma).detach(), atol=1e-6)

@@ -197,6 +197,80 @@ def test_a_run_killed_in_its_first_epoch_resumes_afresh(sample_manifest, tmp_pat
     assert checkpoint.read_meta(out / "last")["epoch"] == 1
 
 
+def test_resume_without_last_refuses_when_more_than_the_first_epoch_finished(base, sample_manifest, tmp_path,
+                                                                              caplog):
+    """Only `last` gone (e.g. deleted to save disk) while best/ and metrics.csv show finished epochs: --resume must
+    not start afresh over them (it deleted metrics.csv and replaced the best model)."""
+    out = copy_run(base, tmp_path)
+    shutil.rmtree(out / "last")
+    meta = json.loads((out / "best" / checkpoint.META_FILE).read_text())
+    (out / "best" / checkpoint.META_FILE).write_text(json.dumps({**meta, "epoch": 3}))
+    (out / "metrics.csv").write_text("epoch,train_loss\n1,0.5\n2,0.4\n3,0.3\n")
+    before = {f.name: f.read_bytes() for f in (out / "best").iterdir()}
+    assert train(sample_manifest, out, "--resume") == 2
+    assert "cannot resume" in caplog.text and "3 finished epochs" in caplog.text
+    assert {f.name: f.read_bytes() for f in (out / "best").iterdir()} == before
+    assert list(pd.read_csv(out / "metrics.csv").epoch) == [1, 2, 3]
+
+
+def test_a_run_saved_by_more_processes_resumes_at_the_same_point_of_its_schedule(base, sample_manifest, tmp_path,
+                                                                                monkeypatch):
+    """`last` saved by 2 processes (half the steps per epoch: 1 here) resumed by 1 (2 steps per epoch): the
+    schedule's step count is rescaled to the epochs done, and the learning rate set from it."""
+    import torch
+
+    out = copy_run(base, tmp_path)
+    state_file = out / "last" / checkpoint.STATE_FILE
+    state = torch.load(state_file, weights_only=False)
+    assert state["scheduler"]["last_epoch"] == 2  # 1 epoch of 2 steps (QUICK's max_steps_per_epoch)
+    state["world"], state["scheduler"]["last_epoch"] = 2, 1
+    torch.save(state, state_file)
+    seen, real_pass = [], train_mod._train_pass
+
+    def record(run, *args):
+        group = run.optimizer.param_groups[0]
+        seen.append((run.scheduler.last_epoch, group["lr"], group["initial_lr"] * run.scheduler.lr_lambdas[0](2)))
+        return real_pass(run, *args)
+
+    monkeypatch.setattr(train_mod, "_train_pass", record)
+    assert train(sample_manifest, out, "--resume", "--set", "train.monitor=loss", "--set", "train.epochs=2") == 0
+    assert seen[0][0] == 2 and seen[0][1] == pytest.approx(seen[0][2], rel=1e-12)
+
+
+@pytest.mark.parametrize("name", [checkpoint.STATE_FILE, checkpoint.WEIGHTS_FILE])
+def test_a_truncated_last_checkpoint_stops_resume_with_the_file_named(base, sample_manifest, tmp_path, monkeypatch,
+                                                                       caplog, name):
+    """Before any image is decoded, with bonefrac's exit status and message (was a raw traceback, exit 1)."""
+    out = copy_run(base, tmp_path)
+    file = out / "last" / name
+    file.write_bytes(file.read_bytes()[:1000])
+    monkeypatch.setattr(train_mod, "_build_run", lambda *a, **k: pytest.fail("decoded before reading last"))
+    assert train(sample_manifest, out, "--resume", "--set", "train.monitor=loss") == 2
+    assert f"{name}: cannot be read" in caplog.text and "truncated or corrupt" in caplog.text
+
+
+def test_checkpoint_save_flushes_files_and_folders_before_the_swap(tmp_path, monkeypatch):
+    import torch
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real(fd))
+    checkpoint.save(tmp_path / "ck", torch.nn.Linear(2, 2), {"arch": "x"}, train_state={"epoch": 1})
+    names = {Path(p).name for p in synced}
+    assert {checkpoint.WEIGHTS_FILE, checkpoint.STATE_FILE, checkpoint.META_FILE, "ck.tmp", tmp_path.name} <= names
+
+
+def test_a_folder_another_trainer_is_writing_is_refused(base, sample_manifest, tmp_path, caplog):
+    fcntl = pytest.importorskip("fcntl")
+    out = copy_run(base, tmp_path)
+    with (out / ".lock").open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a running trainer holds
+        assert train(sample_manifest, out, "--resume", "--set", "train.monitor=loss") == 2
+        assert "being written by another training process" in caplog.text
+        assert train(sample_manifest, tmp_path / "other", "--set", "train.monitor=loss") == 0  # other folders: fine
+    assert train(sample_manifest, out, "--resume", "--set", "train.monitor=loss", "--set", "train.epochs=2") == 0
+
+
 def test_resuming_an_early_stopped_run_trains_no_further(sample_manifest, tmp_path, monkeypatch):
     out = tmp_path / "run"
     scores = iter([0.9, 0.5, 0.4, 0.3, 0.2])  # epoch 1 is the best; patience 1 stops after epoch 2

@@ -3,7 +3,7 @@ import time
 import torch
 
 from bonefrac.config import OptimConfig
-from bonefrac.trainutil import Ema, Watchdog, make_optimizer, make_scheduler
+from bonefrac.trainutil import Ema, Watchdog, make_optimizer, make_scheduler, rescale_schedule_state
 
 
 def test_watchdog_fires_without_beats_and_not_with_them():
@@ -33,6 +33,31 @@ def test_cosine_schedule_warms_up_then_decays():
         sched.step()
     assert lrs[0] < lrs[5] < lrs[9] and abs(max(lrs) - 1.0) < 1e-6
     assert lrs[-1] < 0.01 and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_a_schedule_saved_by_two_processes_resumes_at_the_same_point_with_one():
+    """2 processes take half the steps per epoch: resumed in 1 process after 2 of 4 epochs, the learning rate goes
+    on from the middle of the schedule (the raw step count would put it at a quarter, i.e. too high)."""
+    ocfg = OptimConfig(lr=1.0, warmup_epochs=0, min_lr_ratio=0.0)
+
+    def run(steps_per_epoch, epochs_done, state=None):
+        opt = make_optimizer(torch.nn.Linear(2, 2), ocfg, 16, torch.device("cpu"))
+        sched = make_scheduler(opt, ocfg, steps_per_epoch=steps_per_epoch, epochs=4)
+        if state:
+            sched.load_state_dict(state["scheduler"])
+        for _ in range(epochs_done * steps_per_epoch):
+            opt.step()
+            sched.step()
+        return sched
+
+    saved = {"scheduler": run(5, 2).state_dict(), "epoch": 2, "lr_anchor": (6, 0.8)}
+    rescale_schedule_state(saved, steps_per_epoch=10)
+    assert saved["scheduler"]["last_epoch"] == 20 and saved["lr_anchor"] == (12, 0.8)
+    resumed = run(10, 0, saved)
+    assert abs(resumed.lr_lambdas[0](resumed.last_epoch) - 0.5) < 1e-9  # halfway down the cosine
+    plateau = {"scheduler": {"last_epoch": 2, "best": 0.5}, "epoch": 2}
+    rescale_schedule_state(plateau, steps_per_epoch=10)
+    assert plateau["scheduler"]["last_epoch"] == 2  # per-epoch schedules are left alone
 
 
 def test_no_weight_decay_on_norms_and_biases():

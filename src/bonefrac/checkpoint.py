@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -56,15 +57,33 @@ def save(path: str | Path, model: torch.nn.Module, meta: dict, train_state: dict
     # The JSON goes last: a `.tmp` whose JSON parses is complete, which is how `recover` tells it apart.
     meta = {"format_version": FORMAT_VERSION, "code_version": __version__, **meta}
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=_json_default))
+    _fsync(tmp)  # on disk before the renames: after a power loss `path` must not be a folder of empty files
     old = path.with_name(path.name + ".old")
     if old.exists():
         shutil.rmtree(old)
     if path.exists():  # two renames: at any instant either the old or the new checkpoint is complete
         os.replace(path, old)
     os.replace(tmp, path)
+    _fsync(path.parent, files=False)  # the renames themselves, before the previous copy is deleted
     if old.exists():
         shutil.rmtree(old)
     return path
+
+
+def _fsync(folder: Path, files: bool = True) -> None:
+    """Flush `folder`'s files (with `files`) and the folder's own entries to disk; a no-op where folders cannot be
+    opened (Windows)."""
+    for item in (sorted(folder.iterdir()) if files else []) + [folder]:
+        try:
+            fd = os.open(item, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.fsync(fd)
+        except OSError:  # some file systems refuse fsync on folders
+            pass
+        finally:
+            os.close(fd)
 
 
 def _json_default(obj):
@@ -150,7 +169,11 @@ def load(path: str | Path, device: str | torch.device = "cpu"):
     if not weights.is_file():
         raise BonefracError(f"{path}: checkpoint has no {WEIGHTS_FILE}")
     model = create(meta["arch"], len(meta["class_names"]), meta["preprocess"]["channels"])
-    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}
+    try:
+        loaded = load_file(str(weights))
+    except Exception as exc:  # safetensors raises its own error type for truncated or corrupt files
+        raise BonefracError(f"{weights}: cannot be read ({exc}); the file is truncated or corrupt") from None
+    state = {k: v.float() if v.is_floating_point() else v for k, v in loaded.items()}
     model.load_state_dict(state)
     return model.to(device).eval(), meta
 
@@ -160,7 +183,12 @@ def load_train_state(path: str | Path) -> dict:
     file = recover(path) / STATE_FILE
     if not file.is_file():
         raise BonefracError(f"{path}: no {STATE_FILE}; only a run's 'last' checkpoint can be resumed")
-    return torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as exc:  # truncated, unreadable
+        raise BonefracError(f"{file}: cannot be read ({str(exc).splitlines()[0]}); the file is truncated or "
+                            "corrupt, so this run cannot be resumed from it (best/ is separate); train into a new "
+                            "--out") from None
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

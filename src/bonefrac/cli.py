@@ -246,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--keep-folder-split", action="store_true", help="keep the folder's train/val/test split")
     s.add_argument("--split-all", choices=["train", "val", "test"], help="put every image in one split")
     s.add_argument("--near-dup-threshold", type=_count, default=None,
-                   help="max Hamming distance of perceptual hashes for near duplicates")
+                   help="max Hamming distance (bits of 256) between perceptual hashes for near duplicates "
+                        "(default 32)")
     s.add_argument("--match-copies", metavar="{auto,off,PATH}",
                    help="also group augmented copies with a copy detector: auto (the shipped one, if any), off, "
                         "or a detector folder; default: auto with --keep-folder-split, else off")
@@ -269,10 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--manifest", required=True)
     s.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
     s.add_argument("--out", required=True)
-    s.add_argument("--positive-class", help="class the binary metrics (sensitivity, PPV, ...) are about; the "
-                   "decisions stay predict's (the model's threshold t on the other class becomes p > 1 - t)")
-    s.add_argument("--reference", help="metrics.json of an internal test set, for a domain-shift summary")
-    s.add_argument("--bootstrap", type=_count, default=1000, help="bootstrap resamples for intervals (0: none)")
+    s.add_argument("--positive-class", help="class the binary metrics (sensitivity, PPV, ...) are about (default: "
+                   "the model's positive class); the decisions stay predict's (the model's threshold t on the "
+                   "other class becomes p > 1 - t)")
+    s.add_argument("--reference", help="metrics.json written by an earlier `bonefrac evaluate` (e.g. on the "
+                   "internal test set), for a domain-shift summary (default: none)")
+    s.add_argument("--bootstrap", type=_count, default=1000, help="group-bootstrap resamples for the 95 %% "
+                   "intervals (default %(default)s; 0: none)")
     s.add_argument("--tta", action="store_true", help="average with a horizontally flipped view")
     s.add_argument("--device", default="auto")
     s.set_defaults(func=_evaluate)
@@ -295,8 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--int8", action="store_true", help="ONNX Runtime static INT8, calibrated on training images")
     s.add_argument("--fp16", action="store_true")
     s.add_argument("--manifest", help="manifest: train split calibrates INT8, val split checks parity/metrics")
-    s.add_argument("--images", help="image folder for calibration and parity, instead of --manifest")
-    s.add_argument("--tolerance", type=float, help="max |p_exported - p_torch| (default per variant)")
+    s.add_argument("--images", help="image folder for calibration and parity, instead of --manifest (its first "
+                   "64 images for each)")
+    s.add_argument("--tolerance", type=float, help="max |p_exported - p_torch| on the parity images (default per "
+                   "variant: fp32 and TorchScript 0.001, fp16 0.02, INT8 0.15)")
     s.add_argument("--int8-float-convs", type=_count,
                    help="input-side convolutions --int8 keeps in float (default 4; 0 quantizes all)")
     s.add_argument("--out", required=True)
@@ -345,12 +351,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--manifest", required=True)
     s.add_argument("--out", required=True)
     s.add_argument("--balance", action="store_true", help="raise every class to the largest class's count")
-    s.add_argument("--target", type=_positive_int, help="raise every class to at least this many train images")
-    s.add_argument("--factor", type=float, help="multiply every class's train images by this (e.g. 4)")
+    s.add_argument("--target", type=_positive_int, help="raise every class to at least this many train images "
+                   "(default: none; give --balance, --target or --factor)")
+    s.add_argument("--factor", type=float, help="multiply every class's train images by this, >= 1 (e.g. 4; "
+                   "default: none)")
     s.add_argument("--config", help="YAML whose `augment` section sets the transforms (default: reference)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. augment.rotate_deg=15")
-    s.add_argument("--seed", type=_seed, default=0)
-    s.add_argument("--format", choices=["png", "webp"], default="png")
+    s.add_argument("--seed", type=_seed, default=0, help="seed of the copies' random transforms and of how "
+                   "copies are spread over source images (default %(default)s)")
+    s.add_argument("--format", choices=["png", "webp"], default="png", help="image format of the copies "
+                   "(default %(default)s; webp: quality 90)")
     s.add_argument("--workers", type=_positive_int, default=None)
     s.set_defaults(func=_augment)
     p.command_parsers = sub.choices  # read by parse_args

@@ -231,6 +231,9 @@ def validate(cfg: Config) -> Config:
         value = getattr(getattr(cfg, section), name)
         if not test(value):
             raise ConfigError(f"config key '{key}' must be {allowed}, got {value!r}")
+    if cfg.data.sampler == "balanced" and cfg.train.class_weights:
+        raise ConfigError("data.sampler=balanced and train.class_weights=true both correct class imbalance: together "
+                          "the rarer class counts about (larger/smaller class size) times too much; choose one")
     return cfg
 
 

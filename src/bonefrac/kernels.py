@@ -87,8 +87,10 @@ if triton is not None:
 
     @triton.jit
     def fc2_scaled_residual(h_ptr, s_ptr, w_ptr, b_ptr, r_ptr, o_ptr, M, N, K, HW, BM: tl.constexpr,
-                            BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
-        """o = (h * s[image]) @ w.T + b + r: GRN's per-image channel scale applied to each loaded tile."""
+                            BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+                            IMGS: tl.constexpr = 0):
+        """o = (h * s[image]) @ w.T + b + r: GRN's per-image channel scale applied to each loaded tile. IMGS > 0:
+        a tile spans at most IMGS images, whose scale rows are loaded as vectors; 0: one gathered scale per row."""
         pid_m, pid_n = tile_ids(M, N, BM, BN, GROUP_M)
         rm = pid_m * BM + tl.arange(0, BM)
         rn = pid_n * BN + tl.arange(0, BN)
@@ -99,16 +101,24 @@ if triton is not None:
         s_ptrs = s_ptr + img[:, None] * K + rk[None, :]
         b_ptrs = w_ptr + rn[None, :] * K + rk[:, None]
         acc = tl.zeros((BM, BN), dtype=tl.float32)
+        first = (pid_m * BM) // HW
         for k in range(0, K, BK):
             if EVEN_K:
                 a = tl.load(a_ptrs, mask=rm[:, None] < M, other=0.0)
-                s = tl.load(s_ptrs)
                 b = tl.load(b_ptrs, mask=rn[None, :] < N, other=0.0)
             else:
-                kmask = rk[None, :] + k < K
-                a = tl.load(a_ptrs, mask=(rm[:, None] < M) & kmask, other=0.0)
-                s = tl.load(s_ptrs, mask=kmask, other=0.0)
+                a = tl.load(a_ptrs, mask=(rm[:, None] < M) & (rk[None, :] + k < K), other=0.0)
                 b = tl.load(b_ptrs, mask=(rn[None, :] < N) & (rk[:, None] + k < K), other=0.0)
+            if IMGS > 0:  # a few K-vectors instead of a (BM, BK) float32 gather: a quarter of the A tile's bytes
+                s = tl.zeros((BM, BK), dtype=tl.float32)
+                for t in tl.static_range(IMGS):
+                    sv = tl.load(s_ptr + (first + t) * K + k + rk, mask=(first + t < M // HW) & (rk + k < K),
+                                 other=0.0)
+                    s = tl.where((img == first + t)[:, None], sv[None, :], s)
+            elif EVEN_K:
+                s = tl.load(s_ptrs)
+            else:
+                s = tl.load(s_ptrs, mask=rk[None, :] + k < K, other=0.0)
             a = (a.to(tl.float32) * s).to(w_ptr.dtype.element_ty)
             acc = tl.dot(a, b, acc)
             a_ptrs += BK
@@ -130,11 +140,25 @@ def _launch(M: int, N: int, K: int) -> tuple[dict, tuple]:
     return meta, (-(-M // 128) * -(-N // bn),)
 
 
-def grn_mlp_residual(x, w1, b1, w2, b2, gamma, beta, residual, hw: int, eps: float, traced: bool = False):
+def tile_images(bm: int, hw: int, most: int = 4) -> int:
+    """The most images `bm` consecutive rows can touch at `hw` rows per image (fc2's IMGS), or 0 past `most`."""
+    n = -(-(bm - 1) // hw) + 1
+    return n if n <= most else 0
+
+
+def fold_grn_bias(w2: torch.Tensor, b2: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """fc2's bias with GRN's bias folded through fc2 (fc2(h*s + beta) = (h*s) @ w2.T + (w2 @ beta + b2)), in
+    float32 also under autocast: what `grn_mlp_residual` takes as `bias`."""
+    with torch.autocast(w2.device.type, enabled=False):
+        return b2.float() + w2.float() @ beta.float()
+
+
+def grn_mlp_residual(x, w1, b1, w2, bias, gamma, residual, hw: int, eps: float, traced: bool = False):
     """The fused block tail: fc2(GRN(GELU(fc1(x)))) + residual, for x and residual of shape (M, C) whose rows are
-    images' pixels in order (M = images * hw). Runs the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1);
-    `traced` when torch.compile traces the call (the custom op below), else the kernels are launched directly
-    (wrap_triton's own bookkeeping cost ~0.25 ms a launch in eager mode on an H100)."""
+    images' pixels in order (M = images * hw); `bias` is `fold_grn_bias(w2, fc2 bias, GRN bias)`. Runs the Triton
+    kernels (CUDA, or CPU under TRITON_INTERPRET=1); `traced` when torch.compile traces the call (the custom op
+    below), else the kernels are launched directly (wrap_triton's own bookkeeping cost ~0.25 ms a launch in eager
+    mode on an H100)."""
     fc1, fc2 = fc1_gelu_sumsq, fc2_scaled_residual
     if traced:
         from torch.library import wrap_triton
@@ -148,11 +172,10 @@ def grn_mlp_residual(x, w1, b1, w2, b2, gamma, beta, residual, hw: int, eps: flo
     fc1[grid](x, w1, b1, h, ss, M, hidden, C, hw, **meta)
     g = ss.sqrt()
     scale = 1.0 + gamma.float() * (g / (g.mean(dim=-1, keepdim=True) + eps))
-    with torch.autocast(x.device.type, enabled=False):  # float32, also when called under autocast
-        bias = b2.float() + w2.float() @ beta.float()  # GRN's bias, folded through fc2
     out = torch.empty((M, w2.shape[0]), device=x.device, dtype=x.dtype)
     meta, grid = _launch(M, w2.shape[0], hidden)
-    fc2[grid](h, scale.contiguous(), w2, bias, residual, out, M, w2.shape[0], hidden, hw, **meta)
+    fc2[grid](h, scale.contiguous(), w2, bias, residual, out, M, w2.shape[0], hidden, hw,
+              IMGS=tile_images(meta["BM"], hw), **meta)
     return out
 
 
@@ -161,9 +184,9 @@ def _op():
     """`grn_mlp_residual` registered as a custom op, so torch.compile sees the Triton kernels, not a graph break."""
 
     @torch.library.triton_op("bonefrac::grn_mlp_residual", mutates_args=())
-    def op(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
-           gamma: torch.Tensor, beta: torch.Tensor, residual: torch.Tensor, hw: int, eps: float) -> torch.Tensor:
-        return grn_mlp_residual(x, w1, b1, w2, b2, gamma, beta, residual, hw, eps, traced=True)
+    def op(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, bias: torch.Tensor,
+           gamma: torch.Tensor, residual: torch.Tensor, hw: int, eps: float) -> torch.Tensor:
+        return grn_mlp_residual(x, w1, b1, w2, bias, gamma, residual, hw, eps, traced=True)
 
     return op
 
@@ -192,6 +215,15 @@ def _eligible(block) -> bool:
     return exact_gelu and mlp.fc1.bias is not None and mlp.fc2.bias is not None
 
 
+def _cache_key(dt: torch.dtype, params) -> tuple | None:
+    """What identifies the current values of `params`: storage and in-place version counter of each (None when a
+    parameter has no version counter, e.g. one made under torch.inference_mode: then nothing is cached)."""
+    try:
+        return dt, tuple(None if p is None else (p.data_ptr(), p._version) for p in params)
+    except RuntimeError:
+        return None
+
+
 @functools.cache
 def _fused_block_class():
     from timm.models.convnext import ConvNeXtBlock
@@ -207,18 +239,37 @@ def _fused_block_class():
             y = self.conv_dw(x)  # 1x1-convolution MLPs (the small V2 models) normalise before the permute
             y = self.norm(y).permute(0, 2, 3, 1) if self.use_conv_mlp else self.norm(y.permute(0, 2, 3, 1))
             b, h, w, c = y.shape
-            mlp = self.mlp
-            w1, w2, b2 = mlp.fc1.weight.flatten(1), mlp.fc2.weight.flatten(1), mlp.fc2.bias
-            if self.gamma is not None:  # layer scale (ConvNeXt V1-style blocks with GRN), folded into fc2
-                w2, b2 = w2 * self.gamma[:, None], b2 * self.gamma
+            w1, b1, w2, bias = self._operands(dt)
             residual = shortcut.permute(0, 2, 3, 1).reshape(b * h * w, -1).contiguous()
-            args = (y.reshape(-1, c).to(dt).contiguous(), w1.to(dt).contiguous(), mlp.fc1.bias.to(dt),
-                    w2.to(dt).contiguous(), b2, mlp.grn.weight, mlp.grn.bias, residual, h * w, mlp.grn.eps)
+            args = (y.reshape(-1, c).to(dt).contiguous(), w1, b1, w2, bias, self.mlp.grn.weight, residual, h * w,
+                    self.mlp.grn.eps)
             if torch.compiler.is_compiling():  # the custom op: compiled graphs hold the kernels, no graph break
                 out = torch.ops.bonefrac.grn_mlp_residual(*args)
             else:
                 out = grn_mlp_residual(*args)
             return out.view(b, h, w, -1).permute(0, 3, 1, 2)
+
+        def _operands(self, dt: torch.dtype) -> tuple:
+            """fc1's weight and bias and fc2's weight in `dt` (layer scale folded into fc2) and the folded float32
+            bias. Kept between eager calls, rebuilt when a parameter changes (in place or replaced): casting and
+            folding every call would move more bytes than the activations at small batches. Compiled graphs
+            compute them in the graph (frozen graphs fold them into constants)."""
+            mlp = self.mlp
+            params = (mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, mlp.grn.bias, self.gamma)
+            compiling = torch.compiler.is_compiling()
+            key = None if compiling else _cache_key(dt, params)
+            if key is not None:
+                cached = self.__dict__.get("_bonefrac_operands")
+                if cached is not None and cached[0] == key:
+                    return cached[1]
+            w2, b2 = mlp.fc2.weight.flatten(1), mlp.fc2.bias
+            if self.gamma is not None:  # layer scale (ConvNeXt V1-style blocks with GRN)
+                w2, b2 = w2 * self.gamma[:, None], b2 * self.gamma
+            operands = (mlp.fc1.weight.flatten(1).to(dt).contiguous(), mlp.fc1.bias.to(dt), w2.to(dt).contiguous(),
+                        fold_grn_bias(w2, b2, mlp.grn.bias))
+            if key is not None:
+                self.__dict__["_bonefrac_operands"] = (key, operands)
+            return operands
 
     return FusedGrnConvNeXtBlock
 

@@ -37,8 +37,8 @@ from .models import WithBoxHead, build_model, check_arch, use_flipped_dgrad
 from .predict import infer_logits, resolve_device
 from .trainutil import (Ema, GradAllReduce, Watchdog, append_metrics, check_resume_config, check_val_classes,
                         decode_caches, distributed_setup, gather_arrays, lesion_loss, make_optimizer, make_scheduler,
-                        open_tensorboard, parallelize, prepare_resume, refuse_existing_run, resume_anchor, trim_metrics,
-                        why_no_best)
+                        open_tensorboard, parallelize, prepare_resume, refuse_existing_run, rescale_schedule_state,
+                        resume_anchor, run_folder_lock, sync_buffers, trim_metrics, why_no_best)
 from .transforms import augment, normalize
 
 log = logging.getLogger(__name__)
@@ -48,20 +48,37 @@ def train(manifest: str | Path, out_dir: str | Path, cfg: Config, resume: bool =
     """Train a model; returns the path of the best checkpoint (chosen on validation)."""
     check_arch(cfg.model.arch)  # before minutes of decoding images into the cache
     rank, world = distributed_setup()
-    out_dir = Path(out_dir)
+    with run_folder_lock(Path(out_dir), rank):  # two trainers writing one folder would corrupt both runs
+        return _train(manifest, Path(out_dir), cfg, resume, rank, world)
+
+
+def _train(manifest, out_dir: Path, cfg: Config, resume: bool, rank: int, world: int) -> Path:
+    last = None
     if resume:
         resume = prepare_resume(out_dir, rank, world)  # False: killed in its first epoch, nothing to resume
         if resume:
             check_resume_config(out_dir / "last", cfg)
+            # Read now, not after minutes of decoding images: a corrupt file should stop the run at once.
+            last = (*checkpoint.load(out_dir / "last"), checkpoint.load_train_state(out_dir / "last"))
+            if last[1].get("manifest_sha256") != manifest_sha256(manifest):
+                raise BonefracError(f"{out_dir / 'last'} was trained on a different manifest; resume with the "
+                                    "same --manifest")
     else:
         refuse_existing_run(out_dir)
+    if world > 1:
+        dist.barrier()  # every rank has looked at the folder before rank 0 writes to it
+    if rank:
+        logging.getLogger("bonefrac").setLevel(logging.WARNING)  # rank 0 tells the story; others only warn
+    elif not resume:  # first, so a run killed while decoding images can be resumed without naming its --config
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
     # Data, model, optimizer, loss; and the schedule, unless resuming (then _resume builds it).
     run = _build_run(manifest, out_dir, cfg, device, rank, world, resume)
     if resume:
-        _resume(run, manifest)
+        _resume(run, *last)
     run.step_model, run.grad_sync = parallelize(run.net, cfg, device, world)
     _start_outputs(run, manifest)
 
@@ -202,16 +219,16 @@ def _build_model(cfg: Config, n_classes: int, box_head: bool, device: torch.devi
     return model, net, prep
 
 
-def _resume(run: _Run, manifest) -> None:
-    """Load `last` into the run: weights, optimizer, schedule, EMA, RNG and progress; drop metrics rows of the
-    epochs it will redo."""
-    last_dir = run.out_dir / "last"
-    meta = checkpoint.read_meta(last_dir)
-    if meta.get("manifest_sha256") != manifest_sha256(manifest):
-        raise BonefracError(f"{last_dir} was trained on a different manifest; resume with the same --manifest")
-    trained, _ = checkpoint.load(last_dir)
-    state = checkpoint.load_train_state(last_dir)
+def _resume(run: _Run, trained: torch.nn.Module, meta: dict, state: dict) -> None:
+    """Load `last` (its model, metadata and training state) into the run: weights, optimizer, schedule, EMA, RNG
+    and progress; drop metrics rows of the epochs it will redo."""
     cfg = run.cfg
+    new_world = state.get("world", run.world) != run.world
+    if new_world:
+        log.warning("resuming a run of %d processes with %d: the data shards change, so the run will not match an "
+                    "uninterrupted one; the learning-rate schedule goes on from the same epoch", state["world"],
+                    run.world)
+        rescale_schedule_state(state, run.steps_per_epoch)
     saved_epochs = (meta.get("config") or {}).get("train", {}).get("epochs", cfg.train.epochs)
     run.lr_anchor = resume_anchor(state, cfg.optim, run.steps_per_epoch, saved_epochs, cfg.train.epochs)
     # Once, and before the optimizer's state is loaded: building a schedule sets the learning rate to its first
@@ -223,16 +240,18 @@ def _resume(run: _Run, manifest) -> None:
             run.net.box_head.load_state_dict(state["box_head"])
     else:
         run.net.load_state_dict(trained.state_dict())
+    base_lrs = list(getattr(run.scheduler, "base_lrs", []))  # this run's: lr_base_batch scales with the world
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
+    if new_world and base_lrs:
+        run.scheduler.base_lrs = base_lrs
+        for group, base, factor in zip(run.optimizer.param_groups, base_lrs, run.scheduler.lr_lambdas):
+            group["initial_lr"], group["lr"] = base, base * factor(run.scheduler.last_epoch)
     if run.ema and state.get("ema"):
         run.ema.load_state_dict(state["ema"])
     torch.set_rng_state(state["torch_rng"])
     if state.get("cuda_rng") and torch.cuda.is_available() and len(state["cuda_rng"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda_rng"])  # dropout / drop-path go on with their stream
-    if state.get("world", run.world) != run.world:
-        log.warning("resuming a run of %d processes with %d: steps per epoch and the data shards change, so the "
-                    "run will not match an uninterrupted one", state["world"], run.world)
     run.state = {k: state[k] for k in ("epoch", "best_score", "bad_epochs")}
     if run.rank == 0:
         trim_metrics(run.out_dir / "metrics.csv", run.state["epoch"])
@@ -241,7 +260,8 @@ def _resume(run: _Run, manifest) -> None:
 
 
 def _start_outputs(run: _Run, manifest) -> None:
-    """Set the checkpoints' common metadata; rank 0 creates the out dir, writes config.json and opens TensorBoard."""
+    """Set the checkpoints' common metadata; rank 0 writes config.json (again: a resume may change some keys) and
+    opens TensorBoard."""
     cfg, pos = run.cfg, run.pos
     run.base_meta = {"arch": cfg.model.arch, "class_names": run.class_names, "positive_index": pos,
                      "positive_class": run.class_names[pos] if pos is not None else None, "preprocess": run.prep,
@@ -263,19 +283,28 @@ def seen_images(rows) -> dict:
 
 def _train_pass(run: _Run, gen: torch.Generator, epoch: int, watchdog: Watchdog) -> tuple[float, int]:
     """One epoch of training on this rank's shard; returns (mean loss over all ranks, images this rank saw)."""
+    aug_gen = gen  # one process: the epoch's generator draws the order, then the augmentations, as always
+    if run.rank:
+        # `gen` (the order, shared so that the shards partition it) would give every rank the same augmentations
+        # and dropout: other ranks draw theirs from their own streams, seeded per epoch so a resume repeats them.
+        seed = (run.cfg.train.seed * 100_003 + epoch) * 1_000_003 + run.rank
+        aug_gen = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
     train_loss, seen = _train_epoch(run.step_model, run.net, run.train_batches, gen, run.steps_per_epoch,
                                     run.optimizer, run.scheduler, run.cfg, run.prep, run.weight, run.ema, watchdog,
-                                    epoch, run.rank, run.grad_sync)
-    if run.grad_sync:  # BatchNorm statistics differ with each rank's data
-        run.grad_sync.sync_buffers(run.net)
+                                    epoch, run.rank, run.grad_sync, aug_gen)
+    if run.world > 1:  # BatchNorm statistics differ with each rank's data (DDP syncs gradients, not buffers)
+        sync_buffers(run.net)
         if run.ema:
-            run.grad_sync.sync_buffers(run.ema.module)
+            sync_buffers(run.ema.module)
     return train_loss, seen
 
 
 def _train_epoch(step_model, model, batches, gen, steps, optimizer, scheduler, cfg, prep, weight, ema,
-                 watchdog, epoch, rank, grad_sync=None):
-    """One pass over the training shard; returns (mean loss, images seen by this rank)."""
+                 watchdog, epoch, rank, grad_sync=None, aug_gen=None):
+    """One pass over the training shard in `gen`'s order, augmented from `aug_gen` (default `gen`); returns (mean
+    loss, images seen by this rank)."""
+    aug_gen = gen if aug_gen is None else aug_gen
     from tqdm.auto import tqdm
 
     step_model.train()
@@ -286,7 +315,7 @@ def _train_epoch(step_model, model, batches, gen, steps, optimizer, scheduler, c
     for step, (x, y, *masks) in enumerate(batches.epoch(gen)):
         if step >= steps:
             break
-        loss = train_step(step_model, model, x, y, gen, optimizer, scheduler, cfg, prep, weight, ema, grad_sync,
+        loss = train_step(step_model, model, x, y, aug_gen, optimizer, scheduler, cfg, prep, weight, ema, grad_sync,
                           masks=masks or None)
         total += loss
         count += 1

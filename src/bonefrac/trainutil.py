@@ -5,6 +5,7 @@ train.py reads top to bottom without them."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import logging
@@ -93,6 +94,20 @@ def resume_anchor(state: dict, ocfg, steps_per_epoch: int, saved_epochs: int, ep
     return step, lr_factor(step, ocfg, steps_per_epoch, saved_epochs, anchor)
 
 
+def rescale_schedule_state(state: dict, steps_per_epoch: int) -> None:
+    """Express a saved per-step schedule's position (and anchor) in `steps_per_epoch` steps, in place: resumed with
+    another number of processes, an epoch has other steps, and the step count alone would put the learning rate
+    elsewhere on the schedule (fewer processes: back up; more: at its floor). Plateau schedules count epochs."""
+    sched, done = state["scheduler"], int(state["epoch"])
+    if "lr_lambdas" not in sched or done == 0:
+        return
+    old_steps_per_epoch = max(1, int(sched.get("last_epoch", 0))) / done
+    sched["last_epoch"] = done * steps_per_epoch
+    if state.get("lr_anchor"):
+        step, factor = state["lr_anchor"]
+        state["lr_anchor"] = (round(step * steps_per_epoch / old_steps_per_epoch), factor)
+
+
 def prepare_resume(out_dir: Path, rank: int, world: int) -> bool:
     """Before a --resume: on rank 0, put back checkpoints a kill left half-swapped (once, before any rank reads
     them). Returns False when there is nothing to resume: the run stopped during its first epoch, before `last`
@@ -105,11 +120,31 @@ def prepare_resume(out_dir: Path, rank: int, world: int) -> bool:
         torch.distributed.barrier()
     if (last / checkpoint.META_FILE).is_file():
         return True
+    if (done := finished_epochs(out_dir)) > 1:  # more than a kill in epoch 1 can leave: refuse, lose nothing
+        raise BonefracError(f"{out_dir}: cannot resume, {last} is missing, but the folder holds {done} finished "
+                            "epochs (best/, metrics.csv) that a fresh start would overwrite; train into a new --out "
+                            "(or move this folder away)")
     log.warning("%s holds no finished epoch to resume from (no run yet, or it stopped during its first epoch): "
                 "starting the run afresh in the same folder", out_dir)
     if rank == 0:
         (out_dir / "metrics.csv").unlink(missing_ok=True)
     return False
+
+
+def finished_epochs(out_dir: Path) -> int:
+    """The most epochs a run folder shows as finished: best/'s epoch or metrics.csv's last row (0 for none)."""
+    done = 0
+    if (out_dir / "best" / checkpoint.META_FILE).is_file():
+        try:
+            done = int(checkpoint.read_meta(out_dir / "best").get("epoch") or 0)
+        except (BonefracError, ValueError, TypeError):
+            done = 2  # an unreadable best/ still holds something a fresh start would replace
+    file = out_dir / "metrics.csv"
+    if file.is_file():
+        with file.open() as fh:
+            epochs = [r.get("epoch") for r in csv.DictReader(fh)]
+        done = max([done] + [int(e) for e in epochs if e and e.isdigit()])
+    return done
 
 
 def lesion_loss(logits: torch.Tensor, masks: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -202,7 +237,6 @@ class GradAllReduce:
     """
 
     def __init__(self, model: torch.nn.Module):
-        self.world = dist.get_world_size()
         self.params = [p for p in model.parameters() if p.requires_grad]
         for tensor in model.state_dict().values():
             dist.broadcast(tensor, src=0)
@@ -211,21 +245,28 @@ class GradAllReduce:
         for p in self.params:
             if p.grad is None:  # a parameter unused on this rank still takes part, or the all-reduce would hang
                 p.grad = torch.zeros_like(p)
-        self._average([p.grad for p in self.params])
+        average_over_ranks([p.grad for p in self.params])
 
     def sync_buffers(self, module: torch.nn.Module) -> None:
-        self._average([b for b in module.buffers() if b.is_floating_point()])
+        sync_buffers(module)
 
-    def _average(self, tensors: list[torch.Tensor]) -> None:
-        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-        for t in tensors:
-            by_dtype.setdefault(t.dtype, []).append(t)
-        for group in by_dtype.values():
-            flat = torch.cat([t.reshape(-1) for t in group])
-            dist.all_reduce(flat)  # SUM then divide: gloo (CPU) has no AVG
-            flat.div_(self.world)
-            parts = flat.split([t.numel() for t in group])
-            torch._foreach_copy_(group, [part.view_as(t) for part, t in zip(parts, group)])
+
+def sync_buffers(module: torch.nn.Module) -> None:
+    """Average `module`'s floating buffers (BatchNorm statistics) over all ranks, in place."""
+    average_over_ranks([b for b in module.buffers() if b.is_floating_point()])
+
+
+def average_over_ranks(tensors: list[torch.Tensor]) -> None:
+    """Replace each tensor by its mean over all ranks: one all-reduce per dtype."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for group in by_dtype.values():
+        flat = torch.cat([t.reshape(-1) for t in group])
+        dist.all_reduce(flat)  # SUM then divide: gloo (CPU) has no AVG
+        flat.div_(dist.get_world_size())
+        parts = flat.split([t.numel() for t in group])
+        torch._foreach_copy_(group, [part.view_as(t) for part, t in zip(parts, group)])
 
 
 def distributed_setup() -> tuple[int, int]:
@@ -294,6 +335,31 @@ def parallelize(net, cfg: Config, device: torch.device, world: int):
     elif world > 1:
         grad_sync = GradAllReduce(net)
     return step_model, grad_sync
+
+
+@contextlib.contextmanager
+def run_folder_lock(out_dir: Path, rank: int):
+    """Hold an exclusive lock on `out_dir/.lock` (rank 0; created with the folder) while the block runs; a
+    BonefracError when another process holds it (e.g. workers a killed torchrun launcher left running). No-op
+    where file locks are unavailable (Windows)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        fcntl = None
+    if rank != 0 or fcntl is None:
+        yield
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with (out_dir / ".lock").open("a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise BonefracError(f"{out_dir} is being written by another training process; wait for it to end (or "
+                                "stop it) before training or resuming here") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def refuse_existing_run(out_dir: Path) -> None:

@@ -2,10 +2,10 @@
 
 | variable | default | allowed | meaning |
 |---|---|---|---|
-| BONEFRAC_MODEL | shipped model | | checkpoint dir, .onnx or TorchScript .pt file |
+| BONEFRAC_MODEL | shipped model | | checkpoint dir, ensemble dir, .onnx or TorchScript .pt file (*) |
 | BONEFRAC_DEVICE | auto | auto, cpu, cuda[:n], mps | auto: first CUDA GPU when present, else CPU |
 | BONEFRAC_OPERATING_POINT | default | a point saved with the model | its validation threshold decides, e.g. screening |
-| BONEFRAC_HOST / BONEFRAC_PORT | 127.0.0.1 / 8000 | port 1-65535 | address the service listens on |
+| BONEFRAC_HOST / BONEFRAC_PORT | 127.0.0.1 / 8000 | port 1-65535 | address the service listens on (127.0.0.1: local) |
 | BONEFRAC_MAX_BATCH / BONEFRAC_MAX_WAIT_MS | 16 / 10 | >= 1 / finite >= 0 | micro-batching; MAX_BATCH=1 turns it off |
 | BONEFRAC_MAX_REQUEST_MB | 20 | finite > 0 | request body cap |
 | BONEFRAC_MAX_FILES | 16 | >= 1 | images per request |
@@ -18,7 +18,12 @@
 | BONEFRAC_REFER_MARGIN | 0.15 | 0 <= m < 0.5 | refer when p (rescaled: threshold -> 0.5) is this close to 0.5 |
 | BONEFRAC_XRAY_CHECK | 1 | boolean | 0 disables the "not an X-ray" refusal |
 | BONEFRAC_PREPROCESS_WORKERS | min(8, CPUs), 0 on <= 2 | >= 0 | upload decode/check/resize processes (0: threads) |
-| BONEFRAC_WARMUP | 1 | boolean | run the model once per batch size 1..MAX_BATCH before the service reports ready |
+| BONEFRAC_WARMUP | 1 | boolean | on an accelerator, run the model once per batch size 1..MAX_BATCH before ready (**) |
+
+(*) Exported .onnx / TorchScript files are for the service only: `bonefrac predict` and `evaluate` also read
+BONEFRAC_MODEL (predict.default_model_path) but need a checkpoint or ensemble directory, and /v1/explain answers
+501 for an exported model. (**) Skipped on the CPU whatever the setting (app._warm_up): first calls measured no
+slower there.
 
 Booleans take 1/0, true/false, yes/no, on/off (any case). An empty variable counts as unset, except
 BONEFRAC_API_KEY, where an empty value is an error (it would silently turn authentication off). Every value is
