@@ -135,8 +135,8 @@ def test_bad_files_are_4xx_json(client, name, data, status, code):
 
 def test_a_bad_file_among_good_ones_gets_its_own_error_result(ckpt, tmp_path):
     pdf = b"%PDF-1.4\n1 0 obj\n<<>>\nendobj\n" * 10
-    settings = Settings(model=str(ckpt), audit_db=str(tmp_path / "audit.sqlite"))
-    with TestClient(create_app(settings)) as c:
+    settings = Settings(model=str(ckpt), audit_db=str(tmp_path / "audit.sqlite"), api_key="k")
+    with TestClient(create_app(settings), headers={"X-API-Key": "k"}) as c:
         resp = post(c, ("x.webp", SAMPLES[0].read_bytes()), ("report.png", pdf), ("empty.png", b""))
         assert resp.status_code == 200, resp.text
         ok, pdf_row, empty_row = resp.json()["results"]
@@ -257,12 +257,21 @@ def test_wrong_api_keys_are_rate_limited_too(ckpt):
 
 
 def test_audit_log_survives_restart(ckpt, tmp_path):
-    settings = Settings(model=str(ckpt), audit_db=str(tmp_path / "audit.sqlite"))
-    with TestClient(create_app(settings)) as c:
+    settings = Settings(model=str(ckpt), audit_db=str(tmp_path / "audit.sqlite"), api_key="k")
+    with TestClient(create_app(settings), headers={"X-API-Key": "k"}) as c:
         assert post(c, ("x.webp", SAMPLES[0].read_bytes())).status_code == 200
-    with TestClient(create_app(settings)) as c:
+    with TestClient(create_app(settings), headers={"X-API-Key": "k"}) as c:
         rows = c.get("/v1/audit").json()["rows"]
     assert len(rows) == 1 and rows[0]["model_version"].startswith("resnet10t") and len(rows[0]["image_sha256"]) == 64
+
+
+def test_the_audit_log_is_never_readable_without_an_api_key(ckpt, tmp_path):
+    settings = Settings(model=str(ckpt), audit_db=str(tmp_path / "audit.sqlite"), preprocess_workers=0)
+    with TestClient(create_app(settings)) as c:
+        assert post(c, ("x.webp", SAMPLES[0].read_bytes())).status_code == 200  # predicting needs no key
+        resp = c.get("/v1/audit")
+    assert resp.status_code == 403 and resp.json()["error"]["code"] == "audit_needs_key"
+    assert "rows" not in resp.json()
 
 
 def test_audit_rows_keep_the_threshold_and_old_logs_gain_the_column(ckpt, tmp_path):
@@ -277,7 +286,8 @@ def test_audit_rows_keep_the_threshold_and_old_logs_gain_the_column(ckpt, tmp_pa
                     "probabilities TEXT, refer INTEGER NOT NULL)")
         old.execute("INSERT INTO predictions (time, model_version, image_sha256, status, refer) "
                     "VALUES (0, 'old@00000000', 'x', 'ok', 0)")
-    with TestClient(create_app(Settings(model=str(ckpt), audit_db=str(db), preprocess_workers=0))) as c:
+    settings = Settings(model=str(ckpt), audit_db=str(db), preprocess_workers=0, api_key="k")
+    with TestClient(create_app(settings), headers={"X-API-Key": "k"}) as c:
         answer = post(c, ("x.webp", SAMPLES[0].read_bytes())).json()
         rows = c.get("/v1/audit").json()["rows"]
     assert [r["model_version"] for r in rows][1] == "old@00000000" and rows[1]["threshold"] is None
@@ -615,8 +625,9 @@ def test_model_version_tells_seeds_and_calibrations_apart_everywhere_it_is_shown
     versions = [Predictor.from_checkpoint(p, "cpu").version for p in (ckpt, other_seed, calibrated, moved)]
     assert all(re.fullmatch(r"resnet10t@[0-9a-f]{8}", v) for v in versions), versions
     assert len(set(versions[:3])) == 3 and versions[3] == versions[0]  # the same files: the same version
-    settings = Settings(model=str(calibrated), audit_db=str(tmp_path / "audit.sqlite"), preprocess_workers=0)
-    with TestClient(create_app(settings)) as c:
+    settings = Settings(model=str(calibrated), audit_db=str(tmp_path / "audit.sqlite"), preprocess_workers=0,
+                        api_key="k")
+    with TestClient(create_app(settings), headers={"X-API-Key": "k"}) as c:
         ready = c.get("/ready").json()["model_version"]
         answered = post(c, ("x.webp", SAMPLES[0].read_bytes())).json()["model_version"]
         audited = c.get("/v1/audit").json()["rows"][0]["model_version"]

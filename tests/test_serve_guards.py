@@ -95,7 +95,7 @@ def test_every_response_has_nosniff_once():
 def test_audit_log_removed_while_serving_is_recreated(tmp_path):
     db = tmp_path / "audit.sqlite"
     file = ("a.webp", SAMPLE.read_bytes())
-    with TestClient(app(audit_db=str(db), rate_limit=0)) as c:
+    with TestClient(app(audit_db=str(db), rate_limit=0, api_key="k"), headers={"X-API-Key": "k"}) as c:
         assert c.post("/v1/predict", files=[("files", file)]).status_code == 200
         for f in tmp_path.glob("audit.sqlite*"):  # rotated away by an administrator
             f.unlink()
@@ -106,7 +106,8 @@ def test_audit_log_removed_while_serving_is_recreated(tmp_path):
 
 def test_an_unreadable_audit_log_is_503_not_500(tmp_path):
     db = tmp_path / "audit.sqlite"
-    with TestClient(app(audit_db=str(db), rate_limit=0), raise_server_exceptions=False) as c:
+    with TestClient(app(audit_db=str(db), rate_limit=0, api_key="k"), headers={"X-API-Key": "k"},
+                    raise_server_exceptions=False) as c:
         db.write_bytes(b"this is not a database" * 100)  # overwritten while serving
         for f in tmp_path.glob("audit.sqlite-*"):
             f.unlink()

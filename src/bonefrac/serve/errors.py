@@ -35,6 +35,7 @@ def documented(*statuses: int) -> dict:
 CODES = {
     400: ["bad_request"],  # e.g. a malformed multipart body
     401: ["unauthorized"],
+    403: ["audit_needs_key"],
     404: ["audit_off"],
     413: ["request_too_large", "too_many_files", "image_too_large"],
     415: ["unsupported_media_type"],

@@ -176,11 +176,14 @@ def _png(rgb: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-@router.get("/audit", summary="Recent audit-log rows (image hashes, probabilities, refer flags)",
-            responses=documented(404, 422, 503))
+@router.get("/audit", summary="Recent audit-log rows (image hashes, probabilities, refer flags); needs an API key",
+            responses=documented(403, 404, 422, 503))
 async def audit(request: Request, limit: int = Query(100, ge=1, le=1000), refer_only: bool = False) -> dict:
     if request.app.state.audit is None:
         raise ApiError(404, "audit_off", "the audit log is off (set BONEFRAC_AUDIT_DB to turn it on)")
+    if not request.app.state.settings.api_key:  # the log is every case the service saw: never open to anyone
+        raise ApiError(403, "audit_needs_key", "reading the audit log over HTTP needs BONEFRAC_API_KEY set on the "
+                       "server (and the key in X-API-Key); the log itself is the SQLite file BONEFRAC_AUDIT_DB")
     try:
         rows = await asyncio.to_thread(request.app.state.audit.recent, limit, refer_only)
     except AuditUnavailable as exc:
