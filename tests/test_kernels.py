@@ -178,12 +178,16 @@ def test_cuda_kernels_match_timm(dtype):
     assert (autocast - want).abs().max().item() <= 2 * (timm_autocast - want).abs().max().item() + tol
 
 
-def test_fuse_for_inference_is_opt_in(monkeypatch):
-    monkeypatch.delenv("BONEFRAC_FUSED_KERNELS", raising=False)
-    assert kernels.fuse_for_inference(small_convnext(conv_mlp=False)) == 0
-    monkeypatch.setenv("BONEFRAC_FUSED_KERNELS", "0")
-    assert kernels.fuse_for_inference(small_convnext(conv_mlp=False)) == 0
-    monkeypatch.setenv("BONEFRAC_FUSED_KERNELS", "1")
+def test_fused_kernels_are_asked_for_by_one_environment_switch(monkeypatch):
+    from bonefrac.predict import fused_kernels_wanted
+
+    for value, wanted in ((None, False), ("0", False), ("off", False), ("", False), ("1", True), (" Yes ", True),
+                          ("true", True)):
+        if value is None:
+            monkeypatch.delenv("BONEFRAC_FUSED_KERNELS", raising=False)
+        else:
+            monkeypatch.setenv("BONEFRAC_FUSED_KERNELS", value)
+        assert fused_kernels_wanted() is wanted, value
     assert kernels.fuse_for_inference(small_convnext(conv_mlp=False)) == 5
 
 

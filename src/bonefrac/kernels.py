@@ -293,11 +293,9 @@ def fuse_grn_blocks(model: torch.nn.Module) -> int:
 
 
 def fuse_for_inference(model: torch.nn.Module) -> int:
-    """What `Predictor` calls for a model on CUDA: `fuse_grn_blocks` when $BONEFRAC_FUSED_KERNELS is "1" (opt-in:
-    the whole-model GPU test in tests/test_kernels.py has not run on a GPU yet, see benchmarks/RESULTS.md).
-    Returns the number of blocks fused."""
-    if os.environ.get("BONEFRAC_FUSED_KERNELS", "0").strip().lower() not in ("1", "true", "yes", "on"):
-        return 0
+    """What `Predictor` calls for a model on CUDA when $BONEFRAC_FUSED_KERNELS asks for it
+    (`predict.fused_kernels_wanted`): `fuse_grn_blocks`, logged, or a warning when Triton cannot run. Returns the
+    number of blocks fused."""
     if not triton_available():
         log.warning("BONEFRAC_FUSED_KERNELS is on but Triton (or torch >= 2.6) is missing: timm's forward runs")
         return 0

@@ -78,6 +78,13 @@ def with_flipped_view(model, inp: torch.Tensor, logits: torch.Tensor) -> torch.T
     return (logits + model(hflip(inp)).float()) / 2
 
 
+def fused_kernels_wanted() -> bool:
+    """Whether $BONEFRAC_FUSED_KERNELS asks for the fused ConvNeXt V2 kernels on CUDA (bonefrac.kernels): "1",
+    "true", "yes" or "on"; unset or anything else: off (the whole-model GPU test has not run yet,
+    benchmarks/RESULTS.md)."""
+    return os.environ.get("BONEFRAC_FUSED_KERNELS", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def decide(probs: np.ndarray, positive_index: int | None, threshold: float | None) -> np.ndarray:
     """Predicted class indices: the validation-chosen threshold on the positive class, else the argmax."""
     if positive_index is not None and threshold is not None and probs.shape[1] == 2:
@@ -105,7 +112,7 @@ class Predictor:
         model, meta = checkpoint.load(path, dev)
         if dev.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
-            if os.environ.get("BONEFRAC_FUSED_KERNELS"):  # opt-in; Triton is imported only then
+            if fused_kernels_wanted():  # Triton is imported only then
                 from .kernels import fuse_for_inference
 
                 fuse_for_inference(model)
