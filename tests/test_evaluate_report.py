@@ -3,6 +3,7 @@ as a directory) and the HTML report, rendered by headless Chromium."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -180,7 +181,8 @@ def test_evaluate_uses_equal_weights_when_val_is_too_small(ckpt, second, manifes
     Also checks that a valid --reference still gives the domain-shift section."""
     small = _val_cut(manifest, tmp_path, {"no_fracture": 2, "fracture": 2})
     ref = tmp_path / "ref.json"
-    ref.write_text(json.dumps({"accuracy": 0.5, "auroc": 0.6, "scores": [0.1, 0.4, 0.9]}))
+    ref.write_text(json.dumps({"accuracy": 0.5, "auroc": 0.6, "scores": [0.1, 0.4, 0.9],
+                               "class_names": ["no_fracture", "fracture"], "positive_class": "fracture"}))
     out = tmp_path / "eval"
     with caplog.at_level("WARNING", logger="bonefrac"):
         assert main(["evaluate", str(ckpt), "--model", str(second), "--manifest", str(small), "--out", str(out),
@@ -427,3 +429,105 @@ def test_evaluate_for_the_other_class_keeps_the_decisions_predict_makes(ckpt, ma
     assert own_pred == other_pred == predicted and other["confusion_matrix"] == own["confusion_matrix"]
     assert other["positive_class"] == "no_fracture" and other["threshold"] == pytest.approx(1 - t)
     assert (other["sensitivity"], other["specificity"]) == (own["specificity"], own["sensitivity"])
+
+
+def _html_text(path: Path) -> str:
+    """report.html as plain text: no images, tags or entities, whitespace collapsed."""
+    import html
+    import re
+
+    text = re.sub(r"<img[^>]*>|<style>.*?</style>", " ", path.read_text(), flags=re.S)
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", text)).split())
+
+
+@pytest.mark.parametrize("ref_fields, problem", [
+    ({"class_names": ["normal", "fracture"], "positive_class": "fracture"}, "its classes"),
+    ({"class_names": ["no_fracture", "fracture", "other"]}, "its classes"),
+    ({"class_names": ["no_fracture", "fracture"], "positive_class": "no_fracture"}, "its positive class is"),
+    ({"class_names": ["no_fracture", "fracture"], "positive_class": "fracture",
+      "score_type": "top-label confidence (highest class probability)"}, "its scores are"),
+    ({"auroc": 0.6}, "no class_names")])
+def test_evaluate_refuses_a_reference_with_incomparable_scores(ckpt, manifest, tmp_path, monkeypatch, ref_fields,
+                                                                problem):
+    ref = tmp_path / "ref.json"
+    ref.write_text(json.dumps({"scores": [0.1, 0.9], **ref_fields}))
+    monkeypatch.setattr(evaluate_mod, "predict_manifest", lambda *a: pytest.fail("inference before the check"))
+    with pytest.raises(BonefracError, match=problem) as err:
+        evaluate_mod.evaluate([str(ckpt)], manifest, out_dir=tmp_path / "eval", n_boot=0, reference=str(ref),
+                              device="cpu")
+    assert f"--reference {ref}" in str(err.value)
+
+
+def test_domain_shift_plot_is_labelled_by_the_compared_score(ckpt, manifest, tmp_path, monkeypatch):
+    from bonefrac import report
+
+    internal = evaluate_mod.evaluate([str(ckpt)], manifest, out_dir=tmp_path / "a", n_boot=0, device="cpu")
+    assert internal["score_type"] == "p(fracture)"
+    labels = []
+    real = report.plot_score_distributions
+    monkeypatch.setattr(report, "plot_score_distributions",
+                        lambda scores, path, xlabel="?": labels.append(xlabel) or real(scores, path, xlabel))
+    shifted = evaluate_mod.evaluate([str(ckpt)], manifest, out_dir=tmp_path / "b", n_boot=0, device="cpu",
+                                    reference=str(tmp_path / "a" / "metrics.json"))
+    assert labels == ["p(fracture)"] and shifted["domain_shift"]["score_type"] == "p(fracture)"
+    assert "Compared score: p(fracture)." in _html_text(tmp_path / "b" / "report.html")
+
+
+def test_report_headline_names_the_positive_class_threshold_source_and_settings(ckpt, manifest, tmp_path):
+    copy = shutil.copytree(ckpt, tmp_path / "ckpt")
+    m = evaluate_mod.evaluate([str(copy)], manifest, out_dir=tmp_path / "own", n_boot=200, device="cpu")
+    text = _html_text(tmp_path / "own" / "report.html")
+    assert m["threshold_source"] == "the model's, chosen on validation"
+    assert f"threshold p(fracture) >= {m['threshold']:.4g}: the model's, chosen on validation" in text
+    assert "positive class fracture" in text and "test-time augmentation (--tta) off" in text
+    assert f"manifest {manifest}" in text and "sensitivity (fracture)" in text
+    # Brier and NLL with intervals; the ECE caveat on a small set.
+    assert m["calibration"]["brier"] == pytest.approx(m["ci"]["brier"]["value"])
+    assert m["calibration"]["nll"] > 0 and m["calibration"]["ece_if_perfectly_calibrated"] > 0.05
+    assert "a perfectly calibrated model would score an ECE of about" in text
+    # The sample's test split has fewer than 10 groups per class: no confident-looking ranges.
+    assert m["ci"]["sensitivity"]["reliable"] is False and "n/a:" in text
+    assert any("fewer than 10 groups" in w for w in m["ci"]["warnings"])
+    meta = checkpoint.read_meta(copy)
+    (copy / checkpoint.META_FILE).write_text(json.dumps({**meta, "threshold": None}))
+    m = evaluate_mod.evaluate([str(copy)], manifest, out_dir=tmp_path / "none", n_boot=0, device="cpu")
+    assert m["threshold"] == 0.5 and m["threshold_source"].startswith("0.5 fallback")
+    assert "p(fracture) >= 0.5: 0.5 fallback" in _html_text(tmp_path / "none" / "report.html")
+
+
+def test_the_other_class_gets_mirrored_operating_points(ckpt, manifest, tmp_path):
+    own = evaluate_mod.evaluate([str(ckpt)], manifest, out_dir=tmp_path / "own", n_boot=0, device="cpu")
+    other = evaluate_mod.evaluate([str(ckpt)], manifest, out_dir=tmp_path / "other", n_boot=0, device="cpu",
+                                  positive_class="no_fracture")
+    assert set(other["operating_points"]) == set(own["operating_points"]) and own["operating_points"]
+    for name, point in other["operating_points"].items():
+        mine = own["operating_points"][name]
+        assert point["threshold"] == pytest.approx(1 - mine["threshold"])
+        assert (point["sensitivity"], point["specificity"]) == (mine["specificity"], mine["sensitivity"])
+    assert "mirrored" in other["operating_points_note"]
+    assert "mirrored" in _html_text(tmp_path / "other" / "report.html")
+
+
+def test_one_class_split_and_tta_are_warned_about(ckpt, manifest, tmp_path, monkeypatch):
+    df = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    df["path"] = [str(Path(manifest).parent / p) for p in df.path]
+    one = tmp_path / "one" / "manifest.csv"
+    one.parent.mkdir()
+    df[(df.split != "test") | (df.label == "no_fracture")].to_csv(one, index=False)
+    m = evaluate_mod.evaluate([str(ckpt)], one, out_dir=tmp_path / "ev", n_boot=50, device="cpu", tta=True)
+    assert m["auroc"] is None and m["sensitivity"] is None
+    assert m["warnings"][0].startswith("the test split has one class (no_fracture): AUROC and sensitivity")
+    assert "--tta is on" in m["warnings"][1]
+    text = _html_text(tmp_path / "ev" / "report.html")
+    assert "Warning: the test split has one class" in text and "Warning: --tta is on" in text
+
+
+def test_error_grid_titles_say_what_the_number_is(ckpt, manifest, tmp_path, monkeypatch):
+    from bonefrac import report
+
+    titles = {}
+    real = report.image_grid
+    monkeypatch.setattr(report, "image_grid",
+                        lambda images, t, path, **kw: titles.setdefault(Path(path).name, t) and real(images, t, path))
+    evaluate_mod.evaluate([str(ckpt)], manifest, out_dir=tmp_path / "ev", n_boot=0, device="cpu")
+    assert titles["errors.png"] and all(re.search(r"pred (\w+), p\(\1\) \d\.\d\d$", t) for t in titles["errors.png"])

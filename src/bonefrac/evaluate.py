@@ -1,8 +1,9 @@
 """Evaluate a checkpoint (or an ensemble) on a manifest split: the only stage that reads test data.
 
-`evaluate(models, manifest, split, out_dir)` writes `metrics.json` (point values, group-bootstrap 95 % intervals,
-operating points, calibration), `predictions.csv` (sorted by loss, worst first), plots and one self-contained
-`report.html`. Thresholds come from the checkpoint (chosen on validation), never from the data evaluated here.
+`evaluate(models, manifest, split, out_dir)` writes `metrics.json` (point values, group-bootstrap 95 % intervals
+each marked reliable or not, operating points, calibration, warnings), `predictions.csv` (sorted by loss, worst
+first), plots and one self-contained `report.html` (built by `evalreport`). Thresholds come from the checkpoint
+(chosen on validation), never from the data evaluated here.
 
 Validation-only helpers live here too: `calibrate(ckpt, manifest)` re-fits a checkpoint's temperature and
 operating points, `fit_ensemble(...)` fits an ensemble's weights and threshold and `build_ensemble(...)` writes an
@@ -23,10 +24,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import bootstrap, checkpoint, metrics, report
+from . import bootstrap, checkpoint, evalreport, metrics
 from .data import build_cache
 from .errors import BonefracError
-from .io import read_image
 from .manifest import load_manifest
 from .predict import ENSEMBLE_FILE, Ensemble, Predictor, decide, load_predictor
 from .seen import seen_by_model, trained_on
@@ -70,6 +70,9 @@ def evaluate(models: list[str], manifest: str | Path, split: str = "test", out_d
     out_dir.mkdir(parents=True, exist_ok=True)
     predictor = load_predictor(models, device, tta)
     names = predictor.class_names
+    pos = predictor.positive_index if positive_class is None else metrics.positive_class_index(names, positive_class)
+    if ref is not None:
+        _check_reference(ref, reference, names, pos)
     df = load_manifest(manifest)
     rows = select_rows(df, split, names, manifest)
     seen = seen_by_model(predictor, rows, split)
@@ -84,28 +87,29 @@ def evaluate(models: list[str], manifest: str | Path, split: str = "test", out_d
         raise BonefracError(f"the model gave non-finite probabilities (NaN/inf) for {len(broken)} image(s), e.g. "
                             f"{rows.path.iloc[broken[0]]}; no metrics computed (check the model file)")
 
-    pos = predictor.positive_index
-    if positive_class is not None:
-        pos = metrics.positive_class_index(names, positive_class)
     threshold = _threshold_for(predictor, pos)
     result = metrics.classification_metrics(y, probs, names, pos, threshold)
     if positive_class is not None and len(names) > 2:  # the K-class metrics above have no positive class
         result["one_vs_rest"] = {"positive_class": names[pos], **metrics.one_vs_rest(y, probs, pos)}
-    result.update(split=split, manifest=str(manifest), models=[str(m) for m in models], tta=tta, seen_by_model=seen)
+    result.update(split=split, manifest=str(manifest), models=[str(m) for m in models], tta=tta, seen_by_model=seen,
+                  score_type=score_type(names, pos), threshold_source=_threshold_source(predictor, pos, ensemble_fit))
     if isinstance(predictor, Ensemble):
         result["ensemble"] = ensemble_fit or {"weights": [float(w) for w in predictor.weights],
                                               "fitted_on": predictor.meta.get("ensemble_dir")}
-    result["calibration"] = {"ece": metrics.expected_calibration_error(y, probs),
-                             "temperature": getattr(predictor, "temperature", None)}
+    result["calibration"] = _calibration(y, probs, getattr(predictor, "temperature", None), seed)
     if n_boot:
         result["ci"] = bootstrap.metrics_with_ci(y, probs, names, rows.group.to_numpy(), pos, threshold, n_boot, seed)
-    points = predictor.meta.get("operating_points") if pos == predictor.positive_index else None
+    points, mirrored = _operating_thresholds(predictor, pos)
     if pos is not None and points:
         y_bin = (y == pos).astype(int)
         result["operating_points"] = {k: metrics.threshold_metrics(y_bin, probs[:, pos], t)
                                       for k, t in points.items()}
+        if mirrored:
+            result["operating_points_note"] = mirrored
+    result["warnings"] = evalreport.set_warnings(y, names, pos, tta, split)
     if ref is not None:
-        result["domain_shift"] = metrics.domain_shift_summary(ref, result, ref["scores"], _scores(probs, pos))
+        result["domain_shift"] = {**metrics.domain_shift_summary(ref, result, ref["scores"], _scores(probs, pos)),
+                                  "score_type": result["score_type"]}
     if len(names) == 2:  # decide exactly as the metrics above did (at 0.5 when the model has no threshold)
         pred = decide(probs, names.index(result["positive_class"]), result["threshold"])
     else:
@@ -113,7 +117,7 @@ def evaluate(models: list[str], manifest: str | Path, split: str = "test", out_d
     _write_predictions(out_dir, rows, y, probs, pred, names)
     result["scores"] = _scores(probs, pos).round(6).tolist()  # kept for later domain-shift comparisons
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
-    _write_report(out_dir, result, rows, y, probs, pred, names, pos, points, ref, predictor)
+    evalreport.write_report(out_dir, result, rows, y, probs, pred, pos, points, ref, predictor)
     return result
 
 
@@ -129,6 +133,69 @@ def _threshold_for(predictor, pos: int | None) -> float | None:
     log.info("the model's threshold %.4g is for '%s'; with positive class '%s' the decision is p(%s) > %.4g, "
              "the same as predict's", t, names[own], names[pos], names[pos], 1.0 - t)
     return flipped
+
+
+def score_type(names: list[str], pos: int | None) -> str:
+    """What metrics.json's "scores" hold: p(positive class), or the top-label confidence without one."""
+    return f"p({names[pos]})" if pos is not None else "top-label confidence (highest class probability)"
+
+
+def _calibration(y, probs, temperature, seed: int) -> dict:
+    """ECE (with what a perfectly calibrated model would score on this many images), Brier score and NLL."""
+    return {"ece": metrics.expected_calibration_error(y, probs),
+            "ece_if_perfectly_calibrated": bootstrap.ece_if_calibrated(probs, seed=seed),
+            "brier": metrics.brier_score(y, probs), "nll": metrics.negative_log_likelihood(y, probs),
+            "temperature": temperature}
+
+
+def _threshold_source(predictor, pos: int | None, ensemble_fit: dict | None) -> str:
+    """Where the decision threshold came from, in words for the report."""
+    own, t, names = predictor.positive_index, predictor.threshold, predictor.class_names
+    if len(names) != 2:
+        return "none: the prediction is the most probable class"
+    if t is None or own is None:
+        return "0.5 fallback: the model has no validation-chosen threshold"
+    how = "the model's, chosen on validation"
+    if isinstance(predictor, Ensemble) and "ensemble_dir" not in predictor.meta:
+        fitted = ensemble_fit and ensemble_fit.get("fitted_on")
+        how = "fitted for this ensemble on validation" if fitted else "the first member's, not fitted for this ensemble"
+    if pos != own:
+        return f"{how} for {names[own]} (p({names[own]}) < {t:.4g}), mirrored to p({names[pos]}) > {1 - t:.4g}"
+    return how
+
+
+def _operating_thresholds(predictor, pos: int | None) -> tuple[dict | None, str | None]:
+    """The model's saved operating points as thresholds on p(pos), and a note when they were mirrored from the
+    other class of a binary model (p(own) < t is p(pos) > 1 - t: its sensitivity is specificity here)."""
+    points, own = predictor.meta.get("operating_points"), predictor.positive_index
+    if not points or pos is None or pos == own:
+        return (points if pos == own else None), None
+    if own is None or len(predictor.class_names) != 2:
+        return None, None
+    names = predictor.class_names
+    note = (f"the model's operating points are for {names[own]}; mirrored to p({names[pos]}) > 1 - t, so a point "
+            f"named for sensitivity to {names[own]} is one of specificity here")
+    return {k: float(np.nextafter(1.0 - float(t), 2.0)) for k, t in points.items()}, note
+
+
+def _check_reference(ref: dict, path, names: list[str], pos: int | None) -> None:
+    """BonefracError naming --reference when its scores cannot be compared with this run's: other classes, another
+    positive class or another kind of score."""
+    theirs = ref.get("class_names")
+    if not isinstance(theirs, list):
+        raise BonefracError(f"--reference {path}: no class_names; expected a metrics.json written by "
+                            "`bonefrac evaluate`")
+    if len(theirs) != len(names) or set(map(str, theirs)) != set(names):
+        raise BonefracError(f"--reference {path}: its classes {theirs} differ from the model's {names}; the scores "
+                            "are not comparable")
+    their_pos = ref.get("positive_class") or (ref.get("one_vs_rest") or {}).get("positive_class")
+    mine = names[pos] if pos is not None else None
+    if their_pos != mine:
+        raise BonefracError(f"--reference {path}: its positive class is {their_pos} but this run's is {mine}; the "
+                            "scores are not comparable (pass --positive-class to match)")
+    kind = score_type(names, pos)
+    if ref.get("score_type", kind) != kind:
+        raise BonefracError(f"--reference {path}: its scores are {ref['score_type']} but this run's are {kind}")
 
 
 def _load_reference(reference: str | Path) -> dict:
@@ -321,93 +388,3 @@ def _write_predictions(out_dir: Path, rows, y, probs, pred, names) -> None:
     for i, name in enumerate(names):
         table[f"p_{name}"] = probs[:, i].round(6)
     table.sort_values("loss", ascending=False).to_csv(out_dir / "predictions.csv", index=False)
-
-
-def _error_grid(out_dir: Path, rows, y, probs, pred, names) -> Path | None:
-    worst = metrics.ranked_errors(y, probs, k_per_class=4, pred=pred)
-    picks = [i for c in sorted(worst) for i in worst[c]]
-    if not picks:
-        return None
-    images = [read_image(rows.path[i]) for i in picks]
-    titles = [f"true {names[y[i]]}\npred {names[pred[i]]} {probs[i, pred[i]]:.2f}" for i in picks]
-    return report.image_grid(images, titles, out_dir / "errors.png", ncols=4)
-
-
-def _gradcam_grid(out_dir: Path, predictor, rows, y, probs, pred, names, pos, k: int = 4) -> Path | None:
-    """Grad-CAM of the k most confident correct positives (correct predictions for K > 2) and the k most
-    confident mistakes; None (with a warning) for a model Grad-CAM cannot explain."""
-    from .explain import explain_arrays, overlay
-
-    conf = probs[np.arange(len(y)), pred]
-    right = np.flatnonzero((pred == y) & ((y == pos) if pos is not None else True))
-    wrong = np.flatnonzero(pred != y)
-    picks = [("correct", i) for i in right[np.argsort(-conf[right], kind="stable")][:k]]
-    picks += [("error", i) for i in wrong[np.argsort(-conf[wrong], kind="stable")][:k]]
-    if not picks:
-        return None
-    images = [read_image(rows.path[i]) for _, i in picks]
-    try:
-        # The reported prediction's class (an ensemble's may differ from its first member's own choice).
-        heatmaps = explain_arrays(predictor, images, [int(pred[i]) for _, i in picks])[0]
-    except BonefracError as exc:
-        log.warning("no Grad-CAM in the report: %s", exc)
-        return None
-    titles = [f"{kind}: true {names[y[i]]}\npred {names[pred[i]]} {conf[i]:.2f}" for kind, i in picks]
-    tiles = [overlay(img, h) for img, h in zip(images, heatmaps)]
-    return report.image_grid(tiles, titles, out_dir / "gradcam.png", ncols=4)
-
-
-def _class_intervals(ci: dict, name: str) -> dict:
-    """{"precision 95 % CI": "low-high", ...} for one class from metrics_with_ci's per-class intervals."""
-    out = {}
-    for metric in ("precision", "recall", "f1"):
-        iv = ci.get(f"per_class_{metric}", {}).get(name)
-        if iv and iv["low"] is not None:
-            out[f"{metric} 95 % CI"] = f"{iv['low']:.3f}-{iv['high']:.3f}"
-    return out
-
-
-def _write_report(out_dir, result, rows, y, probs, pred, names, pos, points, ref, predictor) -> None:
-    cm = result["confusion_matrix"]
-    plots = [report.plot_confusion_matrix(cm, names, out_dir / "confusion_matrix.png"),
-             report.plot_roc(y, probs, names, out_dir / "roc.png", pos, points),
-             report.plot_pr(y, probs, names, out_dir / "pr.png", pos, points),
-             report.plot_reliability(y, probs, out_dir / "reliability.png")]
-    errors = _error_grid(out_dir, rows, y, probs, pred, names)
-    summary = {"images": result["n"], "groups": int(rows.group.nunique()), "split": result["split"],
-               **{f"n_{c}": int((y == i).sum()) for i, c in enumerate(names)}}
-    headline = {k: result.get(k) for k in ("accuracy", "balanced_accuracy", "auroc", "sensitivity",
-                                           "specificity", "ppv", "npv", "threshold") if result.get(k) is not None}
-    sections = [("Data", [summary]), ("Headline metrics", [headline])]
-    if result.get("seen_by_model") and (result["seen_by_model"]["train"] or result["seen_by_model"]["val"]):
-        sections.insert(0, ("Warning: the model has seen some of these images",
-                            ["Images of this set were in the model's training or validation split (counts below): "
-                             "every metric here is optimistic.", result["seen_by_model"]]))
-    if "ci" in result:
-        ci = [{"metric": k, **v} for k, v in result["ci"].items() if isinstance(v, dict) and "value" in v]
-        sections.append(("95 % bootstrap intervals (resampling groups: duplicates, copies, patients)", [ci]))
-    sections.append(("Per class", [[{"class": c, **v, **_class_intervals(result.get("ci", {}), c)}
-                                     for c, v in result["per_class"].items()]]))
-    fitted = not result.get("ensemble") or result["ensemble"].get("fitted_on")
-    if result.get("operating_points"):
-        how = "chosen on validation" if fitted else "the first member's, not fitted for this ensemble"
-        sections.append((f"Operating points (thresholds {how})",
-                         [[{"point": k, **v} for k, v in result["operating_points"].items()]]))
-    if result.get("ensemble"):
-        how = "weights fitted on validation" if fitted else "equal weights: no usable val split to fit them on"
-        sections.append((f"Ensemble ({how})", [result["ensemble"]]))
-    sections.append(("Curves", plots[1:3]))
-    sections.append(("Calibration", [result["calibration"], plots[3]]))
-    sections.append(("Confusion matrix", [plots[0]]))
-    if errors:
-        sections.append(("Most confident mistakes", [errors]))
-    cams = _gradcam_grid(out_dir, predictor, rows, y, probs, pred, names, pos)
-    if cams:
-        sections.append(("Grad-CAM: where the model looked (predicted class; red = most influential)",
-                         ["Most confident correct positives first, then the most confident mistakes. Heatmaps "
-                          "show evidence for the predicted class, not a localisation of the fracture.", cams]))
-    if ref is not None and "domain_shift" in result:
-        dist = report.plot_score_distributions({"reference": ref["scores"], "this set": _scores(probs, pos)},
-                                               out_dir / "score_shift.png")
-        sections.append(("Domain shift against the reference set", [result["domain_shift"]["metric_diff"], dist]))
-    report.html_report(out_dir / "report.html", title=f"bonefrac evaluation ({result['split']})", sections=sections)

@@ -27,14 +27,20 @@ _EPS = 1e-12
 
 
 def check_inputs(y, probs, n_classes: int | None = None):
-    """(y as int (n,), probs as float (n, K)); ValueError naming the shapes when they do not fit."""
+    """(y as int (n,), probs as float (n, K)); ValueError naming the problem when they are empty, do not fit
+    or hold non-finite values."""
     y = np.asarray(y).astype(int).ravel()
     probs = np.asarray(probs, dtype=float)
     if probs.ndim != 2 or len(y) != len(probs):
         raise ValueError(f"need y (n,) and probs (n, K); got {y.shape} and {probs.shape}")
+    if not len(y):
+        raise ValueError("no rows: metrics need at least one prediction")
     if n_classes is not None and probs.shape[1] != n_classes:
         raise ValueError(f"probs has {probs.shape[1]} columns but there are {n_classes} classes")
-    if len(y) and (y.min() < 0 or y.max() >= probs.shape[1]):
+    bad = np.flatnonzero(~np.isfinite(probs).all(axis=1))
+    if len(bad):  # a NaN row would otherwise sort anywhere and give e.g. a perfect AUROC
+        raise ValueError(f"{len(bad)} row(s) hold non-finite values (NaN/inf), first at row {bad[0]}")
+    if y.min() < 0 or y.max() >= probs.shape[1]:
         raise ValueError("y holds a class index outside 0..K-1")
     return y, probs
 
@@ -347,6 +353,19 @@ def expected_calibration_error(y, probs, n_bins: int = 15) -> float:
     filled = curve["count"] > 0
     gap = np.abs(curve["accuracy"][filled] - curve["confidence"][filled])
     return float(np.sum(curve["count"][filled] * gap) / max(curve["count"].sum(), 1))
+
+
+def brier_score(y, probs) -> float:
+    """Brier score, lower is better. Binary: mean (p(class 1) - [y = 1])^2, as sklearn's brier_score_loss (the
+    same for either class as positive); K > 2: mean over images of the sum over classes of (p_k - [y = k])^2."""
+    y, probs = check_inputs(y, probs)
+    sq = (probs - np.eye(probs.shape[1])[y]) ** 2
+    return float(sq[:, 1].mean()) if probs.shape[1] == 2 else float(sq.sum(axis=1).mean())
+
+
+def negative_log_likelihood(y, probs) -> float:
+    """Mean -log p(true class) (log loss; probabilities clipped at 1e-12), lower is better."""
+    return float(per_sample_loss(y, probs).mean())
 
 
 # ----------------------------------------------------------------------------- ensembles, shift, errors

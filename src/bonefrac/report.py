@@ -94,12 +94,29 @@ def plot_confusion_matrix(cm, class_names: Sequence[str], path, normalize: bool 
 
 
 def _mark_points(ax, y_bin, scores, operating_points, kind: str):
+    for x, yv, label in point_markers(y_bin, scores, operating_points, kind):
+        ax.plot([x], [yv], "o", ms=7, label=label, clip_on=False)  # points on the frame stay whole
+
+
+def point_markers(y_bin, scores, operating_points, kind: str) -> list[tuple[float, float, str]]:
+    """(x, y, label) per distinct plotted position of the operating points on a "roc" or "pr" plot; points that
+    land on the same spot share one marker whose label names them all (else the last one drawn hides the rest)."""
+    spots: dict[tuple, list[str]] = {}
     for name, t in (operating_points or {}).items():
         m = M.threshold_metrics(y_bin, scores, t)
         x, yv = (m["specificity"], m["sensitivity"]) if kind == "roc" else (m["sensitivity"], m["ppv"])
         if x is None or yv is None:  # e.g. ppv when the threshold predicts nothing positive
             continue
-        ax.plot([1 - x if kind == "roc" else x], [yv], "o", ms=7, label=f"{name} (t={t:.3f})")
+        spot = (round(1 - x if kind == "roc" else x, 9), round(yv, 9))
+        spots.setdefault(spot, []).append(f"{name} (t={t:.3f})")
+    return [(x, yv, ", ".join(labels)) for (x, yv), labels in spots.items()]
+
+
+def _note_if_empty(ax, drawn: bool) -> None:
+    """An empty plot says why, instead of looking like a plotting failure."""
+    if not drawn:
+        ax.text(0.5, 0.5, "no curve: the set holds one class\n(the metric is undefined)", ha="center",
+                va="center", transform=ax.transAxes, color="#b00", fontsize=11)
 
 
 def _curves(y, probs, class_names, positive_index):
@@ -121,10 +138,13 @@ def plot_roc(y, probs, class_names: Sequence[str], path, positive_index: int | N
     fig = _figure()
     ax = fig.add_subplot()
     curves = _curves(y, probs, class_names, positive_index)
+    drawn = False
     for label, y_bin, scores in curves:
         if 0 < y_bin.sum() < len(y_bin):
             fpr, tpr, _ = roc_curve(y_bin, scores)
             ax.plot(fpr, tpr, lw=2, label=f"{label} (AUROC {roc_auc_score(y_bin, scores):.3f})")
+            drawn = True
+    _note_if_empty(ax, drawn)
     if len(curves) == 1 and 0 < curves[0][1].sum() < len(curves[0][1]):
         _mark_points(ax, curves[0][1], curves[0][2], operating_points, "roc")
     ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="chance")
@@ -142,17 +162,21 @@ def plot_pr(y, probs, class_names: Sequence[str], path, positive_index: int | No
     fig = _figure()
     ax = fig.add_subplot()
     curves = _curves(y, probs, class_names, positive_index)
+    drawn = False
     for label, y_bin, scores in curves:
         if 0 < y_bin.sum() < len(y_bin):
             prec, rec, _ = precision_recall_curve(y_bin, scores)
             line, = ax.step(rec, prec, where="post", lw=2,
                             label=f"{label} (AP {average_precision_score(y_bin, scores):.3f})")
             ax.axhline(y_bin.mean(), ls=":", lw=1, color=line.get_color())
+            drawn = True
+    _note_if_empty(ax, drawn)
     if len(curves) == 1 and 0 < curves[0][1].sum() < len(curves[0][1]):
         _mark_points(ax, curves[0][1], curves[0][2], operating_points, "pr")
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="recall (sensitivity)", ylabel="precision (PPV)",
            title="Precision-recall (dotted: prevalence)")
-    ax.legend(loc="lower left", fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower left", fontsize=8)
     return _save(fig, path)
 
 
@@ -262,10 +286,9 @@ def _fmt(v) -> str:
     if v is None:
         return "—"
     if isinstance(v, Mapping) and "value" in v:
-        # A bootstrap interval dict renders as "value (low–high)".
-        low, high = v.get("low"), v.get("high")
-        ci = f" ({_fmt(low)}–{_fmt(high)})" if low is not None and high is not None else ""
-        return _fmt(v["value"]) + ci
+        # A bootstrap interval dict renders as "value (low–high)", or "value (n/a: why)" when unreliable.
+        text = interval_text(v)
+        return _fmt(v["value"]) + (f" ({text})" if text else "")
     if isinstance(v, (bool, np.bool_)):
         return str(bool(v))
     if isinstance(v, (int, np.integer)):
@@ -277,6 +300,18 @@ def _fmt(v) -> str:
     if isinstance(v, (list, tuple, np.ndarray)):
         return ", ".join(_fmt(x) for x in v)
     return str(v)
+
+
+def interval_text(iv: Mapping) -> str:
+    """"low–high" for a bootstrap interval dict; its note instead when the interval is marked n/a, or the range
+    flagged with the note when it is otherwise unreliable; "" when there is no interval."""
+    low, high, note = iv.get("low"), iv.get("high"), iv.get("note")
+    if iv.get("reliable") is False and note and (note.startswith("n/a") or low is None):
+        return note
+    if low is None or high is None:
+        return ""
+    text = f"{_fmt(low)}–{_fmt(high)}"
+    return f"{text}, unreliable: {note}" if iv.get("reliable") is False else text
 
 
 def _cell(v, tag: str = "td") -> str:
