@@ -1,7 +1,7 @@
 """CPU inference: eager PyTorch fp32 vs ONNX Runtime fp32 vs ONNX Runtime INT8, same run, same machine.
 
     python benchmarks/cpu_inference.py [--model CKPT] [--data ../shared/data/fracatlas] [--split-csv CSV]
-        [--n-val 0] [--n-calib 64] [--int8-float-convs 2] [--keep-onnx DIR] [--json F]
+        [--n-val 0] [--n-calib 64] [--int8-float-convs 4] [--keep-onnx DIR] [--json F]
 
 Reports batch-1 latency (median) and batch-32 throughput per back-end, ratios to eager fp32, the AUROC of
 fp32 vs INT8 on FracAtlas, and how far single INT8 probabilities move (max and 99th percentile of
@@ -114,7 +114,7 @@ def main() -> None:
     ap.add_argument("--int8-tolerance", type=float, default=None,
                     help="export parity tolerance for INT8 (default: bonefrac export's, 0.15)")
     ap.add_argument("--int8-float-convs", type=int, default=None,
-                    help="input-side convolutions INT8 keeps in float (default: bonefrac export's, 2)")
+                    help="input-side convolutions INT8 keeps in float (default: bonefrac export's, 4)")
     ap.add_argument("--reuse-onnx", action="store_true",
                     help="with --keep-onnx: use fp32.onnx / int8.onnx already there instead of exporting again")
     ap.add_argument("--keep-onnx", help="directory to keep fp32.onnx and int8.onnx in")

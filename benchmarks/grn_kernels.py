@@ -91,6 +91,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--batch", type=int, default=256)
     batch = p.parse_args().batch
+    if not torch.cuda.is_available():
+        p.error("this benchmark needs a CUDA GPU (none found)")
     torch.manual_seed(0)
     compiled_stock = torch.compile(stock)
     rows = []

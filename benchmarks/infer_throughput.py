@@ -169,6 +169,8 @@ def main() -> None:
     p.add_argument("--profile-dir", help="write each compiled variant's top CUDA kernels here")
     p.add_argument("--json")
     args = p.parse_args()
+    if not torch.cuda.is_available():
+        p.error("this benchmark needs a CUDA GPU (none found)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.backends.cudnn.benchmark = True
     variants = args.variants.split(",")

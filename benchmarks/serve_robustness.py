@@ -168,11 +168,12 @@ def main() -> None:
             report["healthy_after"] = http.get(url + "/health").status_code == 200
             ok = http.post(url + "/v1/predict", files=[("files", ("ok.png", s["png"]))])
             report["predicts_after"] = ok.status_code == 200 and ok.json()["results"][0]["status"] in ("ok", "not_xray")
-    statuses = list(report["corpus"].values()) + [int(k) for k, v in report["fuzz_status_counts"].items()]
     report["n_5xx"] = sum(1 for c in report["corpus"].values() if c >= 500) + \
         sum(v for k, v in report["fuzz_status_counts"].items() if int(k) >= 500)
-    report["transport_errors"] = statuses.count(-1)
-    report["passed"] = report["n_5xx"] == 0 and report["healthy_after"] and report["predicts_after"]
+    # -1: the connection dropped (no HTTP answer); counted per request, not per distinct status
+    report["transport_errors"] = list(report["corpus"].values()).count(-1) + report["fuzz_status_counts"].get("-1", 0)
+    report["passed"] = (report["n_5xx"] == 0 and report["transport_errors"] == 0 and report["healthy_after"]
+                        and report["predicts_after"])
     print(json.dumps(report, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

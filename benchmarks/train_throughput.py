@@ -179,6 +179,8 @@ def main() -> None:
     p.add_argument("--profile-dir", help="write a kernel profile per run here")
     p.add_argument("--json")
     args = p.parse_args()
+    if not torch.cuda.is_available():
+        p.error("this benchmark needs a CUDA GPU (none found)")
     rank, world = distributed_setup()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(message)s")
     torch.backends.cudnn.benchmark = True

@@ -34,4 +34,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from bonefrac.cli import run_logged
+
+    raise SystemExit(run_logged(main))
