@@ -67,6 +67,43 @@ def test_explain_writes_an_overlay_per_image(ckpt, tmp_path):
     assert main(["explain", str(ckpt), str(images[0]), "--out", str(out), "--class", "nonsense"]) == 2
 
 
+def test_explain_outputs_are_atomic_and_clashing_names_depend_on_the_path_only(ckpt, tmp_path, monkeypatch):
+    """A stopped run leaves no half-written PNG and no earlier run's explain.csv describing its maps; two inputs
+    with one stem get names from their paths (a counter named another file's map in another run)."""
+    import bonefrac.explain as explain_mod
+
+    src = sorted((SAMPLE / "images").iterdir())[:2]
+    for folder, image in (("b", src[0]), ("c", src[1])):
+        (tmp_path / folder).mkdir()
+        shutil.copy(image, tmp_path / folder / "x.webp")
+    out = tmp_path / "cams"
+    assert main(["explain", str(ckpt), str(tmp_path / "b" / "x.webp"), str(tmp_path / "c" / "x.webp"),
+                 "--out", str(out)]) == 0
+    import hashlib
+
+    def hashed(folder):
+        return f"x_{hashlib.sha256(str((tmp_path / folder / 'x.webp').resolve()).encode()).hexdigest()[:8]}_gradcam.png"
+
+    assert pd.read_csv(out / "explain.csv").heatmap.tolist() == ["x_gradcam.png", hashed("c")]
+    assert main(["explain", str(ckpt), str(tmp_path / "c" / "x.webp"), str(tmp_path / "b" / "x.webp"),
+                 "--out", str(tmp_path / "again")]) == 0
+    assert pd.read_csv(tmp_path / "again" / "explain.csv").heatmap.tolist() == ["x_gradcam.png", hashed("b")]
+    real, drawn = explain_mod.overlay, []
+
+    def stopped(*args, **kwargs):  # the run is killed while drawing its second map
+        if drawn:
+            raise KeyboardInterrupt
+        drawn.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(explain_mod, "overlay", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        explain_mod.explain_files(load_predictor([str(ckpt)], "cpu"), [str(tmp_path / "b" / "x.webp"),
+                                  str(tmp_path / "c" / "x.webp")], out)
+    assert not (out / "explain.csv").exists()  # the earlier table is gone, not left describing new maps
+    assert not list(out.glob("*.part"))
+
+
 def test_calibrate_refits_the_temperature_on_val(ckpt, manifest, tmp_path, caplog):
     fitted_in_training = checkpoint.read_meta(ckpt)
     copy = tmp_path / "ckpt"

@@ -13,7 +13,9 @@ default the class the predictor decides on.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +35,8 @@ OVERLAY_ALPHA = 0.6  # opacity of the hottest pixels; cold regions leave the X-r
 
 def gradcam(predictor, images: list[np.ndarray], target_class: int | None = None,
             batch_size: int = 16) -> list[np.ndarray]:
-    """Grad-CAM heatmaps, float32 (H, W) at each image's own size, min-max scaled to [0, 1] (all zeros when
-    the map is flat: nothing is localised).
+    """Grad-CAM heatmaps, float32 (H, W) at each image's own size, min-max scaled to [0, 1] at the model's
+    resolution and stretched to the image (all zeros when the map is flat: nothing is localised).
 
     `images` are decoded 2-D uint8 arrays of any size; `target_class` is a class index, or None for the
     class the predictor predicts for each image (its validation threshold for binary models).
@@ -42,12 +44,14 @@ def gradcam(predictor, images: list[np.ndarray], target_class: int | None = None
     return explain_arrays(predictor, images, target_class, batch_size)[0]
 
 
-def explain_arrays(predictor, images: list[np.ndarray], target_class=None,
-                   batch_size: int = 16) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+def explain_arrays(predictor, images: list[np.ndarray], target_class=None, batch_size: int = 16,
+                   at_image_size: bool = True) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
     """(heatmaps as in `gradcam`, explained class index per image, the predictor's calibrated probabilities
     (n, K), as `predict` reports them). `target_class` may also be a sequence with one class index per image. An
     ensemble's map is drawn by its first member, for the class the ensemble itself predicts (at its own threshold)
-    unless one is given."""
+    unless one is given. `at_image_size=False`: each map stays at the model's input size (S, S), already scaled
+    to [0, 1]; `overlay` stretches it to whatever image it draws on (a batch of full-size float32 maps of large
+    radiographs would take gigabytes)."""
     member = _first_member(predictor)
     n_classes = len(member.class_names)
     targets = None if target_class is None else np.array(np.broadcast_to(np.asarray(target_class, int), (len(images),)))
@@ -62,7 +66,8 @@ def explain_arrays(predictor, images: list[np.ndarray], target_class=None,
         target = (decide(chunk_probs, predictor.positive_index, predictor.threshold) if targets is None
                   else targets[start:start + batch_size])
         cams = _cam(member, feats, logits, target)
-        heatmaps += [_unit_range(_to_image_size(c, img.shape)) for c, img in zip(cams, chunk)]
+        unit = [_unit_range(c) for c in cams]  # scaled at the model's resolution, then (maybe) stretched
+        heatmaps += [_to_image_size(u, img.shape) for u, img in zip(unit, chunk)] if at_image_size else unit
         classes.append(np.asarray(target))
         probs.append(chunk_probs)
     if not images:
@@ -148,23 +153,31 @@ def _hooked_features_and_logits(model, inp: torch.Tensor):
 
 
 def find_target_layer(model, inp: torch.Tensor) -> torch.nn.Module:
-    """The last module whose output is a 4-D (B, C, h, w) feature map with h, w > 1 when run on `inp`."""
+    """The last module whose output is a 4-D (B, C, h, w) feature map with h, w > 1 when run on `inp` (logged, with
+    a warning when later 4-D maps were 1 x 1: the input is too small for the last stage, so the map is shallower)."""
     order, handles = [], []
-    for module in model.modules():
+    for name, module in model.named_modules():
         if module is model:
             continue
         handles.append(module.register_forward_hook(
-            lambda m, _i, out: order.append(m) if torch.is_tensor(out) and out.ndim == 4 and out.shape[-1] > 1
-            else None))
+            lambda m, _i, out, name=name: order.append((name, m, tuple(out.shape[-2:])))
+            if torch.is_tensor(out) and out.ndim == 4 else None))
     try:
         with torch.no_grad():
             model(inp[:1])
     finally:
         for h in handles:
             h.remove()
-    if not order:
+    spatial = [item for item in order if item[2][-1] > 1]
+    if not spatial:
         raise BonefracError(f"{type(model).__name__}: no 4-D feature map found; Grad-CAM needs a CNN-like model")
-    return order[-1]
+    name, layer, size = spatial[-1]
+    log.info("Grad-CAM layer of %s: %s (%d x %d map)", type(model).__name__, name, *size)
+    later = order[order.index(spatial[-1]) + 1:]
+    if any("pool" not in type(m).__name__.lower() for _, m, _ in later):  # global pooling is 1 x 1 by design
+        log.warning("Grad-CAM uses %s: later feature maps are 1 x 1 at %d px input, too small to localise; a larger "
+                    "input size gives a deeper map", name, inp.shape[-1])
+    return layer
 
 
 def _unit_range(cam: np.ndarray) -> np.ndarray:
@@ -222,6 +235,10 @@ def explain_files(predictor, paths: list[str], out_dir: str | Path, target_class
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    table = out_dir / "explain.csv"
+    if table.exists():  # a previous run's table must not describe this run's maps if this one is stopped
+        log.info("replacing %s of an earlier run", table)
+        table.unlink()
     names = _first_member(predictor).class_names
     target = _class_index(names, target_class)
     rows, used = [], set()
@@ -229,7 +246,8 @@ def explain_files(predictor, paths: list[str], out_dir: str | Path, target_class
     for start in range(0, len(files), batch_size):
         decoded = [(p, *_read_checked(p, xray_check)) for p in files[start:start + batch_size]]
         good = [img for _, img, problem in decoded if problem is None]
-        explained = iter(zip(*explain_arrays(predictor, good, target, batch_size))) if good else iter(())
+        explained = iter(zip(*explain_arrays(predictor, good, target, batch_size, at_image_size=False))) if good \
+            else iter(())
         for path, img, problem in decoded:  # rows stay in input order
             if problem is not None:  # unreadable, or not an X-ray as predict would say
                 rows.append({"path": printable_path(path), "status": problem["status"],
@@ -237,12 +255,13 @@ def explain_files(predictor, paths: list[str], out_dir: str | Path, target_class
                 continue
             cam, cls, prob = next(explained)
             png = out_dir / _unique_name(path, used)
-            Image.fromarray(overlay(img, cam)).save(png)
+            _save_atomically(Image.fromarray(overlay(img, cam)), png)
             rows.append({"path": printable_path(path), "status": "ok", "heatmap": printable_path(png.name),
                          "explained_class": names[cls], "probability": round(float(prob[cls]), 6), "error": ""})
-    table = out_dir / "explain.csv"
     columns = ["path", "heatmap", "explained_class", "probability", "error"]  # `status` stays out: the CSV is as before
-    pd.DataFrame(rows, columns=columns).to_csv(table, index=False)
+    part = table.with_name(table.name + ".part")
+    pd.DataFrame(rows, columns=columns).to_csv(part, index=False)
+    os.replace(part, table)
     log.info("explained %d of %d images into %s", sum(1 for r in rows if not r["error"]), len(rows), out_dir)
     _warn_unexplained(rows, table)
     return rows
@@ -270,13 +289,21 @@ def _class_index(names: list[str], target: str | None) -> int | None:
 
 
 def _unique_name(path: Path, used: set) -> str:
-    """`<stem>_gradcam.png`, numbered when two inputs (from different folders) share a stem."""
-    name, i = f"{path.stem}_gradcam.png", 1
-    while name in used:
-        i += 1
-        name = f"{path.stem}_{i}_gradcam.png"
+    """`<stem>_gradcam.png`; when two inputs (from different folders) share a stem, the later one's name carries 8
+    hex digits of a hash of its full path (not a counter, which would name another file's map in another run)."""
+    name = f"{path.stem}_gradcam.png"
+    if name in used:
+        digest = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:8]
+        name = f"{path.stem}_{digest}_gradcam.png"
     used.add(name)
     return name
+
+
+def _save_atomically(image, path: Path) -> None:
+    """Save a PIL image as PNG under a temporary name, then rename: a stopped run leaves no half-written map."""
+    part = path.with_name(path.name + ".part")
+    image.save(part, format="PNG")
+    os.replace(part, path)
 
 
 # ----------------------------------------------------------------------------- does it point at the fracture?
@@ -287,6 +314,8 @@ POINTING_TOLERANCE_PX = 15  # as in the pointing game of Zhang et al. (ECCV 2016
 def pointing_hit(heatmap: np.ndarray, boxes, tolerance: float = POINTING_TOLERANCE_PX) -> bool:
     """True when the heatmap's maximum lies inside any box (x, y, w, h in pixels, x/y = top-left corner)
     grown by `tolerance` pixels on every side. Ties: the first maximum in row-major order."""
+    if not np.any(heatmap):  # a flat map localises nothing: its "maximum" at pixel (0, 0) is not a guess
+        return False
     row, col = np.unravel_index(int(np.argmax(heatmap)), np.shape(heatmap))
     # Pixel (row, col) covers [col, col + 1) x [row, row + 1); its centre is what is tested.
     px, py = col + 0.5, row + 0.5
