@@ -181,14 +181,37 @@ def test_cuda_kernels_match_timm(dtype):
 def test_fused_kernels_are_asked_for_by_one_environment_switch(monkeypatch):
     from bonefrac.predict import fused_kernels_wanted
 
-    for value, wanted in ((None, False), ("0", False), ("off", False), ("", False), ("1", True), (" Yes ", True),
+    for value, wanted in ((None, True), ("0", False), ("off", False), (" No ", False), ("", True), ("1", True),
                           ("true", True)):
         if value is None:
             monkeypatch.delenv("BONEFRAC_FUSED_KERNELS", raising=False)
         else:
             monkeypatch.setenv("BONEFRAC_FUSED_KERNELS", value)
         assert fused_kernels_wanted() is wanted, value
-    assert kernels.fuse_for_inference(small_convnext(conv_mlp=False)) == 5
+    model = small_convnext(conv_mlp=False)
+    assert kernels.fuse_for_inference(model) == 5
+    assert {b._bonefrac_min_images for b in model.modules() if isinstance(b, ConvNeXtBlock)} == {
+        kernels.FUSED_MIN_IMAGES}
+
+
+def test_small_batches_and_failed_launches_run_timms_forward(monkeypatch, caplog):
+    """Below min_images the block is timm's (the kernels lost at batch 8 on an H100); a launch that fails (e.g. a
+    GPU with less shared memory than the tiles need) warns once and the block stays on timm's forward."""
+    model = small_convnext(conv_mlp=False)
+    ref = copy.deepcopy(model).half()
+    kernels.fuse_grn_blocks(model, min_images=4)
+    model = model.half()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets _kernel_dtype pick the kernels on the CPU
+    x = torch.randn(2, 3, 64, 64).half()
+    got, calls = _forward_with_fused_calls(model, x, monkeypatch)
+    assert not calls and torch.equal(got, ref(x))
+    monkeypatch.setattr(kernels, "grn_mlp_residual", lambda *a: (_ for _ in ()).throw(RuntimeError("no smem")))
+    x = torch.randn(4, 3, 64, 64).half()
+    with torch.no_grad():
+        assert torch.equal(model(x), ref(x))
+        assert caplog.text.count("fused GRN kernels failed on this GPU (RuntimeError: no smem)") == 5  # per block
+        caplog.clear()
+        assert torch.equal(model(x), ref(x)) and "failed" not in caplog.text  # not tried again
 
 
 def test_block_operands_are_cached_until_a_parameter_changes():

@@ -674,3 +674,96 @@ def test_explain_of_an_exported_model_is_a_501_that_says_so(ckpt, tmp_path):
     message = resp.json()["error"]["message"]
     assert "checkpoint or ensemble directory" in message and "exported onnx model" in message
     assert version.startswith("resnet10t@") and version.endswith("+onnx-fp32") and "@test" not in version
+
+
+# --- what an explanation map is; one image per explanation; the page's headers; request size ---------------
+
+
+@pytest.mark.parametrize("threshold, called", [(1e-6, "fracture"), (0.999999, "no_fracture")])
+def test_explain_names_the_class_its_map_shows_with_its_probability(tmp_path, monkeypatch, threshold, called):
+    """A bare PNG let a confident negative call's map (scaled within the image, so always saturated) pass for a
+    fracture locator: the headers say which class's evidence it is, how probable that class is, and the decision."""
+    import bonefrac.explain
+
+    shapes = []
+    real_overlay = bonefrac.explain.overlay
+    monkeypatch.setattr(bonefrac.explain, "overlay", lambda img, heat, *a: shapes.append(heat.shape)
+                        or real_overlay(img, heat, *a))
+    ckpt = tiny_checkpoint(tmp_path / "ckpt", threshold=threshold)
+    file = ("x.webp", SAMPLES[0].read_bytes())
+    with TestClient(create_app(Settings(model=str(ckpt), preprocess_workers=0, warmup=False))) as c:
+        predicted = post(c, file).json()
+        resp = post(c, file, path="/v1/explain")
+    assert resp.status_code == 200 and resp.content[:8] == b"\x89PNG\r\n\x1a\n", resp.text
+    h, r = resp.headers, predicted["results"][0]
+    assert h["X-Explained-Class"] == h["X-Prediction"] == r["prediction"] == called
+    assert float(h["X-Explained-Probability"]) == pytest.approx(r["probabilities"][called], abs=1e-5)
+    assert float(h["X-Threshold"]) == threshold and h["X-Positive-Class"] == "fracture"
+    assert h["X-Model-Version"] == predicted["model_version"] and h["X-Operating-Point"] == "default"
+    assert predicted["positive_class"] == "fracture" and predicted["operating_point"] == "default"
+    assert shapes == [(64, 64)]  # the map stays at the model's resolution; overlay stretches it while drawing
+
+
+def test_explain_headers_are_readable_by_other_origins_when_cors_is_on(ckpt):
+    settings = Settings(model=str(ckpt), preprocess_workers=0, warmup=False, cors_origins=("http://viewer",))
+    with TestClient(create_app(settings)) as c:
+        resp = post(c, ("x.webp", SAMPLES[0].read_bytes()), path="/v1/explain", headers={"Origin": "http://viewer"})
+    assert resp.status_code == 200, resp.text
+    exposed = {h.strip().lower() for h in resp.headers["access-control-expose-headers"].split(",")}
+    assert {"x-explained-class", "x-explained-probability", "x-prediction", "x-threshold",
+            "x-model-version"} <= exposed
+
+
+def test_explain_refuses_more_than_one_file(client):
+    """It used to explain the first file and silently drop the rest."""
+    resp = post(client, ("a.webp", SAMPLES[0].read_bytes()), ("b.webp", SAMPLES[1].read_bytes()), path="/v1/explain")
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["error"]["code"] == "one_image_only" and "2" in resp.json()["error"]["message"]
+    responses = client.get("/openapi.json").json()["paths"]["/v1/explain"]["post"]["responses"]
+    assert "one_image_only" in responses["422"]["description"]
+
+
+STRICT_CSP = ["default-src 'self'", "img-src 'self' blob: data:", "script-src 'self'", "style-src 'self'",
+              "object-src 'none'", "base-uri 'none'", "frame-ancestors 'none'"]
+
+
+@pytest.mark.parametrize("path", ["/", "/static/app.js", "/static/style.css", "/static/index.html"])
+def test_the_page_and_its_files_carry_a_strict_content_security_policy(client, path):
+    resp = client.get(path)
+    assert resp.status_code == 200
+    policy = [d.strip() for d in resp.headers.get("content-security-policy", "").split(";")]
+    assert sorted(policy) == sorted(STRICT_CSP), policy
+
+
+def test_the_page_has_no_inline_code_and_the_docs_pages_keep_working(client):
+    """The strict policy would block inline scripts, styles and handlers; Swagger UI needs its inline script, so
+    /docs and /redoc are served without it."""
+    import re
+
+    html = client.get("/").text
+    assert all(re.search(r"\ssrc=", tag) for tag in re.findall(r"<script\b[^>]*>", html, re.I))
+    assert not re.search(r"<script\b[^>]*>\s*[^<\s]", html, re.I)  # no script body
+    assert not re.search(r"<style\b|\sstyle=|\son[a-z]+=|javascript:", html, re.I)
+    for page in ("/docs", "/redoc"):
+        resp = client.get(page)
+        assert resp.status_code == 200 and "frame-ancestors" not in resp.headers.get("content-security-policy", "")
+
+
+def test_the_default_request_limit_takes_an_uncompressed_dr_dicom():
+    """4300 x 3500 pixels x 2 bytes is ~30 MB: the 20 MB default refused typical digital radiographs."""
+    from bonefrac.serve.guards import BodyLimitMiddleware
+
+    body = 4300 * 3500 * 2 + 64 * 1024  # pixel data + header and multipart overhead
+    assert Settings().max_request_bytes >= body
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append(scope["path"])
+
+    async def main():
+        limit = BodyLimitMiddleware(app, Settings().max_request_bytes, telemetry=None)
+        scope = {"type": "http", "path": "/v1/predict", "headers": [(b"content-length", str(body).encode())]}
+        await limit(scope, None, None)
+
+    asyncio.run(main())
+    assert seen == ["/v1/predict"]  # passed on, not refused

@@ -166,3 +166,14 @@ def _free_port() -> int:
 def test_rate_limit_keys_on_the_forwarded_client_only_behind_a_trusted_proxy():
     assert 429 not in _statuses_behind_proxy("127.0.0.1")  # six clients, one request each
     assert _statuses_behind_proxy("10.0.0.1")[-1] == 429  # header ignored: all six are the proxy's
+
+
+def test_the_documented_request_limit_is_the_default():
+    """settings.py's table and README.md's must state the default the code uses."""
+    default = f"{Settings().max_request_mb:g}"
+    doc = re.search(r"^\| BONEFRAC_MAX_REQUEST_MB \| ([^|]+) \|", settings_mod.__doc__, re.M)
+    readme = (SRC.parent / "README.md").read_text()
+    row = re.search(r"^\| `BONEFRAC_MAX_REQUEST_MB` \| ([^|]+) \|", readme, re.M)
+    assert doc and doc.group(1).strip() == default
+    assert row and row.group(1).strip() == default, "README.md's settings table: no or another request limit"
+    assert Settings().max_request_mb >= 64

@@ -195,6 +195,8 @@ def _kernel_dtype(block, x: torch.Tensor):
     """The half dtype the fused kernels would run this block in, or None when timm's forward must run instead."""
     if block.training or (torch.is_grad_enabled() and (x.requires_grad or block.mlp.fc1.weight.requires_grad)):
         return None  # no backward for the fused kernels
+    if x.shape[0] < block.__dict__.get("_bonefrac_min_images", 1) or block.__dict__.get("_bonefrac_failed"):
+        return None
     if not (x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")):
         return None
     if x.dtype in _HALF:
@@ -246,7 +248,13 @@ def _fused_block_class():
             if torch.compiler.is_compiling():  # the custom op: compiled graphs hold the kernels, no graph break
                 out = torch.ops.bonefrac.grn_mlp_residual(*args)
             else:
-                out = grn_mlp_residual(*args)
+                try:
+                    out = grn_mlp_residual(*args)
+                except Exception as exc:  # noqa: BLE001 - e.g. tiles needing more shared memory than this GPU has
+                    log.warning("fused GRN kernels failed on this GPU (%s: %s); this block runs timm's forward from "
+                                "now on", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+                    self.__dict__["_bonefrac_failed"] = True
+                    return super().forward(x)
             return out.view(b, h, w, -1).permute(0, 3, 1, 2)
 
         def _operands(self, dt: torch.dtype) -> tuple:
@@ -274,10 +282,11 @@ def _fused_block_class():
     return FusedGrnConvNeXtBlock
 
 
-def fuse_grn_blocks(model: torch.nn.Module) -> int:
+def fuse_grn_blocks(model: torch.nn.Module, min_images: int = 1) -> int:
     """Switch every eligible ConvNeXt V2 block of `model` (in place) to the fused inference kernels; returns how
     many. The blocks keep their parameters and state_dict keys; they fall back to timm's forward whenever the
-    kernels do not apply (see the module docstring)."""
+    kernels do not apply (see the module docstring), for batches of fewer than `min_images` images, and for good
+    once a launch fails (a warning says why)."""
     from timm.models.convnext import ConvNeXtBlock
 
     if not triton_available():
@@ -288,18 +297,25 @@ def fuse_grn_blocks(model: torch.nn.Module) -> int:
     for module in model.modules():
         if type(module) is ConvNeXtBlock and _eligible(module):
             module.__class__ = fused
+            module.__dict__["_bonefrac_min_images"] = int(min_images)
             n += 1
     return n
 
 
+# Below this many images per batch the fused blocks run timm's forward: on an H100 (benchmarks/RESULTS.md) the
+# kernels lost 22 % at batch 8 (launch-bound) and won 23 % at 16, 59 % at 32 and 80 % at 256 in predict's bf16 path.
+FUSED_MIN_IMAGES = 16
+
+
 def fuse_for_inference(model: torch.nn.Module) -> int:
-    """What `Predictor` calls for a model on CUDA when $BONEFRAC_FUSED_KERNELS asks for it
-    (`predict.fused_kernels_wanted`): `fuse_grn_blocks`, logged, or a warning when Triton cannot run. Returns the
-    number of blocks fused."""
+    """What `Predictor` calls for a model on CUDA unless $BONEFRAC_FUSED_KERNELS turns it off
+    (`predict.fused_kernels_wanted`): `fuse_grn_blocks` for batches of FUSED_MIN_IMAGES or more, logged, or a
+    warning when Triton cannot run. Returns the number of blocks fused."""
     if not triton_available():
-        log.warning("BONEFRAC_FUSED_KERNELS is on but Triton (or torch >= 2.6) is missing: timm's forward runs")
+        log.warning("fused GRN kernels need Triton (and torch >= 2.6), which are missing: timm's forward runs")
         return 0
-    n = fuse_grn_blocks(model)
+    n = fuse_grn_blocks(model, min_images=FUSED_MIN_IMAGES)
     if n:
-        log.info("ConvNeXt V2 blocks on fused GRN kernels (BONEFRAC_FUSED_KERNELS): %d", n)
+        log.info("%d ConvNeXt V2 blocks run fused GRN kernels for batches of %d+ images (BONEFRAC_FUSED_KERNELS=0 "
+                 "turns them off)", n, FUSED_MIN_IMAGES)
     return n

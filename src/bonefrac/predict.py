@@ -79,10 +79,15 @@ def with_flipped_view(model, inp: torch.Tensor, logits: torch.Tensor) -> torch.T
 
 
 def fused_kernels_wanted() -> bool:
-    """Whether $BONEFRAC_FUSED_KERNELS asks for the fused ConvNeXt V2 kernels on CUDA (bonefrac.kernels): "1",
-    "true", "yes" or "on"; unset or anything else: off (the whole-model GPU test has not run yet,
-    benchmarks/RESULTS.md)."""
-    return os.environ.get("BONEFRAC_FUSED_KERNELS", "").strip().lower() in ("1", "true", "yes", "on")
+    """Whether ConvNeXt V2 models on CUDA run the fused MLP/GRN kernels (bonefrac.kernels): yes unless
+    $BONEFRAC_FUSED_KERNELS is "0", "false", "no" or "off" (the kernels are checked against timm on a GPU by
+    tests/test_kernels.py; speed-ups in benchmarks/RESULTS.md)."""
+    return os.environ.get("BONEFRAC_FUSED_KERNELS", "").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _has_grn_mlp(model) -> bool:
+    """True for models with Global Response Norm MLPs (ConvNeXt V2), the only ones the fused kernels change."""
+    return any(type(m).__name__ == "GlobalResponseNormMlp" for m in model.modules())
 
 
 def decide(probs: np.ndarray, positive_index: int | None, threshold: float | None) -> np.ndarray:
@@ -112,7 +117,7 @@ class Predictor:
         model, meta = checkpoint.load(path, dev)
         if dev.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
-            if fused_kernels_wanted():  # Triton is imported only then
+            if fused_kernels_wanted() and _has_grn_mlp(model):  # Triton is imported only then
                 from .kernels import fuse_for_inference
 
                 fuse_for_inference(model)

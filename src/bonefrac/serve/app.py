@@ -12,7 +12,6 @@ from contextlib import asynccontextmanager
 
 import numpy as np
 from fastapi import FastAPI
-from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 
 from .. import __version__
@@ -23,7 +22,7 @@ from .errors import install as install_error_handlers
 from .guards import BodyLimitMiddleware, GuardMiddleware, ObserveMiddleware, RateLimiter
 from .preprocess import Preprocessor
 from .routes import ops, page, predict
-from .routes.page import STATIC_DIR
+from .routes.page import STATIC_DIR, PageFiles
 from .settings import Settings
 from .telemetry import Telemetry
 
@@ -73,7 +72,7 @@ def create_app(settings: Settings | None = None, predictor=None) -> FastAPI:
     _add_middleware(app, settings, telemetry)
     for module in (predict, ops, page):
         app.include_router(module.router)
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.mount("/static", PageFiles(directory=STATIC_DIR), name="static")
     return app
 
 
@@ -109,8 +108,10 @@ def _add_middleware(app: FastAPI, settings: Settings, telemetry: Telemetry) -> N
     if settings.cors_origins:  # off by default: the page is served from the same origin
         from fastapi.middleware.cors import CORSMiddleware
 
+        # Exposed: a page on another origin must be able to read what an explanation map is (predict.py).
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
-                           allow_methods=["GET", "POST"], allow_headers=["X-API-Key", "Authorization"])
+                           allow_methods=["GET", "POST"], allow_headers=["X-API-Key", "Authorization"],
+                           expose_headers=list(predict.EXPLAIN_HEADERS))
     app.add_middleware(ObserveMiddleware, telemetry=telemetry)
 
 

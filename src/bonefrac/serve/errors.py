@@ -39,7 +39,7 @@ CODES = {
     404: ["audit_off"],
     413: ["request_too_large", "too_many_files", "image_too_large"],
     415: ["unsupported_media_type"],
-    422: ["invalid_request", "unreadable_image", "not_xray"],
+    422: ["invalid_request", "unreadable_image", "not_xray", "one_image_only"],  # the last: /v1/explain, 2+ files
     429: ["rate_limited"],
     500: ["internal"],
     501: ["not_implemented"],

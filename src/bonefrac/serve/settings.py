@@ -7,7 +7,7 @@
 | BONEFRAC_OPERATING_POINT | default | a point saved with the model | its validation threshold decides, e.g. screening |
 | BONEFRAC_HOST / BONEFRAC_PORT | 127.0.0.1 / 8000 | port 1-65535 | address the service listens on (127.0.0.1: local) |
 | BONEFRAC_MAX_BATCH / BONEFRAC_MAX_WAIT_MS | 16 / 10 | >= 1 / finite >= 0 | micro-batching; MAX_BATCH=1 turns it off |
-| BONEFRAC_MAX_REQUEST_MB | 20 | finite > 0 | request body cap |
+| BONEFRAC_MAX_REQUEST_MB | 64 | finite > 0 | request body cap (an uncompressed DR DICOM is ~30 MB) |
 | BONEFRAC_MAX_FILES | 16 | >= 1 | images per request |
 | BONEFRAC_MAX_PIXELS | 60000000 | >= 1 | per image, checked from the header before decoding |
 | BONEFRAC_RATE_LIMIT | 600 | >= 0 | requests per minute per client, bursts of max(5, rate/10) (0: off) |
@@ -52,7 +52,7 @@ _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 # `bonefrac serve --...`
 _FLAGS = {"model", "host", "port", "max_batch", "max_wait_ms", "audit_db", "device", "operating_point"}
 _POINT_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # every name bonefrac saves; a stray space or quote is a typo
-# copydetect.py; kernels.py (opt-in fused GPU kernels); BONEFRAC_MODEL is also read by predict.py
+# copydetect.py; predict.py (BONEFRAC_FUSED_KERNELS=0: no fused GPU kernels); BONEFRAC_MODEL is also read by predict.py
 _READ_ELSEWHERE = ("BONEFRAC_COPY_DETECTOR", "BONEFRAC_FUSED_KERNELS")
 
 
@@ -108,7 +108,8 @@ class Settings:
     port: int = 8000
     max_batch: int = 16
     max_wait_ms: float = 10.0
-    max_request_mb: float = 20.0
+    # An uncompressed DR DICOM (4300 x 3500 x 16 bit) is ~30 MB; decompression bombs are MAX_PIXELS's job.
+    max_request_mb: float = 64.0
     max_files: int = 16
     max_pixels: int = 60_000_000
     rate_limit: int = 600

@@ -1,4 +1,5 @@
-"""POST /v1/predict (one or many images -> probabilities, refer flag), POST /v1/explain (Grad-CAM PNG),
+"""POST /v1/predict (one or many images -> probabilities, refer flag), POST /v1/explain (one image -> Grad-CAM PNG
+and headers naming the class it explains),
 GET /v1/audit (recent audit rows, when the audit log is on)."""
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ import asyncio
 import hashlib
 import io
 import logging
+from functools import partial
 
 import numpy as np
 from PIL import Image
@@ -14,7 +16,7 @@ from fastapi import APIRouter, File, Query, Request, UploadFile
 from fastapi.responses import Response
 from pydantic import BaseModel
 
-from ...backends import prediction_rows
+from ...backends import DEFAULT_POINT, prediction_rows
 from ..audit import AuditUnavailable
 from ..errors import ApiError, documented
 
@@ -43,6 +45,10 @@ class PredictResponse(BaseModel):
     model_version: str
     class_names: list[str]
     threshold: float | None
+    # Binary models: the class `threshold` applies to (called when its probability >= threshold), and the named
+    # operating point that chose it; shown with the probabilities so a call below 50 % is not a surprise.
+    positive_class: str | None = None
+    operating_point: str | None = None
     results: list[ImageResult]
 
 
@@ -92,7 +98,8 @@ async def _analyse(request: Request, files: list[UploadFile]) -> PredictResponse
         await _record(state.audit, predictor.version, [r for r in results if r.status != "error"],
                       predictor.threshold)
     return PredictResponse(model_version=predictor.version, class_names=predictor.class_names,
-                           threshold=predictor.threshold, results=results)
+                           threshold=predictor.threshold, positive_class=positive_class(predictor),
+                           operating_point=settings.operating_point or DEFAULT_POINT, results=results)
 
 
 async def _record(audit, version: str, results: list[ImageResult], threshold: float | None) -> None:
@@ -127,21 +134,76 @@ async def predict(request: Request, files: list[UploadFile] = FILES) -> PredictR
     return await _analyse(request, files)
 
 
-@router.post("/explain", summary="Grad-CAM overlay of the first image, as PNG",
-             responses={200: {"content": {"image/png": {}}}, **UPLOAD_ERRORS, **documented(501)})
+# What a /v1/explain map is: without these a map for a confident negative call (min-max scaled within the image,
+# so always saturated somewhere) reads like a fracture locator. Exposed to browsers when CORS is on (app.py).
+EXPLAIN_HEADERS = ("X-Explained-Class", "X-Explained-Probability", "X-Prediction", "X-Positive-Class", "X-Threshold",
+                   "X-Operating-Point", "X-Model-Version")
+
+
+@router.post("/explain", summary="Grad-CAM overlay of one image, as PNG, with headers naming the class it explains",
+             responses={200: {"content": {"image/png": {}}, "headers": {
+                 "X-Explained-Class": {"description": "the class whose evidence the map shows (the predicted one)",
+                                       "schema": {"type": "string"}},
+                 "X-Explained-Probability": {"description": "calibrated probability of that class",
+                                             "schema": {"type": "number"}},
+                 "X-Prediction": {"description": "the class predicted for the image", "schema": {"type": "string"}},
+                 "X-Positive-Class": {"description": "binary models: the class the threshold applies to",
+                                      "schema": {"type": "string"}},
+                 "X-Threshold": {"description": "the decision threshold, when the model has one",
+                                 "schema": {"type": "number"}},
+                 "X-Operating-Point": {"description": "the operating point in use", "schema": {"type": "string"}},
+                 "X-Model-Version": {"description": "the model that answered", "schema": {"type": "string"}}}},
+                 **UPLOAD_ERRORS, **documented(501)})
 async def explain(request: Request, files: list[UploadFile] = FILES) -> Response:
-    """The X-ray with a heatmap of the regions that drove the predicted class (PyTorch checkpoints and ensemble
-    directories; an ensemble's map is its first member's, for the class the ensemble predicts)."""
+    """Exactly one image: the X-ray with a heatmap of the evidence for the class named in `X-Explained-Class`
+    (the predicted class), whose calibrated probability is `X-Explained-Probability`. The map is scaled within
+    the image (its hottest region is always saturated): it shows where, not how sure, and the map of a negative
+    call is not a fracture locator. PyTorch checkpoints and ensemble directories only (an ensemble's map is its
+    first member's, for the class the ensemble predicts). Several files are refused (422 `one_image_only`)."""
+    if len(files) > 1:  # the map, class and probability describe one image: never silently drop the others
+        raise ApiError(422, "one_image_only", f"/v1/explain takes one image per request, got {len(files)}; "
+                       "send them one at a time")
     state = request.app.state
-    items = await _decode_uploads(files[:1], state, None)  # full size: the overlay is drawn on it
+    predictor = state.predictor
+    items = await _decode_uploads(files, state, None)  # full size: the overlay is drawn on it
     check = items[0]["check"]
     if check is not None and not check.ok:
         raise ApiError(422, "not_xray", f"{items[0]['filename']}: {check.reason}")
-    gradcam, overlay = _explainer(state.predictor)
-    heat = await state.batcher.run(gradcam, state.predictor, [items[0]["gray"]])
+    explain_arrays, overlay = _explainer(predictor)
+    # Maps at the model's resolution: overlay stretches them to the display-size image (a full-size float map of
+    # a large radiograph would cost hundreds of MB per request).
+    maps, classes, probs = await state.batcher.run(partial(explain_arrays, at_image_size=False), predictor,
+                                                   [items[0]["gray"]])
+    (row,) = prediction_rows(probs[:1], predictor, state.settings.refer_margin)
+    if row["status"] != "ok":  # non-finite model output: the model's fault, not the upload's; no class to explain
+        raise ApiError(500, "internal", f"{items[0]['filename']}: {row['message']}")
+    names, explained = predictor.class_names, int(classes[0])
+    headers = {"X-Explained-Class": names[explained], "X-Explained-Probability": f"{float(probs[0, explained]):.6f}",
+               "X-Prediction": row["prediction"], "X-Model-Version": predictor.version,
+               "X-Operating-Point": state.settings.operating_point or DEFAULT_POINT}
+    positive = positive_class(predictor)
+    if positive is not None:
+        headers["X-Positive-Class"] = positive
+    if predictor.threshold is not None:
+        headers["X-Threshold"] = f"{float(predictor.threshold):g}"
     # Drawing and PNG-encoding a full-size X-ray takes seconds: off the event loop, so other requests go on.
-    png = await asyncio.to_thread(lambda: _png(overlay(display_size(items[0]["gray"]), heat[0])))
-    return Response(png, media_type="image/png")
+    png = await asyncio.to_thread(lambda: _png(overlay(display_size(items[0]["gray"]), maps[0])))
+    return Response(png, media_type="image/png", headers={k: _header_text(v) for k, v in headers.items()})
+
+
+def positive_class(predictor) -> str | None:
+    """The class a binary model's threshold applies to (a positive call is p(class) >= threshold), else None."""
+    pos, names = getattr(predictor, "positive_index", None), predictor.class_names
+    if pos is None or predictor.threshold is None or len(names) != 2:
+        return None
+    return names[pos]
+
+
+def _header_text(value: str) -> str:
+    # HTTP header values are latin-1: a class or model name outside printable ASCII is sent percent-encoded.
+    from urllib.parse import quote
+
+    return value if value.isascii() and value.isprintable() else quote(value)
 
 
 def display_size(gray: np.ndarray, max_side: int = EXPLAIN_MAX_SIDE) -> np.ndarray:
@@ -164,10 +226,10 @@ def _explainer(predictor):
                        f"service runs {runs} (serve the checkpoint or ensemble directory it was exported from to "
                        "enable /v1/explain)")
     try:
-        from ...explain import gradcam, overlay
+        from ...explain import explain_arrays, overlay
     except ImportError:
         raise ApiError(501, "not_implemented", "Grad-CAM is not available in this installation") from None
-    return gradcam, overlay
+    return explain_arrays, overlay
 
 
 def _png(rgb: np.ndarray) -> bytes:
