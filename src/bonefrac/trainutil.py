@@ -210,7 +210,14 @@ class Watchdog:
         self.last = time.monotonic()
 
     def stop(self) -> None:
+        """End the watchdog thread and wait for it. Its callback (which holds the run: model, cached images) is
+        released here, in the caller's thread: a daemon thread dropping the last reference to a tensor made from a
+        numpy array while the interpreter shuts down aborted the process ("terminate called without an active
+        exception", about one `make demo` in three)."""
         self._stop.set()
+        self.on_timeout = None
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
 
     def _run(self) -> None:
         while not self._stop.wait(min(5.0, self.timeout_s / 4)):
@@ -219,7 +226,8 @@ class Watchdog:
                           "stopping (continue with --resume)", self.timeout_s)
                 self.fired.set()
                 try:
-                    self.on_timeout()
+                    if self.on_timeout is not None:  # None: stopped meanwhile
+                        self.on_timeout()
                 finally:
                     if self.exit_process:
                         os._exit(self.EXIT_CODE)
