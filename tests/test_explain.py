@@ -251,8 +251,8 @@ def test_an_ensemble_runs_each_member_once_per_batch():
 
 @pytest.mark.parametrize("make", [_TinyCnn, lambda: create("resnet18", 2, 1)], ids=["tiny_cnn", "resnet18"])
 def test_tta_on_the_cpu_reuses_the_float32_forward_and_reports_predicts_probabilities(make):
-    """Without autocast the Grad-CAM forward's logits are predict's unflipped ones; tta then needs only the flipped
-    view. Was 3 forwards per batch: the Grad-CAM one, then predict's unflipped and flipped ones again."""
+    """Without autocast the two Grad-CAM forwards' logits (unflipped, flipped) are predict's own: 2 forwards per
+    batch (was 3: the Grad-CAM one, then predict's unflipped and flipped ones again), and the map averages both."""
     from bonefrac.explain import explain_arrays
     from bonefrac.predict import decide
 
@@ -272,5 +272,12 @@ def test_tta_on_the_cpu_reuses_the_float32_forward_and_reports_predicts_probabil
     assert len(calls) == 2 * 2
     np.testing.assert_array_equal(probs, expected)  # bit for bit: the same average of the same float32 logits
     np.testing.assert_array_equal(classes, decide(expected, 1, predictor.threshold))
-    for a, b in zip(gradcam(predictor, images, target_class=1), maps):  # the map is the unflipped view's
-        np.testing.assert_allclose(a, b, atol=1e-6)
+    # Both views' maps are averaged (was: the unflipped view's alone, though predict averages both views): so the
+    # map of a mirrored image is the mirror of the image's map, which no single view's map is.
+    tta_maps = gradcam(predictor, images, target_class=1)
+    mirrored = gradcam(predictor, [np.ascontiguousarray(img[:, ::-1]) for img in images], target_class=1)
+    for a, b in zip(tta_maps, mirrored):
+        np.testing.assert_allclose(a, b[:, ::-1], atol=1e-4)
+    assert any(not np.allclose(a, one_view, atol=1e-3) for a, one_view in zip(tta_maps, maps))
+    assert any(not np.allclose(a, b[:, ::-1], atol=1e-3) for a, b in zip(maps, gradcam(  # no one-view map is
+        _predictor(predictor.model, size=64, channels=1), [np.ascontiguousarray(i[:, ::-1]) for i in images], 1)))

@@ -8,7 +8,8 @@ probabilities are the ensemble's, as predict gives them). The target layer is th
 before global pooling: timm's `forward_features` output (CNNs, EfficientNets, ConvNeXts; Swin's channels-last map
 too), or, for a model without it, the last module whose output is 4-D, found with forward hooks. Token models
 (ViT) have no such map and are refused with a clear error. A heatmap explains one class score (the logit); by
-default the class the predictor decides on.
+default the class the predictor decides on. With the predictor's tta (a horizontally flipped view averaged in, as
+predict does), the flipped view's map is mirrored back and averaged in too.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from .errors import BonefracError
 from .io import printable_path
 from . import predict as _predict  # by module: uses_autocast is looked up at call time (tests switch it)
 from .predict import _read_checked, decide, infer_logits, model_input, with_flipped_view
-from .transforms import resize_batch
+from .transforms import hflip, resize_batch
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +61,14 @@ def explain_arrays(predictor, images: list[np.ndarray], target_class=None, batch
     heatmaps, classes, probs = [], [], []
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
-        feats, logits, chunk_probs = _forward(member, resize_batch(chunk, member.size))
+        feats, logits, chunk_probs, flipped = _forward(member, resize_batch(chunk, member.size))
         if member is not predictor:  # the Grad-CAM forward stands in for the first member's own prediction
             chunk_probs = predictor.combine([chunk_probs, *(m.predict_arrays(chunk) for m in predictor.members[1:])])
         target = (decide(chunk_probs, predictor.positive_index, predictor.threshold) if targets is None
                   else targets[start:start + batch_size])
         cams = _cam(member, feats, logits, target)
+        if flipped is not None:  # tta: predict averages both views, so the map does too (the flipped one mirrored)
+            cams = 0.5 * (cams + _cam(member, *flipped, target)[:, :, ::-1])
         unit = [_unit_range(c) for c in cams]  # scaled at the model's resolution, then (maybe) stretched
         heatmaps += [_to_image_size(u, img.shape) for u, img in zip(unit, chunk)] if at_image_size else unit
         classes.append(np.asarray(target))
@@ -81,24 +84,24 @@ def _first_member(predictor):
 
 
 def _forward(member, x_uint8: torch.Tensor):
-    """(feature map, logits) of a float32 forward for Grad-CAM, and the calibrated probabilities `predict` gives
-    for the batch. The class explained follows predict's own forward (bf16 autocast on CUDA, the flipped view
-    with tta), so explain reports predict's class; the map comes from float32 on every device (with bf16 features
-    and gradients the shipped model's map peak moved by more than 15 px on 5 of 32 images, in a CPU emulation).
-    Without autocast the float32 logits are predict's own, so with tta only the flipped view runs again.
-    Checked on an H100 with bf16 autocast: class and probability equal predict's on all 609 FracAtlas test images
-    that pass the radiograph check."""
+    """(feature map, logits) of a float32 forward for Grad-CAM, the calibrated probabilities `predict` gives for
+    the batch, and with tta the flipped view's (feature map, logits), else None. The class explained follows
+    predict's own forward (bf16 autocast on CUDA, the flipped view with tta), so explain reports predict's class;
+    the maps come from float32 on every device (with bf16 features and gradients the shipped model's map peak moved
+    by more than 15 px on 5 of 32 images, in a CPU emulation). Without autocast the float32 logits are predict's
+    own, so with tta the two Grad-CAM forwards are all it takes. Checked on an H100 with bf16 autocast: class and
+    probability equal predict's on all 609 FracAtlas test images that pass the radiograph check."""
     x = x_uint8.to(member.device)
     inp = model_input(member.model, x, member.prep)
     feats, logits = _features_and_logits(member.model, inp)
+    flipped = _features_and_logits(member.model, hflip(inp)) if member.tta else None
     if _predict.uses_autocast(x.device):  # predict's bf16 forward differs from this float32 one: run it
         scored = infer_logits(member.model, x, member.prep, tta=member.tta)
-    elif member.tta:  # the float32 logits are predict's unflipped ones: only the flipped view needs a forward
-        with torch.no_grad(), _predict.forward_precision(x.device):
-            scored = with_flipped_view(member.model, inp, logits.detach())
+    elif member.tta:  # predict's combination of the two views, fed the flipped view's logits computed above
+        scored = with_flipped_view(lambda _flipped_input: flipped[1].detach(), inp, logits.detach())
     else:
         scored = logits.detach()
-    return feats, logits, member.calibrated(scored.cpu().numpy())
+    return feats, logits, member.calibrated(scored.cpu().numpy()), flipped
 
 
 def _cam(member, feats: torch.Tensor, logits: torch.Tensor, target) -> np.ndarray:
