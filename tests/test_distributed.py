@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from bonefrac import checkpoint
-from bonefrac.trainutil import GradAllReduce
+from bonefrac.trainutil import GradAllReduce, sync_buffers
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,7 +51,7 @@ def _grad_worker(rank, world, init, out):
     torch.nn.functional.mse_loss(model(x[mine]), y[mine]).backward()
     sync()
     norm(x[mine, :3])  # running statistics from this rank's half only
-    sync.sync_buffers(norm)
+    sync_buffers(norm)
     torch.save({"weight": model.weight.detach(), "grad": model.weight.grad, "running_mean": norm.running_mean},
                f"{out}/{rank}.pt")
     dist.destroy_process_group()

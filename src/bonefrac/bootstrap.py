@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from .metrics import (binary_predict, check_inputs, cm_metrics, confusion_batch, expected_calibration_error,
-                      json_number, per_sample_loss, positive_class_index)
+                      json_number, per_sample_brier, per_sample_loss, positive_class_index)
 
 logger = logging.getLogger(__name__)
 
@@ -114,14 +114,13 @@ def _auc_batch(is_pos, scores, weights) -> np.ndarray:
         return np.where(den > 0, num / den, np.nan)
 
 
-def _headline_batch(y, probs, pred, pos, weights) -> dict:
+def _headline_batch(y, probs, pred, pos, weights, per_row: dict) -> dict:
     k = probs.shape[1]
     out = cm_metrics(confusion_batch(y, pred, k, weights), pos)
-    # Brier and NLL are means over images, so a resample's value is a weighted mean (see metrics.brier_score).
-    sq = (probs - np.eye(k)[y]) ** 2
+    # Brier and NLL are means over images (`per_row`: each image's term), so a resample's value is a weighted mean.
     weights = np.asarray(weights, dtype=float)
-    for name, per_row in (("brier", sq[:, 1] if k == 2 else sq.sum(axis=1)), ("nll", per_sample_loss(y, probs))):
-        out[name] = weights @ per_row / weights.sum(axis=1)
+    for name, terms in per_row.items():
+        out[name] = weights @ terms / weights.sum(axis=1)
     if k == 2:
         out["auroc"] = _auc_batch(y == pos, probs[:, pos], weights)
     else:
@@ -152,8 +151,9 @@ def metrics_with_ci(y, probs, class_names: Sequence[str], groups=None, positive_
         pred = binary_predict(probs, pos, 0.5 if threshold is None else float(threshold))
     else:
         pred = probs.argmax(axis=1)
-    point = _headline_batch(y, probs, pred, pos, np.ones((1, len(y))))
-    chunks = [_headline_batch(y, probs, pred, pos, w) for w in _weight_chunks(len(y), groups, n_boot, seed)]
+    per_row = {"brier": per_sample_brier(y, probs), "nll": per_sample_loss(y, probs)}
+    point = _headline_batch(y, probs, pred, pos, np.ones((1, len(y))), per_row)
+    chunks = [_headline_batch(y, probs, pred, pos, w, per_row) for w in _weight_chunks(len(y), groups, n_boot, seed)]
     boot = {key: np.concatenate([c[key] for c in chunks]) for key in point}
     keys = ["accuracy", "balanced_accuracy", "auroc", "macro_f1", "brier", "nll"]
     keys += ["sensitivity", "specificity", "ppv", "npv"] if pos is not None else []

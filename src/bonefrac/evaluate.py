@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import torch
 from . import bootstrap, checkpoint, evalreport, metrics
 from .data import build_cache
 from .errors import BonefracError
+from .io import write_atomically
 from .manifest import load_manifest
 from .predict import ENSEMBLE_FILE, Ensemble, Predictor, decide, load_predictor
 from .seen import seen_by_model, trained_on
@@ -372,9 +372,7 @@ def _unused_backup_name(meta_file: Path) -> Path:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)  # a reader sees the old file or the new one, never half of one
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2)))
 
 
 def _scores(probs: np.ndarray, pos: int | None) -> np.ndarray:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import BonefracError
-from .io import printable_path
+from .io import printable_path, write_atomically
 from . import predict as _predict  # by module: uses_autocast is looked up at call time (tests switch it)
 from .predict import _read_checked, decide, infer_logits, model_input, with_flipped_view
 from .transforms import hflip, resize_batch
@@ -258,13 +257,12 @@ def explain_files(predictor, paths: list[str], out_dir: str | Path, target_class
                 continue
             cam, cls, prob = next(explained)
             png = out_dir / _unique_name(path, used)
-            _save_atomically(Image.fromarray(overlay(img, cam)), png)
+            rgb = Image.fromarray(overlay(img, cam))
+            write_atomically(png, lambda tmp: rgb.save(tmp, format="PNG"))  # a stopped run leaves no half a map
             rows.append({"path": printable_path(path), "status": "ok", "heatmap": printable_path(png.name),
                          "explained_class": names[cls], "probability": round(float(prob[cls]), 6), "error": ""})
     columns = ["path", "heatmap", "explained_class", "probability", "error"]  # `status` stays out: the CSV is as before
-    part = table.with_name(table.name + ".part")
-    pd.DataFrame(rows, columns=columns).to_csv(part, index=False)
-    os.replace(part, table)
+    write_atomically(table, lambda tmp: pd.DataFrame(rows, columns=columns).to_csv(tmp, index=False))
     log.info("explained %d of %d images into %s", sum(1 for r in rows if not r["error"]), len(rows), out_dir)
     _warn_unexplained(rows, table)
     return rows
@@ -300,13 +298,6 @@ def _unique_name(path: Path, used: set) -> str:
         name = f"{path.stem}_{digest}_gradcam.png"
     used.add(name)
     return name
-
-
-def _save_atomically(image, path: Path) -> None:
-    """Save a PIL image as PNG under a temporary name, then rename: a stopped run leaves no half-written map."""
-    part = path.with_name(path.name + ".part")
-    image.save(part, format="PNG")
-    os.replace(part, path)
 
 
 # ----------------------------------------------------------------------------- does it point at the fracture?

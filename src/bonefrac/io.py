@@ -109,6 +109,19 @@ def file_sha256(path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
+def write_atomically(path, write) -> None:
+    """Call `write(tmp)` to fill a temporary file beside `path`, then rename it to `path`: a reader, or a run
+    stopped half-way, sees the old file or the new one, never half of one (the temporary file is removed when
+    `write` fails)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".part")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def read_bytes(path) -> bytes:
     """The file's bytes, or ImageReadError naming it: not found, a broken symbolic link, a folder, unreadable."""
     path = Path(path)

@@ -358,9 +358,14 @@ def expected_calibration_error(y, probs, n_bins: int = 15) -> float:
 def brier_score(y, probs) -> float:
     """Brier score, lower is better. Binary: mean (p(class 1) - [y = 1])^2, as sklearn's brier_score_loss (the
     same for either class as positive); K > 2: mean over images of the sum over classes of (p_k - [y = k])^2."""
+    return float(per_sample_brier(y, probs).mean())
+
+
+def per_sample_brier(y, probs) -> np.ndarray:
+    """Each row's term of `brier_score` (binary: (p(class 1) - [y = 1])^2; K > 2: the sum over classes)."""
     y, probs = check_inputs(y, probs)
     sq = (probs - np.eye(probs.shape[1])[y]) ** 2
-    return float(sq[:, 1].mean()) if probs.shape[1] == 2 else float(sq.sum(axis=1).mean())
+    return sq[:, 1] if probs.shape[1] == 2 else sq.sum(axis=1)
 
 
 def negative_log_likelihood(y, probs) -> float:

@@ -236,7 +236,7 @@ class Watchdog:
 
 class GradAllReduce:
     """Data parallelism without DistributedDataParallel: call it after `loss.backward()` to average every
-    gradient over all ranks in ONE all-reduce; `sync_buffers(module)` averages BatchNorm statistics.
+    gradient over all ranks in ONE all-reduce (`sync_buffers(module)` averages BatchNorm statistics, in either mode).
 
     Why: a compiled model's backward hands all gradients to autograd at once, so DDP's per-bucket hooks cannot
     overlap communication with compute anyway, while they add per-parameter copies and launches, and DDP does
@@ -254,9 +254,6 @@ class GradAllReduce:
             if p.grad is None:  # a parameter unused on this rank still takes part, or the all-reduce would hang
                 p.grad = torch.zeros_like(p)
         average_over_ranks([p.grad for p in self.params])
-
-    def sync_buffers(self, module: torch.nn.Module) -> None:
-        sync_buffers(module)
 
 
 def sync_buffers(module: torch.nn.Module) -> None:

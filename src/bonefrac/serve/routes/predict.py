@@ -136,23 +136,21 @@ async def predict(request: Request, files: list[UploadFile] = FILES) -> PredictR
 
 # What a /v1/explain map is: without these a map for a confident negative call (min-max scaled within the image,
 # so always saturated somewhere) reads like a fracture locator. Exposed to browsers when CORS is on (app.py).
-EXPLAIN_HEADERS = ("X-Explained-Class", "X-Explained-Probability", "X-Prediction", "X-Positive-Class", "X-Threshold",
-                   "X-Operating-Point", "X-Model-Version")
+_EXPLAIN_HEADER_DOCS = {
+    "X-Explained-Class": ("the class whose evidence the map shows (the predicted one)", "string"),
+    "X-Explained-Probability": ("calibrated probability of that class", "number"),
+    "X-Prediction": ("the class predicted for the image", "string"),
+    "X-Positive-Class": ("binary models: the class the threshold applies to", "string"),
+    "X-Threshold": ("the decision threshold, when the model has one", "number"),
+    "X-Operating-Point": ("the operating point in use", "string"),
+    "X-Model-Version": ("the model that answered", "string")}
+EXPLAIN_HEADERS = tuple(_EXPLAIN_HEADER_DOCS)
 
 
 @router.post("/explain", summary="Grad-CAM overlay of one image, as PNG, with headers naming the class it explains",
              responses={200: {"content": {"image/png": {}}, "headers": {
-                 "X-Explained-Class": {"description": "the class whose evidence the map shows (the predicted one)",
-                                       "schema": {"type": "string"}},
-                 "X-Explained-Probability": {"description": "calibrated probability of that class",
-                                             "schema": {"type": "number"}},
-                 "X-Prediction": {"description": "the class predicted for the image", "schema": {"type": "string"}},
-                 "X-Positive-Class": {"description": "binary models: the class the threshold applies to",
-                                      "schema": {"type": "string"}},
-                 "X-Threshold": {"description": "the decision threshold, when the model has one",
-                                 "schema": {"type": "number"}},
-                 "X-Operating-Point": {"description": "the operating point in use", "schema": {"type": "string"}},
-                 "X-Model-Version": {"description": "the model that answered", "schema": {"type": "string"}}}},
+                 name: {"description": text, "schema": {"type": kind}}
+                 for name, (text, kind) in _EXPLAIN_HEADER_DOCS.items()}},
                  **UPLOAD_ERRORS, **documented(501)})
 async def explain(request: Request, files: list[UploadFile] = FILES) -> Response:
     """Exactly one image: the X-ray with a heatmap of the evidence for the class named in `X-Explained-Class`
