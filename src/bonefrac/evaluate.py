@@ -128,7 +128,7 @@ def _threshold_for(predictor, pos: int | None) -> float | None:
     own, t = predictor.positive_index, predictor.threshold
     if pos == own or own is None or t is None or len(predictor.class_names) != 2:
         return t if pos == own else None
-    flipped = float(np.nextafter(1.0 - float(t), 2.0))
+    flipped = _mirrored(t)
     names = predictor.class_names
     log.info("the model's threshold %.4g is for '%s'; with positive class '%s' the decision is p(%s) > %.4g, "
              "the same as predict's", t, names[own], names[pos], names[pos], 1.0 - t)
@@ -175,7 +175,13 @@ def _operating_thresholds(predictor, pos: int | None) -> tuple[dict | None, str 
     names = predictor.class_names
     note = (f"the model's operating points are for {names[own]}; mirrored to p({names[pos]}) > 1 - t, so a point "
             f"named for sensitivity to {names[own]} is one of specificity here")
-    return {k: float(np.nextafter(1.0 - float(t), 2.0)) for k, t in points.items()}, note
+    return {k: _mirrored(t) for k, t in points.items()}, note
+
+
+def _mirrored(t: float) -> float:
+    """A threshold t on the other class of a binary model as one on this class: p(other) < t is p(this) > 1 - t,
+    i.e. p(this) >= the next float above 1 - t (metrics decide with >=)."""
+    return float(np.nextafter(1.0 - float(t), 2.0))
 
 
 def _check_reference(ref: dict, path, names: list[str], pos: int | None) -> None:
