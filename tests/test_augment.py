@@ -1,6 +1,7 @@
 """Offline augmentation (`bonefrac augment`) on the embedded sample: train only, groups inherited, balance,
 determinism, a valid output manifest, and clear errors."""
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -100,3 +101,33 @@ def test_bad_input_fails_clearly(manifest, tmp_path, balanced):
     with pytest.raises(BonefracError, match="format"):
         augment_manifest(manifest, tmp_path / "y", balance=True, fmt="gif")
     assert main(["augment", "--manifest", str(manifest), "--out", str(tmp_path / "z")]) == 2
+
+
+def _hand_manifest(folder: Path, sha256: list[str]) -> Path:
+    """Train rows a0, a1 (the same sample image twice) and b0; `sha256` gives their cells."""
+    import shutil
+
+    images = sorted((SAMPLE / "images").iterdir())[:2]
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [f"{stem}{src.suffix}" for stem, src in (("a0", images[0]), ("a1", images[0]), ("b0", images[1]))]
+    for name, src in zip(names, (images[0], images[0], images[1])):
+        shutil.copy(src, folder / name)
+    pd.DataFrame({"path": names, "label": ["a", "a", "b"], "group": ["g0", "g0", "g1"],
+                  "split": "train", "sha256": sha256, "width": 64, "height": 64}).to_csv(folder / "manifest.csv",
+                                                                                        index=False)
+    return folder / "manifest.csv"
+
+
+def test_exact_duplicate_sources_get_different_copies(tmp_path):
+    same = hashlib.sha256((SAMPLE / "labels.csv").read_bytes()).hexdigest()  # any one digest for both a rows
+    manifest = _hand_manifest(tmp_path / "m", [same, same, "cd" * 32])
+    augment_manifest(manifest, tmp_path / "aug", factor=2, seed=0, workers=1)
+    out = load_manifest(tmp_path / "aug" / "manifest.csv")
+    copies = out[out.augmented_from.fillna("").map(lambda p: Path(p).stem in ("a0", "a1"))]
+    assert len(copies) == 2 and copies.sha256.nunique() == 2
+
+
+def test_a_sha256_cell_that_is_not_hex_still_seeds_copies(tmp_path):
+    manifest = _hand_manifest(tmp_path / "m", ["from-the-hospital-export-1", "from-the-hospital-export-2", "x"])
+    report = augment_manifest(manifest, tmp_path / "aug", factor=2, seed=0, workers=1)
+    assert report["n_copies"] == 3

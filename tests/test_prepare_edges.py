@@ -1,8 +1,11 @@
 """prepare and augment on awkward inputs: split layouts with stray folders, augmented manifests prepared again
 (copies stay with their sources), class names and file stems that clash, repeated rows with other labels,
-tiny images, blank manifest cells."""
+tiny images, blank manifest cells, file names of augmented copies, another class order in the same --out,
+file names that are not UTF-8, an --out that is a file."""
 
 import hashlib
+import json
+import os
 import shutil
 from pathlib import Path
 
@@ -268,3 +271,112 @@ def test_csv_paths_that_resolve_nowhere_get_a_hint(tmp_path):
     pd.read_csv(SAMPLE / "labels.csv").head(12).to_csv(labels, index=False)  # paths relative to SAMPLE, not here
     with pytest.raises(BonefracError, match="none of the 12 image files exists.*relative to the CSV's folder"):
         prepare(tmp_path / "p", labels_csv=labels, label_col="fractured", workers=1, match_copies="off")
+
+
+def rotated_copies(root: Path, rows, names=("{}_aug0", "{}_aug1")) -> Path:
+    """class_tree plus, per source, copies rotated by a few degrees (which the perceptual hash misses) named
+    after the source's stem by `names`."""
+    from PIL import Image
+
+    class_tree(root, rows)
+    for k, (src, y) in enumerate(rows):
+        image = Image.open(src).convert("L")
+        for i, name in enumerate(names):
+            image.rotate(6 + 3 * i + k % 3).save(root / ("b" if y else "a") / f"{name.format(src.stem)}.png")
+    return root
+
+
+def test_names_of_augmented_copies_that_the_hash_missed_are_warned_about(tmp_path, caplog):
+    root = rotated_copies(tmp_path / "src", sample_rows(8))
+    with caplog.at_level("WARNING"):
+        report = prepare(tmp_path / "p", source=root, workers=1)  # the default: no copy detector
+    families = report["copy_matcher"]["copy_name_families"]
+    assert families["n_families"] >= 4 and "--match-copies auto" in families["hint"]  # was: silent
+    assert f"{families['n_families']} file-name families look like augmented copies" in caplog.text
+    assert "--match-copies auto" in caplog.text
+
+
+def test_ordinary_file_names_give_no_copy_warning(tmp_path, caplog):
+    root = rotated_copies(tmp_path / "src", sample_rows(8), names=("other_{}", "{}x"))  # no copy endings
+    with caplog.at_level("WARNING"):
+        report = prepare(tmp_path / "p", source=root, workers=1)
+    assert report["copy_matcher"]["copy_name_families"]["n_families"] == 0
+    assert "look like augmented copies" not in caplog.text
+
+
+def test_copy_name_families_need_a_copy_ending_and_several_groups():
+    from bonefrac.groups import copy_name_families
+
+    names = ["IMG_01", "IMG_02", "IMG_03",  # numbered distinct images: no family
+             "hand", "hand_1", "foot (2)", "foot", "knee_rot90_aug2", "knee_flip", "t_jpg.rf.0a1b2c3d",
+             "t_jpg.rf.9f8e7d6c", "leg", "leg_aug0"]
+    groups = list(range(len(names) - 2)) + ["same", "same"]  # leg's copy was grouped by the hash: no leak
+    families = copy_name_families([f"/d/{n}.png" for n in names], groups)
+    assert sorted(sorted(Path(p).stem for p in f) for f in families) == [
+        ["foot", "foot (2)"], ["hand", "hand_1"], ["knee_flip", "knee_rot90_aug2"],
+        ["t_jpg.rf.0a1b2c3d", "t_jpg.rf.9f8e7d6c"]]
+
+
+def test_another_class_order_in_the_same_out_is_refused_unless_overwrite(tmp_path):
+    data = split_tree(tmp_path / "data")
+    prepare(tmp_path / "p", source=data, workers=1, match_copies="off")
+    report = tmp_path / "p" / "prepare_report.json"
+    before = report.read_text()
+    assert json.loads(before)["class_names"] == ["fracture", "no_fracture"]
+    # the manifest's bytes are the same (labels are names); only what each class index means would change
+    with pytest.raises(BonefracError, match=r"class order \['fracture', 'no_fracture'\], now \['no_fracture', "
+                                            r"'fracture'\].*--overwrite"):
+        prepare(tmp_path / "p", source=data, workers=1, match_copies="off", class_names="no_fracture,fracture")
+    assert report.read_text() == before  # was: rewritten, and `train --resume` then trained on swapped labels
+    prepare(tmp_path / "p", source=data, workers=1, match_copies="off", class_names="no_fracture,fracture",
+            overwrite=True)
+    assert json.loads(report.read_text())["class_names"] == ["no_fracture", "fracture"]
+    assert not list((tmp_path / "p").glob("*.part"))
+
+
+def test_a_file_name_that_is_not_utf8_is_rejected_and_the_rest_prepared(tmp_path):
+    root = class_tree(tmp_path / "src", sample_rows(8))
+    src, _ = sample_rows(9)[8]
+    bad = os.fsencode(root / "a") + b"/caf\xe9.webp"  # a Latin-1 name, as another system wrote it
+    with open(bad, "wb") as handle:
+        handle.write(src.read_bytes())
+    report = prepare(tmp_path / "p", source=root, workers=1, match_copies="off")  # was: UnicodeEncodeError
+    (entry,) = [r for r in report["rejected"] if "UTF-8" in r["reason"]]
+    assert entry["path"].endswith("caf\\xe9.webp")
+    assert len(load_manifest(tmp_path / "p" / "manifest.csv")) == 8
+    json.dumps(report, ensure_ascii=False).encode("utf-8")  # the report holds only writable text
+
+
+def test_blank_and_unknown_split_cells_are_named_not_a_traceback(tmp_path):
+    rows = sample_rows(4)
+    frame = pd.DataFrame({"path": [str(p) for p, _ in rows], "label": ["a", "b", "a", "b"],
+                          "group": ["g0", "g1", "g2", "g3"], "split": ["train", "", "holdout", "test"],
+                          "sha256": ["ab" * 32] * 4, "width": 64, "height": 64})
+    frame.to_csv(tmp_path / "manifest.csv", index=False)
+    with pytest.raises(BonefracError, match=r"unknown split value\(s\) \['', 'holdout'\]"):  # was: TypeError
+        load_manifest(tmp_path / "manifest.csv")
+
+
+def test_an_out_that_is_a_file_is_refused_before_any_decoding(tmp_path, monkeypatch):
+    import bonefrac.manifest as manifest_mod
+
+    data = class_tree(tmp_path / "src", sample_rows(6))
+    (tmp_path / "taken").write_text("not a folder")
+    monkeypatch.setattr(manifest_mod, "_analyse", lambda *a: pytest.fail("decoded before checking --out"))
+    for out in (tmp_path / "taken", tmp_path / "taken" / "below"):  # was: FileExistsError after all decoding
+        with pytest.raises(BonefracError, match=r"taken is a file, not a folder; choose another --out"):
+            prepare(out, source=data, workers=1, match_copies="off")
+
+
+def test_a_csv_split_column_with_other_values_is_ignored_when_prepare_draws_the_split(tmp_path, caplog):
+    """A labels CSV meant to be re-split may carry a 'split' column saying "holdout" or nothing: prepare draws its
+    own split (with a warning); only keeping the given split needs train/val/test in every row."""
+    rows = sample_rows(12)
+    csv = tmp_path / "labels.csv"
+    pd.DataFrame({"image": [str(p) for p, _ in rows], "label": [y for _, y in rows],
+                  "split": ["holdout", ""] * 6}).to_csv(csv, index=False)
+    prepare(tmp_path / "p", labels_csv=csv, workers=1, match_copies="off")  # was: unknown split value(s)
+    assert "ignored, prepare draws its own split" in caplog.text
+    assert set(load_manifest(tmp_path / "p" / "manifest.csv").split) <= {"train", "val", "test"}
+    with pytest.raises(BonefracError, match=r"unknown split value\(s\) \['', 'holdout'\]"):
+        prepare(tmp_path / "q", labels_csv=csv, workers=1, match_copies="off", keep_folder_split=True)

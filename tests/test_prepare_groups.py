@@ -1,4 +1,5 @@
-"""prepare with patient/study IDs (group_col), warnings about unused ID columns, and broken symbolic links."""
+"""prepare with patient/study IDs (group_col; a file listed under two IDs links both), warnings about unused ID
+columns, and broken symbolic links."""
 
 import json
 import logging
@@ -88,6 +89,27 @@ def test_patients_and_duplicates_form_connected_groups(tmp_path):
     assert group["d1"] == group["x"] and len({group["a1"], group["c1"], group["d1"]}) == 3
     assert report["grouping"]["n_groups_joining_several_ids"] == 1
     assert [d["kind"] for d in report["duplicate_groups"]] == ["exact", "exact"]
+
+
+def test_a_file_listed_again_under_another_patient_links_both(tmp_path, caplog):
+    root = tmp_path / "data"
+    for name, seed in [("a1", 1), ("shared", 2), ("b1", 3), ("c1", 4), ("d1", 5), ("e1", 6)]:
+        save(pattern(seed), root / f"{name}.png")
+    rows = [("a1", "A"), ("shared", "A"), ("b1", "B"), ("shared", "B"), ("c1", "C"), ("d1", ""), ("shared", ""),
+            ("e1", "E")]
+    (root / "labels.csv").write_text("image,label,patient\n" + "".join(
+        f"{n}.png,{'fracture' if n in ('a1', 'c1') else 'normal'},{s}\n" for n, s in rows))
+    with caplog.at_level(logging.WARNING):
+        report = prepare(tmp_path / "out", labels_csv=root / "labels.csv", group_col="patient", split_all="test",
+                         workers=1)
+    df = pd.read_csv(tmp_path / "out" / "manifest.csv", dtype=str)
+    group = dict(zip(df["path"].str.extract(r"(\w+)\.png$", expand=False), df["group"]))
+    assert group["a1"] == group["shared"] == group["b1"]  # was: b1 apart, patient B's images could be split up
+    assert len({group["a1"], group["c1"], group["d1"], group["e1"]}) == 4 and len(df) == 6
+    assert "1 file(s) are listed under several 'patient' values (e.g. " in caplog.text and "shared.png" in caplog.text
+    assert "'B'" not in caplog.text  # names the file, never a patient ID
+    assert report["grouping"]["n_ids"] == 4
+    assert "given_group" not in df.columns and "other_given_groups" not in df.columns
 
 
 def test_kept_split_that_cuts_a_patient_is_reported(tmp_path):

@@ -349,3 +349,17 @@ def test_seen_images_lists_train_and_val_and_an_image_in_both_as_val():
 
     rows = pd.DataFrame({"sha256": ["a", "b", "a", "c"], "split": ["val", "train", "train", "test"]})
     assert seen_images(rows) == {"a": "val", "b": "train"}  # was "train": the last row won
+
+
+def test_resume_on_a_manifest_whose_classes_were_reordered_is_refused(base, sample_manifest, tmp_path, caplog):
+    """Re-preparing with another --class-names order keeps the manifest's bytes (labels are names) but swaps every
+    class index: train --resume must stop, naming both orders, before training on swapped labels."""
+    out = copy_run(base, tmp_path)
+    rows = load_manifest(sample_manifest)
+    (tmp_path / "data").mkdir()
+    rows.to_csv(tmp_path / "data" / "manifest.csv", index=False)
+    saved = json.loads((out / "last" / "bonefrac.json").read_text())["class_names"]
+    (tmp_path / "data" / "prepare_report.json").write_text(json.dumps({"class_names": saved[::-1]}))
+    assert train(tmp_path / "data" / "manifest.csv", out, "--resume", "--set", "train.monitor=loss",
+                 "--set", "train.epochs=2") == 2
+    assert f"trained with the classes {saved}" in caplog.text and "swapped labels" in caplog.text

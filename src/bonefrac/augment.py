@@ -102,12 +102,12 @@ def _brightness_contrast(x: torch.Tensor, acfg: AugmentConfig, rng: np.random.Ge
     return TF.adjust_contrast(x, float(rng.uniform(1 - acfg.contrast, 1 + acfg.contrast)))
 
 
-def copy_rng(seed: int, source_sha: str, k: int) -> np.random.Generator:
-    """The random stream of copy `k` of one source: depends on the seed and the source's content only, so
-    results do not change with row order or the number of worker threads."""
-    digest = source_sha or ""
-    if len(digest) < 15:  # a manifest without hashes: fall back to a hash of whatever identifies the source
-        digest = hashlib.sha256(digest.encode()).hexdigest()
+def copy_rng(seed: int, source_sha, k: int, rank: int = 0) -> np.random.Generator:
+    """The random stream of copy `k` of one source: depends on the seed, the source's sha256 cell and `rank`, the
+    source path's place among the train rows with that same cell (see `_dup_ranks`), so results do not change
+    with row order or the number of worker threads, and exact duplicate sources still get different copies. The
+    cell is hashed as text: any cell works, hex digest or not."""
+    digest = hashlib.sha256(f"{source_sha}|{rank}".encode()).hexdigest()
     return np.random.default_rng([seed, int(digest[:15], 16), k])
 
 
@@ -124,7 +124,7 @@ def _augment_source(job: dict) -> list[dict]:
     img = read_image(job["path"])
     rows = []
     for k in range(job["copies"]):
-        out = reference_transform(img, job["acfg"], copy_rng(job["seed"], job["sha256"], k))
+        out = reference_transform(img, job["acfg"], copy_rng(job["seed"], job["sha256"], k, job["rank"]))
         data = encode(out, job["fmt"])
         rel = Path("images") / job["folder"] / f"{job['stem']}_aug{k}.{job['fmt']}"
         (job["out_dir"] / rel).write_bytes(data)
@@ -170,8 +170,15 @@ def _stems(rows: pd.DataFrame) -> list[str]:
     return out
 
 
+def _dup_ranks(train: pd.DataFrame) -> pd.Series:
+    """Each train row's rank among the rows with the same sha256 cell, in path order (0 for a unique image)."""
+    order = train.assign(_sha=train.sha256.astype(str), _path=train.path.astype(str)).sort_values(
+        ["_sha", "_path"], kind="stable")
+    return order.groupby("_sha").cumcount().reindex(train.index)
+
+
 def _jobs(train: pd.DataFrame, goal: dict[str, int], out_dir: Path, acfg, seed: int, fmt: str) -> list[dict]:
-    jobs, folders = [], set()
+    jobs, folders, ranks = [], set(), _dup_ranks(train)
     for cls, rows in train.groupby("label", sort=True):
         extra = goal[cls] - len(rows)
         if extra <= 0:
@@ -179,11 +186,11 @@ def _jobs(train: pd.DataFrame, goal: dict[str, int], out_dir: Path, acfg, seed: 
         folder = _class_folder(cls, folders)
         (out_dir / "images" / folder).mkdir(parents=True, exist_ok=True)
         per = copies_per_source(rows.sha256.tolist(), extra, seed)
-        for (_, row), stem, n in zip(rows.iterrows(), _stems(rows), per):
+        for (index, row), stem, n in zip(rows.iterrows(), _stems(rows), per):
             if n:
-                jobs.append({"path": row.path, "sha256": row.sha256, "copies": n, "stem": stem,
-                             "folder": folder, "row": row.to_dict(), "acfg": acfg, "seed": seed, "fmt": fmt,
-                             "out_dir": out_dir})
+                jobs.append({"path": row.path, "sha256": row.sha256, "rank": int(ranks[index]), "copies": n,
+                             "stem": stem, "folder": folder, "row": row.to_dict(), "acfg": acfg, "seed": seed,
+                             "fmt": fmt, "out_dir": out_dir})
     return jobs
 
 

@@ -1,8 +1,9 @@
 """The decoded image cache and batch iteration for training and evaluation.
 
 Every image is decoded once (by `io.read_image`) and resized to a square of `size` pixels into a uint8
-memory-mapped file, `<cache_dir>/<key>.u8`. The key hashes the manifest rows (path + sha256) and the size, so a
-changed manifest or resolution builds a new cache; a cache whose build was killed has no `.json` and is rebuilt.
+memory-mapped file, `<cache_dir>/<key>.u8`. The key hashes the manifest rows (path + sha256), the size and the
+decoder (`decoder_fingerprint`), so a changed manifest, resolution or decoder (an upgrade of bonefrac, Pillow or
+pydicom) builds a new cache; a cache whose build was killed has no `.json` and is rebuilt.
 Each file's bytes are checked against the manifest's sha256 as they are decoded, and a reused cache re-checks
 the files whose size or times changed since (an image replaced after prepare would otherwise be trained on under
 its old label): a changed file stops the run with the list of changed files.
@@ -13,16 +14,24 @@ memory and a batch is one gather, so the input pipeline never keeps the model wa
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import functools
 import hashlib
+import importlib.metadata
 import json
 import logging
+import multiprocessing
 import os
 import re
+import signal
+import sys
 import uuid
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import PIL
 import torch
 
 from .config import SAMPLERS, one_of_error
@@ -40,10 +49,30 @@ _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 
 
 def cache_key(paths: list[str], hashes: list[str], size: int) -> str:
-    h = hashlib.sha256(f"v{CACHE_VERSION}|{size}".encode())
+    """The cache's file name stem: changes with the rows, the size and the decoder (old pixels are never reused)."""
+    h = hashlib.sha256(f"v{CACHE_VERSION}|{size}|{decoder_fingerprint()}".encode())
     for path, digest in zip(paths, hashes):
         h.update(f"|{path}|{digest}".encode())
     return h.hexdigest()[:24]
+
+
+@functools.cache
+def decoder_fingerprint() -> str:
+    """A short hash that changes whenever the pixels decoded from one file may change: the source text of io.py
+    and dicom.py, and the Pillow and pydicom versions. Caches of decoded pixels put it in their key, so
+    an upgrade rebuilds them rather than training on old pixels while prediction decodes new ones."""
+    h = hashlib.sha256()
+    for module in ("io.py", "dicom.py"):
+        h.update(Path(__file__).with_name(module).read_bytes())
+    h.update(f"|Pillow {PIL.__version__}|pydicom {_version('pydicom')}".encode())
+    return h.hexdigest()[:16]
+
+
+def _version(package: str) -> str:
+    try:  # metadata only: importing pydicom just for its version would slow every start
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
 
 
 def _decode(job):
@@ -109,7 +138,8 @@ def build_cache(paths: list[str], hashes: list[str], size: int, cache_dir: str |
     part_file = cache_dir / f"{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part"
     try:
         with _build_lock(part_file):  # held until the rename: an unlocked part file is an orphan
-            stamps, changed, errors = _decode_into(part_file, paths, digests, size, workers or os.cpu_count() or 1,
+            arr = _new_cache_file(part_file, shape, data_file)
+            stamps, changed, errors = _decode_into(arr, paths, digests, size, workers or os.cpu_count() or 1,
                                                    progress)
             if changed or errors:
                 raise _unusable_images(changed, errors)
@@ -244,10 +274,25 @@ def _remove_orphaned_parts(cache_dir: Path) -> None:
         part.unlink(missing_ok=True)
 
 
-def _decode_into(part_file: Path, paths: list[str], digests: list, size: int, workers: int,
+def _new_cache_file(part_file: Path, shape: tuple, data_file: Path) -> np.memmap:
+    """A writable uint8 memmap of `shape` over the new `part_file`, its disk space reserved first where the OS can:
+    on a full disk, writing into a memory map of a sparse file kills the process (SIGBUS) instead of raising.
+    BonefracError, naming the cache and the bytes needed, when the space is not there."""
+    nbytes = int(np.prod(shape))
+    try:
+        with open(part_file, "r+b") as handle:
+            os.posix_fallocate(handle.fileno(), 0, nbytes)
+    except (AttributeError, OSError) as exc:  # AttributeError: no posix_fallocate (macOS, Windows)
+        if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise BonefracError(f"not enough disk space for the image cache {data_file}: it needs {nbytes:,} bytes "
+                                f"({exc.strerror}); free some space or choose another cache folder") from None
+        return np.memmap(part_file, dtype=np.uint8, mode="w+", shape=shape)  # unreserved, as before
+    return np.memmap(part_file, dtype=np.uint8, mode="r+", shape=shape)  # "r+": "w+" would truncate the reservation
+
+
+def _decode_into(arr: np.memmap, paths: list[str], digests: list, size: int, workers: int,
                  progress: bool) -> tuple[list, list[str], list[str]]:
-    """Decode every image into a new (N, size, size) uint8 file; -> (stamps, changed paths, read errors)."""
-    arr = np.memmap(part_file, dtype=np.uint8, mode="w+", shape=(len(paths), size, size))
+    """Decode every image into `arr`, a new (N, size, size) memmap; -> (stamps, changed paths, read errors)."""
     stamps, changed, errors = [], [], []
     with progress_bar(len(paths), "decode", progress) as bar:
         for i, (img, problem, stamp) in enumerate(_map(_decode, list(zip(paths, digests, [size] * len(paths))),
@@ -263,67 +308,36 @@ def _decode_into(part_file: Path, paths: list[str], digests: list, size: int, wo
 
 
 def box_masks(rows, boxes_csv: str | Path, size: int, negative_label: str | None) -> tuple[np.ndarray, np.ndarray]:
-    """Lesion masks for manifest `rows` (path, label, width, height) from a boxes CSV (image, x, y, w, h).
+    """Lesion masks for manifest `rows` from a boxes CSV, aligned with the image cache: see `sources.box_masks`."""
+    from .sources import box_masks as read_box_masks  # lazy: pandas is loaded only for runs with boxes
 
-    Returns `(masks, known)`: uint8 (N, size, size), 1 inside any box of the image stretched to a square like
-    the image cache, and float32 (N,) 1 where the mask is known: the image has boxes, or its label is
-    `negative_label` (nothing to find). Other images (e.g. fractured but unannotated) get weight 0. Boxes are
-    clipped to their image; ones wholly outside are ignored (warned). BonefracError, naming the CSV row, for a
-    box with a missing or non-numeric coordinate or a width/height <= 0.
-    """
-    import pandas as pd
-
-    from .manifest import read_csv
-
-    boxes_csv = Path(boxes_csv)
-    boxes = read_csv(boxes_csv)
-    missing = {"image", "x", "y", "w", "h"} - set(boxes.columns)
-    if missing:
-        raise BonefracError(f"{boxes_csv}: boxes CSV lacks column(s) {', '.join(sorted(missing))}")
-    base = boxes_csv.resolve().parent
-    keys = [str((base / p).resolve()) for p in boxes["image"].astype(str)]
-    index = {str(Path(p).resolve()): i for i, p in enumerate(rows["path"])}
-    masks = np.zeros((len(rows), size, size), dtype=np.uint8)
-    known = (rows["label"].to_numpy() == negative_label).astype(np.float32)
-    width, height = rows["width"].to_numpy(float), rows["height"].to_numpy(float)
-    coords = pd.DataFrame({c: pd.to_numeric(boxes[c], errors="coerce") for c in "xywh"}).to_numpy(float)
-    bad = ~np.isfinite(coords).all(axis=1) | (coords[:, 2] <= 0) | (coords[:, 3] <= 0)
-    if bad.any():
-        first = int(np.flatnonzero(bad)[0])
-        raise BonefracError(f"{boxes_csv}: {int(bad.sum())} box(es) with a missing or non-numeric coordinate or a "
-                            f"width/height <= 0 (the first is data row {first + 1}: {boxes['image'].iloc[first]})")
-    matched = outside = 0
-    for key, (x, y, w, h) in zip(keys, coords):
-        i = index.get(key)
-        if i is None:
-            continue
-        matched += 1
-        sx, sy = size / width[i], size / height[i]
-        x0, y0 = int(np.floor(x * sx)), int(np.floor(y * sy))
-        x1, y1 = max(x0 + 1, int(np.ceil((x + w) * sx))), max(y0 + 1, int(np.ceil((y + h) * sy)))
-        x0, x1, y0, y1 = (int(np.clip(v, 0, size)) for v in (x0, x1, y0, y1))
-        if x1 <= x0 or y1 <= y0:  # wholly outside the image: no evidence of where the fracture is
-            outside += 1
-            continue
-        masks[i, y0:y1, x0:x1] = 1
-        known[i] = 1.0
-    if outside:
-        log.warning("%s: %d box(es) lie wholly outside their image; ignored", boxes_csv, outside)
-    if matched == 0:
-        raise BonefracError(f"{boxes_csv}: no box matches an image of the manifest (paths are read relative to "
-                            f"the CSV's folder)")
-    return masks, known
+    return read_box_masks(rows, boxes_csv, size, negative_label)
 
 
 def _map(fn, jobs, workers):
     if workers <= 1 or len(jobs) < 64:
         yield from map(fn, jobs)
         return
-    pool = ProcessPoolExecutor(max_workers=workers)
+    context = multiprocessing.get_context()
+    # Under forkserver the workers' parent is the server, not this process: only its death can be watched for.
+    parent = None if context.get_start_method() == "forkserver" else os.getpid()
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_die_with_parent,
+                               initargs=(parent,))
     try:
         yield from pool.map(fn, jobs, chunksize=32)
     finally:
         pool.shutdown()
+
+
+def _die_with_parent(parent: int | None) -> None:
+    """Decode worker initializer: have Linux kill this worker when its parent dies. A SIGKILLed (or SIGTERMed)
+    build skips the pool's shutdown, and its orphaned workers would otherwise wait for work forever, holding
+    hundreds of MB each. Elsewhere nothing is done."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if parent is not None and os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
 
 
 def progress_bar(total: int, desc: str, enabled: bool):

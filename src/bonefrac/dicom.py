@@ -11,6 +11,7 @@ their first frame. Every failure is an ImageReadError naming the file; its reaso
 
 from __future__ import annotations
 
+import contextlib
 import io as _stdio
 import logging
 
@@ -43,26 +44,39 @@ def decode_dicom(data: bytes, name: str, max_pixels: int) -> np.ndarray:
         import pydicom  # lazy: only DICOM users pay for the import
     except ImportError:
         raise ImageReadError(name, "DICOM file but pydicom is not installed (pip install pydicom)") from None
-    try:
+    with _read_errors(name, "not a readable DICOM file"):
         ds = pydicom.dcmread(_stdio.BytesIO(data), force=True)
-    except Exception as exc:  # pydicom raises many types on malformed files
-        raise ImageReadError(name, f"not a readable DICOM file: {_one_line(exc)}") from None
-    pixels = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
-    if "Rows" not in ds or "Columns" not in ds or not any(k in ds for k in pixels):
-        kind = getattr(ds.get("SOPClassUID"), "name", None) or "unknown kind"
-        raise ImageReadError(name, f"DICOM file without an image (no pixel data; {kind})")
-    try:
+        pixels = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+        if "Rows" not in ds or "Columns" not in ds or not any(k in ds for k in pixels):
+            raise ImageReadError(name, f"DICOM file without an image (no pixel data; {_sop_class(ds)})")
+    with _read_errors(name, "not a readable DICOM image"):
         _default_transfer_syntax(ds)
         rows, cols = int(ds.Rows), int(ds.Columns)
-    except Exception as exc:
-        raise ImageReadError(name, f"not a readable DICOM image: {_one_line(exc)}") from None
     _check_size(cols, rows, name, max_pixels)
-    try:
+    with _read_errors(name, "cannot decode DICOM pixel data", ds):
         return _to_gray(_first_frame(ds, rows * cols, name, max_pixels), ds)
+
+
+@contextlib.contextmanager
+def _read_errors(name: str, what: str, ds=None):
+    """Turn any exception into ImageReadError(name, "<what>: <one line>"), adding the missing-decoder hint when
+    `ds` is given. pydicom parses element values lazily, on first access, so a corrupt tag can raise anything
+    (NotImplementedError, KeyError, ...) at any step, and one bad file must not stop a whole folder."""
+    try:
+        yield
     except ImageReadError:
         raise
     except Exception as exc:
-        raise ImageReadError(name, f"cannot decode DICOM pixel data{_missing_decoder(ds)}: {_one_line(exc)}") from None
+        hint = "" if ds is None else _missing_decoder(ds)
+        raise ImageReadError(name, f"{what}{hint}: {_one_line(exc)}") from None
+
+
+def _sop_class(ds) -> str:
+    """The file's SOP class name (what the file is instead of an image), or "unknown kind"."""
+    try:
+        return getattr(ds.get("SOPClassUID"), "name", None) or "unknown kind"
+    except Exception:  # a corrupt tag: the file is refused for having no image anyway
+        return "unknown kind"
 
 
 def _missing_decoder(ds) -> str:
@@ -70,8 +84,11 @@ def _missing_decoder(ds) -> str:
     installed, else "". It goes before pydicom's text, which lists every plugin and gets cut short."""
     from importlib.util import find_spec
 
-    syntax = ds.file_meta.get("TransferSyntaxUID") if getattr(ds, "file_meta", None) is not None else None
-    plugin = _EXTRA_DECODERS.get(str(syntax))
+    try:
+        syntax = ds.file_meta.get("TransferSyntaxUID") if getattr(ds, "file_meta", None) is not None else None
+        plugin = _EXTRA_DECODERS.get(str(syntax))
+    except Exception:  # a corrupt meta element: no hint, the reason itself still reaches the caller
+        return ""
     if plugin is None or (find_spec("pylibjpeg") and find_spec(plugin)) or find_spec("gdcm"):
         return ""
     return f" (compressed as {syntax.name}: install its decoder with pip install 'bonefrac[dicom-jpeg]')"

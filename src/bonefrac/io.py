@@ -28,7 +28,7 @@ from .errors import ImageReadError
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"}
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"}
 )
 """Lower-case suffixes of files a folder scan treats as images (DICOM files without a suffix are sniffed)."""
 
@@ -72,13 +72,46 @@ def looks_like_image(file: Path) -> bool:
 
 
 def image_files(folder: Path) -> list[Path]:
-    """Every image or DICOM file below `folder`, sorted; hidden files (".x", e.g. macOS "._x.png") skipped.
+    """Every image or DICOM file below `folder` as :func:`walk_files` finds them, sorted.
 
     Broken symbolic links are included whatever their name: what they point to cannot be inspected, and a caller
     that reads them gets an ImageReadError saying so (a per-file error) rather than a file silently missing.
     """
-    return sorted(f for f in Path(folder).rglob("*") if not f.name.startswith(".")
-                  and ((f.is_file() and looks_like_image(f)) or is_broken_link(f)))
+    files, _ = walk_files(folder)
+    return [f for f in files if is_broken_link(f) or (f.is_file() and looks_like_image(f))]
+
+
+def ignored_name(name: str) -> bool:
+    """True for names no scan looks at: hidden files and folders (".x", macOS "._x.png", .ipynb_checkpoints,
+    .Trash-1000) and the __MACOSX metadata folder that macOS zip files carry."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def walk_files(folder) -> tuple[list[Path], list[Path]]:
+    """(every entry below `folder` that is not a folder, sorted; the folders skipped as already walked): THE folder
+    walk. Links to folders are followed (``Path.rglob`` does not: linked images went missing); a folder whose real
+    path was already walked (a link loop, a second link to one folder) is skipped and logged, so nothing is listed
+    twice or forever; :func:`ignored_name` names are skipped at any depth."""
+    files, skipped = [], []
+    seen = {os.path.realpath(folder)}
+    for top, dirs, names in os.walk(folder, followlinks=True, onerror=_unlistable):
+        kept = []
+        for name in sorted(n for n in dirs if not ignored_name(n)):
+            real = os.path.realpath(os.path.join(top, name))
+            if real in seen:
+                log.warning("skipping %s: folder %s was already scanned (a symbolic link loop or a second link to "
+                            "it)", os.path.join(top, name), real)
+                skipped.append(Path(top, name))
+            else:
+                seen.add(real)
+                kept.append(name)
+        dirs[:] = kept  # os.walk descends only into what is left here
+        files += [Path(top, n) for n in names if not ignored_name(n)]
+    return sorted(files), sorted(skipped)
+
+
+def _unlistable(exc: OSError) -> None:  # os.walk would skip an unreadable folder without a word
+    log.warning("cannot list folder %s: %s", exc.filename, exc.strerror or exc)
 
 
 def is_broken_link(path: Path) -> bool:
@@ -163,10 +196,13 @@ def decode_image_and_colour(data: bytes, name: str, max_pixels: int = MAX_PIXELS
         return _dicom(data, name, max_pixels), None
     try:
         return _decode_pil(data, name, max_pixels, thumbnail)
-    except ImageReadError:
-        if Path(name).suffix.lower() in DICOM_SUFFIXES:
+    except ImageReadError as pil_error:
+        if Path(name).suffix.lower() not in DICOM_SUFFIXES:
+            raise
+        try:
             return _dicom(data, name, max_pixels), None
-        raise
+        except ImageReadError as dicom_error:  # both reasons: a PNG or JPEG may have been saved as .dcm
+            raise ImageReadError(name, f"{pil_error.reason} (and not DICOM either: {dicom_error.reason})") from None
 
 
 def _dicom(data: bytes, name: str, max_pixels: int) -> np.ndarray:
@@ -205,6 +241,7 @@ def _decode_pil(data: bytes, name: str, max_pixels: int,
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(_stdio.BytesIO(data), formats=PIL_FORMATS) as im:
                 _check_size(im.width, im.height, name, max_pixels)
+                _refuse_deep_colour(im, data, name)
                 im.load()  # raises on truncation because LOAD_TRUNCATED_IMAGES stays False
                 # Pillow inverts 1- and 8-bit "min is white" TIFFs itself, but not 16-bit ones.
                 min_is_white = im.format == "TIFF" and im.tag_v2.get(262) == 0
@@ -220,6 +257,22 @@ def _decode_pil(data: bytes, name: str, max_pixels: int,
         raise ImageReadError(name, "out of memory while decoding") from None
     except Exception as exc:  # PIL plugins raise many types (OSError, SyntaxError, ValueError...) on bad data
         raise ImageReadError(name, f"corrupt or truncated image: {exc}") from None
+
+
+def _refuse_deep_colour(im: Image.Image, data: bytes, name: str) -> None:
+    """ImageReadError for colour files of more than 8 bits a sample: Pillow reads them as 8-bit, keeping only each
+    sample's high byte (12-bit data in 16-bit words turns almost black). 16-bit greyscale is read exactly."""
+    # The PNG header (IHDR, always first) holds bit depth and colour type; Pillow does not keep them.
+    if im.format == "PNG" and data[12:16] == b"IHDR" and data[24] == 16 and data[25] in (2, 4, 6):
+        kind = {2: "RGB", 4: "grey+alpha", 6: "RGBA"}[data[25]]
+        raise ImageReadError(name, f"16-bit colour PNG ({kind}): Pillow would keep only the high byte of each "
+                                   "sample; save it as 16-bit greyscale or DICOM")
+    if im.format == "TIFF":
+        bits, samples = im.tag_v2.get(258, (1,)), im.tag_v2.get(277, 1)
+        bits = max(bits) if isinstance(bits, tuple) else bits
+        if samples > 1 and bits > 8:
+            raise ImageReadError(name, f"{bits}-bit colour TIFF ({samples} samples a pixel): Pillow would keep only "
+                                       "the high byte of each sample; save it as 16-bit greyscale or DICOM")
 
 
 def _check_size(width: int, height: int, name: str, max_pixels: int) -> None:

@@ -5,7 +5,7 @@ decodes each image once (unreadable files are listed as rejected, never fatal), 
 duplicates (re-encoded, resized, rotated by 90 degrees or flipped copies) and, given a CSV column of patient or
 study IDs (``group_col``), each patient's images, and splits by group so that neither a duplicate nor a patient
 leaks across train/val/test (reading the folder or CSV: sources.py; duplicate detection: dedup.py; joining the
-links into groups: groups.py).
+links into groups: groups.py; dealing the groups out to splits, 70/15/15 of each class's images: splits.py).
 ``load_manifest`` reads a manifest back for the later stages.
 
 Default near-duplicate threshold: 32 of 256 bits. On FracAtlas (4,083 images, 2 cores, workers=2) it finds
@@ -33,14 +33,14 @@ from tqdm import tqdm
 from .config import MAX_SEED
 from .dedup import NEAR_DUP_THRESHOLD, crossing_groups, dihedral_phash, duplicate_pairs
 from .errors import BonefracError, ImageReadError
-from .groups import GIVEN_GROUP, assign_groups
-from .io import decode_image, file_sha256, read_bytes
+from .groups import GIVEN_GROUP, OTHER_GIVEN, assign_groups, carry_repeated_ids, copy_name_hint
+from .io import decode_image, file_sha256, printable_path, read_bytes, write_atomically
 # read_csv lives with the source readers; load_manifest, data and export import it from here.
 from .sources import PATH_COLUMNS, collect, read_csv, resolve_labels, sorted_labels
+from .splits import SPLITS, given_split, listed_in_two_splits, stratified_group_split, warn_empty_cells
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 MANIFEST_COLUMNS = ("path", "label", "group", "split", "sha256", "width", "height")
 
 
@@ -56,21 +56,25 @@ def prepare(out_dir, *, source=None, labels_csv=None, path_col=None, label_col="
     Give ``source`` (an image folder, or a CSV file) or ``labels_csv`` (paths relative to the CSV's folder,
     or to ``source`` when both are given). ``class_names`` (list or "a,b") names integer labels 0,1,..
     in order, or fixes the class order of named labels. Splits are stratified by class and grouped by
-    duplicate group (``fractions`` for train/val/test, ``seed``); ``keep_folder_split`` keeps the folder's
-    (or the CSV's ``split`` column's) split and reports groups crossing splits; ``path_col`` is the CSV's path
-    column ("image", else "path" for a CSV without one, such as a manifest); ``split_all="test"`` puts
-    every image in one split. ``match_copies`` also groups freshly augmented copies with a learned copy
-    detector (copydetect.py): "auto" (the shipped one, if any), a detector folder, or "off"/None; "default" is
-    "auto" with keep_folder_split (auditing someone else's split) and "off" otherwise. A different manifest
-    already in ``out_dir`` is only replaced with ``overwrite``. ``group_col`` names a labels-CSV column of
-    patient or study IDs: images sharing a value share a group (on top of the duplicate groups), so the split
-    keeps each patient on one side (groups.py). Raises BonefracError for unusable input.
+    duplicate group: ``fractions`` (train/val/test) of each class's images, in whole groups, drawn by ``seed``
+    (splits.py); ``keep_folder_split`` keeps the folder's (or the CSV's ``split`` column's) split and reports
+    groups crossing splits; ``path_col`` is the CSV's path column ("image", else "path" for a CSV without one,
+    such as a manifest); ``split_all="test"`` puts every image in one split. ``match_copies`` also groups freshly
+    augmented copies with a learned copy detector (copydetect.py): "auto" (the shipped one, if any), a detector
+    folder, or "off"/None; "default" is "auto" with keep_folder_split (auditing someone else's split) and "off"
+    otherwise; when off, file names that look like augmented copies in different groups are warned about. A
+    different manifest, or the same one with another class order, already in ``out_dir`` is only replaced with
+    ``overwrite``. ``group_col`` names a labels-CSV column of patient or study IDs: images sharing a value share a
+    group (on top of the duplicate groups), so the split keeps each patient on one side (groups.py). Raises
+    BonefracError for unusable input.
     """
     started = time.perf_counter()
+    _check_out_dir(out_dir)  # before minutes of decoding, not after
     fractions = _check_options(fractions, split_all, keep_folder_split)
     if not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
         raise BonefracError(f"seed must be a whole number from 0 to 2**32 - 1, got {seed!r}")
     rows, rejected, kind, origin = collect(source, labels_csv, path_col, label_col, MANIFEST_COLUMNS, group_col)
+    rows = given_split(carry_repeated_ids(_without_unwritable_names(rows, rejected), group_col), keep_folder_split)
     if keep_folder_split and "folder_split" not in rows:
         raise BonefracError("keep_folder_split needs a train/val/test folder layout or a 'split' CSV column")
     rows["label"], names = resolve_labels(rows["label"], class_names)
@@ -84,35 +88,27 @@ def prepare(out_dir, *, source=None, labels_csv=None, path_col=None, label_col="
     pairs, copies = duplicate_pairs(rows["path"].tolist(), rows["sha256"].tolist(), hashes, near_dup_threshold,
                                     match_copies, workers)
     rows["group"], dup_groups, grouping = assign_groups(rows, pairs, group_col, copies["detector"] is not None)
+    if copies["detector"] is None and not split_all:  # a cheap look at the names for what the detector would catch
+        copies["copy_name_families"] = copy_name_hint(rows["path"].tolist(), rows["group"].tolist())
     crossing = []
     if split_all:
         rows["split"] = split_all
     elif keep_folder_split:
         rows["split"] = rows["folder_split"]
         crossing = crossing_groups(rows["group"].tolist(), rows["split"].tolist(), rows["path"].tolist())
-        crossing += _listed_in_two_splits(rejected, dict(zip(rows["path"], rows["group"])))
+        crossing += listed_in_two_splits(rejected, dict(zip(rows["path"], rows["group"])))
     else:
-        rows["split"] = _stratified_group_split(rows, names, fractions, seed)
+        rows["split"] = stratified_group_split(rows, names, fractions, seed)
     manifest = _manifest_frame(rows)
     expected = [split_all] if split_all else sorted(set(manifest["split"])) if keep_folder_split else \
         [name for name, f in zip(SPLITS, fractions) if f > 0]
-    _warn_empty_cells(manifest, names, expected)
+    warn_empty_cells(manifest, names, expected)
     report = _report(manifest, dup_groups, names, rejected, crossing, origin, kind, seed, fractions,
                      near_dup_threshold, split_all, keep_folder_split)
     report["grouping"], report["copy_matcher"] = grouping, copies
     report["elapsed_s"] = round(time.perf_counter() - started, 2)
     _write(out_dir, manifest, report, overwrite)
     return report
-
-
-def _listed_in_two_splits(rejected: list, group_of: dict) -> list[dict]:
-    """crossing_groups entries for files the given split lists in two splits (`_analyse` kept one listing)."""
-    twice = [r for r in rejected if "splits" in r and r["path"] in group_of]
-    if twice:
-        log.warning("%d file(s) are listed in two splits of the given split: a leak (see crossing_groups)",
-                    len(twice))
-    return [{"group": group_of[r["path"]], "splits": {s: [r["path"]] for s in r["splits"]}, "same_file": True}
-            for r in twice]
 
 
 def load_manifest(path) -> pd.DataFrame:
@@ -126,7 +122,7 @@ def load_manifest(path) -> pd.DataFrame:
     missing = [c for c in MANIFEST_COLUMNS if c not in frame.columns]
     if missing:
         raise BonefracError(f"manifest {path} lacks column(s) {missing}; available: {list(frame.columns)}")
-    bad = sorted(set(frame["split"]) - set(SPLITS))
+    bad = sorted(set(frame["split"].fillna("").astype(str)) - set(SPLITS))  # a blank cell reads as NaN
     if bad:
         raise BonefracError(f"manifest {path}: unknown split value(s) {bad}; expected {list(SPLITS)}")
     for col in ("path", "sha256"):  # both key the image cache: a blank would reuse stale pixels or crash later
@@ -168,6 +164,36 @@ def manifest_sha256(path) -> str:
 # --- checks -------------------------------------------------------------------------------------------------
 
 
+def _check_out_dir(out_dir) -> None:
+    """Refuse an out_dir that is, or lies under, an existing file: mkdir would fail only after all the decoding."""
+    for folder in (Path(out_dir), *Path(out_dir).parents):
+        if folder.exists() or folder.is_symlink():
+            if not folder.is_dir():
+                raise BonefracError(f"cannot write to --out {out_dir}: {folder} is a file, not a folder; choose "
+                                    "another --out")
+            return
+
+
+def _without_unwritable_names(rows: pd.DataFrame, rejected: list) -> pd.DataFrame:
+    """`rows` less the files whose names are not valid UTF-8 (bytes from a Latin-1 system), which join `rejected`:
+    the manifest, a UTF-8 CSV, cannot name them, and finding out only when writing it lost all the decoding."""
+    bad = np.array([not _is_utf8(p) for p in rows["path"]], dtype=bool)
+    for path in rows.loc[bad, "path"]:
+        log.warning("rejected %s: its file name is not valid UTF-8 (rename it)", printable_path(path))
+        rejected.append({"path": printable_path(path), "reason": "file name is not valid UTF-8 (rename the file)"})
+    if len(bad) and bad.all():
+        raise BonefracError(f"none of the {len(bad)} image file names is valid UTF-8; rename the files")
+    return rows.loc[~bad].reset_index(drop=True) if bad.any() else rows
+
+
+def _is_utf8(path: str) -> bool:
+    try:
+        path.encode("utf-8")  # os.listdir gives undecodable name bytes as lone surrogates, which fail here
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check_options(fractions, split_all, keep_folder_split) -> np.ndarray:
     if split_all is not None:
         if split_all not in SPLITS:
@@ -191,21 +217,6 @@ def _check_classes(rows: pd.DataFrame, names: list, class_names) -> None:
     absent = [n for n in names if n not in present]
     if absent:
         log.warning("classes with no readable image: %s", absent)
-
-
-def _warn_empty_cells(manifest: pd.DataFrame, names: list, splits: list) -> None:
-    """A class missing from a split that should have images: training cannot select on, calibrate on or test it;
-    an expected split with no image at all (fewer groups than splits) is named as such."""
-    counts = pd.crosstab(manifest["label"], manifest["split"])
-    for split in splits:
-        if split not in counts.columns:
-            log.warning("split '%s' is empty: %d duplicate groups are too few to fill every split",
-                        split, manifest["group"].nunique())
-            continue
-        missing = [n for n in names if counts.get(split, {}).get(n, 0) == 0]
-        if missing:
-            log.warning("split '%s' has no images of class(es) %s (too few images of them to split 3 ways?)",
-                        split, missing)
 
 
 # --- decoding and hashing -----------------------------------------------------------------------------------
@@ -274,37 +285,6 @@ def _tracked(results, bar) -> list:
     return out
 
 
-# --- grouping and splitting ---------------------------------------------------------------------------------
-
-
-def _stratified_group_split(rows: pd.DataFrame, names: list, fractions: np.ndarray, seed: int) -> list[str]:
-    """Per class (of each group's majority label), order groups big first, then by a seeded hash of their
-    content, and give each group to the split furthest below its target image count.
-
-    The order depends on the seed and the images' bytes only (never on row order or file listing), so the same
-    images and seed always give the same split."""
-    rank = {n: i for i, n in enumerate(names)}
-    majority = rows.groupby("group")["label"].agg(
-        lambda s: min(s.value_counts().items(), key=lambda kv: (-kv[1], rank[kv[0]]))[0])
-    sizes = rows.groupby("group").size()
-    content = rows.groupby("group")["sha256"].min()  # the group's identity, whatever its id or row order
-
-    def shuffle_key(group):
-        return hashlib.sha256(f"{seed}|{content[group]}".encode()).hexdigest()
-
-    split_of = {}
-    for name in names:
-        groups = sorted(majority.index[majority == name], key=lambda g: (-sizes[g], shuffle_key(g)))
-        targets = fractions * sum(sizes[g] for g in groups)
-        filled = np.zeros(3)
-        for group in groups:
-            deficit = np.where(fractions > 0, targets - filled, -np.inf)
-            choice = int(np.argmax(deficit))
-            split_of[group] = SPLITS[choice]
-            filled[choice] += sizes[group]
-    return [split_of[g] for g in rows["group"]]
-
-
 # --- output -------------------------------------------------------------------------------------------------
 
 
@@ -344,7 +324,8 @@ def _relative(p, base: Path):
 
 
 def _manifest_frame(rows: pd.DataFrame) -> pd.DataFrame:
-    extras = [c for c in rows.columns if c not in MANIFEST_COLUMNS and c not in ("folder_split", GIVEN_GROUP)]
+    extras = [c for c in rows.columns if c not in MANIFEST_COLUMNS and c not in ("folder_split", GIVEN_GROUP,
+                                                                                     OTHER_GIVEN)]
     return rows[list(MANIFEST_COLUMNS) + extras]
 
 
@@ -386,13 +367,29 @@ def _write(out_dir, manifest: pd.DataFrame, report: dict, overwrite: bool) -> No
     target, new = out / "manifest.csv", out / "manifest.csv.new"
     try:
         write_manifest(manifest, new)
-        if target.is_file() and not overwrite and target.read_bytes() != new.read_bytes():
-            # runs trained on the old split could no longer resume, and its test images could be trained on
-            raise BonefracError(f"{target} already holds a different manifest (another split or other images); "
-                                "choose another --out, or pass --overwrite to replace it")
+        if target.is_file() and not overwrite:
+            _refuse_another_manifest(target, new, report["class_names"])
         os.replace(new, target)
     finally:
         new.unlink(missing_ok=True)
-    (out / "prepare_report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    text = json.dumps(report, indent=2, default=str) + "\n"  # atomically: train reads the class order from it
+    write_atomically(out / "prepare_report.json", lambda tmp: tmp.write_text(text))
     log.info("wrote %s: %d images in %d groups (%d duplicate groups), %d rejected", out / "manifest.csv",
              report["n_images"], report["n_groups"], report["n_duplicate_groups"], report["n_rejected"])
+
+
+def _refuse_another_manifest(target: Path, new: Path, class_names: list) -> None:
+    """Raise unless `target` already holds manifest `new` with the same class order. Runs trained on the old
+    manifest must still resume and evaluate honestly: another split would let them train on its test images,
+    and another class order (same manifest bytes) would swap what each class index means."""
+    if target.read_bytes() != new.read_bytes():
+        raise BonefracError(f"{target} already holds a different manifest (another split or other images); "
+                            "choose another --out, or pass --overwrite to replace it")
+    try:
+        old = json.loads((target.parent / "prepare_report.json").read_text()).get("class_names")
+    except (OSError, ValueError, AttributeError):  # no readable report: nothing recorded to contradict
+        return
+    if old is not None and list(old) != list(class_names):
+        raise BonefracError(f"{target.parent} was prepared with the class order {list(old)}, now {list(class_names)}:"
+                            " runs trained on it would read every label as another class; choose another --out, "
+                            "or pass --overwrite to replace it")

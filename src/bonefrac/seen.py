@@ -29,7 +29,7 @@ def seen_by_model(predictor, rows: pd.DataFrame, split: str | None = None) -> di
         if listed is None:
             log.info("%s does not list the images it was trained on: overlap with this set not checked", path)
             return None
-        seen.update(listed)
+        merge_seen(seen, listed)
     hits = rows.sha256.map(seen).value_counts()
     out = {"train": int(hits.get("train", 0)), "val": int(hits.get("val", 0)), "of": int(len(rows))}
     if out["train"] or out["val"]:
@@ -38,6 +38,24 @@ def seen_by_model(predictor, rows: pd.DataFrame, split: str | None = None) -> di
         log.warning("%d of the %d images evaluated here were in the model's training split and %d in its "
                     "validation split: these metrics are optimistic (%s)", out["train"], out["of"], out["val"], why)
     return out
+
+
+# When the members of an ensemble list one image under different splits, the strongest use wins: an image one
+# member trained on is a training image of the ensemble, whatever another member selected or tested on it.
+_PRECEDENCE = {"train": 0, "val": 1, "test": 2}
+
+
+def merge_seen(seen: dict, listed: dict) -> dict:
+    """Add `listed` ({sha256: split}) to `seen` in place and return it; an image in both keeps the stronger
+    split (train > val > test; names outside these rank last)."""
+    for sha, split in listed.items():
+        if sha not in seen or _rank(split) < _rank(seen[sha]):
+            seen[sha] = split
+    return seen
+
+
+def _rank(split: str) -> int:
+    return _PRECEDENCE.get(split, len(_PRECEDENCE))
 
 
 def _checkpoint_dirs(predictor) -> list:

@@ -6,10 +6,10 @@ origin)``: rows with absolute ``path``, raw ``label``, ``folder_split`` (train/v
 ``rejected`` lists files that cannot be used (not an image type, an image outside any class folder, a broken
 symbolic link). Without ``group_col``, CSV columns that look like patient/study IDs are warned about.
 ``resolve_labels`` maps raw labels to class names. ``read_csv`` is the package's CSV reader (errors name the
-file); `bonefrac.manifest` re-exports it.
+file); `bonefrac.manifest` re-exports it. ``box_masks`` reads a CSV of lesion boxes (`data.box_masks` for training).
 
-Apart from ``read_csv``, only `manifest.prepare` uses this module: the house rule is that only prepare scans folders
-(and makes splits).
+Apart from ``read_csv`` and ``box_masks``, only `manifest.prepare` uses this module: the house rule is that only
+prepare scans folders (and makes splits).
 """
 
 from __future__ import annotations
@@ -24,12 +24,14 @@ import pandas as pd
 
 from .errors import BonefracError
 from .groups import GIVEN_GROUP, id_like_columns
-from .io import IMAGE_EXTENSIONS, broken_link_reason, is_broken_link, looks_like_image
+from .io import broken_link_reason, ignored_name, is_broken_link, looks_like_image, walk_files
 
 log = logging.getLogger(__name__)
 
 PATH_COLUMNS = {"path", "augmented_from"}  # image paths: relative to the manifest's (or CSV's) folder on disk
 
+# Label cells that mean "no label" in exported spreadsheets (compared case-folded): as labels they made a class.
+_NO_LABEL = {"", "na", "n/a", "nan", "none", "null"}
 # Folder names and CSV `split` values accepted for each split; the values are the manifest's split names.
 _SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
@@ -79,6 +81,7 @@ def sorted_labels(labels) -> list[str]:
 def resolve_labels(raw: pd.Series, class_names):
     """-> (label names per row, class_names in index order); integer labels index ``class_names``."""
     raw = raw.astype(str).str.strip()
+    _refuse_case_variants(raw)
     if class_names is None:
         return raw, sorted_labels(raw)
     names = [n.strip() for n in class_names.split(",")] if isinstance(class_names, str) else \
@@ -98,6 +101,18 @@ def resolve_labels(raw: pd.Series, class_names):
     return raw, names
 
 
+def _refuse_case_variants(labels: pd.Series) -> None:
+    """BonefracError naming labels that differ only in case or surrounding spaces ("Fracture", "fracture"): they
+    would silently become separate classes of one finding."""
+    variants: dict[str, list[str]] = {}
+    for label in sorted(set(labels)):
+        variants.setdefault(label.strip().casefold(), []).append(label)
+    clashes = [" / ".join(map(repr, names)) for names in variants.values() if len(names) > 1]
+    if clashes:
+        raise BonefracError(f"labels that differ only in case or spaces would become separate classes: "
+                            f"{'; '.join(clashes[:10])}; spell each class one way (CSV labels or folder names)")
+
+
 def _rows_from_csv(csv: Path, base: Path, path_col: str | None, label_col: str, recomputed,
                    group_col: str | None) -> pd.DataFrame:
     frame = read_csv(csv, dtype=str, keep_default_na=False)
@@ -109,18 +124,18 @@ def _rows_from_csv(csv: Path, base: Path, path_col: str | None, label_col: str, 
     if frame.empty:
         raise BonefracError(f"{csv} has no rows")
     for col in (path_col, label_col):
-        blank = np.flatnonzero(frame[col].str.strip() == "")
+        cells = frame[col].str.strip()
+        blank = np.flatnonzero(cells.str.casefold().isin(_NO_LABEL) if col == label_col else cells == "")
+        what = " (a missing label: blank, NA, N/A, nan, none or null)" if col == label_col else ""
         if len(blank):  # +2: the header is line 1 and rows count from 0
-            raise BonefracError(f"{csv}: empty '{col}' on line(s) {[int(i) + 2 for i in blank[:10]]}")
+            raise BonefracError(f"{csv}: empty '{col}'{what} on line(s) {[int(i) + 2 for i in blank[:10]]}")
     rows = pd.DataFrame({
         "path": [_resolved(base / p.strip()) for p in frame[path_col]],
         "label": frame[label_col].str.strip(),
     })
     if "split" in frame.columns:
+        # Unknown values are judged by prepare: an error with keep_folder_split, else the column is ignored.
         rows["folder_split"] = [_SPLIT_ALIASES.get(s.strip().lower(), s) for s in frame["split"]]
-        bad = sorted(set(rows["folder_split"]) - set(_SPLIT_ALIASES.values()))
-        if bad:
-            raise BonefracError(f"{csv}: unknown split value(s) {bad}")
     if group_col is not None:
         rows[GIVEN_GROUP] = _group_column(frame, csv, group_col)
     else:
@@ -137,7 +152,7 @@ def _rows_from_csv(csv: Path, base: Path, path_col: str | None, label_col: str, 
 
 
 # Cells that mean "no ID" in exported spreadsheets: as IDs they would join unrelated patients into one group.
-_NO_ID = {"", "na", "n/a", "nan", "none", "null", "unknown", "-", "--", "?"}
+_NO_ID = _NO_LABEL | {"unknown", "-", "--", "?"}
 
 
 def _group_column(frame: pd.DataFrame, csv: Path, group_col: str) -> np.ndarray:
@@ -168,7 +183,7 @@ def _warn_unused_id_columns(csv: Path, columns: list) -> None:
 def _rows_from_folder(root: Path):
     if not root.is_dir():
         raise BonefracError(f"source is neither a folder nor a CSV file: {root}")
-    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not _ignored(d.name))
+    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not ignored_name(d.name))
     if not subdirs:
         raise BonefracError(f"no class folders in {root} (expected {root}/<class>/<image files>)")
     rejected = _stray_images(root)
@@ -198,18 +213,13 @@ def _resolved(path: Path) -> str:
     return os.path.normpath(path.absolute()) if is_broken_link(path) else str(path.resolve())
 
 
-def _ignored(name: str) -> bool:
-    """Hidden files and folders, and the __MACOSX metadata folder that macOS zip files carry."""
-    return name.startswith(".") or name == "__MACOSX"
-
-
 def _scan_classes(root: Path, split, rejected: list) -> list:
     records = []
-    for class_dir in sorted(d for d in root.iterdir() if d.is_dir() and not _ignored(d.name)):
-        for file in sorted(class_dir.rglob("*")):
-            inner = file.relative_to(class_dir).parts  # .ipynb_checkpoints/ and the like, at any depth
-            if any(map(_ignored, inner)):
-                continue
+    for class_dir in sorted(d for d in root.iterdir() if d.is_dir() and not ignored_name(d.name)):
+        files, loops = walk_files(class_dir)  # linked sub-folders followed; .ipynb_checkpoints/ etc. skipped
+        rejected += [{"path": os.path.normpath(d.absolute()), "reason": "folder already scanned (a symbolic link "
+                      f"loop or a second link to {d.resolve()})"} for d in loops]
+        for file in files:
             if is_broken_link(file):  # whatever its name: it may well have been an image
                 rejected.append({"path": _resolved(file), "reason": broken_link_reason(file)})
             elif not file.is_file():
@@ -225,9 +235,58 @@ def _stray_images(folder: Path) -> list:
     """Image files lying beside the class folders have no label, and a broken link there may be a missing class
     folder: report both."""
     strays = []
-    for f in sorted(folder.iterdir()):
-        if is_broken_link(f) and not _ignored(f.name):
+    for f in sorted(f for f in folder.iterdir() if not ignored_name(f.name)):
+        if is_broken_link(f):
             strays.append({"path": _resolved(f), "reason": broken_link_reason(f)})
-        elif f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
+        elif f.is_file() and looks_like_image(f):  # the scan's own test: suffix-less DICOM (IM0001) included
             strays.append({"path": str(f.resolve()), "reason": "image outside any class folder (no label)"})
     return strays
+
+
+def box_masks(rows, boxes_csv: str | Path, size: int, negative_label: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """Lesion masks for manifest `rows` (path, label, width, height) from a boxes CSV (image, x, y, w, h).
+
+    Returns `(masks, known)`: uint8 (N, size, size), 1 inside any box of the image stretched to a square like
+    the image cache, and float32 (N,) 1 where the mask is known: the image has boxes, or its label is
+    `negative_label` (nothing to find). Other images (e.g. fractured but unannotated) get weight 0. Boxes are
+    clipped to their image; ones wholly outside are ignored (warned). BonefracError, naming the CSV row, for a
+    box with a missing or non-numeric coordinate or a width/height <= 0.
+    """
+    boxes_csv = Path(boxes_csv)
+    boxes = read_csv(boxes_csv)
+    missing = {"image", "x", "y", "w", "h"} - set(boxes.columns)
+    if missing:
+        raise BonefracError(f"{boxes_csv}: boxes CSV lacks column(s) {', '.join(sorted(missing))}")
+    base = boxes_csv.resolve().parent
+    keys = [str((base / p).resolve()) for p in boxes["image"].astype(str)]
+    index = {str(Path(p).resolve()): i for i, p in enumerate(rows["path"])}
+    masks = np.zeros((len(rows), size, size), dtype=np.uint8)
+    known = (rows["label"].to_numpy() == negative_label).astype(np.float32)
+    width, height = rows["width"].to_numpy(float), rows["height"].to_numpy(float)
+    coords = pd.DataFrame({c: pd.to_numeric(boxes[c], errors="coerce") for c in "xywh"}).to_numpy(float)
+    bad = ~np.isfinite(coords).all(axis=1) | (coords[:, 2] <= 0) | (coords[:, 3] <= 0)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise BonefracError(f"{boxes_csv}: {int(bad.sum())} box(es) with a missing or non-numeric coordinate or a "
+                            f"width/height <= 0 (the first is data row {first + 1}: {boxes['image'].iloc[first]})")
+    matched = outside = 0
+    for key, (x, y, w, h) in zip(keys, coords):
+        i = index.get(key)
+        if i is None:
+            continue
+        matched += 1
+        sx, sy = size / width[i], size / height[i]
+        x0, y0 = int(np.floor(x * sx)), int(np.floor(y * sy))
+        x1, y1 = max(x0 + 1, int(np.ceil((x + w) * sx))), max(y0 + 1, int(np.ceil((y + h) * sy)))
+        x0, x1, y0, y1 = (int(np.clip(v, 0, size)) for v in (x0, x1, y0, y1))
+        if x1 <= x0 or y1 <= y0:  # wholly outside the image: no evidence of where the fracture is
+            outside += 1
+            continue
+        masks[i, y0:y1, x0:x1] = 1
+        known[i] = 1.0
+    if outside:
+        log.warning("%s: %d box(es) lie wholly outside their image; ignored", boxes_csv, outside)
+    if matched == 0:
+        raise BonefracError(f"{boxes_csv}: no box matches an image of the manifest (paths are read relative to "
+                            f"the CSV's folder)")
+    return masks, known

@@ -57,7 +57,7 @@ def _train(manifest, out_dir: Path, cfg: Config, resume: bool, rank: int, world:
     if resume:
         resume = prepare_resume(out_dir, rank, world)  # False: killed in its first epoch, nothing to resume
         if resume:
-            check_resume_config(out_dir / "last", cfg)
+            check_resume_config(out_dir / "last", cfg, manifest)
             # Read now, not after minutes of decoding images: a corrupt file should stop the run at once.
             last = (*checkpoint.load(out_dir / "last"), checkpoint.load_train_state(out_dir / "last"))
             if last[1].get("manifest_sha256") != manifest_sha256(manifest):

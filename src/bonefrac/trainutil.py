@@ -24,6 +24,7 @@ from . import checkpoint
 from .config import COMPILE_SWITCH, GRAD_SYNC, OPTIMIZERS, SCHEDULES, Config, one_of_error, to_dict
 from .data import build_cache
 from .errors import BonefracError
+from .manifest import class_names_for, load_manifest
 
 log = logging.getLogger(__name__)
 
@@ -377,9 +378,13 @@ def refuse_existing_run(out_dir: Path) -> None:
                             f"or choose another --out")
 
 
-def check_resume_config(last_dir: Path, cfg: Config) -> None:
-    """Refuse a --resume whose configuration differs from the run's, except in RESUME_MAY_CHANGE."""
-    saved = _flatten(checkpoint.read_meta(last_dir).get("config") or {})
+def check_resume_config(last_dir: Path, cfg: Config, manifest=None) -> None:
+    """Refuse a --resume whose configuration differs from the run's, except in RESUME_MAY_CHANGE, and, given the
+    `manifest` it would resume on, one whose class names (in index order) differ from the run's."""
+    meta = checkpoint.read_meta(last_dir)
+    if manifest is not None:
+        check_resume_classes(last_dir, meta.get("class_names"), manifest)
+    saved = _flatten(meta.get("config") or {})
     now = _flatten(to_dict(cfg))
     # A key absent from the saved config was added by newer code; its default cannot contradict the run.
     changed = [k for k in sorted(saved.keys() & now.keys()) if saved[k] != now[k] and k not in RESUME_MAY_CHANGE]
@@ -387,6 +392,17 @@ def check_resume_config(last_dir: Path, cfg: Config) -> None:
         diff = "; ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
         raise BonefracError(f"--resume with a changed configuration ({diff}); resume with the run's settings "
                             f"(only {', '.join(sorted(RESUME_MAY_CHANGE))} may change) or start a new --out")
+
+
+def check_resume_classes(last_dir: Path, saved, manifest) -> None:
+    """Refuse to resume a run trained with class names `saved` on `manifest` when its class order (from its
+    prepare_report.json) differs. The manifest's bytes, and so its hash, stay the same when only the class order
+    changed (labels are written as names), yet every class index would then mean another class."""
+    now = class_names_for(manifest, load_manifest(manifest))
+    if saved is not None and list(saved) != list(now):
+        raise BonefracError(f"--resume: {last_dir} was trained with the classes {list(saved)} (in index order), but "
+                            f"{manifest} now names {list(now)}; resuming would train on swapped labels. Prepare the "
+                            f"manifest again with --class-names {','.join(map(str, saved))} or start a new --out")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
