@@ -184,3 +184,21 @@ def test_non_string_keys_and_yaml_errors_are_one_clear_line(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(cfg)
     assert "not valid YAML at line" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("text, key, lines", [
+    ("train:\n  epochs: 50\nmodel:\n  arch: resnet18\ntrain:\n  seed: 7\n", "train", "lines 1 and 5"),
+    ("train:\n  epochs: 50\n  epochs: 5\n", "epochs", "lines 2 and 3"),
+])
+def test_a_key_given_twice_in_the_yaml_is_an_error_not_the_last_one_silently(tmp_path, text, key, lines):
+    f = tmp_path / "dup.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=f"dup.yaml: key '{key}' is given twice \\({lines}\\)"):
+        load_config(f)
+
+
+def test_yaml_anchors_and_merge_keys_are_not_duplicates(tmp_path):
+    f = tmp_path / "merge.yaml"
+    f.write_text("train:\n  <<: {epochs: 3}\n  seed: 7\n")
+    cfg = load_config(f)
+    assert cfg.train.epochs == 3 and cfg.train.seed == 7

@@ -14,17 +14,20 @@ Exported graphs take float32 (B, 1, S, S) raw pixel values 0..255 and return log
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from . import modelid
+from .checkpoint import check_format
 from .errors import BonefracError, ImageReadError
 from .io import decode_image_and_colour
-from .predict import _softmax, decide
+from .predict import _softmax, decide, parse_device, resolve_device
 from .transforms import resize_batch
 
 log = logging.getLogger(__name__)
@@ -60,20 +63,48 @@ class _GraphPredictor:
     def predict_arrays(self, images: list[np.ndarray]) -> np.ndarray:
         """(n, K) probabilities for decoded 2-D uint8 images of any size."""
         if not images:
-            return np.zeros((0, len(self.class_names)), np.float32)
+            return np.zeros((0, len(self.class_names)))
         x = resize_batch(images, self.size).numpy().astype(np.float32)
         logits = np.concatenate([self._logits(x[i:i + self.batch_size])
                                  for i in range(0, len(x), self.batch_size)])
-        return _softmax(logits.astype(np.float64) / self.temperature).astype(np.float32)
+        # float64 as Predictor's: a float32 copy of a score equal to the threshold can land just below it.
+        return _softmax(logits.astype(np.float64) / self.temperature)
 
 
-def onnx_providers(device: str = "auto") -> list[str]:
-    """ONNX Runtime providers to use: TensorRT and CUDA first when installed (unless device='cpu'), then CPU."""
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
+def onnx_providers(device: str = "auto") -> list:
+    """ONNX Runtime providers for a --device value, for InferenceSession(providers=...): "cpu" the CPU alone;
+    "cuda" / "cuda:N" TensorRT and CUDA on GPU N (0), then the CPU for what they cannot run; "auto" the same, or
+    the CPU alone when ONNX Runtime has no GPU provider (onnxruntime-gpu not installed). BonefracError for any
+    other name, and for a GPU asked for by name that ONNX Runtime cannot use."""
     import onnxruntime as ort
 
-    available = ort.get_available_providers()
-    wanted = [] if device == "cpu" else ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
-    return [p for p in wanted if p in available] + ["CPUExecutionProvider"]
+    kind, index = parse_device(device)
+    if kind == "cpu":
+        return ["CPUExecutionProvider"]
+    if kind == "mps":
+        raise BonefracError(f"device '{device}': ONNX models run on auto, cpu, cuda or cuda:N (no MPS provider)")
+    gpu = [(p, {"device_id": index or 0}) for p in GPU_PROVIDERS if p in ort.get_available_providers()]
+    if not gpu and kind == "cuda":
+        raise BonefracError(f"device '{device}' requested but ONNX Runtime has no CUDA provider (available: "
+                            f"{', '.join(ort.get_available_providers())}); install onnxruntime-gpu, or use cpu")
+    if not gpu:
+        log.info("ONNX Runtime has no GPU provider: running on the CPU")
+    return gpu + ["CPUExecutionProvider"]
+
+
+def _check_gpu_started(session, providers: list, device: str) -> None:
+    """ONNX Runtime falls back to the CPU, with only its own warning, when a GPU provider fails to start (CUDA
+    libraries missing, say): an error when the GPU was asked for by name, an INFO line for "auto"."""
+    wanted = [p[0] for p in providers if isinstance(p, tuple)]
+    if not wanted or set(wanted) & set(session.get_providers()):
+        return
+    if parse_device(device)[0] == "cuda":
+        raise BonefracError(f"device '{device}' requested but ONNX Runtime could not start {' or '.join(wanted)} "
+                            "(see its warning above); use cpu, or fix the CUDA installation")
+    log.info("ONNX Runtime could not start %s: running on the CPU", " or ".join(wanted))
 
 
 class OnnxPredictor(_GraphPredictor):
@@ -87,10 +118,12 @@ class OnnxPredictor(_GraphPredictor):
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
+        providers = onnx_providers(device)
         try:
-            self.session = ort.InferenceSession(str(path), opts, providers=onnx_providers(device))
+            self.session = ort.InferenceSession(str(path), opts, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types for unreadable models
             raise BonefracError(f"{path}: cannot load ONNX model: {exc}") from None
+        _check_gpu_started(self.session, providers, device)
         raw = self.session.get_modelmeta().custom_metadata_map.get(META_KEY)
         super().__init__(_parse_meta(raw, path), path, batch_size)
 
@@ -103,15 +136,15 @@ class TorchScriptPredictor(_GraphPredictor):
 
     backend = "torchscript"
 
-    def __init__(self, path, device: str = "cpu", batch_size: int = 32):
+    def __init__(self, path, device: str = "auto", batch_size: int = 32):
         import torch
 
+        self.device = resolve_device(device)  # as for checkpoints: "auto" is the GPU when there is one
         extra = {f"{META_KEY}.json": ""}
         try:
-            self.module = torch.jit.load(str(path), map_location=device, _extra_files=extra).eval()
+            self.module = torch.jit.load(str(path), map_location=self.device, _extra_files=extra).eval()
         except Exception as exc:  # torch.jit raises RuntimeError and friends for non-TorchScript files
             raise BonefracError(f"{path}: cannot load TorchScript model: {exc}") from None
-        self.device = device
         super().__init__(_parse_meta(extra[f"{META_KEY}.json"], path), path, batch_size)
 
     def _logits(self, x: np.ndarray) -> np.ndarray:
@@ -134,6 +167,7 @@ def _parse_meta(raw, path) -> dict:
             raise BonefracError(f"{path}: bonefrac metadata lacks '{key}'")
     if not isinstance(meta["preprocess"], dict) or "size" not in meta["preprocess"]:
         raise BonefracError(f"{path}: bonefrac metadata lacks 'preprocess.size'")
+    check_format(meta, path)
     return meta
 
 
@@ -150,7 +184,7 @@ def load_backend(path, device: str = "auto", batch_size: int = 32):
     if path.suffix.lower() == ".onnx":
         return OnnxPredictor(path, device, batch_size)
     if path.suffix.lower() in (".pt", ".ts", ".torchscript"):
-        return TorchScriptPredictor(path, "cpu" if device == "auto" else device, batch_size)
+        return TorchScriptPredictor(path, device, batch_size)
     raise BonefracError(f"{path}: unknown model format (expected a checkpoint dir, .onnx or TorchScript .pt)")
 
 
@@ -326,3 +360,21 @@ def prediction_rows(probs: np.ndarray, predictor, refer_margin: float) -> list[d
     return [{"status": "ok", "prediction": names[lab], "confidence": round(float(row[lab]), 6), "refer": bool(flag),
              "probabilities": {c: round(float(v), 6) for c, v in zip(names, row)}} if ok else dict(broken)
             for row, lab, flag, ok in zip(probs, labels, refer, finite)]
+
+
+def csv_writer(class_names):
+    """A function writing one `prediction_rows` row, as `bonefrac predict --format csv` does, to stdout (after the
+    header, written now). `refer` is true/false as in the JSON lines (empty for an unreadable file)."""
+    w = csv.writer(sys.stdout)
+    w.writerow(["path", "status", "prediction", "confidence", "refer", *[f"p_{c}" for c in class_names], "threshold",
+                "message"])
+
+    def write(row: dict) -> None:
+        probs = row.get("probabilities", {})
+        refer = json.dumps(bool(row["refer"])) if "refer" in row else ""  # the JSON lines' spelling, not True/False
+        w.writerow([row["path"], row["status"], row.get("prediction", ""), row.get("confidence", ""),
+                    refer, *[probs.get(c, "") for c in class_names],
+                    "" if row.get("threshold") is None else row["threshold"],
+                    row.get("error") or row.get("message") or ""])
+        sys.stdout.flush()
+    return write

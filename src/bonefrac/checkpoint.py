@@ -152,15 +152,29 @@ def _meta_of(path: Path) -> dict:
     if not meta_file.is_file():
         raise BonefracError(f"{path}: not a bonefrac checkpoint (no {META_FILE})")
     try:
-        return json.loads(meta_file.read_text())
+        meta = json.loads(meta_file.read_text())
     except json.JSONDecodeError as exc:
         raise BonefracError(f"{meta_file}: corrupt checkpoint metadata ({exc})") from None
+    if not isinstance(meta, dict):
+        raise BonefracError(f"{meta_file}: corrupt checkpoint metadata (a JSON object expected)")
+    check_format(meta, meta_file)
+    return meta
+
+
+def check_format(meta: dict, where) -> None:
+    """BonefracError when `meta` (the JSON of a checkpoint or exported file at `where`) was written in a newer
+    format than this code reads: its fields may mean what this code would get wrong."""
+    version = meta.get("format_version", 1)  # the first checkpoints did not record it
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise BonefracError(f"{where}: format_version {version!r} is not a positive whole number")
+    if version > FORMAT_VERSION:
+        raise BonefracError(f"{where}: saved by a newer bonefrac (format version {version}; bonefrac {__version__} "
+                            f"reads up to {FORMAT_VERSION}); upgrade bonefrac to use this model")
 
 
 def load(path: str | Path, device: str | torch.device = "cpu"):
-    """(model in eval mode with float32 weights on `device`, meta dict) from a checkpoint directory."""
-    from safetensors.torch import load_file
-
+    """(model in eval mode with float32 weights on `device`, meta dict) from a checkpoint directory; BonefracError
+    naming the checkpoint when its JSON lacks a field, was saved by a newer bonefrac or does not fit the weights."""
     from .models import create
 
     path = recover(path)
@@ -168,14 +182,79 @@ def load(path: str | Path, device: str | torch.device = "cpu"):
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise BonefracError(f"{path}: checkpoint has no {WEIGHTS_FILE}")
-    model = create(meta["arch"], len(meta["class_names"]), meta["preprocess"]["channels"])
+    _check_fields(meta, path / META_FILE)
+    try:
+        model = create(meta["arch"], len(meta["class_names"]), meta["preprocess"]["channels"])
+    except BonefracError as exc:  # an unknown architecture: say which checkpoint names it
+        raise BonefracError(f"{path / META_FILE}: {exc}") from None
+    _load_weights(model, weights, f"arch {meta['arch']}, {len(meta['class_names'])} classes")
+    return model.to(device).eval(), meta
+
+
+def _load_weights(model: torch.nn.Module, weights: Path, described: str) -> None:
+    """Load the `weights` file into `model` as float32, every tensor or none; BonefracError naming the file, the
+    model (`described`) and the first tensor that does not fit, instead of torch's list of hundreds."""
+    from safetensors.torch import load_file
+
     try:
         loaded = load_file(str(weights))
     except Exception as exc:  # safetensors raises its own error type for truncated or corrupt files
         raise BonefracError(f"{weights}: cannot be read ({exc}); the file is truncated or corrupt") from None
     state = {k: v.float() if v.is_floating_point() else v for k, v in loaded.items()}
-    model.load_state_dict(state)
-    return model.to(device).eval(), meta
+    mismatch = _first_mismatch(model.state_dict(), state)
+    try:
+        if mismatch is None:
+            model.load_state_dict(state)
+    except RuntimeError as exc:  # what the comparison above cannot foresee
+        mismatch = str(exc).strip().splitlines()[-1].strip()
+    if mismatch is not None:
+        raise BonefracError(f"{weights.parent}: {WEIGHTS_FILE} does not fit the model {META_FILE} describes "
+                            f"({described}): {mismatch}; the JSON was edited or belongs to other weights")
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_numbers(value) -> bool:
+    return isinstance(value, (int, float, list)) and not isinstance(value, bool)
+
+
+# (field, check, what it must be): what `load` and the predictors read, in the order they are checked.
+_FIELDS = (
+    ("arch", lambda v: isinstance(v, str) and bool(v), "a timm architecture name"),
+    ("class_names", lambda v: isinstance(v, list) and len(v) >= 2 and all(isinstance(n, str) and n for n in v),
+     "a list of at least 2 class names"),
+    ("preprocess", lambda v: isinstance(v, dict), "an object (size, channels, mean, std)"),
+    ("preprocess.size", _is_count, "a positive whole number of pixels"),
+    ("preprocess.channels", _is_count, "a positive whole number"),
+    ("preprocess.mean", _is_numbers, "a number or a list of numbers"),
+    ("preprocess.std", _is_numbers, "a number or a list of numbers"),
+)
+
+
+def _check_fields(meta: dict, meta_file: Path) -> None:
+    """BonefracError naming `meta_file` and the field when a field `load` needs is missing or of the wrong type."""
+    for field, ok, expected in _FIELDS:
+        *parent, key = field.split(".")
+        source = meta[parent[0]] if parent else meta  # "preprocess" itself was checked first
+        if key not in source:
+            raise BonefracError(f"{meta_file}: lacks '{field}' ({expected}); not a complete checkpoint")
+        if not ok(source[key]):
+            raise BonefracError(f"{meta_file}: '{field}' must be {expected}, got {source[key]!r}")
+
+
+def _first_mismatch(expected: dict, state: dict) -> str | None:
+    """The first tensor in which the saved `state` and a new model's `expected` state differ, in words; None when
+    every tensor fits (what a strict load_state_dict needs)."""
+    for key, tensor in expected.items():
+        if key not in state:
+            return f"tensor '{key}' is missing from the weights"
+        if state[key].shape != tensor.shape:
+            saved, wanted = list(state[key].shape), list(tensor.shape)
+            return f"tensor '{key}' has shape {saved} in the weights, {wanted} in the model"
+    extra = next((key for key in state if key not in expected), None)
+    return None if extra is None else f"the weights hold tensor '{extra}', which the model has no place for"
 
 
 def load_train_state(path: str | Path) -> dict:

@@ -6,6 +6,7 @@ Errors the user can fix (BonefracError) end with one line on stderr and exit cod
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ def _prepare(args) -> None:
     if args.source is None and args.labels is None:
         raise BonefracError("give an image folder SOURCE or --labels FILE.csv (or both: the CSV's paths are "
                             "then relative to SOURCE)")
-    class_names = args.class_names.split(",") if args.class_names else None
+    class_names = _names(args.class_names) if args.class_names else None
     copies = {} if args.match_copies is None else {"match_copies": args.match_copies}  # unset: prepare decides
     report = prepare(args.out, source=args.source, labels_csv=args.labels, path_col=args.path_col,
                      label_col=args.label_col, group_col=args.group_col, class_names=class_names, seed=args.seed,
@@ -36,6 +37,13 @@ def _prepare(args) -> None:
                      **copies)
     log.info("manifest: %s/manifest.csv (%d images, %d groups, %d rejected)", args.out, report["n_images"],
              report["n_groups"], len(report.get("rejected", [])))
+
+
+def _names(text: str) -> list[str]:
+    """`--class-names "a, b"` -> ["a", "b"]; BonefracError for an empty name ("a,,b", a trailing comma)."""
+    if not all(names := [name.strip() for name in text.split(",")]):
+        raise BonefracError(f"--class-names {text!r} holds an empty name; give comma-separated names, e.g. a,b")
+    return names
 
 
 def _train(args) -> None:
@@ -81,26 +89,39 @@ def _predict(args) -> None:
     predictor = load_predictor(_models_or_default(args.model), args.device, args.tta, args.batch_size)
     use_operating_point(predictor, args.operating_point)
     if averaged:
-        log.warning("%d checkpoints averaged with equal weights and the first one's threshold; fit weights and "
-                    "threshold on validation with `bonefrac ensemble`", len(args.model))
+        _warn_average(len(args.model), predictor.threshold, args.operating_point)
     rows = predict_files(predictor, args.paths, args.batch_size, xray_check=not args.no_xray_check)
     statuses = []
     write = _csv_writer(predictor.class_names) if args.format == "csv" else (lambda r: print(json.dumps(r), flush=True))
     for row in rows:
-        statuses.append(row["status"])
+        # An error row without `error` is a readable image the model gave NaN/inf for (backends.prediction_rows).
+        statuses.append("non_finite" if row["status"] == "error" and "error" not in row else row["status"])
         write(row)
     _check_outcome(statuses, args.paths, "prediction")
+
+
+def _warn_average(n: int, threshold, named_point: str | None) -> None:
+    """Say how an unfitted average of `n` checkpoints decides, and that $BONEFRAC_OPERATING_POINT (a site-wide
+    setting, so not an error) does not apply to it."""
+    env_point = None if named_point else os.environ.get("BONEFRAC_OPERATING_POINT")
+    ignored = (f"; BONEFRAC_OPERATING_POINT={env_point} ignored (an unfitted average has no saved operating "
+               "points)") if env_point else ""
+    decides = "by the most probable class" if threshold is None else f"at the first one's threshold {threshold:.4g}"
+    log.warning("%d checkpoints averaged with equal weights, deciding %s%s; fit weights and threshold on validation "
+                "with `bonefrac ensemble`", n, decides, ignored)
 
 
 def _check_outcome(statuses: list[str], paths: list[str], what: str) -> None:
     """After predict or explain: warn how many inputs got no `what` and why (from each input's row status); a
     BonefracError (exit status 2) when none got one, or when `paths` held no image file at all."""
-    counts = {status: statuses.count(status) for status in ("ok", "not_xray", "error")}
-    if counts["error"] or counts["not_xray"]:
-        log.warning("%d of %d inputs got no %s: %d unreadable, %d not an X-ray", counts["error"] +
-                    counts["not_xray"], sum(counts.values()), what, counts["error"], counts["not_xray"])
+    counts = {status: statuses.count(status) for status in ("ok", "not_xray", "error", "non_finite")}
+    failed = sum(counts.values()) - counts["ok"]
+    if failed:
+        nan = f", {counts['non_finite']} with non-finite model output" if counts["non_finite"] else ""
+        log.warning("%d of %d inputs got no %s: %d unreadable, %d not an X-ray%s", failed, sum(counts.values()),
+                    what, counts["error"], counts["not_xray"], nan)
     if not counts["ok"]:
-        if not counts["error"] and not counts["not_xray"]:
+        if not failed:
             raise BonefracError(f"no image files found in {', '.join(map(str, paths))}")
         raise BonefracError(f"no {what} made for any of the {sum(counts.values())} input(s)")
 
@@ -122,32 +143,17 @@ def _operating_point(named: str | None, averaged: bool = False) -> str | None:
     env_point = os.environ.get("BONEFRAC_OPERATING_POINT")
     if named is not None or not env_point:
         return named
-    if averaged:
-        log.info("BONEFRAC_OPERATING_POINT=%s ignored: an unfitted average of checkpoints has no saved points",
-                 env_point)
+    if averaged:  # it has no saved points; _warn_average says so
         return None
     log.info("operating point '%s' from BONEFRAC_OPERATING_POINT", env_point)
     return env_point
 
 
 def _csv_writer(class_names):
-    """A function writing one predict row as CSV to stdout (after the header, written now). `refer` is true/false
-    as in the JSON lines (empty for an unreadable file)."""
-    import csv
+    """backends.csv_writer, the CSV form of predict's rows (beside the code that makes the rows)."""
+    from .backends import csv_writer
 
-    w = csv.writer(sys.stdout)
-    w.writerow(["path", "status", "prediction", "confidence", "refer", *[f"p_{c}" for c in class_names], "threshold",
-                "message"])
-
-    def write(row: dict) -> None:
-        probs = row.get("probabilities", {})
-        refer = json.dumps(bool(row["refer"])) if "refer" in row else ""  # the JSON lines' spelling, not True/False
-        w.writerow([row["path"], row["status"], row.get("prediction", ""), row.get("confidence", ""),
-                    refer, *[probs.get(c, "") for c in class_names],
-                    "" if row.get("threshold") is None else row["threshold"],
-                    row.get("error") or row.get("message") or ""])
-        sys.stdout.flush()
-    return write
+    return csv_writer(class_names)
 
 
 def _export(args) -> None:
@@ -282,15 +288,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_evaluate)
 
     s = sub.add_parser("predict", help="predict image files, folders or DICOM; JSON lines or CSV")
-    s.add_argument("paths", nargs="*")
+    s.add_argument("paths", nargs="*", help="image files, and folders: their image files (PNG, JPEG, ..., DICOM), "
+                   "recursively")
     s.add_argument("--model", action="append", help="checkpoint or ensemble dir (repeatable: averaged); default: "
                    "$BONEFRAC_MODEL, else the shipped model (also read: $BONEFRAC_OPERATING_POINT)")
     s.add_argument("--format", choices=["jsonl", "csv"], default="jsonl", help="JSON lines (default) or CSV")
-    s.add_argument("--batch-size", type=_positive_int, default=32)
+    s.add_argument("--batch-size", type=_positive_int, default=32, help="images read and run together "
+                   "(default %(default)s; lower it if memory runs out)")
     s.add_argument("--tta", action="store_true", help="average with a horizontally flipped view")
     s.add_argument("--no-xray-check", action="store_true",
                    help="predict every readable image, even ones that do not look like a radiograph")
-    s.add_argument("--device", default="auto")
+    s.add_argument("--device", default="auto", help="auto (the GPU if there is one, else the CPU), cpu, cuda, "
+                   "cuda:N or mps")
     s.add_argument("--operating-point", metavar="NAME", help=OPERATING_POINT_HELP)
     s.set_defaults(func=_predict)
     s = sub.add_parser("export", help="export a checkpoint to ONNX (fp32/fp16/INT8) or TorchScript, parity-checked")
@@ -363,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default %(default)s; webp: quality 90)")
     s.add_argument("--workers", type=_positive_int, default=None)
     s.set_defaults(func=_augment)
+    for command in sub.choices.values():  # `bonefrac predict -v ...` too; SUPPRESS keeps a -v given before it
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
     p.command_parsers = sub.choices  # read by parse_args
     return p
 
@@ -402,10 +413,17 @@ def run_logged(fn, *args, verbose: bool = False) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):  # a file name a non-UTF-8 terminal cannot show is escaped, not a crash
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         return run_logged(args.func, args, verbose=args.verbose)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `bonefrac predict ... | head`: the reader has all it wanted
+        # stdout to the null device, or the flush at exit fails on the closed pipe again (Python's "Note on SIGPIPE")
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # no file descriptor behind sys.stdout
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader left
 
 
 if __name__ == "__main__":

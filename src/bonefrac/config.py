@@ -301,6 +301,28 @@ def _first_line(exc: Exception) -> str:
     return str(exc).split("\n", 1)[0].strip() or type(exc).__name__
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader refusing a key given twice in one mapping (a section, or a key in a section): PyYAML keeps
+    the last silently, so `train:` twice would drop every setting of the first."""
+
+    def construct_mapping(self, node, deep=False):
+        first_line = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` merges, it does not repeat
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                repeated = key in first_line
+            except TypeError:  # an unhashable key: the constructor below reports it
+                continue
+            if repeated:
+                raise ConfigError(f"key '{key}' is given twice (lines {first_line[key]} and {line}); YAML would "
+                                  "silently keep only the last: merge them")
+            first_line[key] = line
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """The resolved Config: defaults, then the YAML file (if any), then the overrides."""
     data: dict = {}
@@ -309,12 +331,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             raise ConfigError(f"{path}: not valid YAML{where} ({getattr(exc, 'problem', None) or _first_line(exc)})") \
                 from None
+        except ConfigError as exc:  # a repeated key
+            raise ConfigError(f"{path}: {exc}") from None
         data = {} if loaded is None else loaded  # an empty file (or only comments) means all defaults
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (model:, data:, augment:, optim:, train:) "

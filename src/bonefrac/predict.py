@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,16 +30,47 @@ DEFAULT_MODEL_NAME = "fracatlas_effnet_lite"
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' -> the first CUDA device when present, else the CPU; a clear error for an unusable name."""
-    if name == "auto":
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise BonefracError(f"device '{name}' requested but CUDA is not available")
+    """The torch device for a --device value: "auto" (this process's GPU, else the CPU), "cpu", "cuda", "cuda:N"
+    or "mps"; BonefracError, before any work starts, for a name this machine cannot run on."""
+    kind, index = parse_device(name)
+    if kind == "auto":
+        return torch.device(f"cuda:{_local_rank()}" if torch.cuda.is_available() else "cpu")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise BonefracError(f"device '{name}' requested but CUDA is not available")
+        count = torch.cuda.device_count()
+        if index is not None and index >= count:
+            raise BonefracError(f"device '{name}' requested but this machine has {count} CUDA device(s) "
+                                f"(cuda:0 to cuda:{count - 1})")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise BonefracError(f"device '{name}' requested but Apple MPS is not available")
+    return torch.device(name)
+
+
+DEVICE_NAMES = "auto, cpu, cuda, cuda:N or mps"
+
+
+def parse_device(name: str) -> tuple[str, int | None]:
+    """("auto" | "cpu" | "cuda" | "mps", GPU index or None) for a --device value, checked by its form only (the
+    ONNX backend asks ONNX Runtime, not torch, whether it can use a GPU); BonefracError for any other name."""
+    kind, _, index = str(name).partition(":")
+    if kind in ("auto", "cpu", "cuda", "mps") and not index:
+        return kind, None
+    if kind == "cuda" and index.isdigit() and index.isascii():
+        return kind, int(index)
+    raise BonefracError(f"unknown device '{name}'; use {DEVICE_NAMES}")
+
+
+def _local_rank() -> int:
+    """The GPU of this process under torchrun ($LOCAL_RANK), else 0."""
+    raw = os.environ.get("LOCAL_RANK")
+    if raw is None:
+        return 0
     try:
-        return torch.device(name)
-    except RuntimeError:
-        raise BonefracError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
+        return int(raw)
+    except ValueError:
+        raise BonefracError(f"LOCAL_RANK={raw!r} is not a whole number (it names this process's GPU under "
+                            "torchrun); unset it or pass --device cuda:N") from None
 
 
 def uses_autocast(device: torch.device, amp: bool = True) -> bool:
@@ -200,20 +232,53 @@ def load_predictor(paths: list[str] | None, device: str = "auto", tta: bool = Fa
 
 
 def _load_ensemble_dir(path: Path, device: str, tta: bool, batch_size: int) -> Ensemble:
-    import json
-
-    try:
-        spec = json.loads((path / ENSEMBLE_FILE).read_text())
-        members = [Predictor.from_checkpoint(path / m, device, tta, batch_size) for m in spec["members"]]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise BonefracError(f"{path / ENSEMBLE_FILE}: not a valid ensemble description ({exc})") from None
-    if members[0].class_names != list(spec.get("class_names", members[0].class_names)):
+    spec = _ensemble_spec(path / ENSEMBLE_FILE)
+    # Outside the spec's checks: a member's own error (a broken bonefrac.json, say) names that member.
+    members = [Predictor.from_checkpoint(path / m, device, tta, batch_size) for m in spec["members"]]
+    if members[0].class_names != list(spec.get("class_names") or members[0].class_names):
         raise BonefracError(f"{path}: the members' class names differ from those in {ENSEMBLE_FILE}")
     ens = Ensemble(members, spec.get("weights"), spec.get("threshold"))
     # The ensemble's own validation-chosen points replace the first member's.
     ens.meta.update(operating_points=spec.get("operating_points"), ensemble_dir=str(path),
                     threshold=ens.threshold)
     return ens
+
+
+def _ensemble_spec(file: Path) -> dict:
+    """The checked contents of an ensemble.json; BonefracError naming the file and the faulty field."""
+    import json
+
+    try:
+        spec = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BonefracError(f"{file}: cannot be read as JSON ({exc})") from None
+    problem = _ensemble_problem(spec)
+    if problem:
+        raise BonefracError(f"{file}: not a valid ensemble description: {problem}; rebuild it with "
+                            "`bonefrac ensemble`")
+    return spec
+
+
+def _ensemble_problem(spec) -> str | None:
+    """What is wrong with a parsed ensemble.json, or None."""
+    if not isinstance(spec, dict):
+        return "expected a JSON object"
+    members, weights, threshold = spec.get("members"), spec.get("weights"), spec.get("threshold")
+    if not isinstance(members, list) or not members or not all(isinstance(m, str) and m for m in members):
+        return f"'members' must be a non-empty list of member folders, got {members!r}"
+    if weights is not None:
+        if not isinstance(weights, list) or len(weights) != len(members):
+            return f"'weights' must hold one number per member ({len(members)}), got {weights!r}"
+        if not all(_is_number(w) and 0 <= w < np.inf for w in weights) or sum(weights) <= 0:
+            return f"'weights' must be finite and non-negative with a positive sum, got {weights!r}"
+    # Just above 1 is "predict nothing", which a threshold fitted on saturated scores can be (backends).
+    if threshold is not None and not (_is_number(threshold) and 0 <= threshold <= np.nextafter(1.0, 2.0)):
+        return f"'threshold' must be a number from 0 to 1, got {threshold!r}"
+    return None
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def default_model_path() -> Path:
@@ -273,11 +338,14 @@ def predict_files(predictor, inputs: list[str], batch_size: int = 32, xray_check
     `threshold` that decided (None for multi-class models, which predict the most probable class);
     "not_xray": the image fails the radiograph check (a photo, document, blank or noise), `message` says why,
     and no prediction is given; "error": `error` names the problem (unreadable, missing, too large), or `message`
-    says the model's output was not finite. `path` is printable (see io.printable_path)."""
+    says the model's output was not finite. `path` is printable (see io.printable_path). A progress bar over all
+    the files shows on stderr when that is a terminal."""
     from .backends import prediction_rows  # backends imports this module
 
     paths = expand_paths(inputs)
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+    # One bar over all the files (the model sees at most a batch at a time, too few for a bar of its own).
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool, \
+            progress_bar(len(paths), "predict", enabled=_on_terminal(sys.stderr)) as bar:
         for start in range(0, len(paths), batch_size):
             chunk = paths[start:start + batch_size]
             read = list(pool.map(lambda p: _read_checked(p, xray_check), chunk))
@@ -285,8 +353,17 @@ def predict_files(predictor, inputs: list[str], batch_size: int = 32, xray_check
             probs = predictor.predict_arrays(good) if good else np.zeros((0, len(predictor.class_names)))
             results = iter([{**row, "threshold": predictor.threshold}
                             for row in prediction_rows(probs, predictor, refer_margin)])
+            bar.update(len(chunk))
             for path, (_, problem) in zip(chunk, read):
                 yield {"path": printable_path(path), **(problem if problem is not None else next(results))}
+
+
+def _on_terminal(stream) -> bool:
+    """Whether `stream` is a terminal: a progress bar there, none in a log file or pipe (nor without stderr)."""
+    try:
+        return bool(stream is not None and stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
 
 
 def _read_checked(path: Path, xray_check: bool):
