@@ -88,6 +88,7 @@ def evaluate(models: list[str], manifest: str | Path, split: str = "test", out_d
                             f"{rows.path.iloc[broken[0]]}; no metrics computed (check the model file)")
 
     threshold = _threshold_for(predictor, pos)
+    probs = _complemented(probs, predictor, pos)
     result = metrics.classification_metrics(y, probs, names, pos, threshold)
     if positive_class is not None and len(names) > 2:  # the K-class metrics above have no positive class
         result["one_vs_rest"] = {"positive_class": names[pos], **metrics.one_vs_rest(y, probs, pos)}
@@ -176,6 +177,18 @@ def _operating_thresholds(predictor, pos: int | None) -> tuple[dict | None, str 
     note = (f"the model's operating points are for {names[own]}; mirrored to p({names[pos]}) > 1 - t, so a point "
             f"named for sensitivity to {names[own]} is one of specificity here")
     return {k: _mirrored(t) for k, t in points.items()}, note
+
+
+def _complemented(probs: np.ndarray, predictor, pos: int | None) -> np.ndarray:
+    """`probs` with, for the other class `pos` of a binary model, p(pos) = 1 - p(own) exactly: the softmax's own
+    p(pos) can differ from it in the last bit, and then a score equal to the model's threshold would be decided
+    unlike predict (whose rule is p(own) >= t) by the mirrored threshold."""
+    own = predictor.positive_index
+    if pos is None or own is None or pos == own or probs.shape[1] != 2:
+        return probs
+    probs = probs.copy()
+    probs[:, pos] = 1.0 - probs[:, own]
+    return probs
 
 
 def _mirrored(t: float) -> float:
