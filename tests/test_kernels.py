@@ -106,7 +106,8 @@ import json, sys, torch
 import torch.nn.functional as F
 from bonefrac import kernels
 out = {}
-for hw, c, batch in ((49, 40, 5), (196, 64, 3), (324, 40, 5)):  # tiles end inside images; masked and even K
+# tiles end inside images; masked and even K; 7 pixels per image: 19 images a tile, summed one by one (no slots)
+for hw, c, batch in ((49, 40, 5), (196, 64, 3), (324, 40, 5), (7, 24, 40)):
     g = torch.Generator().manual_seed(hw)
     def r(*shape, s=1.0):
         return (torch.randn(*shape, generator=g) * s).half()
@@ -131,7 +132,7 @@ print(json.dumps(out))
 @needs_interpreter
 def test_interpreted_block_tail_matches_a_float64_reference():
     """The kernels against a float64 reference (with the same two roundings to half) where 128-row tiles end inside
-    images (49, 196, 324 pixels per image) and K is and is not a multiple of the tile: each image's GRN norm must
+    images (7, 49, 196, 324 pixels per image) and K is and is not a multiple of the tile: each image's GRN norm must
     count all of its rows, in whichever tiles they fall, and an image alone must give what it gives in the batch."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, "-c", BLOCK_TAIL], env=env, capture_output=True, text=True, timeout=600)
