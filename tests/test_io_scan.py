@@ -93,3 +93,26 @@ def test_na_like_labels_are_missing_labels_not_a_class(tmp_path, placeholder):
     csv = _labels_csv(tmp_path, ["fracture", placeholder, "normal"])
     with pytest.raises(BonefracError, match=r"empty 'label' \(a missing label.*line\(s\) \[3\]"):
         collect(None, csv, None, "label", set())
+
+
+@pytest.mark.parametrize("name", ["None", "NA", "null", "nan"])
+def test_a_class_folder_named_like_a_missing_value_is_refused_at_prepare(tmp_path, name):
+    """pandas reads such a label back from manifest.csv as NaN: prepare succeeded and every later stage failed."""
+    with pytest.raises(BonefracError, match=rf"class name\(s\) \['{name}'\] read as missing values"):
+        resolve_labels(pd.Series(["fracture", name, "fracture"]), None)
+    with pytest.raises(BonefracError, match="read as missing values"):
+        resolve_labels(pd.Series(["0", "1"]), ["fracture", name])
+
+
+def test_class_names_in_two_unicode_normal_forms_are_one_class():
+    """A CSV typed on one system (NFC) and folders made on macOS (NFD) spell 'ñormal' with different code points."""
+    import unicodedata
+
+    nfc, nfd = unicodedata.normalize("NFC", "ñormal"), unicodedata.normalize("NFD", "ñormal")
+    assert nfc != nfd
+    labels, names = resolve_labels(pd.Series([nfc, nfd, "fracture"]), None)
+    assert names == ["fracture", nfc] and set(labels) == {"fracture", nfc}
+    assert resolve_labels(pd.Series([nfd, "fracture"]), [nfc, "fracture"])[1] == [nfc, "fracture"]
+    from bonefrac.metrics import positive_class_index
+
+    assert positive_class_index([nfc, "fracture"], nfd) == 0

@@ -182,3 +182,23 @@ def test_a_weights_file_that_is_not_one_or_not_for_this_model_is_a_clear_error(t
                           ("resnet18.safetensors", r"only \d+ of the \d+ tensors .* match it")):
         with pytest.raises(BonefracError, match=f"{name}: {message}"):
             build_model(ModelConfig(arch="tf_efficientnet_lite0", pretrained=str(tmp_path / name)), 2)
+
+
+def test_fine_tuning_a_checkpoint_maps_its_classifier_rows_by_class_name(tmp_path):
+    """A folder prepared without --class-names sorts its classes (fracture, no_fracture), the reverse of a model
+    trained as (no_fracture, fracture): copied row for row, fine-tuning would start from inverted calls."""
+    from bonefrac import checkpoint
+
+    torch.manual_seed(0)
+    old = build_model(ModelConfig(arch="resnet18", pretrained="none"), 2)[0]
+    meta = {"arch": "resnet18", "class_names": ["no_fracture", "fracture"],
+            "preprocess": {"size": 64, "mean": [0.5] * 3, "std": [0.5] * 3, "channels": 3}}
+    ckpt = checkpoint.save(tmp_path / "ck", old, meta)
+    cfg = ModelConfig(arch="resnet18", pretrained=str(ckpt))
+    same = build_model(cfg, 2, ["no_fracture", "fracture"])[0]
+    swapped = build_model(cfg, 2, ["fracture", "no_fracture"])[0]
+    other = build_model(cfg, 2, ["normal", "abnormal"])[0]
+    assert torch.equal(same.fc.weight, old.fc.weight)
+    assert torch.equal(swapped.fc.weight, old.fc.weight.flip(0)) and torch.equal(swapped.fc.bias, old.fc.bias.flip(0))
+    assert not torch.equal(other.fc.weight, old.fc.weight) and not torch.equal(other.fc.weight, old.fc.weight.flip(0))
+    assert torch.equal(other.conv1.weight, old.conv1.weight)  # the backbone is fine-tuned either way

@@ -273,3 +273,23 @@ def test_non_finite_model_output_is_not_counted_as_unreadable(stub, caplog):
     stub.p = float("nan")
     assert main(["predict", "--model", "x", "--no-xray-check", *map(str, IMAGES[:2])]) == 2
     assert "0 unreadable, 0 not an X-ray, 2 with non-finite model output" in caplog.text
+
+
+def test_a_site_wide_operating_point_is_ignored_for_a_multi_class_model(tmp_path, monkeypatch, capsys, caplog):
+    """BONEFRAC_OPERATING_POINT set for a site's binary models used to stop every 3-class prediction; named on the
+    command line it is still refused."""
+    import timm
+
+    from bonefrac import checkpoint
+
+    model = timm.create_model("resnet18", pretrained=False, num_classes=3)
+    meta = {"arch": "resnet18", "class_names": ["comminuted", "no_fracture", "simple"], "positive_index": None,
+            "threshold": None, "temperature": 1.0,
+            "preprocess": {"size": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "channels": 3}}
+    ckpt = checkpoint.save(tmp_path / "three", model, meta)
+    monkeypatch.setenv("BONEFRAC_OPERATING_POINT", "screening")
+    args = ["predict", "--model", str(ckpt), "--device", "cpu", "--no-xray-check", str(IMAGES[0]), str(IMAGES[1])]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["status"] for r in rows] == ["ok", "ok"] and "BONEFRAC_OPERATING_POINT=screening ignored" in caplog.text
+    assert main([*args, "--operating-point", "screening"]) == 2

@@ -767,3 +767,16 @@ def test_the_default_request_limit_takes_an_uncompressed_dr_dicom():
 
     asyncio.run(main())
     assert seen == ["/v1/predict"]  # passed on, not refused
+
+
+@pytest.mark.parametrize("name", ["ñormal 骨", "50% displaced", "no_fracture", "fracture: simple"])
+def test_explain_header_text_round_trips_any_class_name(name):
+    """Header values are latin-1: other scripts are percent-encoded, and so is "%" itself, or a name that holds
+    "%41" could not be told from an encoded "A"; printable ASCII names are sent as they are."""
+    from urllib.parse import unquote
+
+    from bonefrac.serve.routes.predict import header_text
+
+    sent = header_text(name)
+    assert sent.isascii() and unquote(sent) == name
+    assert (sent == name) == (name.isascii() and "%" not in name)

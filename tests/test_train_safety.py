@@ -363,3 +363,25 @@ def test_resume_on_a_manifest_whose_classes_were_reordered_is_refused(base, samp
     assert train(tmp_path / "data" / "manifest.csv", out, "--resume", "--set", "train.monitor=loss",
                  "--set", "train.epochs=2") == 2
     assert f"trained with the classes {saved}" in caplog.text and "swapped labels" in caplog.text
+
+
+def test_the_positive_class_is_warned_about_when_guessed_by_position_and_can_be_chosen(sample_manifest, tmp_path,
+                                                                                        caplog):
+    """fracture/intact: neither name looks negative, so the rule takes the second class, 'intact', and every
+    threshold would be about finding intact bones: train says so, and train.positive_class chooses."""
+    rows = load_manifest(sample_manifest)
+    rows["label"] = rows.label.replace({"no_fracture": "intact"})
+    (tmp_path / "data").mkdir()
+    rows.to_csv(tmp_path / "data" / "manifest.csv", index=False)
+    (tmp_path / "data" / "prepare_report.json").write_text(json.dumps({"class_names": ["fracture", "intact"]}))
+    manifest = tmp_path / "data" / "manifest.csv"
+    assert train(manifest, tmp_path / "guessed") == 0
+    assert "positive class 'intact' chosen by position" in caplog.text
+    assert json.loads((tmp_path / "guessed" / "best" / "bonefrac.json").read_text())["positive_class"] == "intact"
+    caplog.clear()
+    assert train(manifest, tmp_path / "chosen", "--set", "train.positive_class=fracture") == 0
+    assert "chosen by position" not in caplog.text
+    meta = json.loads((tmp_path / "chosen" / "best" / "bonefrac.json").read_text())
+    assert meta["positive_class"] == "fracture" and meta["positive_index"] == 0
+    assert train(manifest, tmp_path / "bad", "--set", "train.positive_class=broken") == 2
+    assert "positive class 'broken' is not one of the classes" in caplog.text and not (tmp_path / "bad").exists()

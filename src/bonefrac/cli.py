@@ -75,19 +75,19 @@ def _evaluate(args) -> None:
 
 
 def _predict(args) -> None:
-    from .backends import DEFAULT_POINT, use_operating_point
+    from .backends import DEFAULT_POINT
     from .predict import load_predictor, predict_files
 
     if not args.paths:
         raise BonefracError("name at least one image file or folder to predict")
     averaged = len(args.model or []) > 1  # several checkpoints, averaged with equal weights
-    args.operating_point = _operating_point(args.operating_point, averaged)
+    named, args.operating_point = args.operating_point, _operating_point(args.operating_point, averaged)
     if averaged and args.operating_point not in (None, DEFAULT_POINT):
         # The points were chosen for one model's probabilities, not for this unfitted average of several.
         raise BonefracError("--operating-point needs one checkpoint or an ensemble directory; build an ensemble "
                             "with its own operating points from these checkpoints with `bonefrac ensemble`")
     predictor = load_predictor(_models_or_default(args.model), args.device, args.tta, args.batch_size)
-    use_operating_point(predictor, args.operating_point)
+    _decide_at(predictor, args.operating_point, named)
     if averaged:
         _warn_average(len(args.model), predictor.threshold, args.operating_point)
     rows = predict_files(predictor, args.paths, args.batch_size, xray_check=not args.no_xray_check)
@@ -137,6 +137,18 @@ def _models_or_default(models: list[str] | None) -> list[str]:
     return [default]
 
 
+def _decide_at(predictor, point: str | None, named: str | None) -> None:
+    """use_operating_point, except that a point from $BONEFRAC_OPERATING_POINT (site-wide, not `named` on the
+    command line) is ignored with a warning for a multi-class model, which has no thresholds to choose from."""
+    from .backends import use_operating_point
+
+    if point is not None and named is None and len(predictor.class_names) > 2:
+        log.warning("BONEFRAC_OPERATING_POINT=%s ignored: operating points apply to two-class models, and this one "
+                    "has %d classes (it predicts the most probable class)", point, len(predictor.class_names))
+        return
+    use_operating_point(predictor, point)
+
+
 def _operating_point(named: str | None, averaged: bool = False) -> str | None:
     """The operating point predict/explain decide at: the one named, else $BONEFRAC_OPERATING_POINT (as `serve`
     reads it), except for an unfitted average of checkpoints, which has no saved points."""
@@ -176,14 +188,13 @@ def _serve(args) -> None:
 
 
 def _explain(args) -> None:
-    from .backends import use_operating_point
     from .explain import explain_files
     from .predict import load_predictor
 
     if not args.paths:
         raise BonefracError("name at least one image file or folder to explain")
     predictor = load_predictor([args.ckpt], args.device, args.tta, args.batch_size)
-    use_operating_point(predictor, _operating_point(args.operating_point))  # decide as `predict` would
+    _decide_at(predictor, _operating_point(args.operating_point), args.operating_point)  # as `predict` would
     rows = explain_files(predictor, args.paths, args.out, args.target_class, args.batch_size, not args.no_xray_check)
     _check_outcome([r["status"] for r in rows], args.paths, "explanation")  # as predict: 2 when none explained
 

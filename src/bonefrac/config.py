@@ -86,6 +86,9 @@ class TrainConfig:
     patience: int = 5  # early stopping: epochs without improvement; 0 disables
     label_smoothing: float = 0.0
     class_weights: bool = False  # weight the loss by inverse class frequency
+    # Two classes: the finding, whose probability the thresholds and sensitivity are about. None: the class not
+    # named like a negative (no_fracture, normal, ...); when neither or both are, the second (with a warning).
+    positive_class: str | None = None
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     channels_last: bool = True
     compile: str = "auto"  # "auto" (on for CUDA), "on", "off"

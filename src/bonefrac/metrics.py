@@ -9,6 +9,7 @@ Every dict returned holds plain Python floats/ints/lists (``json.dumps`` works);
 from __future__ import annotations
 
 import logging
+import unicodedata
 from collections.abc import Sequence
 
 import numpy as np
@@ -67,8 +68,9 @@ def positive_class_index(class_names: Sequence[str], override: str | int | None 
     if override is not None:
         if isinstance(override, (int, np.integer)) and 0 <= override < len(names):
             return int(override)
-        if str(override) in names:
-            return names.index(str(override))
+        name = unicodedata.normalize("NFC", str(override))  # as prepare stores class names
+        if name in names:
+            return names.index(name)
         raise ConfigError(f"positive class {override!r} is not one of the classes {names}")
     if len(names) != 2:
         return None
@@ -76,6 +78,13 @@ def positive_class_index(class_names: Sequence[str], override: str | int | None 
     if negative[0] != negative[1]:
         return 1 if negative[0] else 0
     return 1
+
+
+def positive_by_position(class_names: Sequence[str]) -> bool:
+    """True when `positive_class_index` picks a binary model's positive class by position (neither or both names
+    look negative), i.e. when the choice deserves a warning."""
+    names = [str(c) for c in class_names]
+    return len(names) == 2 and _looks_negative(names[0]) == _looks_negative(names[1])
 
 
 def negative_class(class_names: Sequence[str]) -> str | None:

@@ -51,8 +51,9 @@ def create(arch: str, num_classes: int, in_chans: int = 3, drop_rate: float = 0.
     return timm.create_model(arch, pretrained=False, **kwargs)
 
 
-def build_model(mcfg, num_classes: int):
-    """The model for a ModelConfig with its pretrained weights loaded, and its (mean, std) normalisation."""
+def build_model(mcfg, num_classes: int, class_names: list[str] | None = None):
+    """The model for a ModelConfig with its pretrained weights loaded, and its (mean, std) normalisation.
+    `class_names` (in index order): fine-tuning a bonefrac checkpoint maps its classifier rows to them by name."""
     model = create(mcfg.arch, num_classes, mcfg.in_chans, mcfg.drop_rate, mcfg.drop_path_rate)
     source = mcfg.pretrained
     mean, std = _default_norm(mcfg.arch)
@@ -66,6 +67,8 @@ def build_model(mcfg, num_classes: int):
         if ckpt is not None:  # fine-tuning a trained model: keep the normalisation it was trained with
             source, mean, std = str(ckpt[0]), ckpt[1].get("mean", mean), ckpt[1].get("std", std)
         loaded = _load_from(model, mcfg.arch, source, strict_source=True)
+        if ckpt is not None and class_names is not None:
+            _match_head(model, ckpt[2], list(class_names), source)
     if not loaded and mcfg.pretrained != "none":
         log.warning("no pretrained weights for %s: training from random initialisation", mcfg.arch)
     if loaded == "lite":
@@ -248,8 +251,8 @@ def load_matching(model, state: dict) -> int:
 
 
 def _checkpoint_weights(path: Path, arch: str) -> tuple[Path, dict] | None:
-    """(weights file, preprocess) when `path` is a bonefrac checkpoint directory, None for anything else but a
-    directory; a clear error for an ensemble, a plain folder or another architecture."""
+    """(weights file, preprocess, class names) when `path` is a bonefrac checkpoint directory, None for anything
+    else but a directory; a clear error for an ensemble, a plain folder or another architecture."""
     from . import checkpoint
     from .predict import ENSEMBLE_FILE
 
@@ -263,7 +266,28 @@ def _checkpoint_weights(path: Path, arch: str) -> tuple[Path, dict] | None:
     meta = checkpoint.read_meta(path)
     if meta.get("arch") != arch:
         raise BonefracError(f"model.pretrained {path} holds a {meta.get('arch')} model but model.arch is {arch}")
-    return path / checkpoint.WEIGHTS_FILE, meta.get("preprocess") or {}
+    classes = [str(c) for c in meta.get("class_names") or []]
+    return path / checkpoint.WEIGHTS_FILE, meta.get("preprocess") or {}, classes
+
+
+def _match_head(model, saved: list[str], names: list[str], source: str) -> None:
+    """Make the classifier rows copied from a checkpoint trained on classes `saved` mean `names`: the same classes
+    in another order (a folder prepared without --class-names sorts them) are reordered by name; other classes
+    get a freshly initialised head. Copied row for row, a swapped order would start training from inverted calls."""
+    head = model.get_classifier()
+    if saved == names or not isinstance(head, torch.nn.Linear) or head.out_features != len(names):
+        return
+    if sorted(saved) == sorted(names):
+        order = [saved.index(n) for n in names]
+        with torch.no_grad():
+            head.weight.copy_(head.weight[order].clone())
+            if head.bias is not None:
+                head.bias.copy_(head.bias[order].clone())
+        log.info("pretrained %s: classifier rows reordered from its classes %s to %s", source, saved, names)
+        return
+    model.reset_classifier(len(names))
+    log.info("pretrained %s: its classes %s are not these (%s): the classifier head starts from random "
+             "initialisation", source, saved, names)
 
 
 def _load_file(model, path: Path):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -80,14 +81,18 @@ def sorted_labels(labels) -> list[str]:
 
 def resolve_labels(raw: pd.Series, class_names):
     """-> (label names per row, class_names in index order); integer labels index ``class_names``."""
-    raw = raw.astype(str).str.strip()
+    # NFC: a name typed on one system and a folder made on macOS (NFD) are the same text, so the same class.
+    raw = raw.astype(str).str.strip().map(lambda s: unicodedata.normalize("NFC", s))
     _refuse_case_variants(raw)
     if class_names is None:
+        _refuse_missing_like(raw)
         return raw, sorted_labels(raw)
     names = [n.strip() for n in class_names.split(",")] if isinstance(class_names, str) else \
         [str(n) for n in class_names]
+    names = [unicodedata.normalize("NFC", n) for n in names]
     if len(set(names)) != len(names) or "" in names:
         raise BonefracError(f"class_names must be distinct and non-empty, got {names}")
+    _refuse_missing_like(pd.Series(names))
     if not set(raw) <= set(names) and raw.str.fullmatch(r"\d+").all():
         index = raw.astype(int)
         bad = sorted(set(index[index >= len(names)]))
@@ -99,6 +104,15 @@ def resolve_labels(raw: pd.Series, class_names):
     if unknown:
         raise BonefracError(f"unknown label(s) {unknown[:10]}: not in class_names {names}")
     return raw, names
+
+
+def _refuse_missing_like(names: pd.Series) -> None:
+    """BonefracError for class names that CSV readers take for a missing value (a folder named None, NA, null or
+    nan): the manifest would hold an empty label."""
+    bad = sorted({n for n in names if n.casefold() in _NO_LABEL})
+    if bad:
+        raise BonefracError(f"class name(s) {bad} read as missing values in CSV files (the manifest's labels would "
+                            "be empty); rename those class folders or labels")
 
 
 def _refuse_case_variants(labels: pd.Series) -> None:

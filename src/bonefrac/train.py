@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from . import checkpoint, metrics
 from .config import Config, to_dict
 from .data import Batches, box_masks
-from .errors import BonefracError
+from .errors import BonefracError, ConfigError
 from .manifest import class_names_for, load_manifest, manifest_sha256
 from .models import WithBoxHead, build_model, check_arch, use_flipped_dgrad
 from .predict import infer_logits, resolve_device
@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 def train(manifest: str | Path, out_dir: str | Path, cfg: Config, resume: bool = False) -> Path:
     """Train a model; returns the path of the best checkpoint (chosen on validation)."""
     check_arch(cfg.model.arch)  # before minutes of decoding images into the cache
+    if cfg.train.positive_class is not None:  # likewise
+        _positive_class(class_names_for(manifest, load_manifest(manifest)), cfg.train.positive_class, quiet=True)
     rank, world = distributed_setup()
     with run_folder_lock(Path(out_dir), rank):  # two trainers writing one folder would corrupt both runs
         return _train(manifest, Path(out_dir), cfg, resume, rank, world)
@@ -153,7 +155,7 @@ def _build_run(manifest, out_dir: Path, cfg: Config, device: torch.device, rank:
                resume: bool = False) -> _Run:
     """A fresh run: data, model, optimizer, schedule and loss weights (`resume`: _resume adds the schedule)."""
     class_names, y_tr, monitor, train_batches, val_batches, seen = _load_data(manifest, cfg, device, rank, world)
-    model, net, prep = _build_model(cfg, len(class_names), train_batches.masks is not None, device)
+    model, net, prep = _build_model(cfg, class_names, train_batches.masks is not None, device)
     steps_per_epoch = min(len(train_batches), cfg.train.max_steps_per_epoch or len(train_batches))
     optimizer = make_optimizer(net, cfg.optim, cfg.data.batch_size * world, device)
     scheduler = None if resume else make_scheduler(optimizer, cfg.optim, steps_per_epoch, cfg.train.epochs)
@@ -162,10 +164,28 @@ def _build_run(manifest, out_dir: Path, cfg: Config, device: torch.device, rank:
         counts = np.bincount(y_tr, minlength=len(class_names)).clip(min=1)
         weight = torch.tensor(len(y_tr) / (len(class_names) * counts), dtype=torch.float32, device=device)
     ema = Ema(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+    pos = _positive_class(class_names, cfg.train.positive_class)
     return _Run(cfg=cfg, out_dir=out_dir, rank=rank, world=world, class_names=class_names,
-                pos=metrics.positive_class_index(class_names), monitor=monitor, train_batches=train_batches,
+                pos=pos, monitor=monitor, train_batches=train_batches,
                 val_batches=val_batches, steps_per_epoch=steps_per_epoch, prep=prep, model=model, net=net,
                 optimizer=optimizer, scheduler=scheduler, weight=weight, ema=ema, seen=seen)
+
+
+def _positive_class(class_names: list[str], chosen: str | None, quiet: bool = False) -> int | None:
+    """The positive class's index (train.positive_class, else metrics' naming rule), logged: a warning when the
+    rule fell back to the second class, since every threshold and sensitivity is then about finding it."""
+    if chosen is not None and len(class_names) != 2:
+        raise ConfigError(f"train.positive_class applies to two-class models; these classes are {class_names}")
+    pos = metrics.positive_class_index(class_names, chosen)
+    if quiet:
+        return pos
+    if pos is not None and chosen is None and metrics.positive_by_position(class_names):
+        log.warning("positive class '%s' chosen by position: neither or both of %s are named like a negative "
+                    "(no_fracture, normal, ...); thresholds and sensitivity are about finding it (set "
+                    "train.positive_class to choose)", class_names[pos], class_names)
+    elif pos is not None:
+        log.info("positive class: '%s'", class_names[pos])
+    return pos
 
 
 def _load_data(manifest, cfg: Config, device: torch.device, rank: int, world: int):
@@ -205,10 +225,10 @@ def _lesion_masks(cfg, rows, cache_size: int, class_names):
     return box_masks(rows, cfg.data.boxes, max(8, cache_size // 4), metrics.negative_class(class_names))
 
 
-def _build_model(cfg: Config, n_classes: int, box_head: bool, device: torch.device):
+def _build_model(cfg: Config, class_names: list[str], box_head: bool, device: torch.device):
     """(model, net, prep): the classifier; what the optimizer updates, on `device` (with a lesion-map head when
     `box_head`: only `model` is saved); and the preprocessing the checkpoints record."""
-    model, mean, std = build_model(cfg.model, n_classes)
+    model, mean, std = build_model(cfg.model, len(class_names), class_names)
     if cfg.train.flip_depthwise_grad:
         log.info("flipped-filter input gradient for %d depthwise convolutions", use_flipped_dgrad(model))
     prep = {"size": cfg.data.size, "mean": mean, "std": std, "channels": cfg.model.in_chans}

@@ -137,7 +137,8 @@ async def predict(request: Request, files: list[UploadFile] = FILES) -> PredictR
 # What a /v1/explain map is: without these a map for a confident negative call (min-max scaled within the image,
 # so always saturated somewhere) reads like a fracture locator. Exposed to browsers when CORS is on (app.py).
 _EXPLAIN_HEADER_DOCS = {
-    "X-Explained-Class": ("the class whose evidence the map shows (the predicted one)", "string"),
+    "X-Explained-Class": ("the class whose evidence the map shows (the predicted one); text headers are "
+                          "percent-encoded UTF-8 where not printable ASCII, and '%' itself", "string"),
     "X-Explained-Probability": ("calibrated probability of that class", "number"),
     "X-Prediction": ("the class predicted for the image", "string"),
     "X-Positive-Class": ("binary models: the class the threshold applies to", "string"),
@@ -186,7 +187,7 @@ async def explain(request: Request, files: list[UploadFile] = FILES) -> Response
         headers["X-Threshold"] = f"{float(predictor.threshold):g}"
     # Drawing and PNG-encoding a full-size X-ray takes seconds: off the event loop, so other requests go on.
     png = await asyncio.to_thread(lambda: _png(overlay(display_size(items[0]["gray"]), maps[0])))
-    return Response(png, media_type="image/png", headers={k: _header_text(v) for k, v in headers.items()})
+    return Response(png, media_type="image/png", headers={k: header_text(v) for k, v in headers.items()})
 
 
 def positive_class(predictor) -> str | None:
@@ -197,11 +198,16 @@ def positive_class(predictor) -> str | None:
     return names[pos]
 
 
-def _header_text(value: str) -> str:
-    # HTTP header values are latin-1: a class or model name outside printable ASCII is sent percent-encoded.
+_HEADER_SAFE = "".join(chr(c) for c in range(32, 127) if chr(c) != "%")
+
+
+def header_text(value: str) -> str:
+    """A header value as sent: printable ASCII as it is, anything else (and "%" itself, so that decoding is never
+    ambiguous) percent-encoded as UTF-8; clients decode it with decodeURIComponent / urllib.parse.unquote.
+    HTTP header values are latin-1, so a class named in another script could not be sent as it is."""
     from urllib.parse import quote
 
-    return value if value.isascii() and value.isprintable() else quote(value)
+    return quote(value, safe=_HEADER_SAFE)
 
 
 def display_size(gray: np.ndarray, max_side: int = EXPLAIN_MAX_SIDE) -> np.ndarray:

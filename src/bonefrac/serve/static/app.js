@@ -24,6 +24,13 @@
 
   const pct = (p) => (100 * p).toFixed(1) + " %";
 
+  // Text headers arrive percent-encoded where not printable ASCII (class names in any script; "%" itself).
+  function headerText(resp, name) {
+    const raw = resp.headers.get(name);
+    if (raw === null) return null;
+    try { return decodeURIComponent(raw); } catch (e) { return raw; }
+  }
+
   // A new file supersedes the one in flight: its requests are aborted, and whatever still arrives for it is
   // ignored (checked after every await), so a slow first file cannot overwrite the second one's result.
   function startRun(file) {
@@ -127,8 +134,8 @@
     }
     const blob = await resp.blob();
     if (stale(run)) return;
-    const cls = resp.headers.get("X-Explained-Class");
-    const positive = resp.headers.get("X-Positive-Class");
+    const cls = headerText(resp, "X-Explained-Class");
+    const positive = headerText(resp, "X-Positive-Class");
     const overlay = $("overlay");
     overlay.src = objectUrl(run, blob);
     $("overlay-caption").textContent = "Grad-CAM: evidence for " + (cls || "the predicted class") +
