@@ -134,3 +134,19 @@ def test_decode_workers_die_with_a_killed_build(tmp_path):
             child.wait()
         for pid in filter(_running, workers):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_the_decoder_fingerprint_works_from_a_zip_archive(tmp_path):
+    """A zip or frozen install has no io.py on disk: reading it by path failed, and with it every cache build."""
+    import zipfile
+
+    src = Path(data.__file__).parent
+    with zipfile.ZipFile(tmp_path / "bf.zip", "w") as archive:
+        for file in src.rglob("*.py"):
+            archive.write(file, Path("bonefrac") / file.relative_to(src))
+    code = "import bonefrac.data as d; print(d.decoder_fingerprint())"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(tmp_path / "bf.zip")},
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    data.decoder_fingerprint.cache_clear()
+    assert out.stdout.strip() == data.decoder_fingerprint()  # the same bytes give the same key

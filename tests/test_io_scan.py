@@ -34,7 +34,7 @@ def test_image_files_follows_linked_folders_and_survives_a_link_loop(tmp_path, c
     _link(root, root / "linked_back")  # a loop: would list everything again, forever
     with caplog.at_level(logging.WARNING):
         assert _rel(image_files(root), root) == ["a.png", "linked/b.png"]
-    assert "linked_back" in caplog.text and "already scanned" in caplog.text
+    assert "linked_back" in caplog.text and "scanned already" in caplog.text
 
 
 def test_image_files_skips_hidden_folders_and_knows_every_jpeg_suffix(tmp_path):
@@ -56,7 +56,27 @@ def test_prepare_scan_follows_linked_folders_and_reports_a_loop(tmp_path):
     assert kind == "folder"
     assert sorted(zip(_rel(rows.path, tmp_path), rows.label)) == [
         ("hospB/b1.png", "fracture"), ("src/fracture/a.png", "fracture"), ("src/no_fracture/a.png", "no_fracture")]
-    assert [(os.path.basename(r["path"]), "already scanned" in r["reason"]) for r in rejected] == [("again", True)]
+    assert [(os.path.basename(r["path"]), "scanned already" in r["reason"]) for r in rejected] == [("again", True)]
+
+
+@pytest.mark.parametrize("target", ["root", "sibling"])
+def test_a_link_into_another_class_or_the_root_cannot_relabel_its_images(tmp_path, target):
+    """A link in class a leading to the dataset root or to class b used to list b's images under a as well, and
+    prepare kept a's (wrong) label for them."""
+    root = tmp_path / "src"
+    for i, cls in enumerate(("a", "b", "c")):
+        save(pattern(i), root / cls / f"{cls}0.png")
+    _link(root if target == "root" else root / "b", root / "a" / "more")
+    rows, rejected, _, _ = collect(root, None, None, "label", set())
+    assert sorted(zip(_rel(rows.path, root), rows.label)) == [("a/a0.png", "a"), ("b/b0.png", "b"), ("c/c0.png", "c")]
+    assert [os.path.basename(r["path"]) for r in rejected] == ["more"] and "another class" in rejected[0]["reason"]
+
+
+def test_image_files_does_not_climb_a_link_to_a_parent_folder(tmp_path):
+    save(pattern(0), tmp_path / "scans" / "day1" / "a.png")
+    save(pattern(1), tmp_path / "scans" / "day2" / "b.png")
+    _link(tmp_path / "scans", tmp_path / "scans" / "day1" / "up")
+    assert _rel(image_files(tmp_path / "scans" / "day1"), tmp_path / "scans" / "day1") == ["a.png"]
 
 
 def test_a_suffixless_dicom_beside_the_class_folders_is_reported_as_stray(tmp_path):

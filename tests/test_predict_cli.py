@@ -171,7 +171,8 @@ def test_devices_this_machine_cannot_use_fail_before_any_work(monkeypatch):
     assert predict_mod.resolve_device("cuda:1") == torch.device("cuda:1")
     assert predict_mod.resolve_device("cpu") == torch.device("cpu")
     for name, why in (("cuda:7", "2 CUDA device"), ("mps", "MPS"), ("xla", "unknown device"),
-                      ("meta", "unknown device"), ("cuda:-1", "unknown device")):
+                      ("meta", "unknown device"), ("cuda:-1", "unknown device"), ("cuda:", "unknown device"),
+                      ("auto:", "unknown device")):
         with pytest.raises(BonefracError, match=why):
             predict_mod.resolve_device(name)
 

@@ -62,10 +62,24 @@ def decoder_fingerprint() -> str:
     and dicom.py, and the Pillow and pydicom versions. Caches of decoded pixels put it in their key, so
     an upgrade rebuilds them rather than training on old pixels while prediction decodes new ones."""
     h = hashlib.sha256()
-    for module in ("io.py", "dicom.py"):
-        h.update(Path(__file__).with_name(module).read_bytes())
+    for module in ("io", "dicom"):
+        h.update(_source_bytes(module))
     h.update(f"|Pillow {PIL.__version__}|pydicom {_version('pydicom')}".encode())
     return h.hexdigest()[:16]
+
+
+def _source_bytes(module: str) -> bytes:
+    """bonefrac.<module>'s source text, or, where no source file ships (a zip or frozen build), its compiled
+    code: either changes when the decoding does."""
+    import importlib
+    import marshal
+
+    name = f"bonefrac.{module}"
+    loader = importlib.import_module(name).__loader__
+    try:  # a file on disk or inside a zip archive
+        return loader.get_data(loader.get_filename(name))
+    except (OSError, ImportError, AttributeError, TypeError, ValueError):
+        return marshal.dumps(loader.get_code(name))
 
 
 def _version(package: str) -> str:

@@ -87,26 +87,30 @@ def ignored_name(name: str) -> bool:
     return name.startswith(".") or name == "__MACOSX"
 
 
-def walk_files(folder) -> tuple[list[Path], list[Path]]:
-    """(every entry below `folder` that is not a folder, sorted; the folders skipped as already walked): THE folder
-    walk. Links to folders are followed (``Path.rglob`` does not: linked images went missing); a folder whose real
-    path was already walked (a link loop, a second link to one folder) is skipped and logged, so nothing is listed
-    twice or forever; :func:`ignored_name` names are skipped at any depth."""
+def walk_files(folder, seen: set[str] | None = None) -> tuple[list[Path], list[Path]]:
+    """(every entry below `folder` that is not a folder, sorted; the folders skipped), THE folder walk. Links to
+    folders are followed (``Path.rglob`` does not: linked images went missing), except into a folder whose real
+    path is in `seen` (walked already, or reserved by the caller: prepare reserves the dataset root and every class
+    folder, so a link in one class cannot list another class's images under its label) or that holds `folder`
+    (a link up to a parent would walk everything beside it); skipped folders are logged. `seen` is updated.
+    :func:`ignored_name` names are skipped at any depth."""
     files, skipped = [], []
-    seen = {os.path.realpath(folder)}
-    for top, dirs, names in os.walk(folder, followlinks=True, onerror=_unlistable):
+    seen = set() if seen is None else seen
+    top = os.path.realpath(folder)
+    seen.add(top)
+    for here, dirs, names in os.walk(folder, followlinks=True, onerror=_unlistable):
         kept = []
         for name in sorted(n for n in dirs if not ignored_name(n)):
-            real = os.path.realpath(os.path.join(top, name))
-            if real in seen:
-                log.warning("skipping %s: folder %s was already scanned (a symbolic link loop or a second link to "
-                            "it)", os.path.join(top, name), real)
-                skipped.append(Path(top, name))
+            real = os.path.realpath(os.path.join(here, name))
+            if real in seen or top.startswith(real.rstrip(os.sep) + os.sep):
+                log.warning("skipping %s: it leads to %s, a folder scanned already, another class's folder or one "
+                            "holding %s", os.path.join(here, name), real, folder)
+                skipped.append(Path(here, name))
             else:
                 seen.add(real)
                 kept.append(name)
         dirs[:] = kept  # os.walk descends only into what is left here
-        files += [Path(top, n) for n in names if not ignored_name(n)]
+        files += [Path(here, n) for n in names if not ignored_name(n)]
     return sorted(files), sorted(skipped)
 
 

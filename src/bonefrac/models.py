@@ -275,9 +275,9 @@ def _match_head(model, saved: list[str], names: list[str], source: str) -> None:
     in another order (a folder prepared without --class-names sorts them) are reordered by name; other classes
     get a freshly initialised head. Copied row for row, a swapped order would start training from inverted calls."""
     head = model.get_classifier()
-    if saved == names or not isinstance(head, torch.nn.Linear) or head.out_features != len(names):
+    if not saved or saved == names:
         return
-    if sorted(saved) == sorted(names):
+    if sorted(saved) == sorted(names) and isinstance(head, torch.nn.Linear):
         order = [saved.index(n) for n in names]
         with torch.no_grad():
             head.weight.copy_(head.weight[order].clone())

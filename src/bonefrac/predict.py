@@ -53,8 +53,8 @@ DEVICE_NAMES = "auto, cpu, cuda, cuda:N or mps"
 def parse_device(name: str) -> tuple[str, int | None]:
     """("auto" | "cpu" | "cuda" | "mps", GPU index or None) for a --device value, checked by its form only (the
     ONNX backend asks ONNX Runtime, not torch, whether it can use a GPU); BonefracError for any other name."""
-    kind, _, index = str(name).partition(":")
-    if kind in ("auto", "cpu", "cuda", "mps") and not index:
+    kind, colon, index = str(name).partition(":")
+    if kind in ("auto", "cpu", "cuda", "mps") and not colon:
         return kind, None
     if kind == "cuda" and index.isdigit() and index.isascii():
         return kind, int(index)

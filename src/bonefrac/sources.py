@@ -207,14 +207,18 @@ def _rows_from_folder(root: Path):
         raise BonefracError(f"{root} mixes split folders ({', '.join(split_dirs)}) with other folders "
                             f"({', '.join(others[:5])}); move those out (a --out folder too) or list the images "
                             f"in a labels CSV")
+    # Real paths a link inside a class folder must not lead into: the root, the split and the class folders.
+    class_parents = subdirs if split_dirs else [root]
+    seen = {os.path.realpath(d) for d in [root, *subdirs]} | {
+        os.path.realpath(c) for parent in class_parents for c in parent.iterdir() if c.is_dir()}
     if split_dirs:
         records = []
         for split_dir in subdirs:
             rejected += _stray_images(split_dir)
-            records += _scan_classes(split_dir, _SPLIT_ALIASES[split_dir.name.lower()], rejected)
+            records += _scan_classes(split_dir, _SPLIT_ALIASES[split_dir.name.lower()], rejected, seen)
         kind = "split_folder"
     else:
-        records, kind = _scan_classes(root, None, rejected), "folder"
+        records, kind = _scan_classes(root, None, rejected, seen), "folder"
     if not records:
         raise BonefracError(f"no image files found under {root}")
     rows = pd.DataFrame(records, columns=["path", "label", "folder_split"])
@@ -227,12 +231,13 @@ def _resolved(path: Path) -> str:
     return os.path.normpath(path.absolute()) if is_broken_link(path) else str(path.resolve())
 
 
-def _scan_classes(root: Path, split, rejected: list) -> list:
+def _scan_classes(root: Path, split, rejected: list, seen: set[str]) -> list:
     records = []
     for class_dir in sorted(d for d in root.iterdir() if d.is_dir() and not ignored_name(d.name)):
-        files, loops = walk_files(class_dir)  # linked sub-folders followed; .ipynb_checkpoints/ etc. skipped
-        rejected += [{"path": os.path.normpath(d.absolute()), "reason": "folder already scanned (a symbolic link "
-                      f"loop or a second link to {d.resolve()})"} for d in loops]
+        files, loops = walk_files(class_dir, seen)  # linked sub-folders followed; .ipynb_checkpoints/ etc. skipped
+        rejected += [{"path": os.path.normpath(d.absolute()), "reason": f"a link to {d.resolve()}: a folder scanned "
+                      "already (a link loop, a second link), the dataset root or another class's folder, whose "
+                      "images keep their own label"} for d in loops]
         for file in files:
             if is_broken_link(file):  # whatever its name: it may well have been an image
                 rejected.append({"path": _resolved(file), "reason": broken_link_reason(file)})
