@@ -346,7 +346,8 @@ def _map(fn, jobs, workers):
 def _die_with_parent(parent: int | None) -> None:
     """Decode worker initializer: have Linux kill this worker when its parent dies. A SIGKILLed (or SIGTERMed)
     build skips the pool's shutdown, and its orphaned workers would otherwise wait for work forever, holding
-    hundreds of MB each. Elsewhere nothing is done."""
+    hundreds of MB each. Elsewhere nothing is done. (Linux sends the signal when the *thread* that started the
+    worker exits: build_cache must not run in a thread that ends while its pool is still working.)"""
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
