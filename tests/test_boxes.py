@@ -11,7 +11,7 @@ import torch
 from bonefrac import checkpoint
 from bonefrac.cli import main
 from bonefrac.config import AugmentConfig
-from bonefrac.data import box_masks
+from bonefrac.sources import box_masks
 from bonefrac.errors import BonefracError
 from bonefrac.manifest import load_manifest
 from bonefrac.trainutil import lesion_loss

@@ -172,12 +172,12 @@ def test_screening_point_is_never_less_sensitive_than_the_default():
 
 
 def test_saturated_top_score_gives_a_usable_threshold_just_above_one():
-    from bonefrac.backends import MAX_THRESHOLD, _is_probability
+    from bonefrac.backends import MAX_THRESHOLD, is_threshold
 
     y, s = np.array([0, 1, 1, 0]), np.array([1.0, 1.0, 0.7, 0.2])
     t = M.threshold_for_specificity(y, s, 1.0)
     assert t == MAX_THRESHOLD and M.threshold_metrics(y, s, t)["specificity"] == 1.0  # 1.0 would call them
-    assert _is_probability(t)  # predict/serve accept it (they refused it: "not a threshold from 0 to 1")
+    assert is_threshold(t)  # predict/serve accept it (they refused it: "not a threshold from 0 to 1")
 
 
 def test_threshold_above_every_score_is_finite():

@@ -199,9 +199,9 @@ def test_predict_on_a_folder_without_images_says_so(run, tmp_path, caplog):
 
 
 def test_predict_csv_spells_booleans_as_the_json_lines_do(capsys):
-    from bonefrac.cli import _csv_writer
+    from bonefrac.backends import csv_writer
 
-    write = _csv_writer(["no_fracture", "fracture"])
+    write = csv_writer(["no_fracture", "fracture"])
     rows = [{"path": "a.png", "status": "ok", "prediction": "fracture", "confidence": 0.9, "refer": False,
              "probabilities": {"no_fracture": 0.1, "fracture": 0.9}, "threshold": 0.5},
             {"path": "b.png", "status": "not_xray", "refer": True, "message": "not an X-ray: blank"},

@@ -209,7 +209,7 @@ def use_operating_point(predictor, name: str | None) -> float | None:
     if name not in points:
         raise BonefracError(f"model {predictor.version} has no operating point '{name}'; {available}")
     threshold = points[name]
-    if not _is_probability(threshold):  # a hand-edited JSON: refuse rather than decide at a nonsense value
+    if not is_threshold(threshold):  # a hand-edited JSON: refuse rather than decide at a nonsense value
         raise BonefracError(f"model {predictor.version}: operating point '{name}' is {threshold!r}, not a "
                             f"threshold from 0 to 1; {available}")
     log.info("operating point '%s': threshold %.4g (was %s)", name, threshold, _shown(predictor.threshold))
@@ -233,7 +233,8 @@ def _saved_points(predictor) -> dict:
 MAX_THRESHOLD = float(np.nextafter(1.0, 2.0))  # "predict nothing" above a saturated score of 1.0 (metrics._roc_pick)
 
 
-def _is_probability(value) -> bool:
+def is_threshold(value) -> bool:
+    """A decision threshold predict can use: a number from 0 to MAX_THRESHOLD (just above 1: "predict nothing")."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= MAX_THRESHOLD
 
 
@@ -245,7 +246,7 @@ def _listed(points: dict) -> str:
 
 
 def _shown(threshold) -> str:
-    return f"{threshold:.4g}" if _is_probability(threshold) else repr(threshold)
+    return f"{threshold:.4g}" if is_threshold(threshold) else repr(threshold)
 
 
 # --- is it a radiograph? ---------------------------------------------------------------------------------

@@ -75,7 +75,7 @@ def _evaluate(args) -> None:
 
 
 def _predict(args) -> None:
-    from .backends import DEFAULT_POINT
+    from .backends import DEFAULT_POINT, csv_writer
     from .predict import load_predictor, predict_files
 
     if not args.paths:
@@ -92,7 +92,7 @@ def _predict(args) -> None:
         _warn_average(len(args.model), predictor.threshold, args.operating_point)
     rows = predict_files(predictor, args.paths, args.batch_size, xray_check=not args.no_xray_check)
     statuses = []
-    write = _csv_writer(predictor.class_names) if args.format == "csv" else (lambda r: print(json.dumps(r), flush=True))
+    write = csv_writer(predictor.class_names) if args.format == "csv" else (lambda r: print(json.dumps(r), flush=True))
     for row in rows:
         # An error row without `error` is a readable image the model gave NaN/inf for (backends.prediction_rows).
         statuses.append("non_finite" if row["status"] == "error" and "error" not in row else row["status"])
@@ -159,13 +159,6 @@ def _operating_point(named: str | None, averaged: bool = False) -> str | None:
         return None
     log.info("operating point '%s' from BONEFRAC_OPERATING_POINT", env_point)
     return env_point
-
-
-def _csv_writer(class_names):
-    """backends.csv_writer, the CSV form of predict's rows (beside the code that makes the rows)."""
-    from .backends import csv_writer
-
-    return csv_writer(class_names)
 
 
 def _export(args) -> None:

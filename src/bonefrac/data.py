@@ -71,7 +71,6 @@ def decoder_fingerprint() -> str:
 def _source_bytes(module: str) -> bytes:
     """bonefrac.<module>'s source text, or, where no source file ships (a zip or frozen build), its compiled
     code: either changes when the decoding does."""
-    import importlib
     import marshal
 
     name = f"bonefrac.{module}"
@@ -319,13 +318,6 @@ def _decode_into(arr: np.memmap, paths: list[str], digests: list, size: int, wor
             bar.update(1)
     arr.flush()
     return stamps, changed, errors
-
-
-def box_masks(rows, boxes_csv: str | Path, size: int, negative_label: str | None) -> tuple[np.ndarray, np.ndarray]:
-    """Lesion masks for manifest `rows` from a boxes CSV, aligned with the image cache: see `sources.box_masks`."""
-    from .sources import box_masks as read_box_masks  # lazy: pandas is loaded only for runs with boxes
-
-    return read_box_masks(rows, boxes_csv, size, negative_label)
 
 
 def _map(fn, jobs, workers):

@@ -271,8 +271,9 @@ def _ensemble_problem(spec) -> str | None:
             return f"'weights' must hold one number per member ({len(members)}), got {weights!r}"
         if not all(_is_number(w) and 0 <= w < np.inf for w in weights) or sum(weights) <= 0:
             return f"'weights' must be finite and non-negative with a positive sum, got {weights!r}"
-    # Just above 1 is "predict nothing", which a threshold fitted on saturated scores can be (backends).
-    if threshold is not None and not (_is_number(threshold) and 0 <= threshold <= np.nextafter(1.0, 2.0)):
+    from .backends import is_threshold  # backends imports this module
+
+    if threshold is not None and not is_threshold(threshold):
         return f"'threshold' must be a number from 0 to 1, got {threshold!r}"
     return None
 

@@ -6,7 +6,7 @@ origin)``: rows with absolute ``path``, raw ``label``, ``folder_split`` (train/v
 ``rejected`` lists files that cannot be used (not an image type, an image outside any class folder, a broken
 symbolic link). Without ``group_col``, CSV columns that look like patient/study IDs are warned about.
 ``resolve_labels`` maps raw labels to class names. ``read_csv`` is the package's CSV reader (errors name the
-file); `bonefrac.manifest` re-exports it. ``box_masks`` reads a CSV of lesion boxes (`data.box_masks` for training).
+file); `bonefrac.manifest` re-exports it. ``box_masks`` reads a CSV of lesion boxes (train uses it).
 
 Apart from ``read_csv`` and ``box_masks``, only `manifest.prepare` uses this module: the house rule is that only
 prepare scans folders (and makes splits).

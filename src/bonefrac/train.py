@@ -30,9 +30,10 @@ import torch.nn.functional as F
 
 from . import checkpoint, metrics
 from .config import Config, to_dict
-from .data import Batches, box_masks
+from .data import Batches
 from .errors import BonefracError, ConfigError
 from .manifest import class_names_for, load_manifest, manifest_sha256
+from .sources import box_masks
 from .models import WithBoxHead, build_model, check_arch, use_flipped_dgrad
 from .predict import infer_logits, resolve_device
 from .trainutil import (Ema, GradAllReduce, Watchdog, append_metrics, check_resume_config, check_val_classes,

@@ -92,7 +92,7 @@ def augment(x: torch.Tensor, size: int, acfg, gen: torch.Generator, masks: torch
     """Random training views: uint8 (B, 1, H, W) on any device -> float (B, 1, size, size) in [0, 1].
 
     Random numbers come from `gen` (a CPU generator) so a seed gives the same views on CPU and GPU. With
-    `masks` (B, 1, M, M) (lesion masks, `data.box_masks`) returns `(views, masks)`: the masks moved by the same
+    `masks` (B, 1, M, M) (lesion masks, `sources.box_masks`) returns `(views, masks)`: the masks moved by the same
     geometric transform, float (B, 1, M, M) in [0, 1]; the draws from `gen` are the same either way.
     """
     n, device = x.shape[0], x.device
