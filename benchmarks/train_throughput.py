@@ -31,7 +31,8 @@ from bonefrac.data import Batches, build_cache
 from bonefrac.io import IMAGE_EXTENSIONS
 from bonefrac.models import create, use_flipped_dgrad
 from bonefrac.train import train_step
-from bonefrac.trainutil import GradAllReduce, distributed_setup, make_optimizer, make_scheduler
+from bonefrac.distributed import GradAllReduce, distributed_setup
+from bonefrac.trainutil import make_optimizer, make_scheduler
 
 log = logging.getLogger("bench")
 

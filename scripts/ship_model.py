@@ -1,28 +1,37 @@
 """Copy a checkpoint into a shippable directory with fp16 weights (halves the size; predictions load as fp32):
 
     python scripts/ship_model.py runs/fracatlas/lite2/best models/fracatlas_effnet_lite
+
+Files in the target that are not the checkpoint's own (MODEL_CARD.md, data_split.csv, ...) are kept.
 """
 
 import argparse
 import logging
+import sys
 
 import torch
 
 from bonefrac import checkpoint
+from bonefrac.cli import run_logged
+
+log = logging.getLogger("ship_model")
 
 
-def main() -> None:
+def ship(checkpoint_dir: str, out: str) -> None:
+    model, meta = checkpoint.load(checkpoint_dir)
+    meta = {k: v for k, v in meta.items() if k not in ("format_version", "code_version")}
+    checkpoint.save(out, model, {**meta, "weights_dtype": "float16"}, dtype=torch.float16,
+                    seen=checkpoint.read_seen(checkpoint_dir), keep_other_files=True)
+    log.info("wrote %s", out)
+
+
+def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoint")
     p.add_argument("out")
     args = p.parse_args()
-    model, meta = checkpoint.load(args.checkpoint)
-    meta = {k: v for k, v in meta.items() if k not in ("format_version", "code_version")}
-    checkpoint.save(args.out, model, {**meta, "weights_dtype": "float16"}, dtype=torch.float16,
-                    seen=checkpoint.read_seen(args.checkpoint))
-    logging.basicConfig(level=logging.INFO)
-    logging.info("wrote %s", args.out)
+    return run_logged(ship, args.checkpoint, args.out)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

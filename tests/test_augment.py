@@ -131,3 +131,27 @@ def test_a_sha256_cell_that_is_not_hex_still_seeds_copies(tmp_path):
     manifest = _hand_manifest(tmp_path / "m", ["from-the-hospital-export-1", "from-the-hospital-export-2", "x"])
     report = augment_manifest(manifest, tmp_path / "aug", factor=2, seed=0, workers=1)
     assert report["n_copies"] == 3
+
+
+@pytest.mark.parametrize("factor", [float("nan"), float("inf"), 0.5])
+def test_a_factor_that_is_not_a_finite_number_of_at_least_one_is_a_clear_error(factor):
+    """nan passed the `< 1` check and crashed in int(round(...)) with a traceback; inf overflowed."""
+    with pytest.raises(BonefracError, match="--factor must be a number >= 1"):
+        target_counts({"a": 3}, factor=factor)
+
+
+def test_augmentation_switched_off_is_refused_rather_than_reported_falsely(manifest, tmp_path):
+    """augment.enabled=false used to write transformed copies under a report saying "enabled": false."""
+    assert main(["augment", "--manifest", str(manifest), "--out", str(tmp_path / "a"), "--factor", "1.1",
+                 "--set", "augment.enabled=false"]) == 2
+    assert not (tmp_path / "a" / "manifest.csv").exists()
+
+
+def test_copy_names_differ_beyond_case(tmp_path):
+    """`Img.png` and `img.png` (two folders, one class) both gave `Img_aug0` / `img_aug0`: one file on macOS and
+    Windows, so one copy overwrote the other there."""
+    from bonefrac.augment import _stems
+
+    rows = pd.DataFrame({"path": ["/d/a/Img.png", "/d/b/img.png", "/d/c/other.png"]}, index=[4, 7, 9])
+    stems = _stems(rows)
+    assert len({s.casefold() for s in stems}) == 3 and stems[2] == "other"

@@ -202,3 +202,11 @@ def test_yaml_anchors_and_merge_keys_are_not_duplicates(tmp_path):
     f.write_text("train:\n  <<: {epochs: 3}\n  seed: 7\n")
     cfg = load_config(f)
     assert cfg.train.epochs == 3 and cfg.train.seed == 7
+
+
+@pytest.mark.parametrize("key, value", [("augment.shear_deg", 90), ("augment.shear_deg", -5),
+                                        ("augment.rotate_deg", 200), ("augment.translate", 1.5)])
+def test_augmentation_ranges_that_would_break_the_views_are_refused(key, value):
+    """shear 90 degrees made tan() infinite and every augmented view NaN, discovered only in training."""
+    with pytest.raises(ConfigError, match=f"config key '{key}' must be"):
+        load_config(None, [f"{key}={value}"])

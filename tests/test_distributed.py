@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from bonefrac import checkpoint
-from bonefrac.trainutil import GradAllReduce, sync_buffers
+from bonefrac.distributed import GradAllReduce, sync_buffers
 
 ROOT = Path(__file__).resolve().parents[1]
 

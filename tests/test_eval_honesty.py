@@ -9,6 +9,7 @@ from sklearn.metrics import brier_score_loss, log_loss
 
 from bonefrac import bootstrap as B
 from bonefrac import evalreport as ER
+from bonefrac import calibration as C
 from bonefrac import metrics as M
 from bonefrac import report as R
 
@@ -53,25 +54,25 @@ def test_check_inputs_rejects_empty_input():
 
 def test_brier_and_nll_match_sklearn_binary():
     y, p = _overlapping(30, seed=2)
-    assert M.brier_score(y, p) == pytest.approx(brier_score_loss(y, p[:, 1]))
-    assert M.negative_log_likelihood(y, p) == pytest.approx(log_loss(y, p))
+    assert C.brier_score(y, p) == pytest.approx(brier_score_loss(y, p[:, 1]))
+    assert C.negative_log_likelihood(y, p) == pytest.approx(log_loss(y, p))
 
 
 def test_brier_multiclass_is_the_sum_over_classes_by_hand():
     y = np.array([0, 2])
     p = np.array([[0.5, 0.25, 0.25], [0.2, 0.2, 0.6]])
     # row 0: 0.25 + 0.0625 + 0.0625 = 0.375; row 1: 0.04 + 0.04 + 0.16 = 0.24; mean 0.3075
-    assert M.brier_score(y, p) == pytest.approx(0.3075)
-    assert M.brier_score(y, p) == pytest.approx(brier_score_loss(y, p, labels=[0, 1, 2]))
-    assert M.negative_log_likelihood(y, p) == pytest.approx(-(np.log(0.5) + np.log(0.6)) / 2)
-    assert M.negative_log_likelihood(y, p) == pytest.approx(log_loss(y, p, labels=[0, 1, 2]))
+    assert C.brier_score(y, p) == pytest.approx(0.3075)
+    assert C.brier_score(y, p) == pytest.approx(brier_score_loss(y, p, labels=[0, 1, 2]))
+    assert C.negative_log_likelihood(y, p) == pytest.approx(-(np.log(0.5) + np.log(0.6)) / 2)
+    assert C.negative_log_likelihood(y, p) == pytest.approx(log_loss(y, p, labels=[0, 1, 2]))
 
 
 def test_brier_and_nll_have_bootstrap_intervals_around_the_point():
     y, p = _overlapping(60, seed=3)
     ci = B.metrics_with_ci(y, p, NAMES2, n_boot=300, seed=0)
-    assert ci["brier"]["value"] == pytest.approx(M.brier_score(y, p))
-    assert ci["nll"]["value"] == pytest.approx(M.negative_log_likelihood(y, p))
+    assert ci["brier"]["value"] == pytest.approx(C.brier_score(y, p))
+    assert ci["nll"]["value"] == pytest.approx(C.negative_log_likelihood(y, p))
     for key in ("brier", "nll"):
         assert ci[key]["low"] < ci[key]["value"] < ci[key]["high"] and ci[key]["reliable"]
 

@@ -189,10 +189,10 @@ def test_calibrate_refuses_an_unusable_val_split(ckpt, manifest, tmp_path, monke
 
 
 def test_calibrate_never_replaces_a_threshold_with_none(ckpt, manifest, tmp_path, monkeypatch):
-    import bonefrac.train as train_mod
+    import bonefrac.calibration as calibration_mod
 
-    real = train_mod.calibration_meta
-    monkeypatch.setattr(train_mod, "calibration_meta", lambda *a: {**real(*a), "threshold": None})
+    real = calibration_mod.calibration_meta
+    monkeypatch.setattr(calibration_mod, "calibration_meta", lambda *a: {**real(*a), "threshold": None})
     copy = shutil.copytree(ckpt, tmp_path / "ckpt")
     before = (copy / checkpoint.META_FILE).read_bytes()
     assert checkpoint.read_meta(copy)["threshold"] is not None
@@ -568,3 +568,41 @@ def test_error_grid_titles_say_what_the_number_is(ckpt, manifest, tmp_path, monk
                         lambda images, t, path, **kw: titles.setdefault(Path(path).name, t) and real(images, t, path))
     evaluate_mod.evaluate([str(ckpt)], manifest, out_dir=tmp_path / "ev", n_boot=0, device="cpu")
     assert titles["errors.png"] and all(re.search(r"pred (\w+), p\(\1\) \d\.\d\d$", t) for t in titles["errors.png"])
+
+
+def test_an_ensemble_mixes_probabilities_whatever_the_scale_of_its_weights(ckpt, second, manifest, tmp_path):
+    """Hand-edited weights [1, 2] were used as given: probabilities summed to 3 and decisions moved."""
+    out = tmp_path / "ens"
+    assert main(["ensemble", str(ckpt), str(second), "--manifest", str(manifest), "--out", str(out)]) == 0
+    spec = json.loads((out / "ensemble.json").read_text())
+    (out / "ensemble.json").write_text(json.dumps({**spec, "weights": [1, 2]}))
+    ens = load_predictor([str(out)], "cpu")
+    np.testing.assert_allclose(ens.weights, [1 / 3, 2 / 3])
+    probs = ens.predict_arrays([np.full((80, 60), 100, np.uint8), np.full((70, 90), 30, np.uint8)])
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-6)
+    members = [m.predict_arrays([np.full((80, 60), 100, np.uint8)]) for m in ens.members]
+    np.testing.assert_allclose(probs[0], (members[0][0] + 2 * members[1][0]) / 3, atol=1e-9)
+
+
+def test_a_member_changed_after_the_ensemble_was_fitted_is_refused(ckpt, second, manifest, tmp_path):
+    """Calibrating a member inside an ensemble silently changed the ensemble's output while its weights and
+    threshold stayed those fitted before: calibrate refuses such a member, and loading notices any change."""
+    out = tmp_path / "ens"
+    assert main(["ensemble", str(ckpt), str(second), "--manifest", str(manifest), "--out", str(out)]) == 0
+    member = out / json.loads((out / "ensemble.json").read_text())["members"][0]
+    before = (member / checkpoint.META_FILE).read_bytes()
+    with pytest.raises(BonefracError, match=f"is a member of the ensemble {out.resolve()}"):
+        evaluate_mod.calibrate(member, manifest, "cpu")
+    assert (member / checkpoint.META_FILE).read_bytes() == before
+    meta = json.loads(before)
+    (member / checkpoint.META_FILE).write_text(json.dumps({**meta, "temperature": meta["temperature"] * 2}))
+    with pytest.raises(BonefracError, match="changed after the ensemble's weights and threshold were fitted"):
+        load_predictor([str(out)], "cpu")
+
+
+def test_members_with_other_class_orders_are_named_in_the_error(ckpt, tmp_path):
+    other = shutil.copytree(ckpt, tmp_path / "swapped")
+    meta = checkpoint.read_meta(other)
+    (other / checkpoint.META_FILE).write_text(json.dumps({**meta, "class_names": meta["class_names"][::-1]}))
+    with pytest.raises(BonefracError, match=rf"{other}: \['fracture', 'no_fracture'\]"):
+        load_predictor([str(ckpt), str(other)], "cpu")

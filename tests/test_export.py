@@ -22,7 +22,7 @@ from bonefrac.predict import Ensemble, Predictor, load_predictor  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
 SAMPLES = sorted((SAMPLE / "images").glob("*.webp"))
-# As train.calibration_meta saves them: the default (Youden) point is the checkpoint's threshold.
+# As calibration.calibration_meta saves them: the default (Youden) point is the checkpoint's threshold.
 POINTS = {"default": 0.4, "high_sensitivity": 0.25, "high_specificity": 0.55, "screening": 0.3}
 
 

@@ -8,6 +8,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from bonefrac import bootstrap as B
+from bonefrac import calibration as C
 from bonefrac import metrics as M
 from bonefrac.errors import ConfigError
 
@@ -172,7 +173,7 @@ def test_screening_point_is_never_less_sensitive_than_the_default():
 
 
 def test_saturated_top_score_gives_a_usable_threshold_just_above_one():
-    from bonefrac.backends import MAX_THRESHOLD, is_threshold
+    from bonefrac.checkpoint import MAX_THRESHOLD, is_threshold
 
     y, s = np.array([0, 1, 1, 0]), np.array([1.0, 1.0, 0.7, 0.2])
     t = M.threshold_for_specificity(y, s, 1.0)
@@ -202,8 +203,8 @@ def test_ece_by_hand():
     # ECE = .025 + .1 + .1375 = .2625
     probs = np.array([[0.9, 0.1], [0.7, 0.3], [0.3, 0.7], [0.45, 0.55]])
     y = np.array([0, 1, 1, 0])
-    assert M.expected_calibration_error(y, probs, n_bins=5) == pytest.approx(0.2625)
-    curve = M.reliability_curve(y, probs, n_bins=5)
+    assert C.expected_calibration_error(y, probs, n_bins=5) == pytest.approx(0.2625)
+    curve = C.reliability_curve(y, probs, n_bins=5)
     assert curve["count"].tolist() == [0, 0, 1, 2, 1]
     assert curve["accuracy"][2:] == pytest.approx([0.0, 0.5, 1.0])
     assert curve["confidence"][2:] == pytest.approx([0.55, 0.7, 0.9])
@@ -217,7 +218,7 @@ def test_softmax_and_temperature_recovery():
     assert probs.sum(axis=1) == pytest.approx(np.ones(len(probs)))
     y = (rng.random(len(probs))[:, None] > np.cumsum(probs, axis=1)).sum(axis=1)
     # An over-confident model: its logits are the true ones times 2.5, so T = 2.5 undoes it.
-    t = M.fit_temperature(true_logits * 2.5, y)
+    t = C.fit_temperature(true_logits * 2.5, y)
     assert t == pytest.approx(2.5, rel=0.08)
     assert M.softmax(true_logits * 2.5, t) == pytest.approx(M.softmax(true_logits), abs=0.03)
 
@@ -228,7 +229,7 @@ def test_temperature_fit_on_a_perfectly_classified_val_set_keeps_one(caplog):
     logits = np.array([[2.0, -1.0], [1.5, 0.0], [-0.5, 1.0], [0.0, 3.0]])
     y = np.array([0, 0, 1, 1])
     with caplog.at_level("WARNING"):
-        assert M.fit_temperature(logits, y) == 1.0
+        assert C.fit_temperature(logits, y) == 1.0
     assert "classified correctly" in caplog.text
     # A model that needs more than the bound is not "separable": it gets the bound, not 1 (which is further off).
     rng = np.random.default_rng(0)
@@ -236,7 +237,7 @@ def test_temperature_fit_on_a_perfectly_classified_val_set_keeps_one(caplog):
     weak = np.c_[np.zeros(400), (2 * y - 1) * 0.3 + rng.normal(0, 1, 400)] * 40  # ranks well, far too confident
     caplog.clear()
     with caplog.at_level("WARNING"):
-        t = M.fit_temperature(weak, y)
+        t = C.fit_temperature(weak, y)
     assert t == pytest.approx(20.0, rel=1e-3) and "ran into its bound" in caplog.text
 
 

@@ -179,7 +179,7 @@ def test_a_weights_file_that_is_not_one_or_not_for_this_model_is_a_clear_error(t
     for name, message in (("junk.safetensors", "not a readable safetensors weights file"),
                           ("junk.pth", "not a readable PyTorch weights file"),
                           ("list.pth", "holds no mapping of tensor names to tensors"),
-                          ("resnet18.safetensors", r"only \d+ of the \d+ tensors .* match it")):
+                          ("resnet18.safetensors", r"does not fit EfficientNet \(\d+ tensors match; \d+ of the model")):
         with pytest.raises(BonefracError, match=f"{name}: {message}"):
             build_model(ModelConfig(arch="tf_efficientnet_lite0", pretrained=str(tmp_path / name)), 2)
 
@@ -202,3 +202,36 @@ def test_fine_tuning_a_checkpoint_maps_its_classifier_rows_by_class_name(tmp_pat
     assert torch.equal(swapped.fc.weight, old.fc.weight.flip(0)) and torch.equal(swapped.fc.bias, old.fc.bias.flip(0))
     assert not torch.equal(other.fc.weight, old.fc.weight) and not torch.equal(other.fc.weight, old.fc.weight.flip(0))
     assert torch.equal(other.conv1.weight, old.conv1.weight)  # the backbone is fine-tuned either way
+
+
+@pytest.mark.parametrize("src, dst, problem", [("tf_efficientnet_lite1", "tf_efficientnet_lite0", "0 of the model's would "
+                                                "stay at random initialisation; 90 of the file's have no place"),
+                                               ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "75 of the model's"),
+                                               ("resnet34", "resnet18", "of the file's have no place in it, e.g. layer")])
+def test_a_weights_file_of_a_deeper_or_shallower_relative_is_refused(tmp_path, src, dst, problem):
+    """Such a file matches most names: it was accepted (half the tensors sufficed), leaving blocks at random
+    initialisation or the file's extra blocks unused, with only an INFO line to say so."""
+    from safetensors.torch import save_file
+
+    from bonefrac.models import create
+
+    save_file(create(src, 5).state_dict(), str(tmp_path / "w.safetensors"))
+    with pytest.raises(BonefracError, match=f"w.safetensors: does not fit .*{problem}"):
+        build_model(ModelConfig(arch=dst, pretrained=str(tmp_path / "w.safetensors")), 2)
+
+
+def test_a_grey_checkpoint_fine_tunes_a_colour_model_with_the_same_activations(tmp_path):
+    """A 1-channel checkpoint's stem was left at random initialisation for an in_chans=3 model; now it is split
+    over the three (equal) channels, and a single-number mean/std is accepted (it crashed)."""
+    from bonefrac import checkpoint
+
+    torch.manual_seed(0)
+    grey = build_model(ModelConfig(arch="resnet18", pretrained="none", in_chans=1), 2)[0].eval()
+    meta = {"arch": "resnet18", "class_names": ["no_fracture", "fracture"],
+            "preprocess": {"size": 64, "mean": 0.5, "std": 0.25, "channels": 1}}
+    checkpoint.save(tmp_path / "grey", grey, meta)
+    colour, mean, std = build_model(ModelConfig(arch="resnet18", pretrained=str(tmp_path / "grey")), 2)
+    assert mean == [0.5] * 3 and std == [0.25] * 3
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(colour.eval()(x.expand(-1, 3, -1, -1)), grey(x), atol=1e-5)

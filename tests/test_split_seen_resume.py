@@ -11,7 +11,7 @@ from bonefrac import checkpoint
 from bonefrac.config import Config, to_dict
 from bonefrac.errors import BonefracError
 from bonefrac.seen import merge_seen, seen_by_model
-from bonefrac.trainutil import check_resume_config
+from bonefrac.runfolder import check_resume_config
 
 
 def member(folder, lines: str) -> SimpleNamespace:

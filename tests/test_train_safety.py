@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 import bonefrac.train as train_mod
+import bonefrac.trainstate as trainstate_mod
 from bonefrac import checkpoint
 from bonefrac.cli import main
 from bonefrac.manifest import load_manifest
@@ -301,7 +302,8 @@ def test_a_resume_with_more_epochs_builds_the_schedule_once_and_steps_on_at_the_
     out = copy_run(base, tmp_path)
     built, rates = [], []
     real_make, real_step = train_mod.make_scheduler, train_mod.train_step
-    monkeypatch.setattr(train_mod, "make_scheduler", lambda *a, **k: built.append(a[1:]) or real_make(*a, **k))
+    for module in (train_mod, trainstate_mod):  # a fresh run's schedule, and a resumed one's
+        monkeypatch.setattr(module, "make_scheduler", lambda *a, **k: built.append(a[1:]) or real_make(*a, **k))
 
     def step(step_model, model, x, y, gen, optimizer, *rest, **kwargs):
         rates.append(optimizer.param_groups[0]["lr"])

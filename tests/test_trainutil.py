@@ -93,7 +93,7 @@ def test_consumers_reject_choices_outside_the_configs_list():
 
     from bonefrac.config import Config, TrainConfig
     from bonefrac.errors import BonefracError
-    from bonefrac.trainutil import use_compile
+    from bonefrac.distributed import use_compile
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     with pytest.raises(BonefracError, match=r"optim.schedule must be one of cosine, plateau, constant, not 'cosin'"):

@@ -23,6 +23,7 @@ import hashlib
 import io as _stdio
 import json
 import logging
+import math
 import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -50,8 +51,8 @@ def target_counts(counts: dict[str, int], balance: bool = False, target: int | N
         raise BonefracError("say how far to augment: --balance, --target N or --factor K")
     if target is not None and target < 1:
         raise BonefracError(f"--target must be a positive image count per class, got {target}")
-    if factor is not None and factor < 1:
-        raise BonefracError(f"--factor must be >= 1 (1 = no extra copies), got {factor}")
+    if factor is not None and not (math.isfinite(factor) and factor >= 1):
+        raise BonefracError(f"--factor must be a number >= 1 (1 = no extra copies), got {factor}")
     base = {c: int(round(n * (factor or 1))) for c, n in counts.items()}
     goal = dict(base)
     if balance:
@@ -152,20 +153,21 @@ def _load(manifest: Path):
 
 
 def _stems(rows: pd.DataFrame) -> list[str]:
-    """File-name stems for copies, unique within the class: the source's stem; a repeated stem gets the row
-    number, then _2, _3 ... while that name is another source's stem (sources `a`, `a`, `a_1`)."""
+    """File-name stems for copies, unique within the class ignoring case (`Img` and `img` would be one file on
+    macOS and Windows): the source's stem; a repeated stem gets the row number, then _2, _3 ... while that name is
+    another source's stem (sources `a`, `a`, `a_1`)."""
     stems = [Path(p).stem for p in rows.path]
-    counts = Counter(stems)
-    used = {s for s in stems if counts[s] == 1}
+    counts = Counter(s.casefold() for s in stems)
+    used = {s.casefold() for s in stems if counts[s.casefold()] == 1}
     out = []
     for s, i in zip(stems, rows.index):
         name, n = s, 1
-        if counts[s] > 1:
+        if counts[s.casefold()] > 1:
             name = f"{s}_{i}"
-            while name in used:
+            while name.casefold() in used:
                 n += 1
                 name = f"{s}_{i}_{n}"
-        used.add(name)
+        used.add(name.casefold())
         out.append(name)
     return out
 
@@ -216,6 +218,9 @@ def augment_manifest(manifest: str | Path, out_dir: str | Path, balance: bool = 
         raise BonefracError(f"unknown image format '{fmt}'; choose one of {', '.join(FORMATS)}")
     if (out_dir / "manifest.csv").exists():
         raise BonefracError(f"{out_dir} already holds a manifest; choose another --out")
+    if acfg is not None and not acfg.enabled:  # the copies would be augmented anyway, under a report saying not
+        raise BonefracError("augment.enabled is false: offline augmentation always transforms its copies; drop "
+                            "that setting (it switches off training-time augmentation) or do not run augment")
     df, class_names, prep_report = _load(manifest)
     train = df[df.split == "train"]
     if train.empty:

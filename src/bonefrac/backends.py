@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from . import modelid
-from .checkpoint import check_format
+from .checkpoint import check_format, is_threshold
 from .errors import BonefracError, ImageReadError
 from .io import decode_image_and_colour
 from .predict import _softmax, decide, parse_device, resolve_device
@@ -228,14 +228,6 @@ def _saved_points(predictor) -> dict:
         raise BonefracError(f"{model} has no saved operating points (available: {DEFAULT_POINT}); fit them on "
                             "validation with `bonefrac calibrate CKPT --manifest MANIFEST` (then re-export)")
     return points
-
-
-MAX_THRESHOLD = float(np.nextafter(1.0, 2.0))  # "predict nothing" above a saturated score of 1.0 (metrics._roc_pick)
-
-
-def is_threshold(value) -> bool:
-    """A decision threshold predict can use: a number from 0 to MAX_THRESHOLD (just above 1: "predict nothing")."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= MAX_THRESHOLD
 
 
 def _listed(points: dict) -> str:

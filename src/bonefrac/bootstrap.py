@@ -16,8 +16,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from .metrics import (binary_predict, check_inputs, cm_metrics, confusion_batch, expected_calibration_error,
-                      json_number, per_sample_brier, per_sample_loss, positive_class_index)
+from .calibration import expected_calibration_error, per_sample_brier
+from .metrics import (binary_predict, check_inputs, cm_metrics, confusion_batch, json_number, per_sample_loss,
+                      positive_class_index)
 
 logger = logging.getLogger(__name__)
 

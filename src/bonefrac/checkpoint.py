@@ -15,10 +15,12 @@ import pickle
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import __version__
 from .errors import BonefracError
+from .io import write_atomically
 
 META_FILE = "bonefrac.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -27,18 +29,23 @@ STATE_FILE = "train_state.pt"
 # when it is asked to score any of them (a re-drawn split, another manifest of the same data).
 SEEN_FILE = "seen_images.txt"
 FORMAT_VERSION = 1
+OWN_FILES = (META_FILE, WEIGHTS_FILE, STATE_FILE, SEEN_FILE)  # what `save` writes; anything else is another's
 SIBLINGS = (".tmp", ".old")  # the swap's temporary names: `dir.tmp` (new, complete once its JSON is) and `dir.old`
 
 log = logging.getLogger(__name__)
 
 
 def save(path: str | Path, model: torch.nn.Module, meta: dict, train_state: dict | None = None,
-         dtype: torch.dtype | None = None, seen: dict[str, str] | None = None) -> Path:
-    """Write a checkpoint directory; `dtype` (e.g. torch.float16) shrinks floating weights for shipping;
-    `seen` ({sha256: "train" or "val"}) lists the images the model learnt from or was selected on."""
+         dtype: torch.dtype | None = None, seen: dict[str, str] | None = None, keep_other_files: bool = False) -> Path:
+    """Write a checkpoint directory, replacing any at `path` (through a symbolic link: its target); `dtype` (e.g.
+    torch.float16) shrinks floating weights for shipping; `seen` ({sha256: "train" or "val"}) lists the images the
+    model learnt from or was selected on; `keep_other_files`: the files of an existing `path` that are not the
+    checkpoint's own (a model card, say) are carried into the new one."""
     from safetensors.torch import save_file
 
     path = Path(path)
+    if path.is_symlink():  # the swap below would rename the link, not replace what it points to
+        path = Path(os.path.realpath(path))
     tmp = path.with_name(path.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -54,6 +61,10 @@ def save(path: str | Path, model: torch.nn.Module, meta: dict, train_state: dict
         torch.save(train_state, tmp / STATE_FILE)
     if seen:
         write_seen(tmp, seen)
+    if keep_other_files and path.is_dir():
+        for item in path.iterdir():
+            if item.name not in OWN_FILES:
+                (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
     # The JSON goes last: a `.tmp` whose JSON parses is complete, which is how `recover` tells it apart.
     meta = {"format_version": FORMAT_VERSION, "code_version": __version__, **meta}
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=_json_default))
@@ -125,8 +136,10 @@ def _complete(path: Path) -> bool:
 
 
 def write_seen(path: str | Path, seen: dict[str, str]) -> None:
-    """Write `seen` ({sha256: split}) as `path`/SEEN_FILE, one "<split> <sha256>" line per image."""
-    (Path(path) / SEEN_FILE).write_text("".join(f"{split} {sha}\n" for sha, split in sorted(seen.items())))
+    """Write `seen` ({sha256: split}) as `path`/SEEN_FILE, one "<split> <sha256>" line per image; atomically, since
+    `calibrate` rewrites it inside a checkpoint in use (a torn list would hide images from the leakage checks)."""
+    text = "".join(f"{split} {sha}\n" for sha, split in sorted(seen.items()))
+    write_atomically(Path(path) / SEEN_FILE, lambda tmp: tmp.write_text(text))
 
 
 def read_seen(path: str | Path) -> dict[str, str] | None:
@@ -135,8 +148,17 @@ def read_seen(path: str | Path) -> dict[str, str] | None:
     file = recover(path) / SEEN_FILE
     if not file.is_file():
         return None
-    pairs = (line.split() for line in file.read_text().splitlines() if line.strip())
-    return {sha: split for split, sha in pairs}
+    seen = {}
+    for number, line in enumerate(file.read_text().splitlines(), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 2 or fields[0] not in ("train", "val"):
+            raise BonefracError(f"{file}, line {number}: expected '<train|val> <sha256>', got {line.strip()[:80]!r}; "
+                                "the list of images this model saw is damaged, so overlap checks cannot be trusted "
+                                "(restore the file from the run's checkpoint)")
+        seen[fields[1]] = fields[0]
+    return seen
 
 
 def read_meta(path: str | Path) -> dict:
@@ -212,12 +234,24 @@ def _load_weights(model: torch.nn.Module, weights: Path, described: str) -> None
                             f"({described}): {mismatch}; the JSON was edited or belongs to other weights")
 
 
+MAX_THRESHOLD = float(np.nextafter(1.0, 2.0))  # "predict nothing" above a saturated score of 1.0 (metrics._roc_pick)
+
+
+def is_threshold(value) -> bool:
+    """A decision threshold predict can use: a number from 0 to MAX_THRESHOLD (just above 1: "predict nothing")."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= MAX_THRESHOLD
+
+
 def _is_count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _is_numbers(value) -> bool:
     return isinstance(value, (int, float, list)) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 # (field, check, what it must be): what `load` and the predictors read, in the order they are checked.
@@ -233,8 +267,18 @@ _FIELDS = (
 )
 
 
+# Decision fields the predictors read when present (older checkpoints may lack them; None means "not fitted").
+_DECISION_FIELDS = (
+    ("temperature", lambda v, _: _is_number(v) and 0 < v < np.inf, "a positive number"),
+    ("threshold", lambda v, _: is_threshold(v), f"a number from 0 to 1 (or {MAX_THRESHOLD!r}: predict nothing)"),
+    ("positive_index", lambda v, k: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < k,
+     "the index of one of the class names"),
+)
+
+
 def _check_fields(meta: dict, meta_file: Path) -> None:
-    """BonefracError naming `meta_file` and the field when a field `load` needs is missing or of the wrong type."""
+    """BonefracError naming `meta_file` and the field when a field `load` needs is missing or of the wrong type, or
+    a decision field (temperature, threshold, positive class) holds what no prediction can use."""
     for field, ok, expected in _FIELDS:
         *parent, key = field.split(".")
         source = meta[parent[0]] if parent else meta  # "preprocess" itself was checked first
@@ -242,6 +286,11 @@ def _check_fields(meta: dict, meta_file: Path) -> None:
             raise BonefracError(f"{meta_file}: lacks '{field}' ({expected}); not a complete checkpoint")
         if not ok(source[key]):
             raise BonefracError(f"{meta_file}: '{field}' must be {expected}, got {source[key]!r}")
+    for field, ok, expected in _DECISION_FIELDS:
+        value = meta.get(field)
+        if value is not None and not ok(value, len(meta["class_names"])):
+            raise BonefracError(f"{meta_file}: '{field}' must be {expected}, got {value!r}; the JSON was edited or "
+                                "damaged (`bonefrac calibrate` refits temperature and thresholds)")
 
 
 def _first_mismatch(expected: dict, state: dict) -> str | None:

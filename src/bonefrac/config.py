@@ -191,6 +191,10 @@ _RULES = {
     "data.sampler": _one_of(*SAMPLERS),
     "data.decode_workers": _NON_NEGATIVE,
     "data.device_cache_gib": _NON_NEGATIVE,
+    "augment.rotate_deg": (lambda v: 0 <= v <= 180, "from 0 to 180 (degrees either way)"),
+    # tan(shear) is unbounded at 90 degrees: the views would be NaN.
+    "augment.shear_deg": (lambda v: 0 <= v < 90, "from 0 to below 90 (degrees either way)"),
+    "augment.translate": _PROBABILITY,
     "augment.hflip_p": _PROBABILITY,
     "augment.vflip_p": _PROBABILITY,
     "augment.blur_p": _PROBABILITY,

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import bootstrap, checkpoint, evalreport, metrics
+from . import bootstrap, calibration, checkpoint, evalreport, metrics
 from .data import build_cache
 from .errors import BonefracError
 from .io import write_atomically
@@ -143,9 +143,9 @@ def score_type(names: list[str], pos: int | None) -> str:
 
 def _calibration(y, probs, temperature, seed: int) -> dict:
     """ECE (with what a perfectly calibrated model would score on this many images), Brier score and NLL."""
-    return {"ece": metrics.expected_calibration_error(y, probs),
+    return {"ece": calibration.expected_calibration_error(y, probs),
             "ece_if_perfectly_calibrated": bootstrap.ece_if_calibrated(probs, seed=seed),
-            "brier": metrics.brier_score(y, probs), "nll": metrics.negative_log_likelihood(y, probs),
+            "brier": calibration.brier_score(y, probs), "nll": calibration.negative_log_likelihood(y, probs),
             "temperature": temperature}
 
 
@@ -332,6 +332,7 @@ def build_ensemble(models: list[str], manifest: str | Path, out_dir: str | Path,
         members.append(rel)
     spec = {"format": "bonefrac-ensemble", "members": members, "class_names": ens.class_names,
             "positive_index": ens.positive_index, "sources": [str(m) for m in models],
+            "member_versions": [m.version for m in ens.members],  # loading refuses members changed since
             "manifest": str(manifest), **fit}
     _write_json_atomic(out_dir / ENSEMBLE_FILE, spec)
     return out_dir
@@ -344,12 +345,15 @@ def calibrate(ckpt: str | Path, manifest: str | Path, device: str = "auto") -> d
 
     Raises BonefracError, leaving the checkpoint untouched, when the val split is unusable (`check_val_split`),
     holds images the model trained on, or the fit would replace an existing threshold with None."""
-    from .train import calibration_meta
 
     ckpt = Path(ckpt)
     if (ckpt / ENSEMBLE_FILE).is_file():
         raise BonefracError(f"{ckpt} is an ensemble; calibrate its members, then rebuild it with "
                             "`bonefrac ensemble`")
+    owner = next((d for d in ckpt.resolve().parents if (d / ENSEMBLE_FILE).is_file()), None)
+    if owner is not None:  # its weights and threshold were fitted on this member's current probabilities
+        raise BonefracError(f"{ckpt} is a member of the ensemble {owner}; calibrate the original checkpoint, then "
+                            "rebuild the ensemble with `bonefrac ensemble`")
     meta = checkpoint.read_meta(ckpt)
     predictor = Predictor.from_checkpoint(ckpt, device)
     names = predictor.class_names
@@ -363,7 +367,7 @@ def calibrate(ckpt: str | Path, manifest: str | Path, device: str = "auto") -> d
     logits = predictor.logits_uint8(torch.from_numpy(np.asarray(cache))[:, None])
     monitor = (meta.get("val_metrics") or {}).get("monitor") or metrics.default_selection_metric(len(names))
     score = metrics.selection_score(monitor, y, metrics.softmax(logits))
-    fitted = calibration_meta(logits, y, names, predictor.positive_index, monitor, score)
+    fitted = calibration.calibration_meta(logits, y, names, predictor.positive_index, monitor, score)
     if fitted["threshold"] is None and meta.get("threshold") is not None:
         raise BonefracError(f"{manifest}: the val split gave no decision threshold; refusing to drop the "
                             f"checkpoint's threshold {meta['threshold']} (the checkpoint is left unchanged)")

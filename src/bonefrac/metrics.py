@@ -1,5 +1,5 @@
-"""Pure metric functions on numpy arrays: classification metrics, operating points, calibration,
-bootstrap confidence intervals, ensembles and domain-shift summaries.
+"""Pure metric functions on numpy arrays: classification metrics, operating points, ensembles, domain-shift
+summaries and the errors to look at (calibration.py: temperature, ECE, Brier; bootstrap.py: confidence intervals).
 
 Conventions: ``y`` is a 1-D int array of class indices ``0..K-1``; ``probs`` is ``(n, K)`` with rows summing
 to 1; binary helpers take ``y_bin`` (1 = positive) and ``scores`` (probability of the positive class).
@@ -255,7 +255,7 @@ def _roc_pick(y_bin, scores, pick) -> float:
     fpr, tpr, thr = roc_curve(y_bin, scores, drop_intermediate=False)
     thr = thr.astype(float)
     # Just above the top score; with a saturated score of exactly 1.0 that is the float after 1.0, which predict,
-    # serve and export accept (`backends.MAX_THRESHOLD`): capping it at 1.0 would call the 1.0 scores positive.
+    # serve and export accept (`checkpoint.MAX_THRESHOLD`): capping it at 1.0 would call the 1.0 scores positive.
     thr[0] = np.nextafter(scores.max(), np.inf)
     return float(thr[int(pick(fpr, tpr))])
 
@@ -304,82 +304,11 @@ def threshold_metrics(y_bin, scores, t: float) -> dict:
             "ppv": _div(tp, tp + fp), "npv": _div(tn, tn + fn), "threshold": float(t)}
 
 
-# ----------------------------------------------------------------------------- calibration
+# ----------------------------------------------------------------------------- probabilities
 
 def softmax(logits, temperature: float = 1.0) -> np.ndarray:
     """Row-wise softmax of ``logits / temperature``."""
     return special.softmax(np.asarray(logits, dtype=float) / float(temperature), axis=1)
-
-
-def fit_temperature(logits, y, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
-    """Temperature T minimising the NLL of softmax(logits / T) (temperature scaling, fit on validation).
-
-    Returns 1.0 with a warning when the model classifies every validation image correctly: the NLL then keeps
-    falling as T -> 0, turning every probability into 0 or 1 so that no threshold can be chosen. An optimum at a
-    bound otherwise is kept (the bound), with a warning."""
-    logits = np.asarray(logits, dtype=float)
-    y, _ = check_inputs(y, logits)
-    true_logit = logits[np.arange(len(y)), y]
-
-    def nll(log_t):
-        t = np.exp(log_t)
-        return float(np.mean(special.logsumexp(logits / t, axis=1) - true_logit / t))
-
-    # Searching log T keeps the scale even between over- and under-confident models.
-    others = np.where(np.eye(logits.shape[1], dtype=bool)[y], -np.inf, logits)
-    if len(y) and (true_logit > others.max(axis=1)).all():
-        logger.warning("every one of the %d validation images is classified correctly: no temperature can be "
-                       "fitted (it would go to 0); keeping T = 1", len(y))
-        return 1.0
-    lo, hi = np.log(bounds)
-    res = optimize.minimize_scalar(nll, bounds=(lo, hi), method="bounded", options={"xatol": 1e-6})
-    if min(res.x - lo, hi - res.x) < 1e-3:
-        logger.warning("temperature fit ran into its bound T = %.3g", float(np.exp(res.x)))
-    return float(np.exp(res.x))
-
-
-def reliability_curve(y, probs, n_bins: int = 15) -> dict:
-    """Top-label reliability over equal-width confidence bins (lo, hi].
-
-    Returns arrays of length n_bins: "confidence" (mean top probability, NaN if empty), "accuracy" (NaN if
-    empty), "count"; plus "edges" (n_bins + 1).
-    """
-    y, probs = check_inputs(y, probs)
-    conf = probs.max(axis=1)
-    correct = (probs.argmax(axis=1) == y).astype(float)
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    idx = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
-    count = np.bincount(idx, minlength=n_bins)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_conf = np.bincount(idx, weights=conf, minlength=n_bins) / count
-        acc = np.bincount(idx, weights=correct, minlength=n_bins) / count
-    return {"confidence": mean_conf, "accuracy": acc, "count": count, "edges": edges}
-
-
-def expected_calibration_error(y, probs, n_bins: int = 15) -> float:
-    """ECE: sum over bins of (bin share) * |accuracy - mean confidence|, top-label, equal-width bins."""
-    curve = reliability_curve(y, probs, n_bins)
-    filled = curve["count"] > 0
-    gap = np.abs(curve["accuracy"][filled] - curve["confidence"][filled])
-    return float(np.sum(curve["count"][filled] * gap) / max(curve["count"].sum(), 1))
-
-
-def brier_score(y, probs) -> float:
-    """Brier score, lower is better. Binary: mean (p(class 1) - [y = 1])^2, as sklearn's brier_score_loss (the
-    same for either class as positive); K > 2: mean over images of the sum over classes of (p_k - [y = k])^2."""
-    return float(per_sample_brier(y, probs).mean())
-
-
-def per_sample_brier(y, probs) -> np.ndarray:
-    """Each row's term of `brier_score` (binary: (p(class 1) - [y = 1])^2; K > 2: the sum over classes)."""
-    y, probs = check_inputs(y, probs)
-    sq = (probs - np.eye(probs.shape[1])[y]) ** 2
-    return sq[:, 1] if probs.shape[1] == 2 else sq.sum(axis=1)
-
-
-def negative_log_likelihood(y, probs) -> float:
-    """Mean -log p(true class) (log loss; probabilities clipped at 1e-12), lower is better."""
-    return float(per_sample_loss(y, probs).mean())
 
 
 # ----------------------------------------------------------------------------- ensembles, shift, errors

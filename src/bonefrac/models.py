@@ -170,8 +170,8 @@ def _default_norm(arch: str):
 
 
 def _per_channel(values, channels: int) -> list[float]:
-    """Mean/std per input channel; one-channel models average the RGB values."""
-    values = [float(v) for v in values]
+    """Mean/std per input channel from one number or a list; one-channel models average the RGB values."""
+    values = [float(v) for v in (values if isinstance(values, (list, tuple)) else [values])]
     if channels == 1:
         return [sum(values) / len(values)]
     return values * channels if len(values) == 1 else values[:channels]
@@ -228,26 +228,33 @@ def load_positional(model, state: dict) -> None:
     load_matching(model, dict(zip(keys, state.values())))
 
 
-def load_matching(model, state: dict) -> int:
-    """Load the tensors whose names and shapes fit (returns how many); a 3-channel stem is summed for
-    1-channel models."""
+def load_matching(model, state: dict) -> list[str]:
+    """Load the tensors whose names and shapes fit; returns their names. The stem converts between grey and RGB
+    input: summed over 3 channels for a 1-channel model, split in three for a 3-channel one (the input is grey
+    replicated, so either way the activations stay the same)."""
     target = model.state_dict()
-    fitted, skipped = {}, []
+    fitted = {}
     for key, tensor in state.items():
         if key not in target:
             continue
         want = target[key].shape
         if tensor.shape != want and tensor.ndim == 4 and want[1] == 1 and tensor.shape[1] == 3:
-            tensor = tensor.sum(dim=1, keepdim=True)  # grey input = equal RGB, so summing keeps activations
+            tensor = tensor.sum(dim=1, keepdim=True)
+        elif tensor.shape != want and tensor.ndim == 4 and want[1] == 3 and tensor.shape[1] == 1:
+            tensor = tensor.repeat(1, 3, 1, 1) / 3
         if tensor.shape == want:
             fitted[key] = tensor
-        else:
-            skipped.append(key)
     model.load_state_dict(fitted, strict=False)
     missing = [k for k in target if k not in fitted]
     log.info("pretrained: %d tensors loaded, %d left at init (%s)", len(fitted), len(missing),
              ", ".join(missing[:4]) + ("…" if len(missing) > 4 else ""))
-    return len(fitted)
+    return list(fitted)
+
+
+def _head_keys(model) -> set[str]:
+    """Names of the classifier's tensors: they may not fit a file trained on another class list."""
+    prefix = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+    return {k for k in model.state_dict() if prefix and k.startswith(prefix + ".")}
 
 
 def _checkpoint_weights(path: Path, arch: str) -> tuple[Path, dict] | None:
@@ -309,10 +316,21 @@ def _load_file(model, path: Path):
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise BonefracError(f"{path}: holds no mapping of tensor names to tensors (a state_dict)")
     state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
-    loaded, expected = load_matching(model, state), len(model.state_dict())
-    # Half at least: a classifier head of another class count may not fit, the backbone must.
-    if loaded < expected / 2:
-        raise BonefracError(f"{path}: only {loaded} of the {expected} tensors of {type(model).__name__} match it by "
-                            "name and shape; is it a weights file for this model.arch?")
+    loaded, head = set(load_matching(model, state)), _head_keys(model)
+    # Everything but the classifier (trained on other classes, perhaps) must fit, both ways: a file of a deeper or
+    # shallower relative of this architecture matches most names and would leave blocks at random or unused.
+    left = [k for k in model.state_dict() if k not in loaded | head and not k.endswith("num_batches_tracked")]
+    unused = [k for k in state if k not in loaded | head]
+    if left or unused:
+        raise BonefracError(f"{path}: does not fit {type(model).__name__} ({len(loaded)} tensors match; "
+                            f"{len(left)} of the model's would stay at random initialisation{_first(left)}; "
+                            f"{len(unused)} of the file's have no place in it{_first(unused)}); is it a weights "
+                            "file for this model.arch?")
     return "file"
+
+
+def _first(keys: list[str]) -> str:
+    """", e.g. a, b" for an error message: two of `keys`, weights before BatchNorm's step counters."""
+    keys = sorted(keys, key=lambda k: k.endswith("num_batches_tracked"))
+    return f", e.g. {', '.join(keys[:2])}" if keys else ""
 

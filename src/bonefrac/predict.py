@@ -191,11 +191,15 @@ class Ensemble:
     """Several predictors with weights (fitted on validation); the same interface as Predictor."""
 
     def __init__(self, members: list[Predictor], weights=None, threshold: float | None = None):
-        names = {tuple(m.class_names) for m in members}
-        if len(names) != 1:
-            raise BonefracError("ensemble members must share the same class names in the same order")
+        """`weights`: non-negative, one per member (equal by default); scaled to sum to 1, so the mix stays a
+        probability whatever scale an ensemble.json gives them."""
+        if len({tuple(m.class_names) for m in members}) != 1:
+            listed = "; ".join(f"{m.path or f'member {i + 1}'}: {m.class_names}" for i, m in enumerate(members))
+            raise BonefracError(f"ensemble members must share the same class names in the same order ({listed}); "
+                                "retrain or re-prepare so that they do")
         self.members = members
-        self.weights = np.full(len(members), 1 / len(members)) if weights is None else np.asarray(weights)
+        w = np.full(len(members), 1.0) if weights is None else np.asarray(weights, dtype=float)
+        self.weights = w / w.sum()
         first = members[0]
         self.class_names, self.positive_index, self.size = first.class_names, first.positive_index, first.size
         self.threshold = first.threshold if threshold is None else threshold
@@ -237,6 +241,10 @@ def _load_ensemble_dir(path: Path, device: str, tta: bool, batch_size: int) -> E
     members = [Predictor.from_checkpoint(path / m, device, tta, batch_size) for m in spec["members"]]
     if members[0].class_names != list(spec.get("class_names") or members[0].class_names):
         raise BonefracError(f"{path}: the members' class names differ from those in {ENSEMBLE_FILE}")
+    for name, member, fitted in zip(spec["members"], members, spec.get("member_versions") or [None] * len(members)):
+        if fitted is not None and member.version != fitted:  # e.g. a member calibrated after the fit
+            raise BonefracError(f"{path / name} changed after the ensemble's weights and threshold were fitted "
+                                f"(version {fitted} then, {member.version} now); rebuild it with `bonefrac ensemble`")
     ens = Ensemble(members, spec.get("weights"), spec.get("threshold"))
     # The ensemble's own validation-chosen points replace the first member's.
     ens.meta.update(operating_points=spec.get("operating_points"), ensemble_dir=str(path),
@@ -271,9 +279,11 @@ def _ensemble_problem(spec) -> str | None:
             return f"'weights' must hold one number per member ({len(members)}), got {weights!r}"
         if not all(_is_number(w) and 0 <= w < np.inf for w in weights) or sum(weights) <= 0:
             return f"'weights' must be finite and non-negative with a positive sum, got {weights!r}"
-    from .backends import is_threshold  # backends imports this module
-
-    if threshold is not None and not is_threshold(threshold):
+    versions = spec.get("member_versions")
+    if versions is not None and (not isinstance(versions, list) or len(versions) != len(members)
+                                 or not all(isinstance(v, str) for v in versions)):
+        return f"'member_versions' must hold one version string per member ({len(members)}), got {versions!r}"
+    if threshold is not None and not checkpoint.is_threshold(threshold):
         return f"'threshold' must be a number from 0 to 1, got {threshold!r}"
     return None
 

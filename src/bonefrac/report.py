@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bonefrac import calibration
 from bonefrac import metrics as M
 
 logger = logging.getLogger(__name__)
@@ -182,8 +183,8 @@ def plot_pr(y, probs, class_names: Sequence[str], path, positive_index: int | No
 
 def plot_reliability(y, probs, path, n_bins: int = 15) -> Path:
     """Reliability diagram (top-label accuracy vs confidence) with a count histogram; ECE in the title."""
-    curve = M.reliability_curve(y, probs, n_bins)
-    ece = M.expected_calibration_error(y, probs, n_bins)
+    curve = calibration.reliability_curve(y, probs, n_bins)
+    ece = calibration.expected_calibration_error(y, probs, n_bins)
     edges, filled = curve["edges"], curve["count"] > 0
     centers, width = (edges[:-1] + edges[1:]) / 2, edges[1] - edges[0]
     fig = _figure((6.0, 6.0))

@@ -83,3 +83,13 @@ def trained_on(val: pd.DataFrame, models: list, manifest) -> str | None:
         if n:  # a temperature, threshold or weights fitted on training images come out overconfident
             found.append(f"{n} of the {len(val)} val images were in {model}'s training split")
     return f"{manifest}: {'; '.join(found)}" if found else None
+
+
+def seen_images(rows) -> dict:
+    """{sha256: split} of a manifest's train and val rows, as checkpoints list them; an image listed in both
+    is "val" whatever the row order (either way the model has seen it)."""
+    seen = {}
+    for split in ("train", "val"):
+        seen.update(dict.fromkeys(rows.sha256[rows.split == split], split))
+    return seen
+

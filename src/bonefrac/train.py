@@ -7,7 +7,7 @@ own shard of every epoch, rank 0 logs and saves, validation predictions are gath
 It never reads the `test` split: only `evaluate` does.
 
 `resume=True` continues the run in `out_dir` from `last` with the same configuration: only the keys in
-`trainutil.RESUME_MAY_CHANGE` may differ from the saved one (more epochs, patience, the watchdog, where it runs
+`runfolder.RESUME_MAY_CHANGE` may differ from the saved one (more epochs, patience, the watchdog, where it runs
 and decodes); anything else would mix two experiments in one run, so it is refused. After a changed
 `train.epochs` a cosine schedule decays from the learning rate it had reached to the new end, without a jump. A
 run killed before its first epoch finished has nothing to resume: `resume` then starts it afresh. Without
@@ -29,17 +29,20 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import checkpoint, metrics
+from .calibration import calibration_meta
 from .config import Config, to_dict
 from .data import Batches
+from .distributed import GradAllReduce, distributed_setup, gather_arrays, parallelize, sync_buffers
 from .errors import BonefracError, ConfigError
 from .manifest import class_names_for, load_manifest, manifest_sha256
-from .sources import box_masks
 from .models import WithBoxHead, build_model, check_arch, use_flipped_dgrad
 from .predict import infer_logits, resolve_device
-from .trainutil import (Ema, GradAllReduce, Watchdog, append_metrics, check_resume_config, check_val_classes,
-                        decode_caches, distributed_setup, gather_arrays, lesion_loss, make_optimizer, make_scheduler,
-                        open_tensorboard, parallelize, prepare_resume, refuse_existing_run, rescale_schedule_state,
-                        resume_anchor, run_folder_lock, sync_buffers, trim_metrics, why_no_best)
+from .runfolder import (append_metrics, check_resume_config, open_tensorboard, prepare_resume, refuse_existing_run,
+                        run_folder_lock, why_no_best)
+from .seen import seen_images
+from .sources import box_masks
+from .trainstate import restore, save_last
+from .trainutil import Ema, Watchdog, check_val_classes, decode_caches, lesion_loss, make_optimizer, make_scheduler
 from .transforms import augment, normalize
 
 log = logging.getLogger(__name__)
@@ -48,19 +51,23 @@ log = logging.getLogger(__name__)
 def train(manifest: str | Path, out_dir: str | Path, cfg: Config, resume: bool = False) -> Path:
     """Train a model; returns the path of the best checkpoint (chosen on validation)."""
     check_arch(cfg.model.arch)  # before minutes of decoding images into the cache
-    if cfg.train.positive_class is not None:  # likewise
-        _positive_class(class_names_for(manifest, load_manifest(manifest)), cfg.train.positive_class, quiet=True)
+    table = load_manifest(manifest)  # read once: the checks below and the data all come from this table
+    class_names = class_names_for(manifest, table)
+    if cfg.train.positive_class is not None:  # likewise before decoding
+        check_positive_class(class_names, cfg.train.positive_class)
     rank, world = distributed_setup()
     with run_folder_lock(Path(out_dir), rank):  # two trainers writing one folder would corrupt both runs
-        return _train(manifest, Path(out_dir), cfg, resume, rank, world)
+        return _train((manifest, table, class_names), Path(out_dir), cfg, resume, rank, world)
 
 
-def _train(manifest, out_dir: Path, cfg: Config, resume: bool, rank: int, world: int) -> Path:
+def _train(data, out_dir: Path, cfg: Config, resume: bool, rank: int, world: int) -> Path:
+    """`data` = (manifest path, its table, its class names in index order)."""
+    manifest, _, class_names = data
     last = None
     if resume:
         resume = prepare_resume(out_dir, rank, world)  # False: killed in its first epoch, nothing to resume
         if resume:
-            check_resume_config(out_dir / "last", cfg, manifest)
+            check_resume_config(out_dir / "last", cfg, manifest, class_names)
             # Read now, not after minutes of decoding images: a corrupt file should stop the run at once.
             last = (*checkpoint.load(out_dir / "last"), checkpoint.load_train_state(out_dir / "last"))
             if last[1].get("manifest_sha256") != manifest_sha256(manifest):
@@ -78,10 +85,10 @@ def _train(manifest, out_dir: Path, cfg: Config, resume: bool, rank: int, world:
     device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
-    # Data, model, optimizer, loss; and the schedule, unless resuming (then _resume builds it).
-    run = _build_run(manifest, out_dir, cfg, device, rank, world, resume)
+    # Data, model, optimizer, loss; and the schedule, unless resuming (then trainstate.restore builds it).
+    run = _build_run(data, out_dir, cfg, device, rank, world, resume)
     if resume:
-        _resume(run, *last)
+        restore(run, *last)
     run.step_model, run.grad_sync = parallelize(run.net, cfg, device, world)
     _start_outputs(run, manifest)
 
@@ -135,7 +142,7 @@ class _Run:
     model: torch.nn.Module  # the classifier, what the checkpoints hold
     net: torch.nn.Module  # what the optimizer updates: `model`, or a WithBoxHead around it under box supervision
     optimizer: torch.optim.Optimizer
-    scheduler: object  # None only until _resume builds a resumed run's
+    scheduler: object  # None only until trainstate.restore builds a resumed run's
     weight: torch.Tensor | None  # class weights of the loss
     ema: Ema | None
     state: dict = field(default_factory=lambda: {"epoch": 0, "best_score": -math.inf, "bad_epochs": 0})
@@ -152,10 +159,11 @@ class _Run:
         return self.ema.module if self.ema else self.model
 
 
-def _build_run(manifest, out_dir: Path, cfg: Config, device: torch.device, rank: int, world: int,
+def _build_run(data, out_dir: Path, cfg: Config, device: torch.device, rank: int, world: int,
                resume: bool = False) -> _Run:
-    """A fresh run: data, model, optimizer, schedule and loss weights (`resume`: _resume adds the schedule)."""
-    class_names, y_tr, monitor, train_batches, val_batches, seen = _load_data(manifest, cfg, device, rank, world)
+    """A fresh run: data, model, optimizer, schedule and loss weights (`resume`: trainstate.restore adds the
+    schedule)."""
+    class_names, y_tr, monitor, train_batches, val_batches, seen = _load_data(*data, cfg, device, rank, world)
     model, net, prep = _build_model(cfg, class_names, train_batches.masks is not None, device)
     steps_per_epoch = min(len(train_batches), cfg.train.max_steps_per_epoch or len(train_batches))
     optimizer = make_optimizer(net, cfg.optim, cfg.data.batch_size * world, device)
@@ -172,14 +180,18 @@ def _build_run(manifest, out_dir: Path, cfg: Config, device: torch.device, rank:
                 optimizer=optimizer, scheduler=scheduler, weight=weight, ema=ema, seen=seen)
 
 
-def _positive_class(class_names: list[str], chosen: str | None, quiet: bool = False) -> int | None:
-    """The positive class's index (train.positive_class, else metrics' naming rule), logged: a warning when the
-    rule fell back to the second class, since every threshold and sensitivity is then about finding it."""
+def check_positive_class(class_names: list[str], chosen: str | None) -> int | None:
+    """The positive class's index: train.positive_class (`chosen`, which must name one of two classes), else
+    metrics' naming rule; a ConfigError for a `chosen` that does not fit."""
     if chosen is not None and len(class_names) != 2:
         raise ConfigError(f"train.positive_class applies to two-class models; these classes are {class_names}")
-    pos = metrics.positive_class_index(class_names, chosen)
-    if quiet:
-        return pos
+    return metrics.positive_class_index(class_names, chosen)
+
+
+def _positive_class(class_names: list[str], chosen: str | None) -> int | None:
+    """check_positive_class, logged: a warning when the naming rule fell back to the second class, since every
+    threshold and sensitivity is then about finding it."""
+    pos = check_positive_class(class_names, chosen)
     if pos is not None and chosen is None and metrics.positive_by_position(class_names):
         log.warning("positive class '%s' chosen by position: neither or both of %s are named like a negative "
                     "(no_fracture, normal, ...); thresholds and sensitivity are about finding it (set "
@@ -189,12 +201,10 @@ def _positive_class(class_names: list[str], chosen: str | None, quiet: bool = Fa
     return pos
 
 
-def _load_data(manifest, cfg: Config, device: torch.device, rank: int, world: int):
+def _load_data(manifest, df, class_names, cfg: Config, device: torch.device, rank: int, world: int):
     """(class names, train labels, selection metric, train batches, val batches, seen_images) from the manifest's
-    train and val rows, decoded into uint8 caches (train's with a margin for augmentation, and lesion masks with
-    box_loss)."""
-    df = load_manifest(manifest)
-    class_names = class_names_for(manifest, df)
+    train and val rows (`df`, its table), decoded into uint8 caches (train's with a margin for augmentation, and
+    lesion masks with box_loss)."""
     index = {c: i for i, c in enumerate(class_names)}
     tr, va = df[df.split == "train"], df[df.split == "val"]
     if tr.empty or va.empty:
@@ -240,46 +250,6 @@ def _build_model(cfg: Config, class_names: list[str], box_head: bool, device: to
     return model, net, prep
 
 
-def _resume(run: _Run, trained: torch.nn.Module, meta: dict, state: dict) -> None:
-    """Load `last` (its model, metadata and training state) into the run: weights, optimizer, schedule, EMA, RNG
-    and progress; drop metrics rows of the epochs it will redo."""
-    cfg = run.cfg
-    new_world = state.get("world", run.world) != run.world
-    if new_world:
-        log.warning("resuming a run of %d processes with %d: the data shards change, so the run will not match an "
-                    "uninterrupted one; the learning-rate schedule goes on from the same epoch", state["world"],
-                    run.world)
-        rescale_schedule_state(state, run.steps_per_epoch)
-    saved_epochs = (meta.get("config") or {}).get("train", {}).get("epochs", cfg.train.epochs)
-    run.lr_anchor = resume_anchor(state, cfg.optim, run.steps_per_epoch, saved_epochs, cfg.train.epochs)
-    # Once, and before the optimizer's state is loaded: building a schedule sets the learning rate to its first
-    # step's, which that state then replaces by the saved one (built after it, the next step ran at the first's).
-    run.scheduler = make_scheduler(run.optimizer, cfg.optim, run.steps_per_epoch, cfg.train.epochs, run.lr_anchor)
-    if isinstance(run.net, WithBoxHead):
-        run.net.model.load_state_dict(trained.state_dict())
-        if state.get("box_head"):  # absent when the run was started without box supervision
-            run.net.box_head.load_state_dict(state["box_head"])
-    else:
-        run.net.load_state_dict(trained.state_dict())
-    base_lrs = list(getattr(run.scheduler, "base_lrs", []))  # this run's: lr_base_batch scales with the world
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    if new_world and base_lrs:
-        run.scheduler.base_lrs = base_lrs
-        for group, base, factor in zip(run.optimizer.param_groups, base_lrs, run.scheduler.lr_lambdas):
-            group["initial_lr"], group["lr"] = base, base * factor(run.scheduler.last_epoch)
-    if run.ema and state.get("ema"):
-        run.ema.load_state_dict(state["ema"])
-    torch.set_rng_state(state["torch_rng"])
-    if state.get("cuda_rng") and torch.cuda.is_available() and len(state["cuda_rng"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])  # dropout / drop-path go on with their stream
-    run.state = {k: state[k] for k in ("epoch", "best_score", "bad_epochs")}
-    if run.rank == 0:
-        trim_metrics(run.out_dir / "metrics.csv", run.state["epoch"])
-    log.info("resuming at epoch %d (best %s so far %.4f)", run.state["epoch"] + 1, run.monitor,
-             run.state["best_score"])
-
-
 def _start_outputs(run: _Run, manifest) -> None:
     """Set the checkpoints' common metadata; rank 0 writes config.json (again: a resume may change some keys) and
     opens TensorBoard."""
@@ -291,15 +261,6 @@ def _start_outputs(run: _Run, manifest) -> None:
         run.out_dir.mkdir(parents=True, exist_ok=True)
         (run.out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
         run.writer = open_tensorboard(run.out_dir)
-
-
-def seen_images(rows) -> dict:
-    """{sha256: split} of a manifest's train and val rows, as checkpoints list them; an image listed in both
-    is "val" whatever the row order (either way the model has seen it)."""
-    seen = {}
-    for split in ("train", "val"):
-        seen.update(dict.fromkeys(rows.sha256[rows.split == split], split))
-    return seen
 
 
 def _train_pass(run: _Run, gen: torch.Generator, epoch: int, watchdog: Watchdog) -> tuple[float, int]:
@@ -435,38 +396,8 @@ def _save_epoch(run: _Run, epoch: int, score: float, row: dict, val_logits, val_
         log.info("epoch %d  " + "  ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch") + "%s",
                  row["epoch"], "  (best)" if improved else "")
     watchdog.beat()
-    _save_last(run, epoch + 1)
+    save_last(run, epoch + 1)
     watchdog.beat()
-
-
-def calibration_meta(val_logits, val_y, class_names, pos, monitor, score) -> dict:
-    """Temperature, decision threshold and operating points fitted on validation, for the checkpoint."""
-    # One class only: any temperature "fits" by pushing every probability towards it; keep the model's own.
-    temperature = metrics.fit_temperature(val_logits, val_y) if len(np.unique(val_y)) > 1 else 1.0
-    probs = metrics.softmax(val_logits, temperature)
-    out = {"temperature": temperature, "threshold": None, "operating_points": None,
-           "val_metrics": {"monitor": monitor, "score": score, "n": int(len(val_y))}}
-    if pos is not None and len(np.unique(val_y)) == 2:
-        y_bin = (val_y == pos).astype(int)
-        points = metrics.operating_points(y_bin, probs[:, pos])
-        out["operating_points"] = points
-        out["threshold"] = points["default"]
-    out["val_metrics"].update(metrics.classification_metrics(val_y, probs, class_names, pos, out["threshold"]))
-    return out
-
-
-def _save_last(run: _Run, epoch_done: int) -> None:
-    """On rank 0, save `last`: the weights after `epoch_done` epochs and all that --resume needs to go on."""
-    if run.rank == 0:
-        state = run.state
-        train_state = {"epoch": epoch_done, "best_score": state["best_score"], "bad_epochs": state["bad_epochs"],
-                       "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-                       "ema": run.ema.state_dict() if run.ema else {}, "torch_rng": torch.get_rng_state(),
-                       "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                       "world": run.world, "lr_anchor": run.lr_anchor,
-                       "box_head": run.net.box_head.state_dict() if run.net is not run.model else {}}
-        checkpoint.save(run.out_dir / "last", run.model, {**run.base_meta, "epoch": epoch_done}, train_state,
-                        seen=run.seen)
 
 
 def _finish(run: _Run) -> Path:
