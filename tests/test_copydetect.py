@@ -169,10 +169,17 @@ def test_training_script_smoke_writes_a_loadable_detector(tmp_path):
     det = load_detector(out)
     assert det.size == 64 and -1.0 <= det.threshold <= 1.0 and det.meta["training"]["n_sources"] == 16
     evaluation = json.loads((out / "evaluation.json").read_text())
-    chosen = evaluation["results"][f"flip_average={det.meta['flip_average']}"]
+    chosen = evaluation["results"][f"val, flip_average={det.meta['flip_average']}"]
     assert chosen["n_copies"] == 16 and chosen["n_distinct"] == 12
     assert chosen["chosen"]["distinct_false_pairs"] == 0 and chosen["chosen"]["copy_foreign_false_pairs"] == 0
-    assert len(evaluation["training"]["history"]) == 1 and "| flip_average" in (out / "evaluation.md").read_text()
+    # Reported on test, at the threshold chosen on val: the images it was chosen on are not the ones it is scored on.
+    test = evaluation["results"][f"test, flip_average={det.meta['flip_average']}"]
+    assert test["chosen"]["threshold"] == chosen["chosen"]["threshold"] == round(det.threshold, 4)
+    assert not set(p for pair in test["highest_false_pairs"] for p in pair["pair"]) & set(
+        p for pair in chosen["highest_false_pairs"] for p in pair["pair"])
+    assert det.meta["evaluation"]["held_out"] == test["chosen"]
+    table = (out / "evaluation.md").read_text()
+    assert len(evaluation["training"]["history"]) == 1 and "| val, flip_average" in table and "| test, flip" in table
 
 
 @pytest.mark.skipif(shipped_detector_path() is None, reason="no shipped detector in models/copy_detector")
