@@ -84,6 +84,7 @@ def test_predict_reports_bad_files_and_keeps_going(run, tmp_path, capsys):
     assert len(rows) == 6 and [Path(r["path"]).name for r in rows][-1] == "missing.jpg"  # input order
     errors = {Path(r["path"]).name: r["error"] for r in rows if r["status"] == "error"}
     assert set(errors) == {"broken.png", "missing.jpg"}
+    assert all(r["refer"] is True for r in rows if r["status"] == "error")  # was absent: filters on refer missed them
     refused = [r for r in rows if r["status"] == "not_xray"]
     assert [Path(r["path"]).name for r in refused] == ["blank.png"] and "not an X-ray" in refused[0]["message"]
     assert "prediction" not in refused[0] and refused[0]["refer"] is True

@@ -357,7 +357,7 @@ def prediction_rows(probs: np.ndarray, predictor, refer_margin: float) -> list[d
 
 def csv_writer(class_names):
     """A function writing one `prediction_rows` row, as `bonefrac predict --format csv` does, to stdout (after the
-    header, written now). `refer` is true/false as in the JSON lines (empty for an unreadable file)."""
+    header, written now). `refer` is true/false as in the JSON lines."""
     w = csv.writer(sys.stdout)
     w.writerow(["path", "status", "prediction", "confidence", "refer", *[f"p_{c}" for c in class_names], "threshold",
                 "message"])

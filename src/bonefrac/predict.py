@@ -349,7 +349,8 @@ def predict_files(predictor, inputs: list[str], batch_size: int = 32, xray_check
     `threshold` that decided (None for multi-class models, which predict the most probable class);
     "not_xray": the image fails the radiograph check (a photo, document, blank or noise), `message` says why,
     and no prediction is given; "error": `error` names the problem (unreadable, missing, too large), or `message`
-    says the model's output was not finite. `path` is printable (see io.printable_path). A progress bar over all
+    says the model's output was not finite. Rows without a prediction have `refer` true, as in the service: a
+    reviewer filtering on it sees them too. `path` is printable (see io.printable_path). A progress bar over all
     the files shows on stderr when that is a terminal."""
     from .backends import prediction_rows  # backends imports this module
 
@@ -384,7 +385,7 @@ def _read_checked(path: Path, xray_check: bool):
     try:
         gray, thumb = read_image_and_colour(path)
     except ImageReadError as exc:
-        return None, {"status": "error", "error": exc.reason}
+        return None, {"status": "error", "refer": True, "error": exc.reason}  # a case nobody has assessed yet
     if xray_check:
         check = check_radiograph(gray, colourfulness(thumb) if thumb is not None else 0.0)
         if not check.ok:
