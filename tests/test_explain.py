@@ -57,8 +57,8 @@ def test_batching_and_ensemble_use_the_same_computation():
     one_by_one = gradcam(predictor, images, target_class=1, batch_size=1)
     for a, b in zip(whole, one_by_one):
         np.testing.assert_allclose(a, b, atol=1e-4)
-    ensemble = Ensemble([predictor, _predictor(create("resnet18", 2, 3))])
-    for a, b in zip(whole, gradcam(ensemble, images, target_class=1)):  # the first member is explained
+    twice = Ensemble([predictor, predictor], weights=[0.3, 0.7])  # one model twice: its own map
+    for a, b in zip(whole, gradcam(twice, images, target_class=1)):
         np.testing.assert_allclose(a, b, atol=1e-4)
     with pytest.raises(BonefracError):
         gradcam(predictor, images, target_class=5)
@@ -226,7 +226,8 @@ def test_explain_decides_in_the_forward_precision_predict_uses_and_draws_in_floa
 
 
 def test_an_ensemble_runs_each_member_once_per_batch():
-    """The first member's Grad-CAM forward also gives its share of the ensemble's probabilities."""
+    """Each member's Grad-CAM forward also gives its share of the ensemble's probabilities; the map is all of
+    theirs."""
     from bonefrac.explain import explain_arrays
     from bonefrac.predict import decide
 
@@ -237,16 +238,19 @@ def test_an_ensemble_runs_each_member_once_per_batch():
     threshold = float(np.median(expected[:, 1]))
     ensemble = Ensemble(members, weights=[0.7, 0.3], threshold=threshold)
     expected = ensemble.predict_arrays(images)
-    alone = gradcam(members[0], images, target_class=decide(expected, 1, threshold))
+    decided = decide(expected, 1, threshold)
+    alone = [explain_arrays(m, images, target_class=decided, at_image_size=False)[0] for m in members]
     calls = [0, 0]
     for i, m in enumerate(members):
         m.model.body.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
-    heatmaps, classes, probs = explain_arrays(ensemble, images)
+    heatmaps, classes, probs = explain_arrays(ensemble, images, at_image_size=False)
     assert calls == [1, 1]  # was [2, 1]: the first member ran for the ensemble's probabilities and for the map
     np.testing.assert_allclose(probs, expected, rtol=0, atol=1e-12)
     np.testing.assert_array_equal(classes, decide(expected, 1, threshold))
-    for a, b in zip(heatmaps, alone):
-        np.testing.assert_allclose(a, b, atol=1e-6)
+    for i, h in enumerate(heatmaps):  # the members' maps, weighted like their probabilities (was the first's alone)
+        mixed = 0.7 * alone[0][i] + 0.3 * alone[1][i]
+        np.testing.assert_allclose(h, (mixed - mixed.min()) / (mixed.max() - mixed.min()), atol=1e-5)
+        assert not np.allclose(h, alone[0][i], atol=1e-3)
 
 
 @pytest.mark.parametrize("make", [_TinyCnn, lambda: create("resnet18", 2, 1)], ids=["tiny_cnn", "resnet18"])
@@ -281,3 +285,14 @@ def test_tta_on_the_cpu_reuses_the_float32_forward_and_reports_predicts_probabil
     assert any(not np.allclose(a, one_view, atol=1e-3) for a, one_view in zip(tta_maps, maps))
     assert any(not np.allclose(a, b[:, ::-1], atol=1e-3) for a, b in zip(maps, gradcam(  # no one-view map is
         _predictor(predictor.model, size=64, channels=1), [np.ascontiguousarray(i[:, ::-1]) for i in images], 1)))
+
+
+def test_an_ensemble_of_members_at_other_input_sizes_mixes_their_maps_at_the_largest():
+    from bonefrac.explain import explain_arrays
+
+    torch.manual_seed(0)
+    members = [_predictor(_TinyCnn(), size=48, channels=1), _predictor(_TinyCnn(), size=64, channels=1)]
+    maps, _, _ = explain_arrays(Ensemble(members), _images(2), target_class=1, at_image_size=False)
+    assert all(m.shape == (64, 64) and m.min() >= 0 and m.max() == pytest.approx(1.0) for m in maps)
+    full = gradcam(Ensemble(members), _images(2), target_class=1)
+    assert [m.shape for m in full] == [img.shape for img in _images(2)]

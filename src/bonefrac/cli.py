@@ -334,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_serve)
 
     s = sub.add_parser("explain", help="Grad-CAM heatmaps over the X-ray, one PNG per image")
-    s.add_argument("ckpt", help="checkpoint or ensemble dir (an ensemble's class, its first member's map)")
+    s.add_argument("ckpt", help="checkpoint or ensemble dir (an ensemble: its class, its members' maps averaged)")
     s.add_argument("paths", nargs="*", help="image files or folders")
     s.add_argument("--out", required=True)
     s.add_argument("--class", dest="target_class", help="class to explain (default: the predicted one)")

@@ -3,8 +3,8 @@
     heatmaps = gradcam(predictor, [read_image(p)])   # list of float32 (H, W) in [0, 1], one per image
     rgb = overlay(read_image(p), heatmaps[0])         # (H, W, 3) uint8, the heatmap blended onto the X-ray
 
-`predictor` is a `bonefrac.predict.Predictor` (for an `Ensemble`, the map is its first member's; the class and
-probabilities are the ensemble's, as predict gives them). The target layer is the model's last 4-D feature map
+`predictor` is a `bonefrac.predict.Predictor` or `Ensemble` (whose map is its members' maps averaged, weighted
+like their probabilities; the class and probabilities are the ensemble's, as predict gives them). The target layer is the model's last 4-D feature map
 before global pooling: timm's `forward_features` output (CNNs, EfficientNets, ConvNeXts; Swin's channels-last map
 too), or, for a model without it, the last module whose output is 4-D, found with forward hooks. Token models
 (ViT) have no such map and are refused with a clear error. A heatmap explains one class score (the logit); by
@@ -48,28 +48,27 @@ def explain_arrays(predictor, images: list[np.ndarray], target_class=None, batch
                    at_image_size: bool = True) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
     """(heatmaps as in `gradcam`, explained class index per image, the predictor's calibrated probabilities
     (n, K), as `predict` reports them). `target_class` may also be a sequence with one class index per image. An
-    ensemble's map is drawn by its first member, for the class the ensemble itself predicts (at its own threshold)
-    unless one is given. `at_image_size=False`: each map stays at the model's input size (S, S), already scaled
-    to [0, 1]; `overlay` stretches it to whatever image it draws on (a batch of full-size float32 maps of large
-    radiographs would take gigabytes)."""
-    member = _first_member(predictor)
-    n_classes = len(member.class_names)
+    ensemble explains the class it predicts itself (at its own threshold) unless one is given; its map is the
+    average of its members' maps for that class (each scaled to [0, 1] first: raw Grad-CAM magnitudes are not
+    comparable between models), weighted like their probabilities. `at_image_size=False`: each map stays at the
+    model's input size (S, S; an ensemble's largest), already scaled to [0, 1]; `overlay` stretches it to whatever
+    image it draws on (a batch of full-size float32 maps of large radiographs would take gigabytes)."""
+    members = getattr(predictor, "members", None) or [predictor]
+    n_classes = len(members[0].class_names)
     targets = None if target_class is None else np.array(np.broadcast_to(np.asarray(target_class, int), (len(images),)))
     if targets is not None and len(targets) and not ((targets >= 0) & (targets < n_classes)).all():
-        raise BonefracError(f"class index {target_class} is outside 0..{n_classes - 1} ({member.class_names})")
+        raise BonefracError(f"class index {target_class} is outside 0..{n_classes - 1} ({members[0].class_names})")
     heatmaps, classes, probs = [], [], []
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
-        feats, logits, chunk_probs, flipped = _forward(member, resize_batch(chunk, member.size))
-        if member is not predictor:  # the Grad-CAM forward stands in for the first member's own prediction
-            chunk_probs = predictor.combine([chunk_probs, *(m.predict_arrays(chunk) for m in predictor.members[1:])])
+        # Each member's Grad-CAM forward also gives its share of the prediction: one forward per member and batch.
+        forwards = [_forward(m, resize_batch(chunk, m.size)) for m in members]
+        chunk_probs = predictor.combine([f[2] for f in forwards]) if len(members) > 1 else forwards[0][2]
         target = (decide(chunk_probs, predictor.positive_index, predictor.threshold) if targets is None
                   else targets[start:start + batch_size])
-        cams = _cam(member, feats, logits, target)
-        if flipped is not None:  # tta: predict averages both views, so the map does too (the flipped one mirrored)
-            cams = 0.5 * (cams + _cam(member, *flipped, target)[:, :, ::-1])
-        unit = [_unit_range(c) for c in cams]  # scaled at the model's resolution, then (maybe) stretched
-        heatmaps += [_to_image_size(u, img.shape) for u, img in zip(unit, chunk)] if at_image_size else unit
+        maps = [_member_maps(m, f, target) for m, f in zip(members, forwards)]
+        unit = maps[0] if len(members) == 1 else _weighted_maps(maps, predictor.weights)
+        heatmaps += [_to_image_size(u, img.shape) for u, img in zip(unit, chunk)] if at_image_size else list(unit)
         classes.append(np.asarray(target))
         probs.append(chunk_probs)
     if not images:
@@ -77,9 +76,22 @@ def explain_arrays(predictor, images: list[np.ndarray], target_class=None, batch
     return heatmaps, np.concatenate(classes), np.concatenate(probs)
 
 
-def _first_member(predictor):
-    members = getattr(predictor, "members", None)
-    return members[0] if members else predictor
+def _member_maps(member, forward, target) -> np.ndarray:
+    """One member's maps for `target`, (B, S, S) scaled to [0, 1] at its input size S."""
+    feats, logits, _, flipped = forward
+    cams = _cam(member, feats, logits, target)
+    if flipped is not None:  # tta: predict averages both views, so the map does too (the flipped one mirrored)
+        cams = 0.5 * (cams + _cam(member, *flipped, target)[:, :, ::-1])
+    return np.stack([_unit_range(c) for c in cams])  # scaled at the model's resolution, then (maybe) stretched
+
+
+def _weighted_maps(maps: list[np.ndarray], weights) -> np.ndarray:
+    """Members' (B, S_i, S_i) unit maps averaged with `weights` at the largest S, then scaled to [0, 1] again."""
+    size = max(m.shape[-1] for m in maps)
+    mixed = sum(float(w) * (F.interpolate(torch.from_numpy(np.ascontiguousarray(m))[:, None], size=(size, size),
+                                          mode="bilinear", align_corners=False)[:, 0].numpy()
+                            if m.shape[-1] != size else m) for w, m in zip(weights, maps))
+    return np.stack([_unit_range(c) for c in mixed])
 
 
 def _forward(member, x_uint8: torch.Tensor):
@@ -241,7 +253,7 @@ def explain_files(predictor, paths: list[str], out_dir: str | Path, target_class
     if table.exists():  # a previous run's table must not describe this run's maps if this one is stopped
         log.info("replacing %s of an earlier run", table)
         table.unlink()
-    names = _first_member(predictor).class_names
+    names = predictor.class_names
     target = _class_index(names, target_class)
     rows, used = [], set()
     files = expand_paths(paths)
