@@ -135,3 +135,34 @@ def test_a_corrupt_png_named_dcm_reports_both_reasons(tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(ImageReadError, match=r"scan.dcm: corrupt or truncated image: .*\(and not DICOM either: "):
         read_image(path)
+
+
+def _deflated_dicom(rows: int, cols: int, pixel_bytes: int) -> bytes:
+    """A deflated Part 10 file of rows x cols whose PixelData holds `pixel_bytes` zero bytes (compresses ~1000:1)."""
+    import io
+
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.1", generate_uid()
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds = FileDataset("x.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = rows, cols, 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = bytes(pixel_bytes)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def test_a_deflated_dicom_that_inflates_far_past_the_pixel_limit_is_refused_before_inflating():
+    """pydicom inflates the whole dataset before any size check: a small upload could become gigabytes."""
+    from bonefrac.io import decode_image
+
+    bomb = _deflated_dicom(100, 100, 8 << 20)  # 8 MB of pixel data behind a 100 x 100 header
+    assert len(bomb) < 100_000
+    with pytest.raises(ImageReadError, match="too large: deflated DICOM inflates to more than"):
+        decode_image(bomb, "bomb.dcm", max_pixels=20_000)
+    fine = _deflated_dicom(100, 100, 100 * 100)
+    assert decode_image(fine, "fine.dcm", max_pixels=20_000).shape == (100, 100)

@@ -204,10 +204,11 @@ def test_fine_tuning_a_checkpoint_maps_its_classifier_rows_by_class_name(tmp_pat
     assert torch.equal(other.conv1.weight, old.conv1.weight)  # the backbone is fine-tuned either way
 
 
-@pytest.mark.parametrize("src, dst, problem", [("tf_efficientnet_lite1", "tf_efficientnet_lite0", "0 of the model's would "
-                                                "stay at random initialisation; 90 of the file's have no place"),
-                                               ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "75 of the model's"),
-                                               ("resnet34", "resnet18", "of the file's have no place in it, e.g. layer")])
+@pytest.mark.parametrize("src, dst, problem", [
+    ("tf_efficientnet_lite1", "tf_efficientnet_lite0",
+     "0 of the model's would stay at random initialisation; 90 of the file's have no place"),
+    ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "75 of the model's"),
+    ("resnet34", "resnet18", "of the file's have no place in it, e.g. layer")])
 def test_a_weights_file_of_a_deeper_or_shallower_relative_is_refused(tmp_path, src, dst, problem):
     """Such a file matches most names: it was accepted (half the tensors sufficed), leaving blocks at random
     initialisation or the file's extra blocks unused, with only an INFO line to say so."""

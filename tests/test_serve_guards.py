@@ -1,8 +1,14 @@
 """Service guards act before a request body is read, every response is counted, the audit log recovers, and the
 image readers' debug output (metadata that can name a patient) stays out of the logs."""
 
+import asyncio
+import hashlib
 import io
 import logging
+import sqlite3
+import threading
+import time
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +19,7 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from bonefrac.serve.app import create_app  # noqa: E402
+from bonefrac.serve.audit import AuditLog, AuditUnavailable  # noqa: E402
 from bonefrac.serve.routes.predict import display_size  # noqa: E402
 from bonefrac.serve.settings import Settings  # noqa: E402
 from bonefrac.serve.synthetic import SyntheticPredictor  # noqa: E402
@@ -131,3 +138,115 @@ def test_explain_overlay_is_display_sized():
     assert small.shape == (2048, 1229)
     same = np.zeros((100, 80), np.uint8)
     assert display_size(same, 2048) is same
+
+
+# --- the audit log: its own thread, one timeout per write, WAL after a rotation, explain audited --------------
+
+ROW = {"sha256": "0" * 64, "status": "ok", "prediction": "fracture", "probabilities": {"fracture": 0.9}, "refer": False}
+
+
+def test_audit_writes_and_reads_run_on_the_audit_log_s_own_thread(tmp_path, monkeypatch):
+    """Not the default thread pool, which decodes uploads: a locked log stalled unrelated requests there."""
+    names, record, recent = [], AuditLog.record, AuditLog.recent
+
+    def spy(real):
+        def call(self, *args, **kwargs):
+            names.append(threading.current_thread().name)
+            return real(self, *args, **kwargs)
+        return call
+
+    monkeypatch.setattr(AuditLog, "record", spy(record))
+    monkeypatch.setattr(AuditLog, "recent", spy(recent))
+    with TestClient(app(audit_db=str(tmp_path / "a.sqlite"), rate_limit=0, api_key="k"),
+                    headers={"X-API-Key": "k"}) as c:
+        assert c.post("/v1/predict", files=[("files", ("a.webp", SAMPLE.read_bytes()))]).status_code == 200
+        assert len(c.get("/v1/audit").json()["rows"]) == 1
+        audit = c.app.state.audit
+    assert len(names) == 2 and all(n.startswith("bonefrac-audit") for n in names), names
+    assert audit._executor is None  # ended at shutdown
+
+
+def test_waiting_for_another_audit_write_counts_against_the_timeout(tmp_path):
+    audit, outcome = AuditLog(tmp_path / "a.sqlite", timeout=0.2), []
+
+    def write():
+        try:
+            audit.record("v", [ROW])
+            outcome.append("written")
+        except AuditUnavailable:
+            outcome.append("unavailable")
+
+    writer = threading.Thread(target=write, daemon=True)
+    with audit._lock:  # another write of this process, stuck
+        writer.start()
+        writer.join(10)
+    writer.join(10)
+    assert outcome == ["unavailable"]
+
+
+def test_audit_writes_queued_behind_a_locked_log_give_up_within_one_timeout(tmp_path):
+    """Ten writes while another process holds the lock: each gives up `timeout` after it was asked for (0.4 s in
+    all), not one timeout after another (4 s)."""
+    db = tmp_path / "a.sqlite"
+    audit = AuditLog(db, timeout=0.4)
+    other = sqlite3.connect(db, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+
+    async def main():
+        start = time.monotonic()
+        outs = await asyncio.gather(*[audit.write("v", [ROW]) for _ in range(10)], return_exceptions=True)
+        return outs, time.monotonic() - start
+
+    try:
+        outs, took = asyncio.run(main())
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+        audit.close()
+    assert all(isinstance(o, AuditUnavailable) for o in outs), outs
+    assert took < 2.0, took
+
+
+def test_an_audit_log_removed_while_serving_comes_back_in_wal_mode(tmp_path):
+    db = tmp_path / "audit.sqlite"
+    audit = AuditLog(db)
+    for f in tmp_path.glob("audit.sqlite*"):  # rotated away
+        f.unlink()
+    audit.record("v", [ROW])
+    with closing(sqlite3.connect(db)) as con:
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"  # readers do not block writes again
+        assert con.execute("SELECT COUNT(*) FROM predictions").fetchone()[0] == 1
+
+
+def test_explain_is_audited_like_predict_and_withheld_when_it_cannot_be(tmp_path, monkeypatch):
+    import bonefrac.serve.routes.predict as routes
+
+    def explain_arrays(predictor, images, at_image_size=True):
+        probs = predictor.predict_arrays(images)
+        return np.zeros((1, 4, 4), np.float32), probs.argmax(1), probs
+
+    monkeypatch.setattr(routes, "_explainer", lambda p: (explain_arrays, lambda img, cam: np.stack([img] * 3, -1)))
+    buf = io.BytesIO()
+    Image.fromarray(np.full((80, 60), 100, np.uint8)).save(buf, format="PNG")  # flat: the same p at any size
+    files = [("files", ("a.png", buf.getvalue()))]
+    db = tmp_path / "audit.sqlite"
+    with TestClient(app(audit_db=str(db), rate_limit=0, api_key="k", xray_check=False),
+                    headers={"X-API-Key": "k"}) as c:
+        explained = c.post("/v1/explain", files=files)
+        assert explained.status_code == 200
+        assert c.post("/v1/predict", files=files).status_code == 200
+        by_predict, by_explain = c.get("/v1/audit").json()["rows"]  # newest first
+        c.app.state.audit.timeout = 0.2
+        other = sqlite3.connect(db, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+        withheld = c.post("/v1/explain", files=files)
+        other.execute("ROLLBACK")
+        other.close()
+    assert by_explain["image_sha256"] == hashlib.sha256(buf.getvalue()).hexdigest()
+    assert by_explain["prediction"] == explained.headers["x-prediction"] and by_explain["threshold"] == 0.5
+    probability = by_explain["probabilities"][explained.headers["x-explained-class"]]
+    assert abs(probability - float(explained.headers["x-explained-probability"])) < 1e-5
+    assert {k: v for k, v in by_explain.items() if k not in ("id", "time")} == \
+        {k: v for k, v in by_predict.items() if k not in ("id", "time")}
+    assert withheld.status_code == 503 and withheld.json()["error"]["code"] == "audit_unavailable"
+    assert "x-prediction" not in withheld.headers

@@ -117,7 +117,8 @@ def test_cli_reports_one_line_before_loading_a_model(argv, env, monkeypatch, cap
 def test_trusted_proxies_must_be_addresses(bad):
     with pytest.raises(ConfigError, match="BONEFRAC_TRUSTED_PROXIES=.*IP addresses"):
         Settings.from_env({"BONEFRAC_TRUSTED_PROXIES": f"127.0.0.1,{bad}"})
-    assert Settings.from_env({"BONEFRAC_TRUSTED_PROXIES": "10.0.0.0/8, ::1,*"}).trusted_proxies == ("10.0.0.0/8", "::1", "*")
+    assert Settings.from_env({"BONEFRAC_TRUSTED_PROXIES": "10.0.0.0/8, ::1"}).trusted_proxies == ("10.0.0.0/8", "::1")
+    assert Settings.from_env({"BONEFRAC_TRUSTED_PROXIES": "*"}).trusted_proxies == ("*",)
 
 
 def _statuses_behind_proxy(trusted: str) -> list[int]:
@@ -177,3 +178,43 @@ def test_the_documented_request_limit_is_the_default():
     assert doc and doc.group(1).strip() == default
     assert row and row.group(1).strip() == default, "README.md's settings table: no or another request limit"
     assert Settings().max_request_mb >= 64
+
+
+@pytest.mark.parametrize("value, named", [("127.0.0.1,10.0.0.1/8", "did you mean 10.0.0.0/8"),
+                                          ("*,10.0.0.0/8", r"\* \(every address\) must stand alone"),
+                                          ("10.0.0.0/8,*", "must stand alone")])
+def test_trusted_proxies_uvicorn_would_ignore_are_refused(value, named):
+    """uvicorn matches no address against 10.0.0.1/8 (host bits set) and ignores * among other entries."""
+    with pytest.raises(ConfigError, match=rf"BONEFRAC_TRUSTED_PROXIES={re.escape(value)}: expected .*{named}"):
+        Settings.from_env({"BONEFRAC_TRUSTED_PROXIES": value})
+
+
+@pytest.mark.parametrize("key", ["pässwort-123", "key\x01", "tab\tkey", " padded", "padded ", "ключ"])
+def test_api_key_must_be_printable_ascii_and_is_never_echoed(key):
+    """A client's header is read as latin-1 and compared as UTF-8: a non-ASCII key could never match."""
+    with pytest.raises(ConfigError, match="BONEFRAC_API_KEY=.*printable ASCII") as err:
+        Settings.from_env({"BONEFRAC_API_KEY": key})
+    assert key.strip() not in str(err.value)
+    assert Settings(api_key="Ab1-_.~!#$%&'*+/=?^`|:; spaces inside").api_key.startswith("Ab1")
+
+
+def test_pixel_budget_queue_limit_and_shutdown_timeout_defaults_and_bounds():
+    s = Settings.from_env({"BONEFRAC_MAX_PIXELS": "1000", "BONEFRAC_MAX_BATCH": "4"})
+    assert (s.max_pixels_in_flight, s.max_queue, s.shutdown_timeout_s) == (2000, 256, 30)
+    s = Settings.from_env({"BONEFRAC_MAX_PIXELS_IN_FLIGHT": "70000000", "BONEFRAC_MAX_QUEUE": "5",
+                           "BONEFRAC_SHUTDOWN_TIMEOUT_S": "3"})
+    assert (s.max_pixels_in_flight, s.max_queue, s.shutdown_timeout_s) == (70_000_000, 5, 3)
+    with pytest.raises(ConfigError, match=r"BONEFRAC_MAX_PIXELS_IN_FLIGHT=999: expected .*>= BONEFRAC_MAX_PIXELS"):
+        Settings.from_env({"BONEFRAC_MAX_PIXELS": "1000", "BONEFRAC_MAX_PIXELS_IN_FLIGHT": "999"})
+    for name, bad in (("MAX_QUEUE", "0"), ("SHUTDOWN_TIMEOUT_S", "0"), ("MAX_QUEUE", "many")):
+        with pytest.raises(ConfigError, match=f"BONEFRAC_{name}="):
+            Settings.from_env({f"BONEFRAC_{name}": bad})
+
+
+def test_the_readme_documents_the_service_limits():
+    readme = (SRC.parent / "README.md").read_text()
+    for name, default in (("MAX_PIXELS_IN_FLIGHT", "2 x `BONEFRAC_MAX_PIXELS`"),
+                          ("MAX_QUEUE", "64 x `BONEFRAC_MAX_BATCH`"), ("SHUTDOWN_TIMEOUT_S", "30")):
+        row = re.search(rf"^\| `BONEFRAC_{name}` \| ([^|]+) \|", readme, re.M)
+        assert row and row.group(1).strip() == default, name
+        assert f"BONEFRAC_{name}" in settings_mod.__doc__

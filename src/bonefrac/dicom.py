@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io as _stdio
 import logging
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -22,6 +23,9 @@ from .errors import ImageReadError
 from .io import _check_size, _scale_percentile, _scale_range
 
 log = logging.getLogger(__name__)
+DEFLATED = b"1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian: the whole dataset is one zlib stream
+# Inflated bytes a deflated file may hold per allowed pixel (a 16-bit RGB sample is 6), plus its header elements.
+_INFLATED_PER_PIXEL, _INFLATED_HEADERS = 8, 1 << 20
 # Decoders that produce RGB from a colour transform of their own (JPEG 2000's RCT/ICT): convert nothing.
 _CONVERT_TO_RGB = ("YBR_FULL", "YBR_FULL_422")
 # Transfer syntaxes whose pixels need a pylibjpeg plugin (the `dicom-jpeg` extra) or GDCM. Installed by default,
@@ -44,6 +48,7 @@ def decode_dicom(data: bytes, name: str, max_pixels: int) -> np.ndarray:
         import pydicom  # lazy: only DICOM users pay for the import
     except ImportError:
         raise ImageReadError(name, "DICOM file but pydicom is not installed (pip install pydicom)") from None
+    _refuse_deflate_bomb(data, name, max_pixels)  # pydicom would inflate it whole, before any size check
     with _read_errors(name, "not a readable DICOM file"):
         ds = pydicom.dcmread(_stdio.BytesIO(data), force=True)
         pixels = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -55,6 +60,35 @@ def decode_dicom(data: bytes, name: str, max_pixels: int) -> np.ndarray:
     _check_size(cols, rows, name, max_pixels)
     with _read_errors(name, "cannot decode DICOM pixel data", ds):
         return _to_gray(_first_frame(ds, rows * cols, name, max_pixels), ds)
+
+
+def meta_end(data: bytes) -> int | None:
+    """Where a Part 10 file's meta group ends (after its group length element), or None without one."""
+    if data[128:132] != b"DICM" or data[132:138] != b"\x02\x00\x00\x00UL":
+        return None
+    return 144 + int.from_bytes(data[140:144], "little")
+
+
+def _refuse_deflate_bomb(data: bytes, name: str, max_pixels: int) -> None:
+    """ImageReadError when a deflated file inflates past what `max_pixels` pixels can need: a zlib stream of zeros
+    shrinks ~1000:1, so a 60 MB upload could inflate to 60 GB. Counted by inflating in bounded steps (the output
+    is dropped), so memory stays small whatever the file holds."""
+    end = meta_end(data)
+    if end is None or DEFLATED not in data[:end]:
+        return
+    limit, total, step = max_pixels * _INFLATED_PER_PIXEL + _INFLATED_HEADERS, 0, 1 << 24
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    for start in range(end, len(data), step):
+        pending = data[start:start + step]
+        while pending and not inflater.eof:
+            try:
+                total += len(inflater.decompress(pending, step))
+            except zlib.error:
+                return  # not a valid stream: pydicom says so, naming the file
+            if total > limit:
+                raise ImageReadError(name, f"image too large: deflated DICOM inflates to more than {limit:,} bytes, "
+                                           f"more than {max_pixels:,} pixels can need")
+            pending = inflater.unconsumed_tail
 
 
 @contextlib.contextmanager

@@ -4,9 +4,10 @@
     rgb = overlay(read_image(p), heatmaps[0])         # (H, W, 3) uint8, the heatmap blended onto the X-ray
 
 `predictor` is a `bonefrac.predict.Predictor` or `Ensemble` (whose map is its members' maps averaged, weighted
-like their probabilities; the class and probabilities are the ensemble's, as predict gives them). The target layer is the model's last 4-D feature map
-before global pooling: timm's `forward_features` output (CNNs, EfficientNets, ConvNeXts; Swin's channels-last map
-too), or, for a model without it, the last module whose output is 4-D, found with forward hooks. Token models
+like their probabilities; the class and probabilities are the ensemble's, as predict gives them). The target
+layer is the model's last 4-D feature map before global pooling: timm's `forward_features` output (CNNs,
+EfficientNets, ConvNeXts; Swin's channels-last map too), or, for a model without it, the last module whose output
+is 4-D, found with forward hooks. Token models
 (ViT) have no such map and are refused with a clear error. A heatmap explains one class score (the logit); by
 default the class the predictor decides on. With the predictor's tta (a horizontally flipped view averaged in, as
 predict does), the flipped view's map is mirrored back and averaged in too.

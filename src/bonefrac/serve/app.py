@@ -1,7 +1,8 @@
 """`create_app(settings, predictor=None)` -> the FastAPI app; `run(settings)` serves it with uvicorn.
 
-The app owns all its state (predictor, batcher, telemetry, rate limiter, audit log) on `app.state`; nothing is
-global, so tests and benchmarks can build several apps side by side.
+The app owns all its state (predictor, batcher, telemetry, rate limiter, audit log, the budget of decoded pixels)
+on `app.state`; nothing is global, so tests and benchmarks can build several apps side by side, and one app can be
+started again after it stopped (a second lifespan).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from .. import __version__
 from ..io import quiet_image_metadata_logs
 from .audit import AuditLog
 from .batcher import MicroBatcher
+from .budget import PixelBudget
 from .errors import install as install_error_handlers
 from .guards import BodyLimitMiddleware, GuardMiddleware, ObserveMiddleware, RateLimiter
 from .preprocess import Preprocessor
@@ -42,8 +44,10 @@ def create_app(settings: Settings | None = None, predictor=None) -> FastAPI:
     predictor = predictor or load_backend(settings.model, settings.device)
     use_operating_point(predictor, settings.operating_point)  # a name the model lacks stops the start-up here
     telemetry = Telemetry()
-    batcher = MicroBatcher(predictor.predict_arrays, settings.max_batch, settings.max_wait_ms, telemetry.batch)
+    batcher = MicroBatcher(predictor.predict_arrays, settings.max_batch, settings.max_wait_ms, telemetry.batch,
+                           max_queue=settings.max_queue)
     preprocessor = Preprocessor(settings.preprocess_workers)
+    audit = AuditLog(settings.audit_db) if settings.audit_db else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -60,14 +64,16 @@ def create_app(settings: Settings | None = None, predictor=None) -> FastAPI:
         finally:
             await batcher.stop()
             await preprocessor.stop()
+            if audit is not None:
+                audit.close()
 
     # fastapi-offline serves /docs and /redoc from files in the package: FastAPI's own pages load their scripts
     # from a CDN, which air-gapped hospital networks cannot reach.
     app = FastAPIOffline(title="bonefrac", version=__version__, lifespan=lifespan, description=NOTICE)
     app.state.settings, app.state.predictor, app.state.batcher = settings, predictor, batcher
-    app.state.preprocessor = preprocessor
+    app.state.preprocessor, app.state.pixels = preprocessor, PixelBudget(settings.max_pixels_in_flight)
     app.state.telemetry, app.state.rate_limiter = telemetry, RateLimiter(settings.rate_limit)
-    app.state.audit = AuditLog(settings.audit_db) if settings.audit_db else None
+    app.state.audit = audit
     install_error_handlers(app, telemetry)
     _add_middleware(app, settings, telemetry)
     for module in (predict, ops, page):
@@ -123,6 +129,8 @@ def run(settings: Settings) -> None:
 
 
 def server_options(settings: Settings) -> dict:
-    """uvicorn's keyword arguments for `settings` (address, and whose X-Forwarded-For names the client)."""
+    """uvicorn's keyword arguments for `settings` (address, whose X-Forwarded-For names the client, and how long
+    a shutdown waits for requests in progress: without a limit one stalled upload kept the server up forever)."""
     return dict(host=settings.host, port=settings.port, log_level="info", proxy_headers=True,
-                forwarded_allow_ips=",".join(settings.trusted_proxies))
+                forwarded_allow_ips=",".join(settings.trusted_proxies),
+                timeout_graceful_shutdown=settings.shutdown_timeout_s)

@@ -13,7 +13,11 @@ time.
 
 When a batch's model call raises, each request in it is run again on its own, so one bad image fails only the
 request that sent it. Once stopped, `submit` and `run` raise errors.ShuttingDown (a 503), and requests still
-waiting get it too instead of hanging.
+waiting get it too instead of hanging. `start` after `stop` serves again (a new model thread).
+
+At most `max_queue` images wait (None: no limit); `submit` refuses more with ApiError 503 `overloaded` and
+Retry-After, except into an empty queue (a request larger than the limit is served when nothing else waits).
+Cancelling a `submit` (its client went away) drops its images: the model never sees them.
 """
 
 from __future__ import annotations
@@ -24,18 +28,20 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .errors import ShuttingDown
+from .errors import ApiError, ShuttingDown
 
 log = logging.getLogger(__name__)
 
 
 class MicroBatcher:
-    def __init__(self, predict_fn, max_batch: int = 16, max_wait_ms: float = 10.0, on_batch=None):
-        if max_batch < 1 or max_wait_ms < 0:
-            raise ValueError("max_batch must be >= 1 and max_wait_ms >= 0")
+    def __init__(self, predict_fn, max_batch: int = 16, max_wait_ms: float = 10.0, on_batch=None,
+                 max_queue: int | None = None):
+        if max_batch < 1 or max_wait_ms < 0 or (max_queue is not None and max_queue < 1):
+            raise ValueError("max_batch must be >= 1, max_wait_ms >= 0 and max_queue >= 1 (or None)")
         self.predict_fn, self.max_batch, self.max_wait = predict_fn, max_batch, max_wait_ms / 1000
+        self.max_queue = max_queue
         self.on_batch = on_batch or (lambda n: None)
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bonefrac-model")
+        self.executor: ThreadPoolExecutor | None = None  # made by start(): stop() shuts it down for good
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
 
@@ -49,6 +55,7 @@ class MicroBatcher:
         return self._task is not None and self._task.done()
 
     async def start(self) -> None:
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bonefrac-model")
         self._queue = asyncio.Queue()
         self._task = asyncio.create_task(self._loop(), name="bonefrac-batcher")
 
@@ -56,18 +63,35 @@ class MicroBatcher:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.executor is not None:
+            self.executor.shutdown(wait=False, cancel_futures=True)
 
     async def submit(self, images: list[np.ndarray]) -> np.ndarray:
         """Probabilities (len(images), K) for these images, computed together with other clients' images."""
         if not self.running:
             raise ShuttingDown()
+        self._refuse_if_full(len(images))
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in images]
         request = object()  # tags this request's images, so a failed batch can be re-run request by request
         for img, fut in zip(images, futures):
             self._queue.put_nowait((img, fut, request))
         return np.stack(await asyncio.gather(*futures)) if futures else np.zeros((0, 0), np.float32)
+
+    def _refuse_if_full(self, n: int) -> None:
+        if self.max_queue is None or self._queue.qsize() + n <= self.max_queue:
+            return
+        self._drop_abandoned()  # images of requests that gave up still sit in the queue: they do not count
+        waiting = self._queue.qsize()
+        if waiting and waiting + n > self.max_queue:
+            raise ApiError(503, "overloaded", f"the service is overloaded ({waiting} images waiting for the model, "
+                           f"limit {self.max_queue}); retry shortly", {"Retry-After": "1"})
+
+    def _drop_abandoned(self) -> None:
+        items = [self._queue.get_nowait() for _ in range(self._queue.qsize())]
+        for item in items:
+            if not item[1].cancelled():
+                self._queue.put_nowait(item)
 
     async def run(self, fn, *args):
         """Run another model call (e.g. Grad-CAM) on the model thread, serialised with the batches."""

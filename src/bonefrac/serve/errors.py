@@ -41,9 +41,11 @@ CODES = {
     415: ["unsupported_media_type"],
     422: ["invalid_request", "unreadable_image", "not_xray", "one_image_only"],  # the last: /v1/explain, 2+ files
     429: ["rate_limited"],
+    # nginx's "client closed request": counted in /metrics, sent to nobody (the client left while waiting)
+    499: ["client_disconnected"],
     500: ["internal"],
     501: ["not_implemented"],
-    503: ["shutting_down", "preprocess_unavailable", "audit_unavailable"],
+    503: ["shutting_down", "preprocess_unavailable", "audit_unavailable", "overloaded"],
 }
 
 
@@ -53,6 +55,10 @@ class BodyTooLarge(Exception):
 
 class ShuttingDown(Exception):
     """Raised by the batcher once it is stopped: the service is going down and takes no more model calls."""
+
+
+class ClientGone(Exception):
+    """The client disconnected while its request waited (routes/predict.py): its work was cancelled."""
 
 
 class ApiError(Exception):
@@ -123,6 +129,11 @@ def install(app: FastAPI, telemetry) -> None:
         telemetry.error("shutting_down")
         return error_response(503, "shutting_down", "the service is shutting down; retry shortly",
                               {"Retry-After": "1", "Connection": "close"})
+
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request: Request, exc: ClientGone):
+        telemetry.error("client_disconnected")
+        return error_response(499, "client_disconnected", "the client disconnected before the answer was ready")
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

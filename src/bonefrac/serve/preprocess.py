@@ -18,6 +18,7 @@ service keeps running.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import multiprocessing as mp
@@ -45,16 +46,47 @@ def read_error(name: str, exc: ImageReadError) -> ApiError:
 
 def prepare(data: bytes, name: str, max_pixels: int, xray_check: bool, size: int | None) -> dict:
     """One decode (with a colour thumbnail), the not-an-X-ray check, the hash, and the resize to the model's
-    input (`size`; None keeps the full image), so the model thread only stacks. Raises ApiError (4xx)."""
+    input (`size`; None keeps the full image), so the model thread only stacks. "gray" is None for an image the
+    check refuses. Raises ApiError (4xx)."""
     try:
         gray, thumb = decode_image_and_colour(data, name, max_pixels)
     except ImageReadError as exc:
         raise read_error(name, exc) from None
+    pixels = gray.size
     colour = colourfulness(thumb) if thumb is not None else 0.0
     check = check_radiograph(gray, colour) if xray_check else None
-    if size and (check is None or check.ok):
+    if check is not None and not check.ok:
+        # No pixels: the not_xray result needs none (explain refuses it), and a full-size array kept here (it skips
+        # the resize) held up to max_pixels of memory per refused upload, pickled back from a worker too.
+        gray = None
+    elif size:
         gray = resize_gray(gray, size)
+    if pixels >= TRIM_PIXELS:  # the decode's intermediates are freed by now
+        release_freed_memory()
     return {"filename": name, "sha256": hashlib.sha256(data).hexdigest(), "gray": gray, "check": check}
+
+
+TRIM_PIXELS = 1 << 22  # images from about 2000 x 2000 up: their decode frees hundreds of MB
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by a large decode back to the operating system (glibc's malloc_trim; nothing elsewhere).
+    glibc keeps what a thread frees in that thread's arena, so each decoding thread held on to its largest decode:
+    16 RGBA 7745 x 7745 uploads, two decoded at a time, peaked at 7.6 GB of resident memory without this, 3.4 GB
+    with it."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    import ctypes
+
+    try:  # the C library this process already runs on; malloc_trim is glibc's own
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except (OSError, TypeError):  # TypeError: Windows has no handle for "this program"
+        return None
 
 
 def _worker_init() -> None:

@@ -10,10 +10,13 @@
 | BONEFRAC_MAX_REQUEST_MB | 64 | finite > 0 | request body cap (an uncompressed DR DICOM is ~30 MB) |
 | BONEFRAC_MAX_FILES | 16 | >= 1 | images per request |
 | BONEFRAC_MAX_PIXELS | 60000000 | >= 1 | per image, checked from the header before decoding |
+| BONEFRAC_MAX_PIXELS_IN_FLIGHT | 2 x MAX_PIXELS | >= MAX_PIXELS | decoded pixels of all uploads at once (budget.py) |
+| BONEFRAC_MAX_QUEUE | 64 x MAX_BATCH | >= 1 | images waiting for the model; beyond it 503 `overloaded` |
+| BONEFRAC_SHUTDOWN_TIMEOUT_S | 30 | >= 1 | on shutdown, seconds requests in progress get before they are cancelled |
 | BONEFRAC_RATE_LIMIT | 600 | >= 0 | requests per minute per client, bursts of max(5, rate/10) (0: off) |
-| BONEFRAC_API_KEY | unset | non-empty | when set, /v1/* needs header `X-API-Key` (or `Authorization: Bearer`) |
+| BONEFRAC_API_KEY | unset | printable ASCII | when set, /v1/* needs header `X-API-Key` (or `Authorization: Bearer`) |
 | BONEFRAC_CORS_ORIGINS | unset (CORS off) | | comma-separated allowed origins |
-| BONEFRAC_TRUSTED_PROXIES | 127.0.0.1 | IPs, networks or * | comma-separated proxies whose X-Forwarded-For names the client |
+| BONEFRAC_TRUSTED_PROXIES | 127.0.0.1 | IPs, networks or * alone | proxies whose X-Forwarded-For names the client |
 | BONEFRAC_AUDIT_DB | unset (off) | | SQLite file for the audit log |
 | BONEFRAC_REFER_MARGIN | 0.15 | 0 <= m < 0.5 | refer when p (rescaled: threshold -> 0.5) is this close to 0.5 |
 | BONEFRAC_XRAY_CHECK | 1 | boolean | 0 disables the "not an X-ray" refusal |
@@ -26,7 +29,10 @@ BONEFRAC_MODEL (predict.default_model_path) but need a checkpoint or ensemble di
 slower there.
 
 Booleans take 1/0, true/false, yes/no, on/off (any case). An empty variable counts as unset, except
-BONEFRAC_API_KEY, where an empty value is an error (it would silently turn authentication off). Every value is
+BONEFRAC_API_KEY, where an empty value is an error (it would silently turn authentication off), as is a key with
+characters outside printable ASCII or with spaces at either end (no client could send it as it is). A network in
+BONEFRAC_TRUSTED_PROXIES must have no host bits set (10.0.0.0/8, not 10.0.0.1/8), and * stands alone: uvicorn
+silently ignores such entries. Every value is
 checked here, before any model is loaded; a bad one raises ConfigError naming the variable (and the
 `bonefrac serve` flag, where there is one) and the allowed values. Whether the model saved the point that
 BONEFRAC_OPERATING_POINT names is checked as the service loads it: if not, it does not start. Unknown BONEFRAC_*
@@ -74,6 +80,8 @@ _RANGES = {
     "max_request_mb": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
     "max_files": (lambda v: v >= 1, "an integer >= 1"),
     "max_pixels": (lambda v: v >= 1, "an integer >= 1"),
+    "max_queue": (lambda v: v >= 1, "an integer >= 1 (unset: 64 x BONEFRAC_MAX_BATCH)"),
+    "shutdown_timeout_s": (lambda v: v >= 1, "an integer >= 1 (seconds)"),
     "rate_limit": (lambda v: v >= 0, "an integer >= 0 (0 turns rate limiting off)"),
     "refer_margin": (lambda v: _finite(v) and 0 <= v < 0.5, "a number from 0 up to (not including) 0.5"),
     "preprocess_workers": (lambda v: v >= 0, "an integer >= 0 (0: threads)"),
@@ -81,16 +89,30 @@ _RANGES = {
     # Only the form here: whether the model has the point is known once it loads (create_app checks it then).
     "operating_point": (lambda v: v is None or bool(_POINT_NAME.fullmatch(v)),
                         "the name of an operating point saved with the model, e.g. screening or high_sensitivity"),
-    "trusted_proxies": (lambda v: all(_is_network(p) for p in v), "comma-separated IP addresses, networks or *"),
-    "api_key": (lambda v: v is None or v.strip() != "", "a non-empty key (or leave the variable unset)"),
+    "api_key": (lambda v: v is None or _key_ok(v), "a non-empty key of printable ASCII characters (letters, digits, "
+                "punctuation) without spaces at either end, or leave the variable unset"),
 }
 
 
-def _is_network(text: str) -> bool:
-    try:
-        return text == "*" or bool(ipaddress.ip_network(text, strict=False))
-    except ValueError:
-        return False
+def _key_ok(key: str) -> bool:
+    # The header arrives as latin-1 text and is compared as UTF-8 bytes, so any other character never matches;
+    # HTTP strips spaces around header values, so a key with them never matches either.
+    return key.strip() == key != "" and all(" " <= c <= "~" for c in key)
+
+
+def _proxies_problem(entries) -> str | None:
+    """Why uvicorn would not honour these entries (it ignores them without a word), or None."""
+    if "*" in entries and len(entries) > 1:
+        return "* (every address) must stand alone; remove it or the other entries"
+    for entry in (e for e in entries if e != "*"):
+        try:
+            ipaddress.ip_network(entry, strict=True)
+        except ValueError:
+            try:  # host bits set, e.g. 10.0.0.1/8: uvicorn would match no address against it
+                return f"{entry!r} has host bits set; did you mean {ipaddress.ip_network(entry, strict=False)}?"
+            except ValueError:
+                return f"{entry!r} is not an IP address or network"
+    return None
 
 
 def _problem(field_name: str, shown: str, allowed: str) -> str:
@@ -112,6 +134,10 @@ class Settings:
     max_request_mb: float = 64.0
     max_files: int = 16
     max_pixels: int = 60_000_000
+    # Unset (None): twice max_pixels. Decoded pixels of all uploads at once (budget.py): a few small compressed
+    # uploads can decode to gigabytes.
+    max_pixels_in_flight: int | None = field(default=None, metadata={"like": 0})
+    max_queue: int | None = field(default=None, metadata={"like": 0})  # unset: 64 x max_batch
     rate_limit: int = 600
     api_key: str | None = field(default=None, repr=False)  # never printed
     cors_origins: tuple[str, ...] = ()
@@ -123,13 +149,28 @@ class Settings:
     xray_check: bool = True
     preprocess_workers: int = _default_workers(os.cpu_count() or 1)
     warmup: bool = True
+    shutdown_timeout_s: int = 30  # uvicorn cancels what is still running after this (a stalled upload, say)
 
     def __post_init__(self):
+        if self.max_pixels_in_flight is None:
+            object.__setattr__(self, "max_pixels_in_flight", 2 * self.max_pixels)
+        if self.max_queue is None:
+            object.__setattr__(self, "max_queue", 64 * self.max_batch)
         for name, (ok, allowed) in _RANGES.items():
             value = getattr(self, name)
             if not ok(value):
-                shown = "''" if name == "api_key" else repr(value)  # only a blank key fails: never echo one
+                shown = ("''" if value == "" else "(not shown)") if name == "api_key" else repr(value)  # never echoed
                 raise ConfigError(_problem(name, shown, allowed))
+        self._check_combined()
+
+    def _check_combined(self) -> None:
+        problem = _proxies_problem(self.trusted_proxies)
+        if problem:
+            raise ConfigError(_problem("trusted_proxies", ",".join(self.trusted_proxies),
+                                       f"comma-separated IP addresses or networks, or * alone ({problem})"))
+        if self.max_pixels_in_flight < self.max_pixels:  # the largest allowed image must fit on its own
+            raise ConfigError(_problem("max_pixels_in_flight", repr(self.max_pixels_in_flight),
+                                       f"an integer >= BONEFRAC_MAX_PIXELS ({self.max_pixels})"))
 
     @property
     def max_request_bytes(self) -> int:
@@ -144,7 +185,7 @@ class Settings:
         for f in fields(cls):
             raw = env.get(f"BONEFRAC_{f.name.upper()}")
             if raw is not None and (raw != "" or f.name == "api_key"):
-                values[f.name] = _parse(f.name, raw, f.default)
+                values[f.name] = _parse(f.name, raw, f.metadata.get("like", f.default))
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 

@@ -1,6 +1,12 @@
 """POST /v1/predict (one or many images -> probabilities, refer flag), POST /v1/explain (one image -> Grad-CAM PNG
 and headers naming the class it explains),
-GET /v1/audit (recent audit rows, when the audit log is on)."""
+GET /v1/audit (recent audit rows, when the audit log is on).
+
+Each upload waits for room in the server's budget of decoded pixels (budget.py) before it is decoded; explain keeps
+its share until its overlay is drawn. A client that disconnects while its request waits for decoding or the model
+has that work cancelled (its images never reach the model). Both routes audit what they answer, and withhold the
+answer (503) when it cannot be recorded.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ import asyncio
 import hashlib
 import io
 import logging
+from contextlib import AsyncExitStack
 from functools import partial
 
 import numpy as np
@@ -18,7 +25,8 @@ from pydantic import BaseModel
 
 from ...backends import DEFAULT_POINT, prediction_rows
 from ..audit import AuditUnavailable
-from ..errors import ApiError, documented
+from ..budget import upload_pixels
+from ..errors import ApiError, ClientGone, documented
 
 log = logging.getLogger(__name__)
 # The rate limit and API key are checked by guards.GuardMiddleware before the body is read (401 / 429 below).
@@ -26,6 +34,7 @@ router = APIRouter(prefix="/v1", responses=documented(401, 429, 500))
 UPLOAD_ERRORS = documented(400, 413, 415, 422, 503)
 EXPLAIN_MAX_SIDE = 2048  # pixels: longer side of the Grad-CAM overlay /v1/explain returns
 PER_IMAGE_ERRORS = (413, 415, 422)  # statuses of ApiErrors about one file's content (preprocess.py)
+DISCONNECT_POLL_S = 0.25  # how often a waiting request checks that its client is still there
 FILES = File(..., description="image files (PNG, JPEG, WebP, BMP, TIFF or DICOM); the type is sniffed from content")
 
 
@@ -58,16 +67,18 @@ def model_size(predictor) -> int | None:
     return sizes.pop() if len(sizes) == 1 else None
 
 
-async def _decode_uploads(files: list[UploadFile], state, size: int | None, partial: bool = False) -> list[dict]:
+async def _decode_uploads(files: list[UploadFile], state, size: int | None, partial: bool = False,
+                          held: AsyncExitStack | None = None) -> list[dict]:
     """The request's images decoded and checked, in order. With `partial`, a file that alone is bad (unreadable,
-    unsupported, too large) comes back as {"filename", "sha256", "error": ApiError} while others are usable."""
-    settings, preprocessor = state.settings, state.preprocessor
+    unsupported, too large) comes back as {"filename", "sha256", "error": ApiError} while others are usable.
+    With `held`, the images' pixels stay counted in the budget until that stack closes."""
+    settings = state.settings
     if len(files) > settings.max_files:
         raise ApiError(413, "too_many_files", f"{len(files)} images in one request; the limit is {settings.max_files}")
     uploads = [(upload.filename or f"file {i + 1}", await upload.read()) for i, upload in enumerate(files)]
-    # All images of a request at once (in a pool they run in parallel).
-    items = await asyncio.gather(*[preprocessor.prepare(data, name, settings.max_pixels, settings.xray_check, size)
-                                   for name, data in uploads], return_exceptions=True)
+    # All images of a request at once (in a pool they run in parallel, as far as the pixel budget lets them).
+    items = await asyncio.gather(*[_prepare(state, data, name, size, held) for name, data in uploads],
+                                 return_exceptions=True)
     failed = [it for it in items if isinstance(it, BaseException)]
     if not failed:
         return items
@@ -81,12 +92,57 @@ async def _decode_uploads(files: list[UploadFile], state, size: int | None, part
             if isinstance(it, BaseException) else it for (name, data), it in zip(uploads, items)]
 
 
+async def _prepare(state, data: bytes, name: str, size: int | None, held: AsyncExitStack | None) -> dict:
+    """One upload, decoded once its pixels (read from its header, off the event loop) fit in the budget. They
+    are given back when the decode ends, even if this request stopped waiting for it (the thread or worker goes
+    on), or with `held` when that stack closes as well."""
+    settings, budget = state.settings, state.pixels
+    weight = await asyncio.to_thread(upload_pixels, data, name, settings.max_pixels)
+    lease = await budget.acquire(weight)
+    task = asyncio.ensure_future(state.preprocessor.prepare(data, name, settings.max_pixels, settings.xray_check,
+                                                            size))
+    if held is None:
+        _release_when_done(task, budget, lease)
+    else:
+        held.callback(_release_when_done, task, budget, lease)
+    return await asyncio.shield(task)
+
+
+def _release_when_done(task: asyncio.Future, budget, lease: int) -> None:
+    def release(done: asyncio.Future) -> None:
+        budget.release(lease)
+        if not done.cancelled():
+            done.exception()  # seen here: a request that gave up never reads it
+
+    if task.done():
+        release(task)
+    else:
+        task.add_done_callback(release)
+
+
+async def _while_connected(request: Request, work):
+    """`work` (a coroutine) awaited, unless the client disconnects first: then the work is cancelled (a batcher
+    submit drops its images unprocessed) and ClientGone raised. Polled, every DISCONNECT_POLL_S."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                log.info("client disconnected while its request waited; its work is cancelled")
+                raise ClientGone()
+    finally:
+        task.cancel()  # nothing when done; else (client gone, or this handler cancelled) the work stops too
+
+
 async def _analyse(request: Request, files: list[UploadFile]) -> PredictResponse:
     state = request.app.state
     settings, predictor = state.settings, state.predictor
-    items = await _decode_uploads(files, state, model_size(predictor), partial=True)
+    items = await _while_connected(request, _decode_uploads(files, state, model_size(predictor), partial=True))
     xrays = [it for it in items if "error" not in it and (it["check"] is None or it["check"].ok)]
-    probs = await state.batcher.submit([it["gray"] for it in xrays]) if xrays else np.zeros((0, 0))
+    probs = (await _while_connected(request, state.batcher.submit([it["gray"] for it in xrays])) if xrays
+             else np.zeros((0, 0)))
     for item, row in zip(xrays, probs):
         item["probs"] = row
     results = [_result(it, predictor, settings.refer_margin) for it in items]
@@ -105,7 +161,7 @@ async def _analyse(request: Request, files: list[UploadFile]) -> PredictResponse
 async def _record(audit, version: str, results: list[ImageResult], threshold: float | None) -> None:
     """Audit before answering: a prediction that could not be recorded is not handed out (503, retry)."""
     try:
-        await asyncio.to_thread(audit.record, version, [r.model_dump() for r in results], threshold)
+        await audit.write(version, [r.model_dump() for r in results], threshold)
     except AuditUnavailable as exc:
         log.warning("audit write failed, prediction withheld: %s", exc)
         raise ApiError(503, "audit_unavailable", "the audit log could not be written; the prediction "
@@ -120,6 +176,8 @@ def _result(item: dict, predictor, margin: float) -> ImageResult:
     if "probs" not in item:
         return ImageResult(**base, status="not_xray", refer=True, message=item["check"].reason)
     (fields,) = prediction_rows(item["probs"][None, :], predictor, margin)
+    if fields["status"] != "ok":  # non-finite model output: the row says why (it has no prediction)
+        return ImageResult(**base, **fields, error_code="internal")
     return ImageResult(**base, **fields,
                        message="low confidence: refer for expert review" if fields["refer"] else None)
 
@@ -163,31 +221,42 @@ async def explain(request: Request, files: list[UploadFile] = FILES) -> Response
         raise ApiError(422, "one_image_only", f"/v1/explain takes one image per request, got {len(files)}; "
                        "send them one at a time")
     state = request.app.state
-    predictor = state.predictor
-    items = await _decode_uploads(files, state, None)  # full size: the overlay is drawn on it
-    check = items[0]["check"]
-    if check is not None and not check.ok:
-        raise ApiError(422, "not_xray", f"{items[0]['filename']}: {check.reason}")
+    # The full-size image stays counted in the pixel budget until its overlay is drawn.
+    async with AsyncExitStack() as held:
+        items = await _while_connected(request, _decode_uploads(files, state, None, held=held))  # full size
+        check = items[0]["check"]
+        if check is not None and not check.ok:
+            raise ApiError(422, "not_xray", f"{items[0]['filename']}: {check.reason}")
+        png, headers = await _explain_one(state, items[0])
+    return Response(png, media_type="image/png", headers={k: header_text(v) for k, v in headers.items()})
+
+
+async def _explain_one(state, item: dict) -> tuple[bytes, dict]:
+    """(the overlay PNG, the headers saying what it shows) for one decoded full-size X-ray; audited first."""
+    predictor, settings = state.predictor, state.settings
     explain_arrays, overlay = _explainer(predictor)
     # Maps at the model's resolution: overlay stretches them to the display-size image (a full-size float map of
     # a large radiograph would cost hundreds of MB per request).
     maps, classes, probs = await state.batcher.run(partial(explain_arrays, at_image_size=False), predictor,
-                                                   [items[0]["gray"]])
-    (row,) = prediction_rows(probs[:1], predictor, state.settings.refer_margin)
+                                                   [item["gray"]])
+    (row,) = prediction_rows(probs[:1], predictor, settings.refer_margin)
     if row["status"] != "ok":  # non-finite model output: the model's fault, not the upload's; no class to explain
-        raise ApiError(500, "internal", f"{items[0]['filename']}: {row['message']}")
+        raise ApiError(500, "internal", f"{item['filename']}: {row['message']}")
+    if state.audit is not None:  # a prediction like /v1/predict's: recorded, or not handed out
+        await _record(state.audit, predictor.version, [_result({**item, "probs": probs[0]}, predictor,
+                                                               settings.refer_margin)], predictor.threshold)
     names, explained = predictor.class_names, int(classes[0])
     headers = {"X-Explained-Class": names[explained], "X-Explained-Probability": f"{float(probs[0, explained]):.6f}",
                "X-Prediction": row["prediction"], "X-Model-Version": predictor.version,
-               "X-Operating-Point": state.settings.operating_point or DEFAULT_POINT}
+               "X-Operating-Point": settings.operating_point or DEFAULT_POINT}
     positive = positive_class(predictor)
     if positive is not None:
         headers["X-Positive-Class"] = positive
     if predictor.threshold is not None:
         headers["X-Threshold"] = f"{float(predictor.threshold):g}"
     # Drawing and PNG-encoding a full-size X-ray takes seconds: off the event loop, so other requests go on.
-    png = await asyncio.to_thread(lambda: _png(overlay(display_size(items[0]["gray"]), maps[0])))
-    return Response(png, media_type="image/png", headers={k: header_text(v) for k, v in headers.items()})
+    png = await asyncio.to_thread(lambda: _png(overlay(display_size(item["gray"]), maps[0])))
+    return png, headers
 
 
 def positive_class(predictor) -> str | None:
@@ -251,7 +320,7 @@ async def audit(request: Request, limit: int = Query(100, ge=1, le=1000), refer_
         raise ApiError(403, "audit_needs_key", "reading the audit log over HTTP needs BONEFRAC_API_KEY set on the "
                        "server (and the key in X-API-Key); the log itself is the SQLite file BONEFRAC_AUDIT_DB")
     try:
-        rows = await asyncio.to_thread(request.app.state.audit.recent, limit, refer_only)
+        rows = await request.app.state.audit.read(limit, refer_only)
     except AuditUnavailable as exc:
         log.warning("audit read failed: %s", exc)
         raise ApiError(503, "audit_unavailable", "the audit log could not be read; retry shortly",
