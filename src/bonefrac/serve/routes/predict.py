@@ -216,7 +216,8 @@ async def explain(request: Request, files: list[UploadFile] = FILES) -> Response
     (the predicted class), whose calibrated probability is `X-Explained-Probability`. The map is scaled within
     the image (its hottest region is always saturated): it shows where, not how sure, and the map of a negative
     call is not a fracture locator. PyTorch checkpoints and ensemble directories only (an ensemble's map is its
-    first member's, for the class the ensemble predicts). Several files are refused (422 `one_image_only`)."""
+    members' maps averaged, for the class the ensemble predicts). Several files are refused (422
+    `one_image_only`)."""
     if len(files) > 1:  # the map, class and probability describe one image: never silently drop the others
         raise ApiError(422, "one_image_only", f"/v1/explain takes one image per request, got {len(files)}; "
                        "send them one at a time")
@@ -290,9 +291,9 @@ def display_size(gray: np.ndarray, max_side: int = EXPLAIN_MAX_SIDE) -> np.ndarr
 
 
 def _explainer(predictor):
-    # An ensemble is explained as `bonefrac explain` does it: its first member's map, for its own class.
-    first = (getattr(predictor, "members", None) or [predictor])[0]
-    if getattr(first, "model", None) is None:
+    # An ensemble is explained as `bonefrac explain` does it: its members' maps, for its own class.
+    members = getattr(predictor, "members", None) or [predictor]
+    if any(getattr(m, "model", None) is None for m in members):
         backend = getattr(predictor, "backend", None)
         runs = f"an exported {backend} model" if backend else "a model without PyTorch weights"
         raise ApiError(501, "not_implemented", f"explanations need a PyTorch checkpoint or ensemble directory; this "
