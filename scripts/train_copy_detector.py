@@ -280,6 +280,7 @@ def measure(emb_d: np.ndarray, emb_c: np.ndarray, ev: dict, threshold: float | N
     if threshold is None:  # strictly above the worst false cosine, even with --margin 0 (pairs at it count)
         worst = float(false[ranked[args.allowed_false]]) if len(false) > args.allowed_false else -1.0
         threshold = min(1.0, max(worst + args.margin, float(np.nextafter(worst, 2.0))))
+        threshold = math.ceil(threshold * 1e4) / 1e4  # stored with 4 decimals: rounding down could let `worst` in
     rank1 = float(np.mean(own[np.arange(len(src)), cd.argmax(axis=1)])) if len(src) else float("nan")
 
     def at(t):

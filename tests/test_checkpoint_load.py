@@ -135,3 +135,15 @@ def test_ship_model_keeps_the_model_card_and_the_other_files(tmp_path):
                               str(tmp_path / "out")], capture_output=True, text=True,
                              env={**os.environ, "PYTHONPATH": str(root / "src")})
     assert missing.returncode == 2 and "Traceback" not in missing.stderr and "nothing" in missing.stderr
+
+
+def test_a_save_killed_between_renames_is_recovered_through_a_symbolic_link(tmp_path):
+    import torch
+
+    model = torch.nn.Linear(2, 2)
+    meta = {"arch": "x", "class_names": ["a", "b"]}
+    checkpoint.save(tmp_path / "v1", model, meta)
+    os.symlink(tmp_path / "v1", tmp_path / "current")
+    os.replace(tmp_path / "v1", tmp_path / "v1.tmp")  # as a kill between save's two renames leaves it
+    assert checkpoint.read_meta(tmp_path / "current")["arch"] == "x"
+    assert (tmp_path / "v1" / checkpoint.META_FILE).is_file()

@@ -221,3 +221,22 @@ def test_capped_links_merge_strongest_first_and_never_past_the_cap():
     kept = capped_links(list("aabcd"), hashed, np.array([[1, 2], [0, 3], [3, 4]]), 4)
     assert kept.tolist() == [[1, 2], [0, 3]]  # {0,1} + {2,3} = 4 images; adding 4 would make 5
     assert capped_links(list("ab"), np.zeros((0, 2), int), np.zeros((0, 2), int), 2).shape == (0, 2)
+
+
+def test_the_chosen_threshold_as_stored_keeps_every_false_pair_below_it():
+    """With --margin 0 the threshold sat just above the worst false cosine, then was stored rounded to 4 decimals,
+    which could put that pair back above it: the val report said 0 false pairs, the stored detector had 1."""
+    from types import SimpleNamespace
+
+    script = _script()
+    rng = np.random.default_rng(3)
+    emb_d = rng.normal(size=(30, 8))
+    emb_d /= np.linalg.norm(emb_d, axis=1, keepdims=True)
+    emb_c = emb_d[:5] + 0.05 * rng.normal(size=(5, 8))
+    emb_c /= np.linalg.norm(emb_c, axis=1, keepdims=True)
+    ev = {"groups": np.array([str(i) for i in range(30)]), "copy_source": np.arange(5),
+          "paths": [f"/x/{i}.png" for i in range(30)]}
+    args = SimpleNamespace(allowed_false=0, margin=0.0)
+    chosen = script.measure(emb_d, emb_c, ev, None, args)["chosen"]
+    again = script.measure(emb_d, emb_c, ev, chosen["threshold"], args)["chosen"]  # at the stored value
+    assert again["distinct_false_pairs"] == 0 and again["copy_foreign_false_pairs"] == 0

@@ -606,3 +606,11 @@ def test_members_with_other_class_orders_are_named_in_the_error(ckpt, tmp_path):
     (other / checkpoint.META_FILE).write_text(json.dumps({**meta, "class_names": meta["class_names"][::-1]}))
     with pytest.raises(BonefracError, match=rf"{other}: \['fracture', 'no_fracture'\]"):
         load_predictor([str(ckpt), str(other)], "cpu")
+
+
+def test_fitted_weights_are_kept_bit_for_bit_so_an_ensembles_version_stays(ckpt, second):
+    members = load_predictor([str(ckpt)], "cpu"), load_predictor([str(second)], "cpu")
+    fitted = [0.39546198954297845, 0.5930180594914135, 0.011519950965607977]  # drawn as fitted weights are
+    assert np.sum(fitted) != 1.0  # 1 only up to rounding: dividing by the sum would change their last bits
+    ens = Ensemble([*members, members[0]], weights=fitted)
+    assert ens.weights.tolist() == fitted

@@ -296,3 +296,24 @@ def test_an_ensemble_of_members_at_other_input_sizes_mixes_their_maps_at_the_lar
     assert all(m.shape == (64, 64) and m.min() >= 0 and m.max() == pytest.approx(1.0) for m in maps)
     full = gradcam(Ensemble(members), _images(2), target_class=1)
     assert [m.shape for m in full] == [img.shape for img in _images(2)]
+
+
+def test_an_ensemble_with_a_token_model_member_is_explained_by_the_others(caplog):
+    """A ViT member (no spatial map) made the whole ensemble unexplainable; its probabilities still count."""
+    import timm
+
+    from bonefrac.explain import explain_arrays
+
+    torch.manual_seed(0)
+    cnn = _predictor(create("resnet18", 2, 3), size=32)
+    vit = _predictor(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=2, img_size=32,
+                                       depth=1), size=32)
+    ensemble = Ensemble([cnn, vit], weights=[0.5, 0.5])
+    maps, _, probs = explain_arrays(ensemble, _images(), target_class=1, at_image_size=False)
+    alone, _, _ = explain_arrays(cnn, _images(), target_class=1, at_image_size=False)
+    for a, b in zip(maps, alone):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    np.testing.assert_allclose(probs, ensemble.predict_arrays(_images()), atol=1e-6)
+    assert "has no map to explain" in caplog.text
+    with pytest.raises(BonefracError, match="no member of this ensemble has a spatial feature map"):
+        explain_arrays(Ensemble([vit, vit]), _images())

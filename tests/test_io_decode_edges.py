@@ -166,3 +166,21 @@ def test_a_deflated_dicom_that_inflates_far_past_the_pixel_limit_is_refused_befo
         decode_image(bomb, "bomb.dcm", max_pixels=20_000)
     fine = _deflated_dicom(100, 100, 100 * 100)
     assert decode_image(fine, "fine.dcm", max_pixels=20_000).shape == (100, 100)
+
+
+@pytest.mark.parametrize("variant", ["no group length", "no preamble", "wrong group length"])
+def test_the_deflate_check_finds_the_stream_as_pydicom_does(variant):
+    """The check trusted the group length at a fixed offset after DICM: without it, without a preamble, or with a
+    wrong one, it was skipped and pydicom inflated the whole file."""
+    from bonefrac.io import decode_image
+
+    bomb = _deflated_dicom(100, 100, 8 << 20)
+    assert bomb[132:136] == b"\x02\x00\x00\x00"  # (0002,0000) group length, right after DICM
+    if variant == "no group length":
+        bomb = bomb[:132] + bomb[144:]
+    elif variant == "no preamble":
+        bomb = bomb[132:]
+    else:
+        bomb = bomb[:140] + (int.from_bytes(bomb[140:144], "little") + 7).to_bytes(4, "little") + bomb[144:]
+    with pytest.raises(ImageReadError, match="too large: deflated DICOM inflates to more than"):
+        decode_image(bomb, "bomb.dcm", max_pixels=20_000)

@@ -236,3 +236,23 @@ def test_a_grey_checkpoint_fine_tunes_a_colour_model_with_the_same_activations(t
     x = torch.rand(2, 1, 64, 64)
     with torch.no_grad():
         assert torch.allclose(colour.eval()(x.expand(-1, 3, -1, -1)), grey(x), atol=1e-5)
+
+
+def test_models_with_several_heads_and_files_with_an_ema_copy_still_load(tmp_path, caplog):
+    """Two regressions of the stricter weights-file check: a distilled model names its heads as a tuple (the check
+    crashed with TypeError), and a flat file holding an `ema.*` copy beside the weights was refused."""
+    from safetensors.torch import save_file
+
+    from bonefrac.models import create
+
+    torch.manual_seed(0)
+    distilled = create("deit_tiny_distilled_patch16_224", 5).state_dict()
+    save_file(distilled, str(tmp_path / "deit.safetensors"))
+    model = build_model(ModelConfig(arch="deit_tiny_distilled_patch16_224",
+                                    pretrained=str(tmp_path / "deit.safetensors")), 2)[0]
+    assert torch.equal(model.state_dict()["blocks.0.attn.qkv.weight"], distilled["blocks.0.attn.qkv.weight"])
+    lite = create("tf_efficientnet_lite0", 2).state_dict()
+    save_file({**lite, **{f"ema.{k}": v.clone() for k, v in lite.items()}}, str(tmp_path / "ema.safetensors"))
+    model = build_model(ModelConfig(arch="tf_efficientnet_lite0", pretrained=str(tmp_path / "ema.safetensors")), 2)[0]
+    assert torch.equal(model.state_dict()["conv_stem.weight"], lite["conv_stem.weight"])
+    assert "under names this model has no module for (e.g. ema." in caplog.text

@@ -122,7 +122,11 @@ def test_upload_pixels_come_from_headers_without_decoding(monkeypatch):
         raise AssertionError("the whole dataset was inflated to read its header")
 
     monkeypatch.setattr(pydicom.filereader.zlib, "decompress", no_full_inflation)
-    assert upload_pixels(deflated, "scan", 10_000) == 800_000
+    assert upload_pixels(deflated, "scan", 1_000_000) == 800_000
+    # Refused from the header by the decoder, so holding no budget (a 454-byte upload weighed as the whole budget
+    # made every upload behind it wait): a frame over the limit, or more pixel data than may be inflated.
+    assert upload_pixels(dicom(48, 64), "scan", 3_000) == 0
+    assert upload_pixels(deflated, "scan", 10_000) == 0
 
 
 def test_decoded_pixels_in_flight_never_exceed_the_budget(monkeypatch):
@@ -171,6 +175,25 @@ def test_explain_keeps_its_full_size_image_in_the_budget_until_drawn(monkeypatch
         resp = c.post("/v1/explain", files=[("files", ("a.png", png(300, 200)))])
     assert resp.status_code == 200, resp.text
     assert seen == [60_000, 60_000] and app.state.pixels.in_use == 0
+
+
+def test_full_size_images_waiting_for_a_mixed_size_ensemble_stay_in_the_budget():
+    """Members of other input sizes get the full image, which then waits in the batcher's queue: its pixels were
+    given back after decoding, so the budget no longer bounded what the queue held."""
+    class Mixed(SyntheticPredictor):
+        def __init__(self):
+            super().__init__(0, 0, 32)
+            self.members = [SyntheticPredictor(0, 0, 32), SyntheticPredictor(0, 0, 48)]
+
+        def predict_arrays(self, images):
+            seen.append((app.state.pixels.in_use, [img.shape for img in images]))
+            return super().predict_arrays(images)
+
+    seen = []
+    app = make_app(predictor=Mixed())
+    with TestClient(app) as c:
+        assert c.post("/v1/predict", files=[("files", ("a.png", png(300, 200)))]).status_code == 200
+    assert seen == [(60_000, [(300, 200)])] and app.state.pixels.in_use == 0
 
 
 # --- 5. a bounded queue; clients that leave take their images with them --------------------------------------

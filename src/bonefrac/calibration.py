@@ -1,6 +1,6 @@
 """Probabilities that mean what they say: temperature scaling fitted on validation, the numbers that judge it
 (reliability curve, expected calibration error, Brier score, log loss), and `calibration_meta`, what training and
-`evaluate --recalibrate` save in a checkpoint (temperature, decision threshold, operating points).
+`bonefrac calibrate` save in a checkpoint (temperature, decision threshold, operating points).
 Pure functions on numpy arrays, with metrics.py's conventions."""
 
 from __future__ import annotations

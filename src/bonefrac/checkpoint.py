@@ -114,6 +114,8 @@ def recover(path: str | Path) -> Path:
     path = Path(path)
     if path.exists():
         return path
+    if path.is_symlink():  # `save` swapped the link's target: its siblings lie beside the target
+        path = Path(os.path.realpath(path))
     tmp, old = (path.with_name(path.name + s) for s in SIBLINGS)
     source = tmp if _complete(tmp) else old if (old / META_FILE).is_file() else None
     if source is None:
@@ -290,7 +292,8 @@ def _check_fields(meta: dict, meta_file: Path) -> None:
         value = meta.get(field)
         if value is not None and not ok(value, len(meta["class_names"])):
             raise BonefracError(f"{meta_file}: '{field}' must be {expected}, got {value!r}; the JSON was edited or "
-                                "damaged (`bonefrac calibrate` refits temperature and thresholds)")
+                                "damaged: restore it (a `bonefrac calibrate` keeps the earlier one as "
+                                "bonefrac.json.bak) or correct the field by hand")
 
 
 def _first_mismatch(expected: dict, state: dict) -> str | None:

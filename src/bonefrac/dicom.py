@@ -62,32 +62,46 @@ def decode_dicom(data: bytes, name: str, max_pixels: int) -> np.ndarray:
         return _to_gray(_first_frame(ds, rows * cols, name, max_pixels), ds)
 
 
-def meta_end(data: bytes) -> int | None:
-    """Where a Part 10 file's meta group ends (after its group length element), or None without one."""
-    if data[128:132] != b"DICM" or data[132:138] != b"\x02\x00\x00\x00UL":
+def deflated_start(data: bytes) -> int | None:
+    """Where the zlib stream of a deflated DICOM starts, found as pydicom finds it (preamble optional, the file
+    meta group read element by element, its group length not trusted); None when the file is not deflated."""
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    fp = _stdio.BytesIO(data)
+    try:
+        read_preamble(fp, True)
+        meta = _read_file_meta_info(fp)
+        syntax = str(meta.get("TransferSyntaxUID", "")).strip("\0 ")  # values are converted when read
+    except Exception:  # pydicom's reading of the same bytes fails too, before inflating anything
         return None
-    return 144 + int.from_bytes(data[140:144], "little")
+    return fp.tell() if syntax.encode() == DEFLATED else None
+
+
+def inflate_limit(max_pixels: int) -> int:
+    """Bytes a deflated DICOM may inflate to: pydicom holds the whole inflated dataset (every frame) in memory."""
+    return max_pixels * _INFLATED_PER_PIXEL + _INFLATED_HEADERS
 
 
 def _refuse_deflate_bomb(data: bytes, name: str, max_pixels: int) -> None:
-    """ImageReadError when a deflated file inflates past what `max_pixels` pixels can need: a zlib stream of zeros
-    shrinks ~1000:1, so a 60 MB upload could inflate to 60 GB. Counted by inflating in bounded steps (the output
-    is dropped), so memory stays small whatever the file holds."""
-    end = meta_end(data)
-    if end is None or DEFLATED not in data[:end]:
+    """ImageReadError when a deflated file inflates past `inflate_limit`: a zlib stream of zeros shrinks ~1000:1,
+    so a 60 MB upload could inflate to 60 GB. Counted by inflating in bounded steps (the output is dropped), so
+    memory stays small whatever the file holds."""
+    start = deflated_start(data)
+    if start is None:
         return
-    limit, total, step = max_pixels * _INFLATED_PER_PIXEL + _INFLATED_HEADERS, 0, 1 << 24
+    limit, total, step = inflate_limit(max_pixels), 0, 1 << 24
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    for start in range(end, len(data), step):
-        pending = data[start:start + step]
+    for offset in range(start, len(data), step):
+        pending = data[offset:offset + step]
         while pending and not inflater.eof:
             try:
                 total += len(inflater.decompress(pending, step))
-            except zlib.error:
-                return  # not a valid stream: pydicom says so, naming the file
+            except zlib.error as exc:
+                raise ImageReadError(name, f"corrupt deflated DICOM ({exc})") from None
             if total > limit:
-                raise ImageReadError(name, f"image too large: deflated DICOM inflates to more than {limit:,} bytes, "
-                                           f"more than {max_pixels:,} pixels can need")
+                raise ImageReadError(name, f"image too large: deflated DICOM inflates to more than {limit:,} bytes "
+                                           f"(the whole file, every frame, is inflated in memory; limit: "
+                                           f"{_INFLATED_PER_PIXEL} bytes per allowed pixel)")
             pending = inflater.unconsumed_tail
 
 

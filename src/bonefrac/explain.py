@@ -63,18 +63,33 @@ def explain_arrays(predictor, images: list[np.ndarray], target_class=None, batch
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
         # Each member's Grad-CAM forward also gives its share of the prediction: one forward per member and batch.
-        forwards = [_forward(m, resize_batch(chunk, m.size)) for m in members]
+        forwards = [_forward_or_probs(m, chunk, len(members) > 1) for m in members]
         chunk_probs = predictor.combine([f[2] for f in forwards]) if len(members) > 1 else forwards[0][2]
         target = (decide(chunk_probs, predictor.positive_index, predictor.threshold) if targets is None
                   else targets[start:start + batch_size])
-        maps = [_member_maps(m, f, target) for m, f in zip(members, forwards)]
-        unit = maps[0] if len(members) == 1 else _weighted_maps(maps, predictor.weights)
+        mapped = [(m, f, w) for m, f, w in zip(members, forwards, getattr(predictor, "weights", [1.0]))
+                  if f[0] is not None]
+        maps = [_member_maps(m, f, target) for m, f, _ in mapped]
+        unit = maps[0] if len(maps) == 1 else _weighted_maps(maps, [w for _, _, w in mapped])
         heatmaps += [_to_image_size(u, img.shape) for u, img in zip(unit, chunk)] if at_image_size else list(unit)
         classes.append(np.asarray(target))
         probs.append(chunk_probs)
     if not images:
         return [], np.zeros(0, int), np.zeros((0, n_classes))
     return heatmaps, np.concatenate(classes), np.concatenate(probs)
+
+
+def _forward_or_probs(member, chunk: list[np.ndarray], in_ensemble: bool):
+    """`_forward` of the member on `chunk`; in an ensemble, a member without a spatial feature map (a ViT, say)
+    gives only its probabilities, (None, None, probs, None), and the others draw the map (an error if none can)."""
+    try:
+        return _forward(member, resize_batch(chunk, member.size))
+    except BonefracError as exc:
+        if not in_ensemble:
+            raise
+        log.warning("ensemble member %s has no map to explain (%s); the others draw the ensemble's map",
+                    member.path or type(member.model).__name__, exc)
+        return None, None, member.predict_arrays(chunk), None
 
 
 def _member_maps(member, forward, target) -> np.ndarray:
@@ -87,7 +102,11 @@ def _member_maps(member, forward, target) -> np.ndarray:
 
 
 def _weighted_maps(maps: list[np.ndarray], weights) -> np.ndarray:
-    """Members' (B, S_i, S_i) unit maps averaged with `weights` at the largest S, then scaled to [0, 1] again."""
+    """Members' (B, S_i, S_i) unit maps averaged with `weights` at the largest S, then scaled to [0, 1] again (so
+    the weights' sum does not matter)."""
+    if not maps:
+        raise BonefracError("no member of this ensemble has a spatial feature map to explain (token models such as "
+                            "ViT have none)")
     size = max(m.shape[-1] for m in maps)
     mixed = sum(float(w) * (F.interpolate(torch.from_numpy(np.ascontiguousarray(m))[:, None], size=(size, size),
                                           mode="bilinear", align_corners=False)[:, 0].numpy()

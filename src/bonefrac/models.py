@@ -252,9 +252,11 @@ def load_matching(model, state: dict) -> list[str]:
 
 
 def _head_keys(model) -> set[str]:
-    """Names of the classifier's tensors: they may not fit a file trained on another class list."""
-    prefix = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
-    return {k for k in model.state_dict() if prefix and k.startswith(prefix + ".")}
+    """Names of the classifier's tensors (of every head, for models with several, e.g. distilled ones): they may
+    not fit a file trained on another class list."""
+    named = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
+    prefixes = tuple(p + "." for p in ((named,) if isinstance(named, str) else named))
+    return {k for k in model.state_dict() if prefixes and k.startswith(prefixes)}
 
 
 def _checkpoint_weights(path: Path, arch: str) -> tuple[Path, dict] | None:
@@ -319,8 +321,15 @@ def _load_file(model, path: Path):
     loaded, head = set(load_matching(model, state)), _head_keys(model)
     # Everything but the classifier (trained on other classes, perhaps) must fit, both ways: a file of a deeper or
     # shallower relative of this architecture matches most names and would leave blocks at random or unused.
-    left = [k for k in model.state_dict() if k not in loaded | head and not k.endswith("num_batches_tracked")]
-    unused = [k for k in state if k not in loaded | head]
+    # Tensors under names the model has no module for (an EMA copy, "ema.*") are another matter: left, and said.
+    target = model.state_dict()
+    modules = {k.split(".")[0] for k in target}
+    left = [k for k in target if k not in loaded | head and not k.endswith("num_batches_tracked")]
+    unused = [k for k in state if k not in loaded | head and k.split(".")[0] in modules]
+    foreign = [k for k in state if k.split(".")[0] not in modules]
+    if foreign:
+        log.warning("%s: %d tensors under names this model has no module for (e.g. %s) are not loaded", path,
+                    len(foreign), ", ".join(foreign[:2]))
     if left or unused:
         raise BonefracError(f"{path}: does not fit {type(model).__name__} ({len(loaded)} tensors match; "
                             f"{len(left)} of the model's would stay at random initialisation{_first(left)}; "

@@ -199,7 +199,8 @@ class Ensemble:
                                 "retrain or re-prepare so that they do")
         self.members = members
         w = np.full(len(members), 1.0) if weights is None else np.asarray(weights, dtype=float)
-        self.weights = w / w.sum()
+        # Fitted weights already sum to 1 up to rounding: kept bit for bit, so the ensemble's version stays.
+        self.weights = w if abs(w.sum() - 1.0) <= 1e-9 else w / w.sum()
         first = members[0]
         self.class_names, self.positive_index, self.size = first.class_names, first.positive_index, first.size
         self.threshold = first.threshold if threshold is None else threshold

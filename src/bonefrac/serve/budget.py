@@ -24,7 +24,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..dicom import DEFLATED, meta_end
+from ..dicom import deflated_start, inflate_limit
 from ..io import DICOM_SUFFIXES, PIL_FORMATS, is_dicom_bytes
 
 log = logging.getLogger(__name__)
@@ -87,12 +87,12 @@ def upload_pixels(data: bytes, name: str, max_pixels: int) -> int:
     image format it knows). `max_pixels` when the header cannot be read. Never raises."""
     try:
         if is_dicom_bytes(data):
-            return _dicom_pixels(data) or max_pixels
+            return _dicom_pixels(data, max_pixels)
         try:
             return _pil_pixels(data, max_pixels)
         except Image.UnidentifiedImageError:
             if Path(name).suffix.lower() in DICOM_SUFFIXES:  # the decoder tries such files as DICOM next
-                return _dicom_pixels(data) or max_pixels
+                return _dicom_pixels(data, max_pixels)
             return 0  # refused as "not a recognised image format" by the same header read
     except Exception as exc:  # a damaged header: the decoder will say what is wrong; weigh it as the largest
         log.debug("cannot read the size of an upload from its header (%s): weighed as %d pixels",
@@ -112,31 +112,36 @@ def _pil_pixels(data: bytes, max_pixels: int) -> int:
     return pixels if 0 < pixels <= max_pixels else 0
 
 
-def _dicom_pixels(data: bytes) -> int | None:
-    """rows x columns x frames from the DICOM header, or None when it does not say."""
+def _dicom_pixels(data: bytes, max_pixels: int) -> int:
+    """rows x columns x frames from the DICOM header; 0 when the decoder refuses the file from its header alone
+    (a frame over `max_pixels`, or a deflated file whose pixel data is longer than it may inflate to), so such a
+    file holds no budget while it is refused; `max_pixels` when the header does not say."""
     import pydicom
 
-    end = meta_end(data)
+    start = deflated_start(data)
     pixel_bytes = 0
-    if DEFLATED in data[:end or 8192]:
-        # pydicom inflates the whole dataset, pixels included, even to read only its header.
-        if end is None:
-            return None
-        ds, pixel_bytes = _deflated_header(data, end)
+    if start is not None:  # pydicom inflates the whole dataset, pixels included, even to read only its header
+        ds, pixel_bytes = _deflated_header(data, start)
+        if pixel_bytes > inflate_limit(max_pixels):
+            return 0
     else:
         ds = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=True)
-    pixels = int(ds.Rows) * int(ds.Columns) * max(1, int(ds.get("NumberOfFrames", 1) or 1))
+    if "Rows" not in ds or "Columns" not in ds:
+        return max_pixels
+    frame = int(ds.Rows) * int(ds.Columns)
+    if frame > max_pixels:
+        return 0
     # A deflated file's pixel data is inflated whole, whatever Rows and Columns say: 2 bytes a pixel.
-    return max(pixels, pixel_bytes // 2) or None
+    return max(frame * max(1, int(ds.get("NumberOfFrames", 1) or 1)), pixel_bytes // 2) or max_pixels
 
 
-def _deflated_header(data: bytes, meta_end: int):
+def _deflated_header(data: bytes, start: int):
     """(dataset up to the pixel data, pixel data length in bytes) from a bounded inflation of the start."""
     from pydicom.filereader import read_dataset
 
     inflater, head, step = zlib.decompressobj(-zlib.MAX_WBITS), bytearray(), 1 << 16
-    for start in range(meta_end, len(data), step):
-        head += inflater.decompress(data[start:start + step], _HEADER_BYTES - len(head))
+    for offset in range(start, len(data), step):
+        head += inflater.decompress(data[offset:offset + step], _HEADER_BYTES - len(head))
         if len(head) >= _HEADER_BYTES or inflater.eof:
             break
     found = []

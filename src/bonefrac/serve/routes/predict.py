@@ -139,10 +139,15 @@ async def _while_connected(request: Request, work):
 async def _analyse(request: Request, files: list[UploadFile]) -> PredictResponse:
     state = request.app.state
     settings, predictor = state.settings, state.predictor
-    items = await _while_connected(request, _decode_uploads(files, state, model_size(predictor), partial=True))
-    xrays = [it for it in items if "error" not in it and (it["check"] is None or it["check"].ok)]
-    probs = (await _while_connected(request, state.batcher.submit([it["gray"] for it in xrays])) if xrays
-             else np.zeros((0, 0)))
+    size = model_size(predictor)
+    async with AsyncExitStack() as held:
+        # Members of other input sizes each resize the full image: it then waits for the model at full size, so
+        # its pixels stay in the budget until the model is done with it (else they are given back after decoding).
+        items = await _while_connected(request, _decode_uploads(files, state, size, partial=True,
+                                                                held=held if size is None else None))
+        xrays = [it for it in items if "error" not in it and (it["check"] is None or it["check"].ok)]
+        probs = (await _while_connected(request, state.batcher.submit([it["gray"] for it in xrays])) if xrays
+                 else np.zeros((0, 0)))
     for item, row in zip(xrays, probs):
         item["probs"] = row
     results = [_result(it, predictor, settings.refer_margin) for it in items]
