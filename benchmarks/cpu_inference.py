@@ -168,7 +168,8 @@ def main() -> None:
     for r in rows.values():
         r["throughput_x_eager"] = round(r["batch32_img_s"] / base["batch32_img_s"], 2)
         r["latency_x_eager"] = round(base["batch1_ms"] / r["batch1_ms"], 2)
-    result = {"model": model_note, "data": data_note, "n_val": len(val), "n_val_fractured": int(y.sum()), "torch_threads": torch.get_num_threads(),
+    result = {"model": model_note, "data": data_note, "n_val": len(val), "n_val_fractured": int(y.sum()),
+              "torch_threads": torch.get_num_threads(),
               "cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
               "date": time.strftime("%Y-%m-%d"), "auroc_change_int8": round(
                   rows["ort_int8"]["val_auroc"] - rows["ort_fp32"]["val_auroc"], 4),

@@ -10,7 +10,8 @@ the batch per GPU; images/s counts all ranks. Compare with a one-process run of 
 Seed-style: PIL decoding + torchvision transforms in 12 DataLoader workers, fp32, batch 32, Adam.
 bonefrac: the decoded uint8 cache on the GPU, batched GPU augmentation, bf16 autocast, channels_last,
 fused AdamW, torch.compile (exactly `bonefrac.train.train_step`). Reports images/s, the ratio, and achieved
-TFLOP/s (3x the forward FLOPs counted by torch.utils.flop_counter) as a fraction of a bf16 8192^3 matmul timed in the run.
+TFLOP/s (3x the forward FLOPs counted by torch.utils.flop_counter) as a fraction of a bf16 8192^3 matmul timed in
+the run.
 Models are randomly initialised: throughput does not depend on the weights.
 """
 

@@ -28,7 +28,8 @@ def make_folder(root, n_per_class=10, classes=("fracture", "normal"), offset=0):
 
 
 def read_outputs(out):
-    return pd.read_csv(out / "manifest.csv", dtype={"label": str}), json.loads((out / "prepare_report.json").read_text())
+    report = json.loads((out / "prepare_report.json").read_text())
+    return pd.read_csv(out / "manifest.csv", dtype={"label": str}), report
 
 
 def assert_no_group_crosses_splits(df):
@@ -63,7 +64,8 @@ def test_folder_source_with_bad_files_and_copies(tmp_path):
     assert copies.nunique() == 1 and report["n_groups"] == 20
     assert {g["kind"] for g in report["duplicate_groups"]} == {"near"}
     assert all(p.startswith("../src/") for p in df["path"]) and (df["width"] * df["height"] == 64 * 48).all()
-    assert all(Path(p).is_absolute() and Path(p).is_file() for p in load_manifest(tmp_path / "out" / "manifest.csv").path)
+    loaded = load_manifest(tmp_path / "out" / "manifest.csv")
+    assert all(Path(p).is_absolute() and Path(p).is_file() for p in loaded.path)
     assert_no_group_crosses_splits(df)
 
 
@@ -85,7 +87,8 @@ def test_planted_copies_of_real_xrays_are_grouped(tmp_path, fracatlas):
         cls = ("a", "b")[i % 2]
         h, w = img.shape
         copies = {"orig.png": img, "rot90.png": np.rot90(img), "rot180.png": np.rot90(img, 2),
-                  "rot270.png": np.rot90(img, 3), "flip.png": img[:, ::-1], "small.png": resize_gray(img, (h * 4 // 5, w * 4 // 5))}
+                  "rot270.png": np.rot90(img, 3), "flip.png": img[:, ::-1],
+                  "small.png": resize_gray(img, (h * 4 // 5, w * 4 // 5))}
         for suffix, copy in copies.items():
             save(np.ascontiguousarray(copy), src / cls / f"{i}_{suffix}")
         save(img, src / cls / f"{i}_q70.jpg", quality=70)
