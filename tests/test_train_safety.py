@@ -75,7 +75,7 @@ def test_watchdog_does_not_fire_during_a_slow_validation(sample_manifest, tmp_pa
 
     monkeypatch.setattr(train_mod, "infer_logits", slow_infer)
     assert train(sample_manifest, tmp_path / "run", "--set", "train.watchdog_s=10") == 0
-    assert not dogs[0].fired.is_set()
+    assert len(dogs) == 2 and not any(d.fired.is_set() for d in dogs)  # decoding's, then training's
 
 
 def test_watchdog_timeout_keeps_the_last_consistent_checkpoint(sample_manifest, tmp_path, monkeypatch):
@@ -88,7 +88,7 @@ def test_watchdog_timeout_keeps_the_last_consistent_checkpoint(sample_manifest, 
             return real_epoch(*args, **kwargs)
         seen["epoch1_weights"] = (out / "last" / checkpoint.WEIGHTS_FILE).read_bytes()
         real_epoch(*args, **kwargs)  # the weights move on, then the run "hangs" and the watchdog fires
-        dogs[0].on_timeout()
+        dogs[-1].on_timeout()
         raise KeyboardInterrupt  # stands in for the watchdog's process exit
 
     monkeypatch.setattr(train_mod, "_train_epoch", hangs_after_second_epoch)
@@ -96,6 +96,26 @@ def test_watchdog_timeout_keeps_the_last_consistent_checkpoint(sample_manifest, 
     assert checkpoint.read_meta(out / "last")["epoch"] == 1
     # epoch 1's weights, untouched by the watchdog
     assert (out / "last" / checkpoint.WEIGHTS_FILE).read_bytes() == seen["epoch1_weights"]
+
+
+def test_a_hang_while_decoding_images_is_caught_by_the_watchdog(sample_manifest, tmp_path, monkeypatch, caplog):
+    """Decoding ran before the watchdog started: a decode stuck on a stalled network drive hung silently."""
+    import bonefrac.data as data_mod
+
+    dogs, real = quiet_watchdogs(monkeypatch), data_mod._decode
+    decoded = []
+
+    def stalls_on_the_third(job):
+        decoded.append(job[0])
+        if len(decoded) == 3:
+            assert dogs[0].fired.wait(30), "the watchdog did not fire while decoding hung"
+            raise KeyboardInterrupt  # stands in for the watchdog's process exit
+        return real(job)
+
+    monkeypatch.setattr(data_mod, "_decode", stalls_on_the_third)
+    assert train(sample_manifest, tmp_path / "run", "--set", "train.watchdog_s=1", "--set", "data.decode_workers=1",
+                 "--set", f"data.cache_dir={tmp_path / 'cache'}") == 130
+    assert dogs[0].fired.is_set() and "no image was decoded for train.watchdog_s" in caplog.text
 
 
 def test_monitor_loss_keeps_the_real_val_loss_in_metrics_csv(base):
@@ -182,7 +202,7 @@ def test_a_run_killed_in_its_first_epoch_resumes_afresh(sample_manifest, tmp_pat
     real_epoch = train_mod._train_epoch
 
     def killed(*args, **kwargs):
-        dogs[0].on_timeout()  # what the watchdog would say before ending the process
+        dogs[-1].on_timeout()  # what the watchdog would say before ending the process
         raise KeyboardInterrupt
 
     monkeypatch.setattr(train_mod, "_train_epoch", killed)

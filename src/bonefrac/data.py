@@ -122,7 +122,7 @@ def _digests(hashes: list[str]) -> list[str | None]:
 
 
 def build_cache(paths: list[str], hashes: list[str], size: int, cache_dir: str | Path, workers: int = 0,
-                progress: bool = True) -> np.ndarray:
+                progress: bool = True, beat=None) -> np.ndarray:
     """A read-only (N, size, size) uint8 memmap of the images, built (in parallel) only when missing.
 
     Raises BonefracError, listing the files, when an image's bytes differ from its manifest sha256 (replaced
@@ -153,7 +153,7 @@ def build_cache(paths: list[str], hashes: list[str], size: int, cache_dir: str |
         with _build_lock(part_file):  # held until the rename: an unlocked part file is an orphan
             arr = _new_cache_file(part_file, shape, data_file)
             stamps, changed, errors = _decode_into(arr, paths, digests, size, workers or os.cpu_count() or 1,
-                                                   progress)
+                                                   progress, beat)
             if changed or errors:
                 raise _unusable_images(changed, errors)
             os.replace(part_file, data_file)
@@ -304,8 +304,9 @@ def _new_cache_file(part_file: Path, shape: tuple, data_file: Path) -> np.memmap
 
 
 def _decode_into(arr: np.memmap, paths: list[str], digests: list, size: int, workers: int,
-                 progress: bool) -> tuple[list, list[str], list[str]]:
-    """Decode every image into `arr`, a new (N, size, size) memmap; -> (stamps, changed paths, read errors)."""
+                 progress: bool, beat=None) -> tuple[list, list[str], list[str]]:
+    """Decode every image into `arr`, a new (N, size, size) memmap; -> (stamps, changed paths, read errors).
+    `beat()` is called after each image (training's watchdog: a decode can hang on a stalled network drive)."""
     stamps, changed, errors = [], [], []
     with progress_bar(len(paths), "decode", progress) as bar:
         for i, (img, problem, stamp) in enumerate(_map(_decode, list(zip(paths, digests, [size] * len(paths))),
@@ -316,6 +317,8 @@ def _decode_into(arr: np.memmap, paths: list[str], digests: list, size: int, wor
             else:
                 (changed if problem[0] == "changed" else errors).append(problem[1])
             bar.update(1)
+            if beat is not None:
+                beat()
     arr.flush()
     return stamps, changed, errors
 

@@ -86,7 +86,14 @@ def _train(data, out_dir: Path, cfg: Config, resume: bool, rank: int, world: int
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
     # Data, model, optimizer, loss; and the schedule, unless resuming (then trainstate.restore builds it).
-    run = _build_run(data, out_dir, cfg, device, rank, world, resume)
+    # Decoding takes minutes on a large data set and can hang too (a stalled network drive): watched like the
+    # steps, on rank 0, which decodes while the others wait for it.
+    decoding = Watchdog(cfg.train.watchdog_s if rank == 0 else 0, on_timeout=lambda: log.error(
+        "no image was decoded for train.watchdog_s; nothing was trained yet: --resume starts the run again"))
+    try:
+        run = _build_run(data, out_dir, cfg, device, rank, world, resume, beat=decoding.beat)
+    finally:
+        decoding.stop()
     if resume:
         restore(run, *last)
     run.step_model, run.grad_sync = parallelize(run.net, cfg, device, world)
@@ -160,10 +167,10 @@ class _Run:
 
 
 def _build_run(data, out_dir: Path, cfg: Config, device: torch.device, rank: int, world: int,
-               resume: bool = False) -> _Run:
+               resume: bool = False, beat=None) -> _Run:
     """A fresh run: data, model, optimizer, schedule and loss weights (`resume`: trainstate.restore adds the
     schedule)."""
-    class_names, y_tr, monitor, train_batches, val_batches, seen = _load_data(*data, cfg, device, rank, world)
+    class_names, y_tr, monitor, train_batches, val_batches, seen = _load_data(*data, cfg, device, rank, world, beat)
     model, net, prep = _build_model(cfg, class_names, train_batches.masks is not None, device)
     steps_per_epoch = min(len(train_batches), cfg.train.max_steps_per_epoch or len(train_batches))
     optimizer = make_optimizer(net, cfg.optim, cfg.data.batch_size * world, device)
@@ -201,7 +208,7 @@ def _positive_class(class_names: list[str], chosen: str | None) -> int | None:
     return pos
 
 
-def _load_data(manifest, df, class_names, cfg: Config, device: torch.device, rank: int, world: int):
+def _load_data(manifest, df, class_names, cfg: Config, device: torch.device, rank: int, world: int, beat=None):
     """(class names, train labels, selection metric, train batches, val batches, seen_images) from the manifest's
     train and val rows (`df`, its table), decoded into uint8 caches (train's with a margin for augmentation, and
     lesion masks with box_loss)."""
@@ -215,7 +222,8 @@ def _load_data(manifest, df, class_names, cfg: Config, device: torch.device, ran
         len(class_names))
     check_val_classes(monitor, class_names, y_va)
     train_size = int(round(cfg.data.size * cfg.data.cache_margin))
-    caches = decode_caches(manifest, cfg, {"train": (tr, train_size), "val": (va, cfg.data.size)}, rank, world)
+    caches = decode_caches(manifest, cfg, {"train": (tr, train_size), "val": (va, cfg.data.size)}, rank, world,
+                           beat)
     masks = _lesion_masks(cfg, tr, train_size, class_names)
     train_batches = Batches(caches["train"], y_tr, cfg.data.batch_size, device, cfg.data.sampler,
                             cfg.data.device_cache_gib, rank, world, masks=masks)

@@ -185,14 +185,15 @@ class Watchdog:
                 return
 
 
-def decode_caches(manifest, cfg: Config, splits: dict, rank: int, world: int) -> dict:
-    """{split: uint8 image cache} for `splits` = {split: (manifest rows, image size)}."""
+def decode_caches(manifest, cfg: Config, splits: dict, rank: int, world: int, beat=None) -> dict:
+    """{split: uint8 image cache} for `splits` = {split: (manifest rows, image size)}; `beat()` after each image
+    decoded (on rank 0, the one that decodes)."""
     cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(manifest).parent / "cache"
     caches = {}
     for name, (rows, size) in splits.items():
         if rank == 0:  # one process decodes; the others wait and then map the finished files
             caches[name] = build_cache(rows.path.tolist(), rows.sha256.tolist(), size, cache_dir,
-                                       cfg.data.decode_workers)
+                                       cfg.data.decode_workers, beat=beat)
         if world > 1:
             dist.barrier()
         if rank != 0:
