@@ -173,8 +173,8 @@ class Watchdog:
     def _run(self) -> None:
         while not self._stop.wait(min(5.0, self.timeout_s / 4)):
             if time.monotonic() - self.last > self.timeout_s:
-                log.error("watchdog: no progress (training step, validation batch or checkpoint save) in %.0f s; "
-                          "stopping (continue with --resume)", self.timeout_s)
+                log.error("watchdog: no progress (image decoded, training step, validation batch or checkpoint save) "
+                          "in %.0f s; stopping (continue with --resume)", self.timeout_s)
                 self.fired.set()
                 try:
                     if self.on_timeout is not None:  # None: stopped meanwhile
