@@ -292,6 +292,7 @@ def test_audit_rows_keep_the_threshold_and_old_logs_gain_the_column(ckpt, tmp_pa
         rows = c.get("/v1/audit").json()["rows"]
     assert [r["model_version"] for r in rows][1] == "old@00000000" and rows[1]["threshold"] is None
     assert answer["threshold"] is not None and rows[0]["threshold"] == answer["threshold"]
+    assert rows[0]["route"] == "predict" and rows[1]["route"] is None  # the route column was added too
 
 
 def test_micro_batcher_groups_concurrent_requests():

@@ -246,7 +246,9 @@ def test_explain_is_audited_like_predict_and_withheld_when_it_cannot_be(tmp_path
     assert by_explain["prediction"] == explained.headers["x-prediction"] and by_explain["threshold"] == 0.5
     probability = by_explain["probabilities"][explained.headers["x-explained-class"]]
     assert abs(probability - float(explained.headers["x-explained-probability"])) < 1e-5
-    assert {k: v for k, v in by_explain.items() if k not in ("id", "time")} == \
-        {k: v for k, v in by_predict.items() if k not in ("id", "time")}
+    assert {k: v for k, v in by_explain.items() if k not in ("id", "time", "route")} == \
+        {k: v for k, v in by_predict.items() if k not in ("id", "time", "route")}
+    # the web page sends one upload to both routes: its two rows say which answered
+    assert (by_explain["route"], by_predict["route"]) == ("explain", "predict")
     assert withheld.status_code == 503 and withheld.json()["error"]["code"] == "audit_unavailable"
     assert "x-prediction" not in withheld.headers

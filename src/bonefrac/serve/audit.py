@@ -1,6 +1,7 @@
 """Optional audit log in SQLite: one row per analysed image (time, model version, image hash, probabilities,
-prediction, the threshold that decided it, refer flag), so low-confidence cases can be reviewed. No pixels, file
-names or patient fields.
+prediction, the threshold that decided it, refer flag, and the route that answered: "predict" or "explain"; the
+web page asks both for one upload), so low-confidence cases can be reviewed. No pixels, file names or patient
+fields.
 
 From the event loop use `await log.write(...)` and `await log.read(...)`: they run on the log's own thread, never
 the default thread pool that decodes uploads, so a log locked by another process stalls only audit work. Each
@@ -24,7 +25,7 @@ from pathlib import Path
 _SCHEMA = """CREATE TABLE IF NOT EXISTS predictions (
     id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, model_version TEXT NOT NULL,
     image_sha256 TEXT NOT NULL, status TEXT NOT NULL, prediction TEXT, probabilities TEXT, refer INTEGER NOT NULL,
-    threshold REAL)"""
+    threshold REAL, route TEXT)"""
 
 
 class AuditUnavailable(Exception):
@@ -45,7 +46,7 @@ class AuditLog:
             # WAL (kept in the file): readers of the log, such as /v1/audit or an analyst's sqlite3 shell, no
             # longer block the writes each prediction needs. Here for a log made before WAL was used.
             db.execute("PRAGMA journal_mode=WAL")
-            _add_threshold_column(db)
+            _add_missing_columns(db)
 
     @contextmanager
     def _connect(self, timeout: float | None = None):
@@ -60,10 +61,11 @@ class AuditLog:
                 db.execute(_SCHEMA)
             yield db
 
-    async def write(self, model_version: str, results: list[dict], threshold: float | None = None) -> None:
+    async def write(self, model_version: str, results: list[dict], threshold: float | None = None,
+                    route: str | None = None) -> None:
         """`record` on the log's own thread, giving up `timeout` seconds from now (AuditUnavailable)."""
         deadline = time.monotonic() + self.timeout
-        await self._run(partial(self.record, model_version, results, threshold, deadline=deadline))
+        await self._run(partial(self.record, model_version, results, threshold, deadline=deadline, route=route))
 
     async def read(self, limit: int = 100, refer_only: bool = False) -> list[dict]:
         """`recent` on the log's own thread."""
@@ -81,20 +83,21 @@ class AuditLog:
             executor.shutdown(wait=False)
 
     def record(self, model_version: str, results: list[dict], threshold: float | None = None,
-               deadline: float | None = None) -> None:
-        """One row per result; `threshold`: the decision threshold in use (the operating point's), if any.
+               deadline: float | None = None, route: str | None = None) -> None:
+        """One row per result; `threshold`: the decision threshold in use (the operating point's), if any; `route`:
+        what answered ("predict", "explain").
         AuditUnavailable when not written by `deadline` (time.monotonic(); default: `timeout` from now), waits
         for other writes of this process and for the database lock included."""
         deadline = time.monotonic() + self.timeout if deadline is None else deadline
         rows = [(time.time(), model_version, r["sha256"], r["status"], r.get("prediction"),
-                 json.dumps(r.get("probabilities")), int(bool(r.get("refer"))), threshold) for r in results]
+                 json.dumps(r.get("probabilities")), int(bool(r.get("refer"))), threshold, route) for r in results]
         if not self._lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
             raise AuditUnavailable(f"timed out after {self.timeout:g} s waiting for earlier audit writes")
         try:
             # A deadline already passed still writes when nothing holds the database (timeout 0: no waiting).
             with self._connect(max(0.0, deadline - time.monotonic())) as db:
                 db.executemany("INSERT INTO predictions (time, model_version, image_sha256, status, prediction, "
-                               "probabilities, refer, threshold) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                               "probabilities, refer, threshold, route) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
         except sqlite3.Error as exc:
             raise AuditUnavailable(f"{type(exc).__name__}: {exc}") from exc  # sqlite's text: no row content
         finally:
@@ -113,8 +116,11 @@ class AuditLog:
                 for r in rows]
 
 
-def _add_threshold_column(db) -> None:
-    # Logs written before the column existed keep their rows (threshold NULL): the model version names the model
-    # files, not the operating point a service ran at, so the threshold is recorded beside it.
-    if "threshold" not in {row[1] for row in db.execute("PRAGMA table_info(predictions)")}:
-        db.execute("ALTER TABLE predictions ADD COLUMN threshold REAL")
+def _add_missing_columns(db) -> None:
+    # Logs written before a column existed keep their rows (NULL there): the model version names the model files,
+    # not the operating point a service ran at, so the threshold is recorded beside it; the route tells a
+    # predict row from the explain row the web page's second request adds for the same upload.
+    have = {row[1] for row in db.execute("PRAGMA table_info(predictions)")}
+    for column, kind in (("threshold", "REAL"), ("route", "TEXT")):
+        if column not in have:
+            db.execute(f"ALTER TABLE predictions ADD COLUMN {column} {kind}")

@@ -157,16 +157,16 @@ async def _analyse(request: Request, files: list[UploadFile]) -> PredictResponse
             state.telemetry.error(r.error_code)
     if state.audit is not None:  # what the model assessed; unreadable uploads are not cases to review
         await _record(state.audit, predictor.version, [r for r in results if r.status != "error"],
-                      predictor.threshold)
+                      predictor.threshold, "predict")
     return PredictResponse(model_version=predictor.version, class_names=predictor.class_names,
                            threshold=predictor.threshold, positive_class=positive_class(predictor),
                            operating_point=settings.operating_point or DEFAULT_POINT, results=results)
 
 
-async def _record(audit, version: str, results: list[ImageResult], threshold: float | None) -> None:
+async def _record(audit, version: str, results: list[ImageResult], threshold: float | None, route: str) -> None:
     """Audit before answering: a prediction that could not be recorded is not handed out (503, retry)."""
     try:
-        await audit.write(version, [r.model_dump() for r in results], threshold)
+        await audit.write(version, [r.model_dump() for r in results], threshold, route)
     except AuditUnavailable as exc:
         log.warning("audit write failed, prediction withheld: %s", exc)
         raise ApiError(503, "audit_unavailable", "the audit log could not be written; the prediction "
@@ -250,7 +250,7 @@ async def _explain_one(state, item: dict) -> tuple[bytes, dict]:
         raise ApiError(500, "internal", f"{item['filename']}: {row['message']}")
     if state.audit is not None:  # a prediction like /v1/predict's: recorded, or not handed out
         await _record(state.audit, predictor.version, [_result({**item, "probs": probs[0]}, predictor,
-                                                               settings.refer_margin)], predictor.threshold)
+                                                               settings.refer_margin)], predictor.threshold, "explain")
     names, explained = predictor.class_names, int(classes[0])
     headers = {"X-Explained-Class": names[explained], "X-Explained-Probability": f"{float(probs[0, explained]):.6f}",
                "X-Prediction": row["prediction"], "X-Model-Version": predictor.version,
