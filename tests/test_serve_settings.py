@@ -218,3 +218,8 @@ def test_the_readme_documents_the_service_limits():
         row = re.search(rf"^\| `BONEFRAC_{name}` \| ([^|]+) \|", readme, re.M)
         assert row and row.group(1).strip() == default, name
         assert f"BONEFRAC_{name}" in settings_mod.__doc__
+
+
+def test_the_readme_names_every_variable_the_package_reads():
+    readme = (SRC.parent / "README.md").read_text()
+    assert [name for name in settings_mod.known_variables() if not re.search(rf"\b{name}\b", readme)] == []

@@ -13,6 +13,7 @@ import bonefrac.train as train_mod
 import bonefrac.trainstate as trainstate_mod
 from bonefrac import checkpoint
 from bonefrac.cli import main
+from bonefrac.errors import BonefracError
 from bonefrac.manifest import load_manifest
 from bonefrac.trainutil import Watchdog
 
@@ -210,6 +211,7 @@ def test_a_run_killed_in_its_first_epoch_resumes_afresh(sample_manifest, tmp_pat
     assert (out / "config.json").is_file() and not (out / "last").exists()
     assert "no epoch was completed; --resume starts the run afresh" in caplog.text
     assert train(sample_manifest, out) == 2 and "already holds a run" in caplog.text  # a plain restart stays refused
+    assert "finished no epoch (only config.json); pass --resume to start it afresh" in caplog.text
     monkeypatch.setattr(train_mod, "_train_epoch", real_epoch)
     (out / "metrics.csv").write_text("epoch,train_loss\n1,0.5\n")  # a row logged just before the kill
     assert train(sample_manifest, out, "--resume") == 0
@@ -407,3 +409,11 @@ def test_the_positive_class_is_warned_about_when_guessed_by_position_and_can_be_
     assert meta["positive_class"] == "fracture" and meta["positive_index"] == 0
     assert train(manifest, tmp_path / "bad", "--set", "train.positive_class=broken") == 2
     assert "positive class 'broken' is not one of the classes" in caplog.text and not (tmp_path / "bad").exists()
+
+
+def test_checkpoint_path_mistakes_say_what_is_wrong(base, tmp_path):
+    """A typo and a run folder both said "not a bonefrac checkpoint (no bonefrac.json)"."""
+    with pytest.raises(BonefracError, match="no such checkpoint"):
+        checkpoint.read_meta(tmp_path / "bset")
+    with pytest.raises(BonefracError, match=r"a training run's folder, not a checkpoint: name .*best"):
+        checkpoint.read_meta(base)

@@ -174,6 +174,11 @@ def _meta_of(path: Path) -> dict:
         raise BonefracError(f"{path} is a file; a bonefrac checkpoint is a directory ({WEIGHTS_FILE} + {META_FILE}). "
                             "Exported .onnx / TorchScript files are for `bonefrac serve`")
     if not meta_file.is_file():
+        if not path.exists():
+            raise BonefracError(f"{path}: no such checkpoint (the path does not exist)")
+        if (path / "best" / META_FILE).is_file():
+            raise BonefracError(f"{path} is a training run's folder, not a checkpoint: name {path / 'best'} (or "
+                                f"{path / 'last'})")
         raise BonefracError(f"{path}: not a bonefrac checkpoint (no {META_FILE})")
     try:
         meta = json.loads(meta_file.read_text())

@@ -246,12 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--labels", help="CSV of image paths and labels; paths are relative to the CSV, or to SOURCE "
                    "when one is given")
     s.add_argument("--path-col", help="CSV column of image paths (default: image; path in a bonefrac manifest)")
-    s.add_argument("--label-col", default="label")
+    s.add_argument("--label-col", default="label", help="CSV column of labels (default: label)")
     s.add_argument("--group-col", metavar="COL", help="CSV column of patient/study IDs: images sharing a value stay "
                    "in one group and split (on top of duplicate grouping)")
     s.add_argument("--class-names", help="comma-separated names for integer labels 0,1,...")
     s.add_argument("--out", required=True)
-    s.add_argument("--seed", type=_seed, default=42)
+    s.add_argument("--seed", type=_seed, default=42, help="seed of the split (default: 42)")
     s.add_argument("--overwrite", action="store_true", help="replace a different manifest already in --out")
     s.add_argument("--keep-folder-split", action="store_true", help="keep the folder's train/val/test split")
     s.add_argument("--split-all", choices=["train", "val", "test"], help="put every image in one split")
@@ -415,12 +415,24 @@ def run_logged(fn, *args, verbose: bool = False) -> int:
     return 0
 
 
+def _env_checked(func):
+    """`func`, after a warning about misspelt BONEFRAC_* variables (a misspelt operating-point variable would
+    otherwise leave predict at the default point without a word); `serve` warns through its settings."""
+    def run(args):
+        if args.command != "serve":
+            from .serve.settings import warn_unknown_variables
+
+            warn_unknown_variables(os.environ)
+        return func(args)
+    return run
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if hasattr(sys.stdout, "reconfigure"):  # a file name a non-UTF-8 terminal cannot show is escaped, not a crash
         sys.stdout.reconfigure(errors="backslashreplace")
     try:
-        return run_logged(args.func, args, verbose=args.verbose)
+        return run_logged(_env_checked(args.func), args, verbose=args.verbose)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `bonefrac predict ... | head`: the reader has all it wanted

@@ -97,6 +97,9 @@ def refuse_existing_run(out_dir: Path) -> None:
     to its metrics, even a half-saved one."""
     found = [out_dir / (name + suffix) for name in RUN_FILES for suffix in ("", *checkpoint.SIBLINGS)]
     found = [p.name for p in found if p.exists()]
+    if found == ["config.json"]:  # e.g. a run stopped by a check before any image was decoded
+        raise BonefracError(f"{out_dir} already holds a run that finished no epoch (only config.json); pass --resume "
+                            "to start it afresh there with these settings, or choose another --out")
     if found:
         raise BonefracError(f"{out_dir} already holds a run ({', '.join(found)}); pass --resume to continue it "
                             f"or choose another --out")

@@ -134,7 +134,8 @@ def _rows_from_csv(csv: Path, base: Path, path_col: str | None, label_col: str, 
         path_col = "path" if "image" not in frame.columns and "path" in frame.columns else "image"
     missing = [c for c in (path_col, label_col, group_col) if c is not None and c not in frame.columns]
     if missing:
-        raise BonefracError(f"{csv} lacks column(s) {missing}; available: {list(frame.columns)}")
+        raise BonefracError(f"{csv} lacks column(s) {missing}; available: {list(frame.columns)} (name them with "
+                            "--path-col / --label-col / --group-col)")
     if frame.empty:
         raise BonefracError(f"{csv} has no rows")
     for col in (path_col, label_col):

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from .config import OPTIMIZERS, SCHEDULES, Config, one_of_error
 from .data import build_cache
 from .errors import BonefracError
+from .metrics import SELECTION_METRICS
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +207,8 @@ def check_val_classes(monitor: str, class_names, y_va) -> None:
     missing = [c for i, c in enumerate(class_names) if not (y_va == i).any()]
     if monitor == "auroc" and missing:
         raise BonefracError(f"the val split has no images of class {', '.join(map(repr, missing))}, so the "
-                            f"train.monitor AUROC is undefined; re-split the data or set another train.monitor")
+                            f"train.monitor AUROC is undefined; re-split the data or set another train.monitor "
+                            f"({', '.join(m for m in SELECTION_METRICS if m != 'auroc')})")
     if missing:
         log.warning("the val split has no images of class %s: per-class metrics, thresholds and (with fewer than "
                     "two classes) the calibration cannot be fitted for it; re-split the data if you can",

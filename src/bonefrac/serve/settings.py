@@ -36,8 +36,8 @@ silently ignores such entries. Every value is
 checked here, before any model is loaded; a bad one raises ConfigError naming the variable (and the
 `bonefrac serve` flag, where there is one) and the allowed values. Whether the model saved the point that
 BONEFRAC_OPERATING_POINT names is checked as the service loads it: if not, it does not start. Unknown BONEFRAC_*
-names (typos) are logged as a warning; names read elsewhere in the package (BONEFRAC_COPY_DETECTOR,
-BONEFRAC_FUSED_KERNELS) are known too.
+names (typos) are logged as a warning (by every `bonefrac` command, not only serve); names read elsewhere in the
+package (BONEFRAC_COPY_DETECTOR, BONEFRAC_FUSED_KERNELS) are known too.
 """
 
 from __future__ import annotations
@@ -180,7 +180,7 @@ class Settings:
     def from_env(cls, environ=None, **overrides) -> "Settings":
         """Settings from BONEFRAC_<FIELD> variables, then `overrides` (CLI flags; None values are ignored)."""
         env = os.environ if environ is None else environ
-        _warn_unknown(env)
+        warn_unknown_variables(env)
         values = {}
         for f in fields(cls):
             raw = env.get(f"BONEFRAC_{f.name.upper()}")
@@ -195,7 +195,8 @@ def known_variables() -> list[str]:
     return sorted({f"BONEFRAC_{f.name.upper()}" for f in fields(Settings)} | set(_READ_ELSEWHERE))
 
 
-def _warn_unknown(env) -> None:
+def warn_unknown_variables(env) -> None:
+    """A warning naming the BONEFRAC_* variables in `env` that nothing reads (typos), with the known ones."""
     known = known_variables()
     unknown = sorted(k for k in env if k.startswith("BONEFRAC_") and k not in known)
     if unknown:
