@@ -380,3 +380,24 @@ def test_a_csv_split_column_with_other_values_is_ignored_when_prepare_draws_the_
     assert set(load_manifest(tmp_path / "p" / "manifest.csv").split) <= {"train", "val", "test"}
     with pytest.raises(BonefracError, match=r"unknown split value\(s\) \['', 'holdout'\]"):
         prepare(tmp_path / "q", labels_csv=csv, workers=1, match_copies="off", keep_folder_split=True)
+
+
+def test_a_split_column_is_not_reported_as_dropped(tmp_path, caplog):
+    """With --keep-folder-split the CSV's split is kept, yet the log listed it among columns "recomputed by prepare
+    and not carried over"."""
+    import logging
+
+    import pandas as pd
+
+    from bonefrac.manifest import prepare
+
+    sample = Path(__file__).resolve().parents[1] / "data" / "sample"
+    labels = pd.read_csv(sample / "labels.csv").head(40)
+    labels = labels.assign(image=[str(sample / p) for p in labels.image],
+                           split=(["train"] * 28 + ["val"] * 6 + ["test"] * 6), group=range(40))
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    with caplog.at_level(logging.INFO):
+        prepare(tmp_path / "out", labels_csv=tmp_path / "labels.csv", label_col="fractured",
+                class_names=["no_fracture", "fracture"], keep_folder_split=True, workers=1)
+    dropped = [r.getMessage() for r in caplog.records if "recomputed by prepare" in r.getMessage()]
+    assert dropped and "'group'" in dropped[0] and "'split'" not in dropped[0]

@@ -155,7 +155,8 @@ def _rows_from_csv(csv: Path, base: Path, path_col: str | None, label_col: str, 
         rows[GIVEN_GROUP] = _group_column(frame, csv, group_col)
     else:
         _warn_unused_id_columns(csv, id_like_columns(frame.columns, exclude=(path_col, label_col)))
-    dropped = [c for c in frame.columns if c in recomputed and c not in (path_col, label_col, group_col)]
+    # `split` is read above as the given split (prepare keeps it with --keep-folder-split): not reported as dropped.
+    dropped = [c for c in frame.columns if c in recomputed and c not in (path_col, label_col, group_col, "split")]
     if dropped:
         log.info("CSV columns %s are recomputed by prepare and not carried over", dropped)
     for col in frame.columns:
