@@ -269,7 +269,7 @@ def test_resume_continues_to_the_same_result(manifest, tmp_path, monkeypatch):
 @pytest.mark.parametrize("argv, message", [
     (["prepare", "/no/such/folder", "--out", "OUT"], "no/such/folder"),
     (["train", "--manifest", "/no/such/manifest.csv", "--out", "OUT"], "manifest"),
-    (["evaluate", "/no/such/ckpt", "--manifest", "M", "--out", "OUT"], "not a bonefrac checkpoint"),
+    (["evaluate", "/no/such/ckpt", "--manifest", "M", "--out", "OUT"], "no such checkpoint"),
     (["train", "--manifest", "M", "--out", "OUT", "--set", "train.nope=1"], "nope"),
 ])
 def test_bad_input_is_one_clear_line(argv, message, tmp_path, capsys, caplog):
