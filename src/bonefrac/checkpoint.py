@@ -246,7 +246,7 @@ MAX_THRESHOLD = float(np.nextafter(1.0, 2.0))  # "predict nothing" above a satur
 
 def is_threshold(value) -> bool:
     """A decision threshold predict can use: a number from 0 to MAX_THRESHOLD (just above 1: "predict nothing")."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= MAX_THRESHOLD
+    return is_number(value) and 0.0 <= value <= MAX_THRESHOLD
 
 
 def _is_count(value) -> bool:
@@ -257,7 +257,8 @@ def _is_numbers(value) -> bool:
     return isinstance(value, (int, float, list)) and not isinstance(value, bool)
 
 
-def _is_number(value) -> bool:
+def is_number(value) -> bool:
+    """A JSON number as a Python int or float (not a bool, which is an int to Python)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -276,7 +277,7 @@ _FIELDS = (
 
 # Decision fields the predictors read when present (older checkpoints may lack them; None means "not fitted").
 _DECISION_FIELDS = (
-    ("temperature", lambda v, _: _is_number(v) and 0 < v < np.inf, "a positive number"),
+    ("temperature", lambda v, _: is_number(v) and 0 < v < np.inf, "a positive number"),
     ("threshold", lambda v, _: is_threshold(v), f"a number from 0 to 1 (or {MAX_THRESHOLD!r}: predict nothing)"),
     ("positive_index", lambda v, k: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < k,
      "the index of one of the class names"),

@@ -278,7 +278,7 @@ def _ensemble_problem(spec) -> str | None:
     if weights is not None:
         if not isinstance(weights, list) or len(weights) != len(members):
             return f"'weights' must hold one number per member ({len(members)}), got {weights!r}"
-        if not all(_is_number(w) and 0 <= w < np.inf for w in weights) or sum(weights) <= 0:
+        if not all(checkpoint.is_number(w) and 0 <= w < np.inf for w in weights) or sum(weights) <= 0:
             return f"'weights' must be finite and non-negative with a positive sum, got {weights!r}"
     versions = spec.get("member_versions")
     if versions is not None and (not isinstance(versions, list) or len(versions) != len(members)
@@ -287,10 +287,6 @@ def _ensemble_problem(spec) -> str | None:
     if threshold is not None and not checkpoint.is_threshold(threshold):
         return f"'threshold' must be a number from 0 to 1, got {threshold!r}"
     return None
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def default_model_path() -> Path:
