@@ -170,7 +170,8 @@ def _build_run(data, out_dir: Path, cfg: Config, device: torch.device, rank: int
                resume: bool = False, beat=None) -> _Run:
     """A fresh run: data, model, optimizer, schedule and loss weights (`resume`: trainstate.restore adds the
     schedule)."""
-    class_names, y_tr, monitor, train_batches, val_batches, seen = _load_data(*data, cfg, device, rank, world, beat)
+    class_names = data[2]
+    y_tr, monitor, train_batches, val_batches, seen = _load_data(*data, cfg, device, rank, world, beat)
     model, net, prep = _build_model(cfg, class_names, train_batches.masks is not None, device)
     steps_per_epoch = min(len(train_batches), cfg.train.max_steps_per_epoch or len(train_batches))
     optimizer = make_optimizer(net, cfg.optim, cfg.data.batch_size * world, device)
@@ -209,7 +210,7 @@ def _positive_class(class_names: list[str], chosen: str | None) -> int | None:
 
 
 def _load_data(manifest, df, class_names, cfg: Config, device: torch.device, rank: int, world: int, beat=None):
-    """(class names, train labels, selection metric, train batches, val batches, seen_images) from the manifest's
+    """(train labels, selection metric, train batches, val batches, seen_images) from the manifest's
     train and val rows (`df`, its table), decoded into uint8 caches (train's with a margin for augmentation, and
     lesion masks with box_loss)."""
     index = {c: i for i, c in enumerate(class_names)}
@@ -232,7 +233,7 @@ def _load_data(manifest, df, class_names, cfg: Config, device: torch.device, ran
     if len(train_batches) == 0:
         raise BonefracError(f"train split has {len(tr)} images, fewer than one batch of {cfg.data.batch_size} "
                             f"per process; lower data.batch_size")
-    return class_names, y_tr, monitor, train_batches, val_batches, seen_images(df)
+    return y_tr, monitor, train_batches, val_batches, seen_images(df)
 
 
 def _lesion_masks(cfg, rows, cache_size: int, class_names):
