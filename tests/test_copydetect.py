@@ -139,7 +139,8 @@ def test_bad_detector_folders_name_the_path_and_problem(detector_dir, tmp_path, 
 
 def test_cli_match_copies_flag(monkeypatch, tmp_path):
     import bonefrac.manifest
-    from bonefrac.cli import build_parser, main
+    from bonefrac.cli import main
+    from bonefrac.cliargs import build_parser
 
     parser = build_parser()
     assert parser.parse_args(["prepare", "src", "--out", "o"]).match_copies is None

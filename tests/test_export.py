@@ -161,7 +161,7 @@ def test_export_fails_loudly(ckpt, manifest, tmp_path):
 
 
 def _has_cli() -> bool:
-    from bonefrac.cli import build_parser
+    from bonefrac.cliargs import build_parser
 
     return "export" in build_parser()._subparsers._group_actions[0].choices
 

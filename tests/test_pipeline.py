@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from bonefrac import checkpoint
-from bonefrac.cli import main, parse_args
+from bonefrac.cli import main
+from bonefrac.cliargs import parse_args
 from bonefrac.manifest import load_manifest
 from bonefrac.models import FlippedDgradConv2d
 from conftest import interrupt_second_epoch

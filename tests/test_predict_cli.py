@@ -15,7 +15,8 @@ import torch
 
 import bonefrac.predict as predict_mod
 from bonefrac import backends
-from bonefrac.cli import main, parse_args
+from bonefrac.cli import main
+from bonefrac.cliargs import parse_args
 from bonefrac.errors import BonefracError
 
 ROOT = Path(__file__).resolve().parents[1]
