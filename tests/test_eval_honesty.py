@@ -210,3 +210,14 @@ def test_binary_headline_names_the_positive_class_and_the_threshold_source():
     assert settings["positive class"] == "fracture" and settings["test-time augmentation (--tta)"] == "on"
     assert settings["threshold"] == "p(fracture) >= 0.14: 0.5 fallback: the model has no validation-chosen threshold"
     assert ER._headline(result)["sensitivity (fracture)"] == 1.0 and "AUROC" in ER._headline(result)
+
+
+def test_a_handful_of_resamples_is_not_called_a_95_percent_interval():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    p = np.clip(0.5 + 0.3 * (y - 0.5) + rng.normal(0, 0.2, 200), 0.01, 0.99)
+    p = np.stack([1 - p, p], 1)
+    few = B.metrics_with_ci(y, p, NAMES2, n_boot=3)
+    assert few["sensitivity"]["reliable"] is False and "too few" in few["sensitivity"]["note"]
+    enough = B.metrics_with_ci(y, p, NAMES2, n_boot=300)
+    assert enough["sensitivity"]["reliable"] is True

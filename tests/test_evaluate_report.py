@@ -614,3 +614,30 @@ def test_fitted_weights_are_kept_bit_for_bit_so_an_ensembles_version_stays(ckpt,
     assert np.sum(fitted) != 1.0  # 1 only up to rounding: dividing by the sum would change their last bits
     ens = Ensemble([*members, members[0]], weights=fitted)
     assert ens.weights.tolist() == fitted
+
+
+def test_evaluating_the_val_split_an_ensemble_was_fitted_on_says_so_in_the_results(ckpt, second, manifest, tmp_path):
+    """`evaluate A B --split all` fits the weights on val and then scores val too: only a log line said so."""
+    m = evaluate_mod.evaluate([str(ckpt), str(second)], manifest, split="all", out_dir=tmp_path / "all", n_boot=0,
+                              device="cpu")
+    assert m["ensemble"]["fitted_on"] == "val split of this manifest"
+    assert any("fitted here on this manifest's val split" in w for w in m["warnings"])
+    assert "fitted here on this manifest's val split" in _html_text(tmp_path / "all" / "report.html")
+    test_only = evaluate_mod.evaluate([str(ckpt), str(second)], manifest, out_dir=tmp_path / "test", n_boot=0,
+                                      device="cpu")
+    assert not any("fitted here" in w for w in test_only["warnings"])
+
+
+def test_a_checkpoint_without_positive_index_scores_the_class_its_metrics_are_about(ckpt, manifest, tmp_path):
+    """Older checkpoints may lack positive_index: the metrics chose 'fracture' by name but the scores (and the
+    domain-shift comparison) were top-label confidences, so comparing the model with itself was refused."""
+    copy = shutil.copytree(ckpt, tmp_path / "ckpt")
+    meta = checkpoint.read_meta(copy)
+    meta.pop("positive_index")
+    (copy / checkpoint.META_FILE).write_text(json.dumps(meta))
+    first = evaluate_mod.evaluate([str(copy)], manifest, out_dir=tmp_path / "a", n_boot=0, device="cpu")
+    assert first["positive_class"] == "fracture" and first["score_type"] == "p(fracture)"
+    again = evaluate_mod.evaluate([str(copy)], manifest, out_dir=tmp_path / "b", n_boot=0, device="cpu",
+                                  reference=str(tmp_path / "a" / "metrics.json"))
+    # the same scores against themselves: no shift at all (the reference's were rounded when written)
+    assert again["domain_shift"]["ks_statistic"] == 0.0

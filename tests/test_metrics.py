@@ -440,3 +440,21 @@ def test_one_vs_rest_by_hand():
     # (3.5), 0.4 wins 2 and ties 1 (2.5), of 8 pairs
     assert out["auroc"] == pytest.approx((3.5 + 2.5) / 8)
     assert M.one_vs_rest(np.array([2, 2]), probs[:2], 2)["auroc"] is None  # no negatives
+
+
+def test_macro_precision_and_f1_count_a_predicted_class_absent_from_the_set():
+    """Class c never occurs but is predicted 3 times: its false alarms belong in the macro average (as in
+    scikit-learn), while its recall stays undefined and out of macro recall."""
+    from sklearn.metrics import f1_score, precision_score, recall_score
+
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1, 0, 1])
+    pred = np.array([0, 0, 0, 2, 1, 1, 1, 2, 0, 2])
+    probs = np.eye(3)[pred] * 0.8 + 0.2 / 3
+    m = M.classification_metrics(y, probs, ["a", "b", "c"])
+    assert m["macro_avg"]["f1"] == pytest.approx(f1_score(y, pred, average="macro"))
+    assert m["macro_avg"]["precision"] == pytest.approx(precision_score(y, pred, average="macro"))
+    assert m["macro_avg"]["recall"] == pytest.approx(recall_score(y, pred, labels=[0, 1], average="macro"))
+    assert m["weighted_avg"]["f1"] == pytest.approx(f1_score(y, pred, average="weighted"))
+    # the vectorised path (bootstrap, model selection) agrees with the point estimate
+    cm = M.confusion_batch(y, pred, 3, np.ones((1, len(y))))
+    assert M.cm_metrics(cm, None)["macro_f1"][0] == pytest.approx(m["macro_avg"]["f1"])

@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 MIN_GROUPS = 10
 # An interval defined on fewer resamples than this share describes a conditional distribution, not the metric's.
 MIN_VALID_FRACTION = 0.9
+MIN_RESAMPLES = 200  # below this the percentile interval is noise; evaluate defaults to 1000
 
 
 def _weight_chunks(n: int, groups, n_boot: int, seed: int, chunk: int = 250):
@@ -48,7 +49,8 @@ def _weight_chunks(n: int, groups, n_boot: int, seed: int, chunk: int = 250):
 def _interval(values, value, alpha: float) -> dict:
     """{value, low, high, n_boot_valid, reliable, note}; `reliable` is False (with a note) when the metric is
     undefined, the interval has zero width although the metric is defined (a percentile bootstrap cannot bound a
-    proportion of 0 or 1), or fewer than MIN_VALID_FRACTION of the resamples were defined."""
+    proportion of 0 or 1), fewer than MIN_VALID_FRACTION of the resamples were defined, or fewer than
+    MIN_RESAMPLES were (the 2.5th and 97.5th percentiles of a handful of values are not a 95 % interval)."""
     values = np.asarray(values, dtype=float)
     valid = values[np.isfinite(values)]
     low, high = (np.percentile(valid, [100 * alpha / 2, 100 * (1 - alpha / 2)]) if len(valid) else (None, None))
@@ -60,6 +62,8 @@ def _interval(values, value, alpha: float) -> dict:
         return _unreliable(out, f"n/a: zero width (every resample gave {out['low']:.4g})")
     if len(valid) < MIN_VALID_FRACTION * len(values):
         return _unreliable(out, f"only {len(valid)} of {len(values)} resamples defined")
+    if len(valid) < MIN_RESAMPLES:
+        return _unreliable(out, f"only {len(valid)} resamples: too few for a 95 % interval (use 1000)")
     return out
 
 

@@ -71,6 +71,8 @@ def evaluate(models: list[str], manifest: str | Path, split: str = "test", out_d
     predictor = load_predictor(models, device, tta)
     names = predictor.class_names
     pos = predictor.positive_index if positive_class is None else metrics.positive_class_index(names, positive_class)
+    if pos is None and len(names) == 2:  # an older checkpoint without positive_index: the class metrics would pick
+        pos = metrics.positive_class_index(names)  # this one by name, so scores and references must agree with it
     if ref is not None:
         _check_reference(ref, reference, names, pos)
     df = load_manifest(manifest)
@@ -108,8 +110,15 @@ def evaluate(models: list[str], manifest: str | Path, split: str = "test", out_d
         if mirrored:
             result["operating_points_note"] = mirrored
     result["warnings"] = evalreport.set_warnings(y, names, pos, tta, split)
+    if ensemble_fit and ensemble_fit.get("fitted_on") and split in ("val", "all"):
+        result["warnings"].append(f"the ensemble's weights and thresholds were fitted here on this manifest's val "
+                                  f"split ({ensemble_fit['val_n']} images), which this '{split}' evaluation "
+                                  "includes: its metrics are optimistic")
+        log.warning("%s", result["warnings"][-1])
     if ref is not None:
-        result["domain_shift"] = {**metrics.domain_shift_summary(ref, result, ref["scores"], _scores(probs, pos)),
+        # rounded as the reference's were when written below, so a set compared with itself shows no shift
+        result["domain_shift"] = {**metrics.domain_shift_summary(ref, result, ref["scores"],
+                                                                 _scores(probs, pos).round(6)),
                                   "score_type": result["score_type"]}
     if len(names) == 2:  # decide exactly as the metrics above did (at 0.5 when the model has no threshold)
         pred = decide(probs, names.index(result["positive_class"]), result["threshold"])
@@ -268,8 +277,6 @@ def _fit_loose_ensemble(ens: Ensemble, df: pd.DataFrame, manifest, cache_dir: Pa
         log.warning("no usable val split to fit ensemble weights on (%s); using equal weights and the first "
                     "member's thresholds", problem)
         return {"weights": [float(w) for w in ens.weights], "fitted_on": None}
-    if split in ("val", "all"):
-        log.warning("ensemble weights are fitted on the val split that is also being evaluated: optimistic")
     fit = fit_ensemble(ens, select_rows(df, "val", names, "val split"), cache_dir)
     apply_ensemble_fit(ens, fit)
     return {**fit, "fitted_on": "val split of this manifest"}

@@ -160,7 +160,7 @@ def classification_metrics(y, probs, class_names: Sequence[str], positive_index:
                           "f1": json_number(per["f1"][i]), "support": int(support[i])} for i, n in enumerate(names)},
         "confusion_matrix": cm.astype(int).tolist(),
         "class_names": names,
-        **_averages(per, support),
+        **_averages(per, support, cm.sum(axis=0)),
     }
     if k == 2:
         out.update(threshold_metrics(y == pos, probs[:, pos], threshold))
@@ -168,17 +168,23 @@ def classification_metrics(y, probs, class_names: Sequence[str], positive_index:
     return out
 
 
-def _averages(per: dict, support) -> dict:
-    """macro_avg and weighted_avg of per-class precision/recall/F1 over the classes present in the set (a class
-    absent from it has nothing to recall; a present class never predicted counts precision 0)."""
-    present = support > 0
+def _averages(per: dict, support, predicted) -> dict:
+    """macro_avg and weighted_avg of per-class precision/recall/F1. Recall averages over the classes present in
+    the set (an absent class has nothing to recall); precision and F1 also over absent classes the model
+    predicted (their false alarms count, as in scikit-learn's macro average). A present class never predicted
+    counts precision 0."""
+    present, used = support > 0, (support > 0) | (predicted > 0)
     out = {}
-    for avg, weights in (("macro", present.astype(float)), ("weighted", support.astype(float))):
+    for avg in ("macro", "weighted"):
         if not present.any():
             out[f"{avg}_avg"] = {"precision": None, "recall": None, "f1": None}
             continue
-        out[f"{avg}_avg"] = {key: float(np.average(np.nan_to_num(per[key][present]), weights=weights[present]))
-                             for key in ("precision", "recall", "f1")}
+        row = {}
+        for key in ("precision", "recall", "f1"):
+            over = present if key == "recall" or avg == "weighted" else used
+            weights = support if avg == "weighted" else np.ones(len(support))
+            row[key] = float(np.average(np.nan_to_num(per[key][over]), weights=weights[over]))
+        out[f"{avg}_avg"] = row
     return out
 
 
@@ -217,20 +223,20 @@ def cm_metrics(cm, pos: int | None) -> dict:
     """Vectorised metrics from (B, K, K) confusion matrices.
 
     Every metric is NaN when undefined (empty denominator) so that the bootstrap skips those resamples:
-    precision when nothing is predicted as the class, recall without support, F1 with neither. Macro-F1 and
-    balanced accuracy average over the classes present (support > 0).
+    precision when nothing is predicted as the class, recall without support, F1 with neither. Balanced accuracy
+    averages over the classes present (support > 0), macro-F1 also over absent classes that were predicted.
     """
     with np.errstate(invalid="ignore", divide="ignore"):
         tp = np.diagonal(cm, axis1=1, axis2=2)
         support, predicted = cm.sum(axis=2), cm.sum(axis=1)
-        present = support > 0
+        present, used = support > 0, (support > 0) | (predicted > 0)
         recall = np.where(present, tp / support, np.nan)
         precision = np.where(predicted > 0, tp / predicted, np.nan)
         f1_den = support + predicted
         f1 = np.where(f1_den > 0, 2 * tp / f1_den, np.nan)
         out = {"accuracy": tp.sum(1) / cm.sum((1, 2)),
                "balanced_accuracy": np.nansum(recall, axis=1) / present.sum(1),
-               "macro_f1": np.nansum(np.where(present, f1, 0.0), axis=1) / present.sum(1),
+               "macro_f1": np.nansum(np.where(used, f1, 0.0), axis=1) / used.sum(1),
                "recall": recall, "precision": precision, "f1": f1}
         if pos is not None:
             neg = 1 - pos
