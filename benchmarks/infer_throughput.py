@@ -59,8 +59,8 @@ VARIANTS = ("eager", "amp", "amp-grn", "default", "reduce-overhead", "frozen")
 FROZEN_OPTIONS = ("fp16", "mm", "autotune", "gemm", "tritonmm", "cdt", "grn")
 
 
-def bench_arch(arch: str, size: int, batch: int, reps: int, variants: list[str], profile_dir: str | None = None
-               ) -> dict:
+def bench_arch(arch: str, size: int, batch: int, reps: int, variants: list[str], profile_dir: str | None = None,
+               grn_min_pixels: int = 0) -> dict:
     """img/s of each variant for one architecture; ratios are against eager fp32 measured in the same run."""
     model = create(arch, 3).cuda().eval()
     x = torch.rand(batch, 3, size, size, device="cuda")
@@ -72,7 +72,7 @@ def bench_arch(arch: str, size: int, batch: int, reps: int, variants: list[str],
         for variant in [v for v in variants if v != "eager"]:
             try:
                 prof = f"{profile_dir}/infer_{arch}_{variant}.txt" if profile_dir else None
-                ips = run_variant(variant, model_cl, xcl, reps, prof)
+                ips = run_variant(variant, model_cl, xcl, reps, prof, grn_min_pixels)
             except Exception as exc:  # one failing variant must not lose the others' numbers
                 log.exception("%s %s failed", arch, variant)
                 row[f"{variant}_error"] = f"{type(exc).__name__}: {exc}"[:300]
@@ -84,7 +84,7 @@ def bench_arch(arch: str, size: int, batch: int, reps: int, variants: list[str],
     return row
 
 
-def run_variant(variant: str, model, x, reps: int, profile_to: str | None = None) -> float:
+def run_variant(variant: str, model, x, reps: int, profile_to: str | None = None, grn_min_pixels: int = 0) -> float:
     if variant.startswith("amp"):
         import copy
 
@@ -92,7 +92,7 @@ def run_variant(variant: str, model, x, reps: int, profile_to: str | None = None
         if variant == "amp-grn":
             from bonefrac.kernels import fuse_grn_blocks
 
-            fuse_grn_blocks(m)
+            fuse_grn_blocks(m, min_pixels=grn_min_pixels)
 
         def run(inp):
             with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -110,7 +110,8 @@ def run_variant(variant: str, model, x, reps: int, profile_to: str | None = None
     options = set(variant.split("-")[1:])
     dtype = torch.float16 if "fp16" in options else torch.bfloat16
     mode = "max-autotune" if "autotune" in options else "reduce-overhead"
-    return frozen(model, x, reps, dtype, inductor_patch(options), mode, profile_to, fuse_grn="grn" in options)
+    return frozen(model, x, reps, dtype, inductor_patch(options), mode, profile_to,
+                  fuse_grn=grn_min_pixels if "grn" in options else None)
 
 
 def inductor_patch(options: set[str]) -> dict:
@@ -131,18 +132,19 @@ def valid_variant(variant: str) -> bool:
 
 
 def frozen(model, x, reps: int, dtype, patch: dict, mode: str, profile_to: str | None = None,
-           fuse_grn: bool = False) -> float:
+           fuse_grn: int | None = None) -> float:
     """Low-precision weights (no autocast casts), inductor freezing (folds BatchNorm into convolutions,
-    constant-folds weights), CUDA graphs: the deployment configuration."""
+    constant-folds weights), CUDA graphs: the deployment configuration. `fuse_grn`: bonefrac's fused blocks for
+    maps of at least that many pixels per image (None: not fused)."""
     import copy
 
     import torch._inductor.config as inductor_config
 
     m = copy.deepcopy(model).to(dtype)
-    if fuse_grn:
+    if fuse_grn is not None:
         from bonefrac.kernels import fuse_grn_blocks
 
-        log.info("fused GRN blocks: %d", fuse_grn_blocks(m))
+        log.info("fused GRN blocks: %d (maps of %d+ pixels)", fuse_grn_blocks(m, min_pixels=fuse_grn), fuse_grn)
     with inductor_config.patch(patch):
         compiled = torch.compile(m, mode=mode)
         return timed(compiled, x.to(dtype), reps, profile_to)
@@ -167,6 +169,8 @@ def main() -> None:
     p.add_argument("--variants", default="eager,default,reduce-overhead,frozen",
                    help=f"comma-separated, from {','.join(VARIANTS)}; frozen may add -{'/-'.join(FROZEN_OPTIONS)}")
     p.add_argument("--profile-dir", help="write each compiled variant's top CUDA kernels here")
+    p.add_argument("--grn-min-pixels", type=int, default=0, help="-grn variants: fuse only blocks whose feature "
+                   "maps have at least this many pixels per image (e.g. 100 leaves ConvNeXt's 7x7 last stage out)")
     p.add_argument("--json")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -178,9 +182,10 @@ def main() -> None:
         p.error(f"unknown variants {sorted(unknown)}")
     if args.profile_dir:
         Path(args.profile_dir).mkdir(parents=True, exist_ok=True)
-    rows = [bench_arch(a, args.size, args.batch, args.reps, variants, args.profile_dir) for a in args.archs.split(",")]
+    rows = [bench_arch(a, args.size, args.batch, args.reps, variants, args.profile_dir, args.grn_min_pixels)
+            for a in args.archs.split(",")]
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-           "rows": rows}
+           "grn_min_pixels": args.grn_min_pixels, "rows": rows}
     print(json.dumps(out, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))

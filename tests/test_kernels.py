@@ -270,3 +270,31 @@ def test_block_operands_are_cached_until_a_parameter_changes():
     assert torch.equal(block._operands(torch.float16)[1], mlp.fc1.bias.detach().half())
     mlp.grn.bias = torch.nn.Parameter(torch.zeros_like(mlp.grn.bias))
     assert torch.allclose(block._operands(torch.float16)[3], (mlp.fc2.bias * block.gamma).detach(), atol=1e-6)
+
+
+def test_feature_maps_below_min_pixels_run_timms_forward(monkeypatch):
+    """ConvNeXt V2 Base's last stage (7 x 7 = 49 pixels per image at 224 px) was slower fused than compiled stock
+    on an H100 (benchmarks/RESULTS.md): blocks whose maps are smaller than min_pixels keep timm's forward."""
+    model = small_convnext(conv_mlp=False)
+    kernels.fuse_grn_blocks(model, min_pixels=64)
+    model = model.half()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    seen = []
+    monkeypatch.setattr(kernels, "grn_mlp_residual",
+                        lambda x, w1, b1, w2, bias, gamma, residual, hw, eps: seen.append(hw) or residual.clone())
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 64).half())  # maps of 16x16, 8x8, 4x4 and 2x2 pixels
+    assert seen == [256, 64, 64]  # stage 1 (one block) and stage 2 (two); stages 3 and 4 are timm's
+
+
+def test_a_fused_model_can_be_pickled_whole():
+    import pickle
+
+    model = small_convnext(conv_mlp=False)
+    kernels.fuse_grn_blocks(model, min_pixels=7)
+    again = pickle.loads(pickle.dumps(model))
+    blocks = [m for m in again.modules() if isinstance(m, ConvNeXtBlock)]
+    assert all(type(b).__name__ == "FusedGrnConvNeXtBlock" and b._bonefrac_min_pixels == 7 for b in blocks)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))

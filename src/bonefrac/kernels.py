@@ -229,6 +229,8 @@ def _kernel_dtype(block, x: torch.Tensor):
         return None  # no backward for the fused kernels
     if x.shape[0] < block.__dict__.get("_bonefrac_min_images", 1) or block.__dict__.get("_bonefrac_failed"):
         return None
+    if x.shape[-2] * x.shape[-1] < block.__dict__.get("_bonefrac_min_pixels", 0):
+        return None
     if not (x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")):
         return None
     if x.dtype in _HALF:
@@ -311,14 +313,22 @@ def _fused_block_class():
                 self.__dict__["_bonefrac_operands"] = (key, operands)
             return operands
 
+    # Found by pickle (a fused model pickled whole, e.g. handed to another process) through __getattr__ below.
+    FusedGrnConvNeXtBlock.__module__, FusedGrnConvNeXtBlock.__qualname__ = __name__, "FusedGrnConvNeXtBlock"
     return FusedGrnConvNeXtBlock
 
 
-def fuse_grn_blocks(model: torch.nn.Module, min_images: int = 1) -> int:
+def __getattr__(name: str):
+    if name == "FusedGrnConvNeXtBlock":  # built on first use: importing this module must not import timm
+        return _fused_block_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def fuse_grn_blocks(model: torch.nn.Module, min_images: int = 1, min_pixels: int = 0) -> int:
     """Switch every eligible ConvNeXt V2 block of `model` (in place) to the fused inference kernels; returns how
     many. The blocks keep their parameters and state_dict keys; they fall back to timm's forward whenever the
-    kernels do not apply (see the module docstring), for batches of fewer than `min_images` images, and for good
-    once a launch fails (a warning says why)."""
+    kernels do not apply (see the module docstring), for batches of fewer than `min_images` images or feature
+    maps of fewer than `min_pixels` pixels per image, and for good once a launch fails (a warning says why)."""
     from timm.models.convnext import ConvNeXtBlock
 
     if not triton_available():
@@ -330,6 +340,7 @@ def fuse_grn_blocks(model: torch.nn.Module, min_images: int = 1) -> int:
         if type(module) is ConvNeXtBlock and _eligible(module):
             module.__class__ = fused
             module.__dict__["_bonefrac_min_images"] = int(min_images)
+            module.__dict__["_bonefrac_min_pixels"] = int(min_pixels)
             n += 1
     return n
 
