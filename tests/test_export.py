@@ -123,7 +123,7 @@ def test_ensemble_exports_as_one_graph_matching_the_pytorch_ensemble(ensembles, 
 def test_mixed_size_ensemble_int8_and_torchscript(ensembles, tmp_path):
     src = ensembles["mixed"]
     report = export(src, tmp_path / "q.onnx", images=SAMPLE / "images", int8=True, n_calib=8, n_parity=8)
-    assert report["variant"] == "int8" and report["parity"]["argmax_agreement"] >= 0.8
+    assert report["variant"] == "int8" and report["parity"]["decision_agreement"]["default"] >= 0.8
     served = load_backend(tmp_path / "q.onnx", "cpu")
     assert served.size == 64 and served.meta["weights"] == [0.35, 0.65]  # input at the largest member size
     # The 48 px member is resized inside the graph from the 64 px input, the PyTorch ensemble resizes the
@@ -137,7 +137,7 @@ def test_mixed_size_ensemble_int8_and_torchscript(ensembles, tmp_path):
 
 def test_int8_and_torchscript_exports(ckpt, manifest, tmp_path):
     report = export(ckpt, tmp_path / "q.onnx", manifest=manifest, int8=True)
-    assert report["variant"] == "int8" and report["parity"]["argmax_agreement"] >= 0.8
+    assert report["variant"] == "int8" and report["parity"]["decision_agreement"]["default"] >= 0.8
     assert "val_metric" in report and report["size_bytes"] < (tmp_path / "q.onnx").stat().st_size * 2
     assert load_backend(tmp_path / "q.onnx", "cpu").version.endswith("onnx-int8")
     report = export(ckpt, tmp_path / "m.pt", fmt="torchscript", images=SAMPLE / "images", n_parity=8)
@@ -147,11 +147,17 @@ def test_int8_and_torchscript_exports(ckpt, manifest, tmp_path):
     assert use_operating_point(served, "high_specificity") == served.threshold == 0.55  # TorchScript keeps them too
 
 
-def test_export_fails_loudly(ckpt, manifest, tmp_path):
+def test_export_fails_loudly(ckpt, manifest, tmp_path, monkeypatch):
+    from bonefrac import exportcheck
+
     out = tmp_path / "bad.onnx"
-    with pytest.raises(BonefracError, match="parity check FAILED"):
-        export(ckpt, out, manifest=manifest, tolerance=-1.0)
+    with monkeypatch.context() as m, pytest.raises(BonefracError, match="parity check FAILED"):
+        m.setitem(exportcheck.DEFAULT_TOLERANCE, "fp32", -1.0)
+        export(ckpt, out, manifest=manifest)
     assert not out.exists()
+    for bad in (float("nan"), float("inf"), -1.0):  # NaN passed every comparison: the check was off
+        with pytest.raises(BonefracError, match="--tolerance must be a finite number >= 0"):
+            export(ckpt, out, manifest=manifest, tolerance=bad)
     with pytest.raises(BonefracError, match="real images"):
         export(ckpt, out)
     with pytest.raises(BonefracError, match="not both"):
@@ -396,7 +402,7 @@ def test_int8_export_keeps_the_input_side_and_padding_in_float_within_tolerance(
 def test_shipped_model_int8_meets_the_default_tolerance(manifest, tmp_path):
     """The default INT8 tolerance (0.15) is a claim about trained models: the shipped one must meet it
     (calibrated on the sample manifest's train rows, checked on its val rows; export raises past it)."""
-    from bonefrac.export import DEFAULT_TOLERANCE
+    from bonefrac.exportcheck import DEFAULT_TOLERANCE
     from bonefrac.predict import default_model_path
 
     shipped = default_model_path()
@@ -410,15 +416,18 @@ def test_shipped_model_int8_meets_the_default_tolerance(manifest, tmp_path):
 # --- files, inputs and the report -------------------------------------------------------------------------
 
 
-def test_failed_export_keeps_the_previous_export_and_its_sidecar(ckpt, tmp_path):
+def test_failed_export_keeps_the_previous_export_and_its_sidecar(ckpt, tmp_path, monkeypatch):
+    from bonefrac import exportcheck
+
     for out in (tmp_path / "x.onnx", tmp_path / "x.pt"):
         fmt = "onnx" if out.suffix == ".onnx" else "torchscript"
         export(ckpt, out, fmt=fmt, images=SAMPLE / "images", n_parity=4)
         sidecar = Path(str(out) + ".json")
         before = out.read_bytes(), sidecar.read_text()
-        with pytest.raises(BonefracError, match="parity check FAILED"):
-            export(ckpt, out, fmt=fmt, images=SAMPLE / "images", n_parity=4, tolerance=-1.0,
-                   fp16=fmt == "onnx")
+        with monkeypatch.context() as m, pytest.raises(BonefracError, match="parity check FAILED"):
+            for variant in ("fp32", "fp16"):  # no difference is below -1: the check fails whatever it measures
+                m.setitem(exportcheck.DEFAULT_TOLERANCE, variant, -1.0)
+            export(ckpt, out, fmt=fmt, images=SAMPLE / "images", n_parity=4, fp16=fmt == "onnx")
         assert (out.read_bytes(), sidecar.read_text()) == before  # the old model and its report, intact
         assert json.loads(sidecar.read_text())["export"]["variant"] == "fp32"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.onnx", "x.onnx.json", "x.pt", "x.pt.json"]
@@ -449,7 +458,7 @@ def test_manifest_labels_must_be_classes_of_the_model(ckpt, manifest, tmp_path):
 
 
 def test_parity_difference_is_recorded_with_significant_digits(tmp_path, monkeypatch):
-    import bonefrac.export as ex
+    import bonefrac.exportcheck as ex
 
     ref = np.array([[0.3, 0.7], [0.9, 0.1]])
 
@@ -463,7 +472,7 @@ def test_parity_difference_is_recorded_with_significant_digits(tmp_path, monkeyp
     monkeypatch.setattr(ex, "load_backend", lambda path, device: Fixed(ref + [[4.84e-7, -4.84e-7], [0, 0]]))
     out = tmp_path / "m.onnx"
     out.write_bytes(b"x")
-    result = ex._verify(Fixed(ref), out, [None, None], None, {"positive_index": 1}, None, "fp32")
+    result = ex.verify(Fixed(ref), out, [None, None], None, {"positive_index": 1}, None, "fp32")
     assert result["parity"]["max_abs_prob_diff"] == pytest.approx(4.84e-7, rel=1e-3)  # not rounded to 0.0
 
 
@@ -568,3 +577,82 @@ def test_versions_of_ensembles_and_exported_files_follow_their_contents(ckpt, en
     exported = [version(tmp_path / n) for n in ("a.onnx", "b.onnx")]
     assert all(re.fullmatch(r"resnet10t@[0-9a-f]{8}\+onnx-fp32", v) for v in exported), exported
     assert exported[0] != exported[1]
+
+
+# --- the images an export is checked on -------------------------------------------------------------------
+
+
+def test_calibration_and_parity_samples_cover_every_label_of_a_class_ordered_manifest(ckpt, manifest, tmp_path):
+    """prepare lists rows class by class, so the first 64 rows were one class: INT8 calibrated and parity checked
+    on fractures alone, and the metric change fell back to accuracy on that class."""
+    from bonefrac import exportcheck
+
+    rows = pd.read_csv(manifest).sort_values(["split", "label"])  # class by class, as prepare writes them
+    ordered = tmp_path / "ordered.csv"
+    rows.to_csv(ordered, index=False)
+    first = rows[rows.split == "val"].head(8)
+    assert first.label.nunique() == 1  # the old rule's parity set
+    picked = exportcheck.spread(rows[rows.split == "val"], 8)
+    assert set(picked.label) == {"fracture", "no_fracture"} and len(picked) == 8
+    assert picked.equals(exportcheck.spread(rows[rows.split == "val"], 8))  # seeded
+    report = export(ckpt, tmp_path / "m.onnx", manifest=ordered, n_parity=8)
+    assert report["reference_images"]["parity_labels"]["fracture"] >= 1
+    assert report["reference_images"]["parity_labels"]["no_fracture"] >= 1
+    assert report["val_metric"]["name"] == "auroc"
+
+
+def test_agreement_is_counted_at_the_models_threshold_and_operating_points():
+    """A probability moving from 0.45 to 0.35 keeps the argmax but flips the decision at the threshold 0.4."""
+    from bonefrac.exportcheck import decision_agreement
+
+    ref = np.array([[0.55, 0.45], [0.9, 0.1], [0.2, 0.8], [0.75, 0.25]])
+    got = np.array([[0.65, 0.35], [0.9, 0.1], [0.2, 0.8], [0.71, 0.29]])
+    meta = {"positive_index": 1, "threshold": 0.4, "operating_points": {"default": 0.4, "screening": 0.27}}
+    assert decision_agreement(ref, got, meta) == {"default": 0.75, "screening": 0.75}
+    assert decision_agreement(ref, got, {"positive_index": None, "threshold": None}) == {"default": 1.0}
+
+
+def test_folder_images_calibrate_and_check_on_different_images():
+    from bonefrac.exportcheck import _folder_images
+
+    calib, parity, labels, _ = _folder_images(SAMPLE / "images", 10, 10)
+    assert len(calib) == len(parity) == 10 and labels is None
+    calib_bytes = {a.tobytes() for a in calib}
+    assert not any(p.tobytes() in calib_bytes for p in parity)
+    _, every, _, _ = _folder_images(SAMPLE / "images", 0, 200)  # nothing to calibrate: parity on all of them
+    assert len(every) == len(SAMPLES)
+
+
+def test_a_val_only_manifest_exports_in_float_but_not_int8(ckpt, manifest, tmp_path):
+    rows = pd.read_csv(manifest)
+    val_only = tmp_path / "val.csv"
+    rows[rows.split == "val"].to_csv(val_only, index=False)
+    assert export(ckpt, tmp_path / "m.onnx", manifest=val_only, n_parity=8)["parity"]["n_images"] == 8
+    with pytest.raises(BonefracError, match="train \\(INT8 calibration\\)"):
+        export(ckpt, tmp_path / "q.onnx", manifest=val_only, int8=True)
+
+
+def test_a_torchscript_export_carries_its_check_inside_the_file(ckpt, tmp_path):
+    import torch
+
+    export(ckpt, tmp_path / "m.pt", fmt="torchscript", images=SAMPLE / "images", n_parity=4)
+    extra = {"bonefrac.json": ""}
+    torch.jit.load(str(tmp_path / "m.pt"), _extra_files=extra)
+    inside = json.loads(extra["bonefrac.json"])["export"]
+    assert inside["parity"]["n_images"] == 4 and "decision_agreement" in inside["parity"]
+
+
+def test_onnx_metadata_that_does_not_fit_its_graph_is_refused_at_load(ckpt, tmp_path):
+    import onnx
+
+    out = tmp_path / "m.onnx"
+    export(ckpt, out, images=SAMPLE / "images", n_parity=4)
+    model = onnx.load(str(out))
+    meta = json.loads(model.metadata_props[0].value)
+    for key, value, problem in (("class_names", ["a", "b", "c"], "names 3 classes"),
+                                ("preprocess", {**meta["preprocess"], "size": 128}, "says 128 px input")):
+        model.metadata_props[0].value = json.dumps({**meta, key: value})
+        edited = tmp_path / f"{key}.onnx"
+        onnx.save(model, str(edited))
+        with pytest.raises(BonefracError, match=problem):
+            load_backend(edited, "cpu")

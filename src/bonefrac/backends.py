@@ -126,6 +126,24 @@ class OnnxPredictor(_GraphPredictor):
         _check_gpu_started(self.session, providers, device)
         raw = self.session.get_modelmeta().custom_metadata_map.get(META_KEY)
         super().__init__(_parse_meta(raw, path), path, batch_size)
+        self._check_graph(path)
+
+    def _check_graph(self, path) -> None:
+        """The metadata must describe this graph (a hand-edited file or another tool's would otherwise drop a class
+        name silently, or fail at the first request with ONNX Runtime's own error): fixed input and output sizes
+        are compared with the preprocessing size and the number of classes."""
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if INPUT_NAME not in [i.name for i in inputs] or OUTPUT_NAME not in [o.name for o in outputs]:
+            raise BonefracError(f"{path}: not a bonefrac export (graph input '{INPUT_NAME}' and output "
+                                f"'{OUTPUT_NAME}' expected; it has {[i.name for i in inputs]} -> "
+                                f"{[o.name for o in outputs]})")
+        spatial = next(i for i in inputs if i.name == INPUT_NAME).shape[2:]
+        classes = next(o for o in outputs if o.name == OUTPUT_NAME).shape[-1:]
+        if any(isinstance(d, int) and d != self.size for d in spatial):
+            raise BonefracError(f"{path}: its metadata says {self.size} px input but the graph takes {spatial}")
+        if any(isinstance(d, int) and d != len(self.class_names) for d in classes):
+            raise BonefracError(f"{path}: its metadata names {len(self.class_names)} classes "
+                                f"({', '.join(self.class_names)}) but the graph outputs {classes[0]}")
 
     def _logits(self, x: np.ndarray) -> np.ndarray:
         return self.session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]

@@ -163,7 +163,7 @@ def _export(args) -> None:
     float_convs = INT8_FLOAT_CONVS if args.int8_float_convs is None else args.int8_float_convs
     report = export(args.ckpt, args.out, fmt=args.format, int8=args.int8, fp16=args.fp16,
                     manifest=args.manifest, images=args.images, tolerance=args.tolerance,
-                    int8_float_convs=float_convs)
+                    n_calib=args.n_calib, n_parity=args.n_parity, int8_float_convs=float_convs)
     print(json.dumps({k: report.get(k) for k in ("variant", "size_bytes", "parity", "val_metric")}))
 
 

@@ -107,10 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--int8", action="store_true", help="ONNX Runtime static INT8, calibrated on training images")
     s.add_argument("--fp16", action="store_true")
     s.add_argument("--manifest", help="manifest: train split calibrates INT8, val split checks parity/metrics")
-    s.add_argument("--images", help="image folder for calibration and parity, instead of --manifest (its first "
-                   "64 images for each)")
+    s.add_argument("--images", help="image folder for calibration and parity, instead of --manifest (two disjoint "
+                   "halves of it; no labels, so no validation metric)")
     s.add_argument("--tolerance", type=float, help="max |p_exported - p_torch| on the parity images (default per "
                    "variant: fp32 and TorchScript 0.001, fp16 0.02, INT8 0.15)")
+    s.add_argument("--n-calib", type=_positive_int, default=64, help="INT8 calibration images, drawn from the "
+                   "train split over its labels (default %(default)s)")
+    s.add_argument("--n-parity", type=_positive_int, default=64, help="parity images, drawn from the val split over "
+                   "its labels (default %(default)s; more: a firmer check, a slower export)")
     s.add_argument("--int8-float-convs", type=_count,
                    help="input-side convolutions --int8 keeps in float (default 4; 0 quantizes all)")
     s.add_argument("--out", required=True)

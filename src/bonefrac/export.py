@@ -14,8 +14,10 @@ its temperature, and the output is log(sum_i w_i softmax(logits_i / T_i)): logit
 in the metadata) is the weighted average of the members' calibrated probabilities. The metadata carries the
 ensemble's classes, threshold, operating points, weights and members.
 
-Parity: probabilities of the exported model and of the PyTorch checkpoint (or ensemble) on real images (the
-manifest's val split, or `images`) must agree within `tolerance` (max absolute difference), else BonefracError.
+Parity: probabilities of the exported model and of the PyTorch checkpoint (or ensemble) on real images (a sample
+of the manifest's val split spread over its labels, or `images`) must agree within `tolerance` (max absolute
+difference), else BonefracError; the report adds how many decisions agree at the model's threshold and at each
+operating point (exportcheck.py).
 INT8 uses ONNX Runtime static quantization (QDQ, per-channel weights, MinMax ranges) calibrated on training
 images, with two groups of nodes left in float (`_int8_float_nodes`):
 - the shape arithmetic (nodes computing from Shape outputs, e.g. the dynamic "same" padding of timm's tf_* models):
@@ -44,15 +46,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .backends import INPUT_NAME, META_KEY, OUTPUT_NAME, load_backend
-from .errors import BonefracError, ImageReadError
-from .io import image_files, read_image
+from .backends import INPUT_NAME, META_KEY, OUTPUT_NAME
+from .errors import BonefracError
+from .exportcheck import check_tolerance, reference_images, verify
 from .predict import ENSEMBLE_FILE, Ensemble, load_predictor
 from .transforms import resize_batch
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2, "int8": 0.15}  # max |p_exported - p_torch|
 OPSET = 17
 INT8_FLOAT_CONVS = 4  # convolutions on the input side kept in float by INT8 exports
 
@@ -126,27 +127,30 @@ def export(ckpt, out, fmt: str = "onnx", int8: bool = False, fp16: bool = False,
     """Write the exported model to `out` (and its report to `out`.json) and return the report; raises
     BonefracError when parity fails, leaving any earlier `out` and its sidecar untouched.
 
-    `manifest` (train split calibrates INT8, val split checks parity and the metric change) or `images` (a
-    folder or list of image files, used for both) must name real images. `int8_float_convs`: how many
+    `manifest` (a sample of its train split calibrates INT8, one of its val split checks parity, decisions and the
+    metric change; see exportcheck.py) or `images` (a folder or list of image files, split into disjoint
+    calibration and parity halves) must name real images; `n_calib`/`n_parity` images at most. `int8_float_convs`: how many
     convolutions on the input side INT8 keeps in float (0 quantizes them all; see the module docstring).
     """
     fmt, variant = _check_options(fmt, int8, fp16)
+    tolerance = check_tolerance(tolerance)
     if int(int8_float_convs) < 0:
         raise BonefracError(f"int8_float_convs must be >= 0, got {int8_float_convs}")
     out = _check_out(out, fmt)  # before the slow part: a bad --out must not cost a whole export
     source = load_predictor([ckpt], "cpu")  # a Predictor, or an Ensemble for an ensemble directory
     wrapped, meta = _deployable(source, ckpt)
-    calib, parity, labels = _reference_images(manifest, images, meta, n_calib, n_parity)
+    calib, parity, labels, described = reference_images(manifest, images, meta, n_calib, n_parity, variant == "int8")
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {"format": fmt, "variant": variant, "opset": OPSET if fmt == "onnx" else None,
-              "source": str(ckpt), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+              "source": str(ckpt), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+              "reference_images": described}
     # Built and checked under a temporary name beside `out` (same file system, so os.replace is atomic): a
     # failed export must not destroy a previous good one, nor leave a sidecar describing another model.
     staged = out.with_name(f".{out.stem}.{os.getpid()}-{secrets.token_hex(4)}.partial{out.suffix}")
     staged_sidecar = _sidecar(staged)
     try:
         _write_model(wrapped, meta, fmt, variant, calib, int(int8_float_convs), staged, report)
-        report.update(_verify(source, staged, parity, labels, meta, tolerance, variant))
+        report.update(verify(source, staged, parity, labels, meta, tolerance, variant))
         _store_final_report(staged, fmt, meta, report)
         os.replace(staged, out)
         os.replace(staged_sidecar, _sidecar(out))
@@ -194,70 +198,6 @@ def _check_options(fmt: str, int8: bool, fp16: bool) -> tuple[str, str]:
     if fmt == "torchscript" and (int8 or fp16):
         raise BonefracError("--int8/--fp16 apply to ONNX exports; TorchScript is exported in fp32")
     return fmt, "int8" if int8 else "fp16" if fp16 else "fp32"
-
-
-# --- reference images ------------------------------------------------------------------------------------
-
-
-def _reference_images(manifest, images, meta, n_calib: int, n_parity: int):
-    """(calibration images, parity images, parity labels or None), decoded 2-D uint8."""
-    if manifest is None and images is None:
-        raise BonefracError("export needs real images for the parity check: pass --manifest (train split "
-                            "calibrates INT8, val split checks parity) or --images FOLDER")
-    if manifest is not None:
-        rows = _manifest_rows(manifest)
-        train, val = rows[rows.split == "train"], rows[rows.split == "val"]
-        if val.empty or train.empty:
-            raise BonefracError(f"{manifest}: needs non-empty train and val splits for export")
-        names = [str(n) for n in meta["class_names"]]
-        unknown = sorted(set(rows.label) - set(names))
-        if unknown:  # checked before decoding any image: a wrong manifest should fail fast
-            raise BonefracError(f"{manifest}: label(s) {unknown} are not classes of the model {names}; "
-                                "pass the manifest the model was trained on, or --images")
-        calib, _ = _load(list(train.path)[:n_calib])
-        parity, ok = _load(list(val.path)[:n_parity])
-        labels = np.array([names.index(v) for v in np.asarray(val.label)[:n_parity][ok]])
-        return calib, parity, labels
-    files = _image_files(images)
-    loaded, _ = _load(files[:max(n_calib, n_parity)])
-    return loaded[:n_calib], loaded[:n_parity], None
-
-
-def _manifest_rows(manifest):
-    from .manifest import read_csv, resolve_paths
-
-    path = Path(manifest)
-    # read_csv, not load_manifest: export needs only path, label and split (not group, sha256, ...).
-    # All text with blanks as "": labels compare as strings and a blank path is one unreadable image.
-    rows = read_csv(path, dtype=str, keep_default_na=False)
-    if not {"path", "label", "split"} <= set(rows.columns):
-        raise BonefracError(f"{path}: manifest needs path, label and split columns; has {list(rows.columns)}")
-    resolve_paths(rows, path)
-    return rows
-
-
-def _image_files(images) -> list[Path]:
-    items = [images] if isinstance(images, (str, Path)) else list(images)
-    files = []
-    for item in map(Path, items):
-        files.extend(image_files(item) if item.is_dir() else [item])
-    if not files:
-        raise BonefracError(f"no image files in {images}")
-    return files
-
-
-def _load(paths) -> tuple[list[np.ndarray], np.ndarray]:
-    out, ok = [], []
-    for p in paths:
-        try:
-            out.append(read_image(p))
-            ok.append(True)
-        except ImageReadError as exc:
-            log.warning("skipping %s", exc)
-            ok.append(False)
-    if not out:
-        raise BonefracError("none of the reference images could be read")
-    return out, np.array(ok, bool)
 
 
 # --- writing ---------------------------------------------------------------------------------------------
@@ -383,49 +323,19 @@ def _write_torchscript(wrapped, meta: dict, out: Path, report: dict) -> None:
     torch.jit.save(traced, str(out), _extra_files=extra)
 
 
-# --- checking --------------------------------------------------------------------------------------------
-
-
-def _verify(source, out: Path, parity, labels, meta: dict, tolerance, variant: str) -> dict:
-    """Parity against PyTorch (fails loudly past the tolerance) and the validation-metric change."""
-    tol = DEFAULT_TOLERANCE[variant] if tolerance is None else float(tolerance)
-    ref = source.predict_arrays(parity)
-    got = load_backend(out, "cpu").predict_arrays(parity)
-    diff = float(np.abs(ref - got).max())
-    pos = meta.get("positive_index")
-    agree = float((ref.argmax(1) == got.argmax(1)).mean())
-    # Significant digits, not fixed decimals: a tiny but non-zero difference must not read as 0.0.
-    result = {"parity": {"n_images": len(parity), "max_abs_prob_diff": float(f"{diff:.3g}"), "tolerance": tol,
-                         "argmax_agreement": round(agree, 4)},
-              "size_bytes": out.stat().st_size}
-    if labels is not None:
-        result["val_metric"] = _metric_change(labels, ref, got, meta["class_names"], pos)
-    if not np.isfinite(diff) or diff > tol:  # the caller removes the file `out`
-        raise BonefracError(f"export parity check FAILED: max |p_exported - p_torch| = {diff:.4g} > tolerance "
-                            f"{tol:g} on {len(parity)} images; nothing written (raise --tolerance to accept)")
-    log.info("parity ok: max prob diff %.3g <= %g on %d images", diff, tol, len(parity))
-    return result
-
-
-def _metric_change(labels, ref, got, class_names, pos) -> dict:
-    from .metrics import _auroc
-
-    name = "auroc"
-    before, after = _auroc(labels, ref, pos), _auroc(labels, got, pos)
-    if before is None or after is None:  # a class absent from the parity images: fall back to accuracy
-        name = "accuracy"
-        before, after = float((ref.argmax(1) == labels).mean()), float((got.argmax(1) == labels).mean())
-    return {"name": name, "torch": round(before, 5), "exported": round(after, 5),
-            "change": round(after - before, 5), "n": int(len(labels))}
-
-
 def _store_final_report(out: Path, fmt: str, meta: dict, report: dict) -> None:
-    """Record parity and metric change inside the file (ONNX) and in the sidecar JSON (all formats)."""
+    """Record parity and metric change inside the file and in the sidecar JSON: a file copied without its sidecar
+    still says how it was checked."""
+    inside = {k: v for k, v in report.items() if k != "size_bytes"}
     if fmt == "onnx":
         import onnx
 
         model = onnx.load(str(out))
-        _set_onnx_meta(model, meta, {k: v for k, v in report.items() if k != "size_bytes"})
+        _set_onnx_meta(model, meta, inside)
         onnx.save(model, str(out))
-        report["size_bytes"] = out.stat().st_size
+    else:
+        scripted = torch.jit.load(str(out), map_location="cpu")
+        torch.jit.save(scripted, str(out), _extra_files={f"{META_KEY}.json": json.dumps({**meta, "export": inside},
+                                                                                          default=str)})
+    report["size_bytes"] = out.stat().st_size
     _sidecar(out).write_text(json.dumps({**meta, "export": report}, indent=2, default=str))
