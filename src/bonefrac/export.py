@@ -129,8 +129,9 @@ def export(ckpt, out, fmt: str = "onnx", int8: bool = False, fp16: bool = False,
 
     `manifest` (a sample of its train split calibrates INT8, one of its val split checks parity, decisions and the
     metric change; see exportcheck.py) or `images` (a folder or list of image files, split into disjoint
-    calibration and parity halves) must name real images; `n_calib`/`n_parity` images at most. `int8_float_convs`: how many
-    convolutions on the input side INT8 keeps in float (0 quantizes them all; see the module docstring).
+    calibration and parity halves) must name real images; `n_calib`/`n_parity` images at most.
+    `int8_float_convs`: how many convolutions on the input side INT8 keeps in float (0 quantizes them all; see
+    the module docstring).
     """
     fmt, variant = _check_options(fmt, int8, fp16)
     tolerance = check_tolerance(tolerance)
