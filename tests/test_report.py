@@ -70,7 +70,7 @@ def test_plots_survive_degenerate_input(tmp_path):
 
 def test_html_report_is_self_contained(pngs, tmp_path):
     y, p = _case()
-    ci = B.metrics_with_ci(y, p, ["no_fracture", "fracture"], None, 1, 0.5, 100, 0)
+    ci = B.metrics_with_ci(y, p, ["no_fracture", "fracture"], None, 1, 0.5, 300, 0)
     sections = [
         ("Summary", ["Test split <b>not</b> bold & escaped.", {"accuracy": 0.91234, "n": 120, "auroc": None}]),
         ("Intervals", [{k: v for k, v in ci.items() if isinstance(v, dict)}]),

@@ -26,6 +26,7 @@ import os
 import re
 import signal
 import sys
+import time
 import uuid
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
@@ -45,6 +46,7 @@ except ImportError:  # Windows
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
+_RECORD_EVERY_S = 60.0  # how often a long re-check of a reused cache records the files it found unchanged
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 
 
@@ -129,7 +131,7 @@ def build_cache(paths: list[str], hashes: list[str], size: int, cache_dir: str |
     since prepare: when building, or for a reused cache, when the file's size or times changed and its hash
     differs) or an image cannot be read. A cache whose file no longer matches the record written beside it
     (size, and a hash of up to 64 images spread over it) is rebuilt with a warning; build files left by killed
-    builds (no one holds their lock) are removed.
+    builds (no one holds their lock) are removed. `beat()` is called after each image decoded or re-checked.
     """
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -140,7 +142,7 @@ def build_cache(paths: list[str], hashes: list[str], size: int, cache_dir: str |
     if done_file.is_file() and data_file.is_file():
         record = _read_record(done_file)
         if record is not None and _matches_record(data_file, record, shape):
-            _check_unchanged(paths, digests, record, done_file)
+            _check_unchanged(paths, digests, record, done_file, beat)
             return np.memmap(data_file, dtype=np.uint8, mode="c", shape=shape)  # "c": writable, file untouched
         log.warning("cache %s does not match its record (changed on disk since it was built); rebuilding",
                     data_file.name)
@@ -185,10 +187,11 @@ def _listing(items: list[str], shown: int = 10) -> str:
     return ", ".join(items[:shown]) + more
 
 
-def _check_unchanged(paths: list[str], digests: list, record: dict, done_file: Path) -> None:
+def _check_unchanged(paths: list[str], digests: list, record: dict, done_file: Path, beat=None) -> None:
     """For a reused cache: re-hash the files whose stamp differs from the build's (or all, for a cache recorded
     without stamps) and raise, listing them, when any differs from its manifest digest. Gone files only warn:
-    the cache holds them as they were at prepare. New stamps are recorded, so the next run only stats."""
+    the cache holds them as they were at prepare. New stamps are recorded, so the next run only stats. `beat()`
+    after each file: after a `chmod -R` or a copy of the data set, the re-check reads all of it."""
     old = record.get("stamps") or []
     old = old if len(old) == len(paths) else [None] * len(paths)
     now, todo = [], []
@@ -199,12 +202,9 @@ def _check_unchanged(paths: list[str], digests: list, record: dict, done_file: P
             now.append(None)
         if now[i] != old[i] and now[i] is not None and digests[i] is not None:
             todo.append(i)
-    found = []
-    if todo:
-        log.info("re-checking %d image(s) changed on disk since the cache was built against the manifest", len(todo))
-        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # hashing releases the GIL
-            found = list(pool.map(lambda i: _file_sha256(paths[i]), todo))
-    changed = [paths[i] for i, digest in zip(todo, found) if digest is not None and digest != digests[i]]
+        if beat is not None:
+            beat()
+    changed = _rehash(paths, digests, todo, now, {**record, "stamps": list(old)}, done_file, beat) if todo else []
     if changed:
         raise _unusable_images(changed, [])
     gone = [p for p, stamp in zip(paths, now) if stamp is None]
@@ -217,6 +217,28 @@ def _check_unchanged(paths: list[str], digests: list, record: dict, done_file: P
         except OSError as exc:  # a read-only cache still serves; the next run re-checks these files again
             log.warning("could not update the cache record %s (%s): the same files are re-checked next time",
                         done_file, exc.strerror or exc)
+
+
+def _rehash(paths: list[str], digests: list, todo: list[int], now: list, record: dict, done_file: Path,
+            beat=None) -> list[str]:
+    """The paths of the files `todo` (indices) whose sha256 differs from their manifest digest, `beat()` after each.
+    The stamps (`now`) of those found unchanged go into `record` as the check goes, written every _RECORD_EVERY_S:
+    a run stopped midway (a watchdog, a kill) re-hashes only the rest."""
+    log.info("re-checking %d image(s) changed on disk since the cache was built against the manifest", len(todo))
+    changed, written = [], time.monotonic()
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # hashing releases the GIL
+        for i, digest in zip(todo, pool.map(lambda i: _file_sha256(paths[i]), todo)):
+            if digest is not None and digest != digests[i]:
+                changed.append(paths[i])
+            elif digest is not None:  # None: unreadable now, so not checked
+                record["stamps"][i] = now[i]
+            if beat is not None:
+                beat()
+            if time.monotonic() - written >= _RECORD_EVERY_S:
+                with contextlib.suppress(OSError):  # a read-only cache: the final update warns
+                    _write_record(done_file, record)
+                written = time.monotonic()
+    return changed
 
 
 def _file_sha256(path: str) -> str | None:

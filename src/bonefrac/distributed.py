@@ -1,9 +1,12 @@
 """How a training step runs across processes: `torch.compile` when asked, then either DDP or one all-reduce of all
-gradients per step (GradAllReduce), plus the process-group setup and the gathering of validation outputs.
+gradients per step (GradAllReduce), plus the process-group setup, the gathering of validation outputs and the
+waits for work only rank 0 does.
 One process (no torchrun) uses only `parallelize`, which then just compiles or not."""
 
 from __future__ import annotations
 
+import datetime
+import functools
 import os
 
 import numpy as np
@@ -54,6 +57,13 @@ def average_over_ranks(tensors: list[torch.Tensor]) -> None:
         torch._foreach_copy_(group, [part.view_as(t) for part, t in zip(parts, group)])
 
 
+# Rank 0 alone decodes the image caches and saves the checkpoints while the other ranks wait for it. A large data
+# set's decode outlasts the process group's default timeout (NCCL 10 min, gloo 30 min), which killed such runs at
+# every --resume. Those waits use a gloo group of their own with this timeout instead: a rank 0 that hangs meanwhile
+# is stopped by its own watchdog (train.watchdog_s), and torchrun then ends the others.
+RANK0_WAIT_TIMEOUT = datetime.timedelta(days=7)
+
+
 def distributed_setup() -> tuple[int, int]:
     """(rank, world size); joins the process group when started by torchrun (WORLD_SIZE > 1)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -64,7 +74,31 @@ def distributed_setup() -> tuple[int, int]:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend)
+    rank0_wait_group()  # now, while every rank is here
     return dist.get_rank(), dist.get_world_size()
+
+
+def wait_for_rank0(watchdog=None) -> None:
+    """Return once every rank got here: rank 0 comes last, after work only it does (decoding, saving checkpoints),
+    however long that takes. On the other ranks `watchdog` (a trainutil.Watchdog) is paused meanwhile: rank 0's
+    own watches that work, and a slow but progressing save must not read as a hang here."""
+    group = rank0_wait_group()
+    if watchdog is None or dist.get_rank() == 0:
+        dist.barrier(group=group)
+        return
+    with watchdog.paused():
+        dist.barrier(group=group)
+
+
+def rank0_wait_group():
+    """The gloo group, with RANK0_WAIT_TIMEOUT, that `wait_for_rank0` waits in; made once per process group (a
+    collective: every rank calls this at the same point)."""
+    return _wait_group(dist.group.WORLD)
+
+
+@functools.lru_cache(maxsize=1)  # one process group at a time; a new one (tests) gets its own wait group
+def _wait_group(world):
+    return dist.new_group(backend="gloo", timeout=RANK0_WAIT_TIMEOUT)
 
 
 def gather_arrays(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import logging
 from pathlib import Path
 
@@ -49,6 +50,26 @@ def prepare_resume(out_dir: Path, rank: int, world: int) -> bool:
     if rank == 0:
         (out_dir / "metrics.csv").unlink(missing_ok=True)
     return False
+
+
+def resume_hint(out_dir: Path) -> str:
+    """What a --resume of the run in `out_dir` goes on from, for the messages of a stopped run. Read from `last` on
+    disk, not from the epochs this process counted: the other ranks finish an epoch before rank 0 has saved it."""
+    epoch = _kept_epoch(out_dir / "last")
+    if epoch is None:
+        return "no epoch was completed; --resume starts the run afresh in the same folder"
+    return f"the last completed epoch ({epoch}) is kept in {out_dir / 'last'}; continue with --resume"
+
+
+def _kept_epoch(last: Path) -> int | None:
+    """The epoch of `last`, or, while a save swaps it (or a kill left it swapped), of the sibling checkpoint.recover
+    would put back; None when none is saved. Only reads: rank 0 may be saving it right now."""
+    for folder in (last, *(last.with_name(last.name + s) for s in checkpoint.SIBLINGS)):
+        try:
+            return int(json.loads((folder / checkpoint.META_FILE).read_text())["epoch"])
+        except (OSError, ValueError, TypeError, KeyError):
+            continue
+    return None
 
 
 def finished_epochs(out_dir: Path) -> int:

@@ -32,13 +32,13 @@ from . import checkpoint, metrics
 from .calibration import calibration_meta
 from .config import Config, to_dict
 from .data import Batches
-from .distributed import GradAllReduce, distributed_setup, gather_arrays, parallelize, sync_buffers
+from .distributed import GradAllReduce, distributed_setup, gather_arrays, parallelize, sync_buffers, wait_for_rank0
 from .errors import BonefracError, ConfigError
 from .manifest import class_names_for, load_manifest, manifest_sha256
 from .models import WithBoxHead, build_model, check_arch, use_flipped_dgrad
 from .predict import infer_logits, resolve_device
 from .runfolder import (append_metrics, check_resume_config, open_tensorboard, prepare_resume, refuse_existing_run,
-                        run_folder_lock, why_no_best)
+                        resume_hint, run_folder_lock, why_no_best)
 from .seen import seen_images
 from .sources import box_masks
 from .trainstate import restore, save_last
@@ -89,7 +89,8 @@ def _train(data, out_dir: Path, cfg: Config, resume: bool, rank: int, world: int
     # Decoding takes minutes on a large data set and can hang too (a stalled network drive): watched like the
     # steps, on rank 0, which decodes while the others wait for it.
     decoding = Watchdog(cfg.train.watchdog_s if rank == 0 else 0, on_timeout=lambda: log.error(
-        "no image was decoded for train.watchdog_s; nothing was trained yet: --resume starts the run again"))
+        "no image was decoded for train.watchdog_s (nor re-checked against the manifest, for a reused cache); "
+        "nothing was trained yet: --resume starts the run again"))
     try:
         run = _build_run(data, out_dir, cfg, device, rank, world, resume, beat=decoding.beat)
     finally:
@@ -101,7 +102,7 @@ def _train(data, out_dir: Path, cfg: Config, resume: bool, rank: int, world: int
 
     # On a hang no checkpoint is written: the weights have moved on since `last` (the end of the last completed
     # epoch), so saving them under that epoch would make --resume repeat steps on top of them.
-    watchdog = Watchdog(cfg.train.watchdog_s, on_timeout=lambda: log.error("%s", _resume_hint(run)))
+    watchdog = Watchdog(cfg.train.watchdog_s, on_timeout=lambda: log.error("%s", resume_hint(run.out_dir)))
     try:
         for epoch in range(run.state["epoch"], cfg.train.epochs):
             # Checked before each epoch, not after: a --resume of a run that stopped early must not train more.
@@ -111,24 +112,19 @@ def _train(data, out_dir: Path, cfg: Config, resume: bool, rank: int, world: int
             gen = torch.Generator().manual_seed(cfg.train.seed * 100_003 + epoch)  # resumable: seed per epoch
             t0 = time.perf_counter()
             train_loss, seen = _train_pass(run, gen, epoch, watchdog)
-            val_logits, val_y = _val_logits(run.eval_model, run.val_batches, run.prep, cfg, world, watchdog.beat)
+            val_logits, val_y = _val_logits(run.eval_model, run.val_batches, run.prep, cfg, world,
+                                            len(run.class_names), watchdog.beat)
             elapsed = time.perf_counter() - t0
             score, row = _score_epoch(run, epoch, train_loss, val_logits, val_y, seen, elapsed)
             _save_epoch(run, epoch, score, row, val_logits, val_y, watchdog)
     except KeyboardInterrupt:
-        log.warning("interrupted; %s", _resume_hint(run))
+        log.warning("interrupted; %s", resume_hint(run.out_dir))
         raise
     finally:
         watchdog.stop()
         if run.writer:
             run.writer.close()
     return _finish(run)
-
-
-def _resume_hint(run) -> str:
-    if run.state["epoch"] == 0:
-        return "no epoch was completed; --resume starts the run afresh in the same folder"
-    return f"the last completed epoch ({run.state['epoch']}) is kept in {run.out_dir / 'last'}; continue with --resume"
 
 
 @dataclass
@@ -357,9 +353,9 @@ def train_step(step_model, model, x, y, gen, optimizer, scheduler, cfg, prep, we
     return loss.detach()
 
 
-def _val_logits(model, batches, prep, cfg, world, beat=None):
-    """Validation logits and labels, gathered from every rank in a distributed run; `beat()` after each batch
-    tells the watchdog that validation is progressing (a pass can take longer than train.watchdog_s)."""
+def _val_logits(model, batches, prep, cfg, world, classes: int, beat=None):
+    """Validation logits (N, `classes`) and labels, gathered from every rank in a distributed run; `beat()` after
+    each batch tells the watchdog that validation is progressing (a pass can take longer than train.watchdog_s)."""
     model.eval()
     logits, ys = [], []
     for x, y in batches.epoch(None):
@@ -367,7 +363,10 @@ def _val_logits(model, batches, prep, cfg, world, beat=None):
         ys.append(y)
         if beat:
             beat()
-    out = torch.cat(logits).cpu().numpy(), torch.cat(ys).cpu().numpy()
+    if logits:
+        out = torch.cat(logits).cpu().numpy(), torch.cat(ys).cpu().numpy()
+    else:  # a val split smaller than the number of processes leaves a rank without images: it adds none
+        out = np.zeros((0, classes), np.float32), np.zeros(0, np.int64)
     return gather_arrays(*out) if world > 1 else out
 
 
@@ -387,7 +386,7 @@ def _score_epoch(run: _Run, epoch: int, train_loss: float, val_logits, val_y, se
 
 def _save_epoch(run: _Run, epoch: int, score: float, row: dict, val_logits, val_y, watchdog: Watchdog) -> None:
     """Record a finished epoch: its progress in `run.state`, `best` (calibrated) when `score` improved, the
-    metrics row, and `last`."""
+    metrics row, and `last`; the other ranks wait for rank 0's saves, their watchdogs paused (rank 0's watches)."""
     state = run.state
     improved = score > state["best_score"]
     if improved:
@@ -407,6 +406,8 @@ def _save_epoch(run: _Run, epoch: int, score: float, row: dict, val_logits, val_
     watchdog.beat()
     save_last(run, epoch + 1)
     watchdog.beat()
+    if run.world > 1:  # else they would wait in the next epoch's first step, their watchdogs counting the saves
+        wait_for_rank0(watchdog)
 
 
 def _finish(run: _Run) -> Path:

@@ -12,7 +12,7 @@ import torch
 from . import checkpoint
 from .models import WithBoxHead
 from .runfolder import trim_metrics
-from .trainutil import make_scheduler, rescale_schedule_state, resume_anchor
+from .trainutil import lr_scale, make_scheduler, rescale_schedule_state, resume_anchor
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +25,15 @@ def save_last(run, epoch_done: int) -> None:
                        "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
                        "ema": run.ema.state_dict() if run.ema else {}, "torch_rng": torch.get_rng_state(),
                        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                       "world": run.world, "lr_anchor": run.lr_anchor,
+                       "world": run.world, "lr_anchor": run.lr_anchor, "lr_scale": _lr_scale(run, run.world),
                        "box_head": run.net.box_head.state_dict() if run.net is not run.model else {}}
         checkpoint.save(run.out_dir / "last", run.model, {**run.base_meta, "epoch": epoch_done}, train_state,
                         seen=run.seen)
+
+
+def _lr_scale(run, world: int) -> float:
+    """The factor make_optimizer scales optim.lr by for `world` processes (1 without optim.lr_base_batch)."""
+    return lr_scale(run.cfg.optim, run.cfg.data.batch_size * world)
 
 
 def restore(run, trained: torch.nn.Module, meta: dict, state: dict) -> None:
@@ -38,8 +43,8 @@ def restore(run, trained: torch.nn.Module, meta: dict, state: dict) -> None:
     new_world = state.get("world", run.world) != run.world
     if new_world:
         log.warning("resuming a run of %d processes with %d: the data shards change, so the run will not match an "
-                    "uninterrupted one; the learning-rate schedule goes on from the same epoch", state["world"],
-                    run.world)
+                    "uninterrupted one; the learning-rate schedule goes on from the same epoch, at the rates of the "
+                    "new global batch (optim.lr_base_batch)", state["world"], run.world)
         rescale_schedule_state(state, run.steps_per_epoch)
     saved_epochs = (meta.get("config") or {}).get("train", {}).get("epochs", cfg.train.epochs)
     run.lr_anchor = resume_anchor(state, cfg.optim, run.steps_per_epoch, saved_epochs, cfg.train.epochs)
@@ -59,6 +64,11 @@ def restore(run, trained: torch.nn.Module, meta: dict, state: dict) -> None:
         run.scheduler.base_lrs = base_lrs
         for group, base, factor in zip(run.optimizer.param_groups, base_lrs, run.scheduler.lr_lambdas):
             group["initial_lr"], group["lr"] = base, base * factor(run.scheduler.last_epoch)
+    elif new_world:  # plateau: the saved rates, reduced or not, were scaled for the old world's global batch
+        # A `last` saved without lr_scale has this run's data.batch_size and optim.lr_base_batch (fixed on resume).
+        factor = _lr_scale(run, run.world) / (state.get("lr_scale") or _lr_scale(run, state["world"]))
+        for group in run.optimizer.param_groups:
+            group["lr"] *= factor
     if run.ema and state.get("ema"):
         run.ema.load_state_dict(state["ema"])
     torch.set_rng_state(state["torch_rng"])

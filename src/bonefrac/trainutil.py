@@ -5,6 +5,7 @@ run folder's bookkeeping."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -14,11 +15,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from .config import OPTIMIZERS, SCHEDULES, Config, one_of_error
 from .data import build_cache
+from .distributed import wait_for_rank0
 from .errors import BonefracError
 from .metrics import SELECTION_METRICS
 
@@ -30,7 +31,7 @@ def make_optimizer(model, ocfg, global_batch: int, device: torch.device):
 
     Norms and biases get no weight decay (decaying them only hurts); fused kernels on CUDA.
     """
-    lr = ocfg.lr * (global_batch / ocfg.lr_base_batch if ocfg.lr_base_batch else 1.0)
+    lr = ocfg.lr * lr_scale(ocfg, global_batch)
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -43,6 +44,11 @@ def make_optimizer(model, ocfg, global_batch: int, device: torch.device):
         # Adam's weight_decay is the L2 penalty of the reference recipe; keep it as configured.
         return torch.optim.Adam(groups, **kwargs)
     raise BonefracError(one_of_error("optim.name", ocfg.name, OPTIMIZERS))
+
+
+def lr_scale(ocfg, global_batch: int) -> float:
+    """The factor `make_optimizer` scales optim.lr by for a global batch of `global_batch` images."""
+    return global_batch / ocfg.lr_base_batch if ocfg.lr_base_batch else 1.0
 
 
 def make_scheduler(optimizer, ocfg, steps_per_epoch: int, epochs: int, anchor: tuple[int, float] | None = None):
@@ -142,8 +148,9 @@ class Watchdog:
 
     A training run once hung silently for 46 minutes; this turns such a hang into a clear error and an exit,
     so `--resume` continues from the last consistent checkpoint. The loop beats after every training step,
-    validation batch and checkpoint save. It saves nothing itself: mid-epoch weights under the last completed
-    epoch's number would make a resume repeat steps on top of them (train.py keeps `last` as it is).
+    validation batch and checkpoint save; ranks waiting for rank 0's saves pause theirs (`paused`), since rank 0's
+    watches those. It saves nothing itself: mid-epoch weights under the last completed epoch's number would make a
+    resume repeat steps on top of them (train.py keeps `last` as it is).
     """
 
     EXIT_CODE = 75
@@ -152,6 +159,7 @@ class Watchdog:
         self.timeout_s, self.on_timeout, self.exit_process = timeout_s, on_timeout, exit_process
         self.last = time.monotonic()
         self.fired = threading.Event()
+        self._paused = False
         self._stop = threading.Event()
         self._thread = None
         if timeout_s and timeout_s > 0:
@@ -160,6 +168,18 @@ class Watchdog:
 
     def beat(self) -> None:
         self.last = time.monotonic()
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Count no time while the block runs: a wait for another process, whose own watchdog watches its work.
+        Counting starts afresh after it."""
+        self.beat()
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
+            self.beat()
 
     def stop(self) -> None:
         """End the watchdog thread and wait for it. Its callback (which holds the run: model, cached images) is
@@ -173,9 +193,9 @@ class Watchdog:
 
     def _run(self) -> None:
         while not self._stop.wait(min(5.0, self.timeout_s / 4)):
-            if time.monotonic() - self.last > self.timeout_s:
-                log.error("watchdog: no progress (image decoded, training step, validation batch or checkpoint save) "
-                          "in %.0f s; stopping (continue with --resume)", self.timeout_s)
+            if not self._paused and time.monotonic() - self.last > self.timeout_s:
+                log.error("watchdog: no progress (image decoded or re-checked, training step, validation batch or "
+                          "checkpoint save) in %.0f s; stopping (continue with --resume)", self.timeout_s)
                 self.fired.set()
                 try:
                     if self.on_timeout is not None:  # None: stopped meanwhile
@@ -188,7 +208,8 @@ class Watchdog:
 
 def decode_caches(manifest, cfg: Config, splits: dict, rank: int, world: int, beat=None) -> dict:
     """{split: uint8 image cache} for `splits` = {split: (manifest rows, image size)}; `beat()` after each image
-    decoded (on rank 0, the one that decodes)."""
+    decoded or re-checked (on rank 0, the one that decodes; the others wait for it, beyond the process group's
+    timeout: rank 0's watchdog, fed by `beat`, is what stops a hung decode)."""
     cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(manifest).parent / "cache"
     caches = {}
     for name, (rows, size) in splits.items():
@@ -196,7 +217,7 @@ def decode_caches(manifest, cfg: Config, splits: dict, rank: int, world: int, be
             caches[name] = build_cache(rows.path.tolist(), rows.sha256.tolist(), size, cache_dir,
                                        cfg.data.decode_workers, beat=beat)
         if world > 1:
-            dist.barrier()
+            wait_for_rank0()
         if rank != 0:
             caches[name] = build_cache(rows.path.tolist(), rows.sha256.tolist(), size, cache_dir, progress=False)
     return caches
