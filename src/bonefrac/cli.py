@@ -212,7 +212,8 @@ def _augment(args) -> None:
     log.info("manifest: %s/manifest.csv (%d copies; train %s)", args.out, report["n_copies"], report["train_after"])
 
 
-COMMANDS = {"prepare": _prepare, "train": _train, "evaluate": _evaluate, "predict": _predict, "export": _export, "serve": _serve, "explain": _explain, "calibrate": _calibrate, "ensemble": _ensemble, "augment": _augment}
+COMMANDS = {"prepare": _prepare, "train": _train, "evaluate": _evaluate, "predict": _predict, "export": _export,
+            "serve": _serve, "explain": _explain, "calibrate": _calibrate, "ensemble": _ensemble, "augment": _augment}
 
 
 def run_logged(fn, *args, verbose: bool = False) -> int:
