@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from bonefrac.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
-from bonefrac.data import Batches, build_cache
+from bonefrac.cache import build_cache
+from bonefrac.data import Batches
 from bonefrac.io import IMAGE_EXTENSIONS
 from bonefrac.models import create, use_flipped_dgrad
 from bonefrac.train import train_step

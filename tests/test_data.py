@@ -3,7 +3,8 @@ import pytest
 import torch
 from PIL import Image
 
-from bonefrac.data import Batches, build_cache
+from bonefrac.cache import build_cache
+from bonefrac.data import Batches
 from bonefrac.errors import BonefracError
 
 
@@ -53,7 +54,7 @@ def test_a_cache_changed_on_disk_is_rebuilt_not_trusted(images, tmp_path, caplog
 
 
 def test_build_files_of_killed_processes_are_removed(images, tmp_path):
-    from bonefrac.data import _build_lock
+    from bonefrac.cache import _build_lock
 
     cache_dir = tmp_path / "cache"
     cache_dir.mkdir()
@@ -66,7 +67,7 @@ def test_build_files_of_killed_processes_are_removed(images, tmp_path):
 
 
 def test_a_second_build_never_touches_the_file_another_process_reads(images, tmp_path, monkeypatch):
-    import bonefrac.data as data_module
+    import bonefrac.cache as data_module
 
     cache_dir = tmp_path / "cache"
     first = build_cache(images, [""] * 6, 16, cache_dir, workers=1, progress=False)
@@ -158,7 +159,7 @@ def test_a_reused_cache_catches_a_file_changed_since_it_was_built(images, tmp_pa
 def test_a_reused_cache_rehashes_only_files_whose_stamp_changed(images, tmp_path, monkeypatch):
     import os
 
-    import bonefrac.data as data_module
+    import bonefrac.cache as data_module
 
     hashes = [_sha(p) for p in images]
     cache_dir = tmp_path / "cache"
@@ -178,7 +179,7 @@ def test_a_read_only_cache_record_still_serves_the_cache(images, tmp_path, monke
     import logging
     import os
 
-    import bonefrac.data as data_module
+    import bonefrac.cache as data_module
 
     hashes = [_sha(p) for p in images]
     cache_dir = tmp_path / "cache"
@@ -189,6 +190,6 @@ def test_a_read_only_cache_record_still_serves_the_cache(images, tmp_path, monke
         raise OSError(30, "Read-only file system")
 
     monkeypatch.setattr(data_module, "_write_record", read_only)
-    with caplog.at_level(logging.WARNING, logger="bonefrac.data"):
+    with caplog.at_level(logging.WARNING, logger="bonefrac.cache"):
         cache = build_cache(images, hashes, 16, cache_dir, workers=1, progress=False)
     assert cache.shape == (6, 16, 16) and "could not update the cache record" in caplog.text

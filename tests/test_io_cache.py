@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 import bonefrac
-import bonefrac.data as data
+import bonefrac.cache as data
 from bonefrac.errors import BonefracError
 
 
@@ -77,7 +77,7 @@ def test_a_full_disk_is_a_clear_error_and_leaves_no_part_file(tmp_path, monkeypa
 
 _CHILD = textwrap.dedent("""
     import sys, time
-    import bonefrac.data as data
+    import bonefrac.cache as data
     real = data.decode_image
     def slow(*args, **kwargs):  # keeps the workers busy until the test has killed this process
         time.sleep(0.3)
@@ -144,7 +144,7 @@ def test_the_decoder_fingerprint_works_from_a_zip_archive(tmp_path):
     with zipfile.ZipFile(tmp_path / "bf.zip", "w") as archive:
         for file in src.rglob("*.py"):
             archive.write(file, Path("bonefrac") / file.relative_to(src))
-    code = "import bonefrac.data as d; print(d.decoder_fingerprint())"
+    code = "import bonefrac.cache as d; print(d.decoder_fingerprint())"
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(tmp_path / "bf.zip")},
                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]

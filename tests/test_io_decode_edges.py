@@ -42,7 +42,7 @@ def test_a_corrupt_dicom_tag_is_an_image_read_error_naming_the_file(tmp_path):
 
 
 def test_a_corrupt_dicom_does_not_stop_a_cache_build_or_a_folder_prediction(tmp_path):
-    from bonefrac.data import build_cache
+    from bonefrac.cache import build_cache
     from bonefrac.predict import predict_files
 
     good = save(pattern(0), tmp_path / "scans" / "IM0001.png")

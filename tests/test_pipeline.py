@@ -408,3 +408,10 @@ def test_explain_fails_like_predict_when_nothing_could_be_explained(run, tmp_pat
     (tmp_path / "empty").mkdir()
     assert main(["explain", str(run / "best"), str(tmp_path / "empty"), "--out", str(out)]) == 2
     assert f"no image files found in {tmp_path / 'empty'}" in caplog.text
+
+
+def test_every_subcommand_the_parser_knows_has_a_command_to_run():
+    from bonefrac.cli import COMMANDS
+    from bonefrac.cliargs import build_parser
+
+    assert set(COMMANDS) == set(build_parser().command_parsers)

@@ -20,7 +20,8 @@ from PIL import Image
 
 from bonefrac import checkpoint
 from bonefrac.config import Config, from_dict, to_dict
-from bonefrac.data import Batches, build_cache
+from bonefrac.cache import build_cache
+from bonefrac.data import Batches
 from bonefrac.trainutil import Watchdog, make_optimizer, make_scheduler
 
 
@@ -159,7 +160,7 @@ def test_rechecking_a_reused_cache_beats_the_watchdog_for_every_file(images, tmp
 
 
 def test_a_recheck_stopped_midway_records_the_files_it_found_unchanged(images, tmp_path, monkeypatch):
-    import bonefrac.data as data_mod
+    import bonefrac.cache as data_mod
 
     paths, hashes = images
     build_cache(paths, hashes, 16, tmp_path / "cache", workers=1, progress=False)

@@ -101,7 +101,7 @@ def test_watchdog_timeout_keeps_the_last_consistent_checkpoint(sample_manifest, 
 
 def test_a_hang_while_decoding_images_is_caught_by_the_watchdog(sample_manifest, tmp_path, monkeypatch, caplog):
     """Decoding ran before the watchdog started: a decode stuck on a stalled network drive hung silently."""
-    import bonefrac.data as data_mod
+    import bonefrac.cache as data_mod
 
     dogs, real = quiet_watchdogs(monkeypatch), data_mod._decode
     decoded = []

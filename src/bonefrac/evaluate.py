@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 
 from . import bootstrap, calibration, checkpoint, evalreport, metrics
-from .data import build_cache
+from .cache import build_cache
 from .errors import BonefracError
 from .io import write_atomically
 from .manifest import load_manifest

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import OPTIMIZERS, SCHEDULES, Config, one_of_error
-from .data import build_cache
+from .cache import build_cache
 from .distributed import wait_for_rank0
 from .errors import BonefracError
 from .metrics import SELECTION_METRICS
