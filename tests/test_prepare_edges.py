@@ -258,8 +258,11 @@ def test_a_different_manifest_in_out_is_kept_unless_overwrite(tmp_path):
     prepare(tmp_path / "p", source=data, workers=1, match_copies="off")
     before = (tmp_path / "p" / "manifest.csv").read_bytes()
     prepare(tmp_path / "p", source=data, workers=1, match_copies="off")  # the same manifest again: fine
-    with pytest.raises(BonefracError, match="already holds a different manifest.*--overwrite"):
+    with pytest.raises(BonefracError, match="already holds a different manifest.*--overwrite") as err:
         prepare(tmp_path / "p", source=data, workers=1, match_copies="off", keep_folder_split=True)
+    drawn = pd.read_csv(tmp_path / "p" / "manifest.csv")
+    moved = int((drawn.split != drawn.path.map(lambda p: Path(p).parent.parent.name)).sum())  # vs the folders'
+    assert moved > 1 and f"({moved} images in another split)" in str(err.value)  # says what would change
     assert (tmp_path / "p" / "manifest.csv").read_bytes() == before and not list((tmp_path / "p").glob("*.new"))
     prepare(tmp_path / "p", source=data, workers=1, match_copies="off", keep_folder_split=True, overwrite=True)
     assert (tmp_path / "p" / "manifest.csv").read_bytes() != before
@@ -401,3 +404,18 @@ def test_a_split_column_is_not_reported_as_dropped(tmp_path, caplog):
                 class_names=["no_fracture", "fracture"], keep_folder_split=True, workers=1)
     dropped = [r.getMessage() for r in caplog.records if "recomputed by prepare" in r.getMessage()]
     assert dropped and "'group'" in dropped[0] and "'split'" not in dropped[0]
+
+
+def test_the_refusal_to_replace_a_manifest_says_what_would_change(tmp_path):
+    from bonefrac.manifest import _difference
+
+    old = pd.DataFrame({"path": ["a", "b", "c"], "label": ["x", "y", "x"], "split": ["train", "val", "test"],
+                        "group": ["1", "2", "3"]})
+    new = pd.DataFrame({"path": ["a", "b", "d", "e"], "label": ["y", "y", "x", "x"],
+                        "split": ["train", "val", "test", "test"], "group": ["1", "2", "4", "5"]})
+    old.to_csv(tmp_path / "old.csv", index=False)
+    new.to_csv(tmp_path / "new.csv", index=False)
+    assert _difference(tmp_path / "old.csv", tmp_path / "new.csv") == "2 images added, 1 image removed, " \
+                                                                    "1 image relabelled"
+    (tmp_path / "junk.csv").write_text("no,paths\n1,2\n")
+    assert "could not be compared" in _difference(tmp_path / "junk.csv", tmp_path / "new.csv")

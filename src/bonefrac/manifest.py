@@ -378,12 +378,27 @@ def _write(out_dir, manifest: pd.DataFrame, report: dict, overwrite: bool) -> No
              report["n_images"], report["n_groups"], report["n_duplicate_groups"], report["n_rejected"])
 
 
+def _difference(old_file: Path, new_file: Path) -> str:
+    """What re-preparing would change, e.g. "2 images added, 5 relabelled, 130 in another split", by path."""
+    try:
+        old, new = (pd.read_csv(f, dtype=str, keep_default_na=False).set_index("path") for f in (old_file, new_file))
+    except (OSError, ValueError, KeyError, pd.errors.ParserError):  # KeyError: no path column (not bonefrac's)
+        return "it could not be compared row by row"
+    both = old.index.intersection(new.index)
+    counts = {"added": len(new.index.difference(old.index)), "removed": len(old.index.difference(new.index))}
+    for column, what in (("label", "relabelled"), ("split", "in another split"), ("group", "in another group")):
+        if column in old.columns and column in new.columns:
+            counts[what] = int((old.loc[both, column] != new.loc[both, column]).sum())
+    said = [f"{n} image{'s' if n != 1 else ''} {what}" for what, n in counts.items() if n]
+    return ", ".join(said) if said else "the same images, labels and splits, written differently"
+
+
 def _refuse_another_manifest(target: Path, new: Path, class_names: list) -> None:
     """Raise unless `target` already holds manifest `new` with the same class order. Runs trained on the old
     manifest must still resume and evaluate honestly: another split would let them train on its test images,
     and another class order (same manifest bytes) would swap what each class index means."""
     if target.read_bytes() != new.read_bytes():
-        raise BonefracError(f"{target} already holds a different manifest (another split or other images); "
+        raise BonefracError(f"{target} already holds a different manifest ({_difference(target, new)}); "
                             "choose another --out, or pass --overwrite to replace it")
     try:
         old = json.loads((target.parent / "prepare_report.json").read_text()).get("class_names")
