@@ -241,3 +241,15 @@ def test_the_chosen_threshold_as_stored_keeps_every_false_pair_below_it():
     chosen = script.measure(emb_d, emb_c, ev, None, args)["chosen"]
     again = script.measure(emb_d, emb_c, ev, chosen["threshold"], args)["chosen"]  # at the stored value
     assert again["distinct_false_pairs"] == 0 and again["copy_foreign_false_pairs"] == 0
+
+
+def test_a_mistyped_detector_folder_fails_before_any_image_is_decoded(tmp_path, monkeypatch):
+    import bonefrac.manifest as manifest_mod
+
+    src = make_split_folder(tmp_path / "src")
+    monkeypatch.setattr(manifest_mod, "_analyse", lambda *a: pytest.fail("images decoded before the check"))
+    with pytest.raises(BonefracError, match="not found.*nowhere"):
+        prepare(tmp_path / "out", source=src, match_copies=tmp_path / "nowhere", workers=1)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BonefracError, match="empty is not a copy detector: copydetect.json is missing"):
+        prepare(tmp_path / "out", source=src, match_copies=tmp_path / "empty", workers=1)

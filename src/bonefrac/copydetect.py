@@ -149,6 +149,9 @@ def resolve_detector(match_copies) -> Path | None:
     path = Path(match_copies)
     if not path.is_dir():
         raise BonefracError(f"copy detector folder not found: {path} (match_copies is auto, off or a folder)")
+    if not (path / META_FILE).is_file():
+        raise BonefracError(f"{path} is not a copy detector: {META_FILE} is missing (match_copies is auto, off or a "
+                            "detector folder)")
     return path
 
 

@@ -73,6 +73,10 @@ def prepare(out_dir, *, source=None, labels_csv=None, path_col=None, label_col="
     fractions = _check_options(fractions, split_all, keep_folder_split)
     if not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
         raise BonefracError(f"seed must be a whole number from 0 to 2**32 - 1, got {seed!r}")
+    if match_copies not in ("default", "auto", "off", None):  # a mistyped folder fails now, not after decoding
+        from .copydetect import resolve_detector  # imports torch, as dedup does when matching copies
+
+        resolve_detector(match_copies)
     rows, rejected, kind, origin = collect(source, labels_csv, path_col, label_col, MANIFEST_COLUMNS, group_col)
     rows = given_split(carry_repeated_ids(_without_unwritable_names(rows, rejected), group_col), keep_folder_split)
     if keep_folder_split and "folder_split" not in rows:
