@@ -109,12 +109,16 @@ def test_upload_pixels_come_from_headers_without_decoding(monkeypatch):
     from bonefrac.serve.budget import upload_pixels
 
     assert upload_pixels(png(50, 100), "a.png", 10_000) == 5_000
-    assert upload_pixels(png(50, 100, mode="RGBA"), "a.png", 10_000) == 5_000
+    # Weighed by what decoding holds: RGBA 4 bytes a pixel (it was counted as grey, 1), 16-bit grey 2.
+    assert upload_pixels(png(50, 100, mode="RGBA"), "a.png", 10_000) == 20_000
+    wide = io.BytesIO()
+    Image.fromarray(np.zeros((100, 50), np.uint16)).save(wide, format="PNG")
+    assert upload_pixels(wide.getvalue(), "a.png", 10_000) == 10_000
     assert upload_pixels(png(200, 100), "a.png", 10_000) == 0  # over the limit: refused from its header
     assert upload_pixels(b"not an image at all", "a.png", 10_000) == 0  # refused as an unknown format
     assert upload_pixels(b"not an image at all", "a.dcm", 10_000) == 10_000  # unreadable header: the maximum
-    assert upload_pixels(dicom(48, 64), "scan", 10_000) == 3_072
-    assert upload_pixels(dicom(48, 64, frames=3), "scan", 10_000) == 9_216
+    assert upload_pixels(dicom(48, 64), "scan", 10_000) == 6_144  # 16 bits allocated
+    assert upload_pixels(dicom(48, 64, frames=3), "scan", 10_000) == 18_432
     deflated = dicom(400, 500, frames=4, deflated=True)
     assert len(deflated) < 20_000  # 1.6 MB of pixels deflated
 
@@ -122,7 +126,7 @@ def test_upload_pixels_come_from_headers_without_decoding(monkeypatch):
         raise AssertionError("the whole dataset was inflated to read its header")
 
     monkeypatch.setattr(pydicom.filereader.zlib, "decompress", no_full_inflation)
-    assert upload_pixels(deflated, "scan", 1_000_000) == 800_000
+    assert upload_pixels(deflated, "scan", 1_000_000) == 1_600_000
     # Refused from the header by the decoder, so holding no budget (a 454-byte upload weighed as the whole budget
     # made every upload behind it wait): a frame over the limit, or more pixel data than may be inflated.
     assert upload_pixels(dicom(48, 64), "scan", 3_000) == 0

@@ -1,5 +1,6 @@
 """A server-wide budget of decoded pixels: an upload is weighed from its header before it is decoded, then waits
-(first come, first served) until its pixels fit beside those already being decoded.
+(first come, first served) until its pixels fit beside those already being decoded. Pixels are weighed by their
+decoded size (an 8-bit grey pixel 1, RGBA 4, 16-bit 2), which is what memory holds.
 
     budget = PixelBudget(settings.max_pixels_in_flight)
     weight = await asyncio.to_thread(upload_pixels, data, name, settings.max_pixels)
@@ -30,6 +31,7 @@ from ..io import DICOM_SUFFIXES, PIL_FORMATS, is_dicom_bytes
 log = logging.getLogger(__name__)
 _HEADER_BYTES = 4 << 20  # of a deflated DICOM, inflated to find its size: headers are KB, pixels come last
 _PIXEL_TAGS = (0x7FE00008, 0x7FE00009, 0x7FE00010)  # FloatPixelData, DoubleFloatPixelData, PixelData
+_SAMPLE_BYTES = {"I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2, "I": 4, "F": 4}  # PIL modes of wide samples
 
 
 class PixelBudget:
@@ -81,8 +83,9 @@ class PixelBudget:
 
 
 def upload_pixels(data: bytes, name: str, max_pixels: int) -> int:
-    """Pixels that decoding `data` (as io.decode_image_and_colour does) will hold, read from its header: width x
-    height, times the frames for DICOM (pydicom 2 decodes them all; a deflated file is inflated whole). 0 for a
+    """What decoding `data` (as io.decode_image_and_colour does) will hold, read from its header, in bytes of
+    decoded samples (an 8-bit grey pixel counts 1, RGBA 4, 16-bit grey 2): width x height x bands x bytes per
+    sample, times the frames for DICOM (pydicom 2 decodes them all; a deflated file is inflated whole). 0 for a
     file that the decoder refuses from its header alone, before any pixel is decoded (over max_pixels, or no
     image format it knows). `max_pixels` when the header cannot be read. Never raises."""
     try:
@@ -106,10 +109,10 @@ def _pil_pixels(data: bytes, max_pixels: int) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data), formats=PIL_FORMATS) as im:
-                pixels = im.width * im.height
+                pixels, per_pixel = im.width * im.height, len(im.getbands()) * _SAMPLE_BYTES.get(im.mode, 1)
     except Image.DecompressionBombError:
         return 0  # refused from the header too
-    return pixels if 0 < pixels <= max_pixels else 0
+    return pixels * per_pixel if 0 < pixels <= max_pixels else 0
 
 
 def _dicom_pixels(data: bytes, max_pixels: int) -> int:
@@ -131,8 +134,9 @@ def _dicom_pixels(data: bytes, max_pixels: int) -> int:
     frame = int(ds.Rows) * int(ds.Columns)
     if frame > max_pixels:
         return 0
-    # A deflated file's pixel data is inflated whole, whatever Rows and Columns say: 2 bytes a pixel.
-    return max(frame * max(1, int(ds.get("NumberOfFrames", 1) or 1)), pixel_bytes // 2) or max_pixels
+    per_pixel = max(1, int(ds.get("SamplesPerPixel", 1) or 1)) * max(1, -(-int(ds.get("BitsAllocated", 8) or 8) // 8))
+    # A deflated file's pixel data is inflated whole, whatever Rows and Columns say.
+    return max(frame * per_pixel * max(1, int(ds.get("NumberOfFrames", 1) or 1)), pixel_bytes) or max_pixels
 
 
 def _deflated_header(data: bytes, start: int):

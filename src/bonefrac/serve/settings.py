@@ -10,7 +10,7 @@
 | BONEFRAC_MAX_REQUEST_MB | 64 | finite > 0 | request body cap (an uncompressed DR DICOM is ~30 MB) |
 | BONEFRAC_MAX_FILES | 16 | >= 1 | images per request |
 | BONEFRAC_MAX_PIXELS | 60000000 | >= 1 | per image, checked from the header before decoding |
-| BONEFRAC_MAX_PIXELS_IN_FLIGHT | 2 x MAX_PIXELS | >= MAX_PIXELS | decoded pixels of all uploads at once (budget.py) |
+| BONEFRAC_MAX_PIXELS_IN_FLIGHT | 2 x MAX_PIXELS | >= MAX_PIXELS | decoded pixels of all uploads, by size (budget.py) |
 | BONEFRAC_MAX_QUEUE | 64 x MAX_BATCH | >= 1 | images waiting for the model; beyond it 503 `overloaded` |
 | BONEFRAC_SHUTDOWN_TIMEOUT_S | 30 | >= 1 | on shutdown, seconds requests in progress get before they are cancelled |
 | BONEFRAC_RATE_LIMIT | 600 | >= 0 | requests per minute per client, bursts of max(5, rate/10) (0: off) |
