@@ -41,6 +41,17 @@ def save(img: np.ndarray, path: Path, **kwargs) -> Path:
     return path
 
 
+@pytest.fixture()
+def images(tmp_path) -> list[str]:
+    """Six flat grey 30 x 20 PNGs of distinct values in tmp_path (a cache to build, files to change)."""
+    paths = []
+    for i in range(6):
+        p = tmp_path / f"img{i}.png"
+        Image.fromarray(np.full((20, 30), 40 * i, np.uint8)).save(p)
+        paths.append(str(p))
+    return paths
+
+
 @pytest.fixture(scope="session")
 def sample_manifest(tmp_path_factory) -> Path:
     """`bonefrac prepare` run once on the embedded 100-image sample; the manifest's path."""

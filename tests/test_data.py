@@ -8,16 +8,6 @@ from bonefrac.data import Batches
 from bonefrac.errors import BonefracError
 
 
-@pytest.fixture()
-def images(tmp_path):
-    paths = []
-    for i in range(6):
-        p = tmp_path / f"img{i}.png"
-        Image.fromarray(np.full((20, 30), 40 * i, np.uint8)).save(p)
-        paths.append(str(p))
-    return paths
-
-
 def test_cache_is_built_once_and_rebuilt_when_inputs_change(images, tmp_path):
     cache_dir = tmp_path / "cache"
     hashes = [f"h{i}" for i in range(len(images))]

@@ -16,11 +16,10 @@ import pandas as pd
 import pytest
 import torch
 import torch.distributed as dist
-from PIL import Image
 
 from bonefrac import checkpoint
-from bonefrac.config import Config, from_dict, to_dict
 from bonefrac.cache import build_cache
+from bonefrac.config import Config, from_dict, to_dict
 from bonefrac.data import Batches
 from bonefrac.trainutil import Watchdog, make_optimizer, make_scheduler
 
@@ -129,13 +128,9 @@ def test_the_resume_hint_names_the_epoch_that_last_holds_not_the_one_this_rank_c
 
 
 @pytest.fixture()
-def images(tmp_path):
-    paths = []
-    for i in range(6):
-        p = tmp_path / f"img{i}.png"
-        Image.fromarray(np.full((20, 30), 40 * i, np.uint8)).save(p)
-        paths.append(str(p))
-    return paths, [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths]
+def hashed_images(images):
+    """conftest's six PNGs with their sha256, as a manifest lists them."""
+    return images, [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in images]
 
 
 def _touch_all(paths) -> None:
@@ -146,10 +141,10 @@ def _touch_all(paths) -> None:
             os.chmod(p, 0o644 if os.stat(p).st_mode & 0o777 != 0o644 else 0o640)
 
 
-def test_rechecking_a_reused_cache_beats_the_watchdog_for_every_file(images, tmp_path):
+def test_rechecking_a_reused_cache_beats_the_watchdog_for_every_file(hashed_images, tmp_path):
     """After a chmod -R the re-hash of every file never beat the decode watchdog: the run stopped with "no image
     was decoded", and every --resume did the same."""
-    paths, hashes = images
+    paths, hashes = hashed_images
     build_cache(paths, hashes, 16, tmp_path / "cache", workers=1, progress=False)
     _touch_all(paths)
     beats = []
@@ -159,10 +154,10 @@ def test_rechecking_a_reused_cache_beats_the_watchdog_for_every_file(images, tmp
     assert len(beats) >= 2 * len(paths)  # one per file looked at, one per file re-hashed
 
 
-def test_a_recheck_stopped_midway_records_the_files_it_found_unchanged(images, tmp_path, monkeypatch):
+def test_a_recheck_stopped_midway_records_the_files_it_found_unchanged(hashed_images, tmp_path, monkeypatch):
     import bonefrac.cache as data_mod
 
-    paths, hashes = images
+    paths, hashes = hashed_images
     build_cache(paths, hashes, 16, tmp_path / "cache", workers=1, progress=False)
     _touch_all(paths)
     real, hashed = data_mod._file_sha256, []
