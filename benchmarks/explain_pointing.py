@@ -12,6 +12,10 @@ top-left corner; matched to manifest rows by file name), Grad-CAM of the fractur
 The same scores for a centre Gaussian heatmap (sigma = 1/4 of each side), which ignores the image, and the mean
 box-area share (what a uniform heatmap's energy would be) are the baselines. The numbers go into
 benchmarks/RESULTS.md under "Grad-CAM pointing game", one subsection per --label (rerunning replaces it).
+
+Only held-out images count: --split is test (or val, for a manifest other than the model's own), and when any
+image to score is in the model's training or validation list (the checkpoint's seen list, as `evaluate` checks
+it) the run stops with exit status 2. A checkpoint without a list is scored, and its entry says it was unchecked.
 """
 
 from __future__ import annotations
@@ -31,11 +35,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # runnable from a checkout without installing
 
 from bonefrac import metrics  # noqa: E402
+from bonefrac.cli import run_logged  # noqa: E402
+from bonefrac.errors import BonefracError  # noqa: E402
 from bonefrac.explain import (POINTING_TOLERANCE_PX, box_mask, centre_gaussian, energy_inside,  # noqa: E402
                               explain_arrays, pointing_hit)
 from bonefrac.io import read_image  # noqa: E402
 from bonefrac.manifest import load_manifest  # noqa: E402
 from bonefrac.predict import load_predictor  # noqa: E402
+from bonefrac.seen import seen_by_model  # noqa: E402
 
 log = logging.getLogger("explain_pointing")
 SECTION = "## Grad-CAM pointing game"
@@ -54,9 +61,22 @@ def boxes_by_name(boxes_csv: Path) -> dict[str, list[tuple[float, float, float, 
 
 def select_images(manifest: Path, split: str, positive: str, boxes: dict) -> pd.DataFrame:
     df = load_manifest(manifest)
-    rows = df if split == "all" else df[df.split == split]
+    rows = df[df.split == split]
     rows = rows[(rows.label == positive) & rows.path.map(lambda p: Path(p).name in boxes)]
     return rows.reset_index(drop=True)
+
+
+def check_unseen(predictor, rows: pd.DataFrame, split: str) -> dict | None:
+    """seen_by_model's counts for the images to score; BonefracError when the model was trained or selected on
+    any of them (a heatmap of an image the model learnt may point at what it memorised, not at the fracture).
+    None: the checkpoint keeps no list, so the overlap cannot be checked (the RESULTS entry says so)."""
+    seen = seen_by_model(predictor, rows, split)
+    if seen and (seen["train"] or seen["val"]):
+        raise BonefracError(f"{seen['train']} of the {seen['of']} images of split {split} to score were in the "
+                            f"model's training split and {seen['val']} in its validation split: the pointing game "
+                            "must be played on images the model never saw (a manifest whose split matches the "
+                            "model's, e.g. the one it was trained from, and --split test)")
+    return seen
 
 
 def score_images(predictor, rows: pd.DataFrame, boxes: dict, target: int, tolerance: float, sigma_frac: float,
@@ -131,12 +151,14 @@ def update_results(results: Path, label: str, entry: str) -> None:
     results.write_text(text[:start] + new_body.rstrip("\n") + "\n" + ("\n" + text[end:] if text[end:] else ""))
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, action="append", help="checkpoint (an ensemble explains member 1)")
     p.add_argument("--manifest", required=True)
     p.add_argument("--boxes", default=str(DEFAULT_BOXES))
-    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    # Held-out splits only: the model learnt its train images. val is for a manifest other than the model's own
+    # (its own val images, which the model was selected on, are refused by check_unseen).
+    p.add_argument("--split", default="test", choices=["test", "val"])
     p.add_argument("--tolerance", type=float, default=POINTING_TOLERANCE_PX)
     p.add_argument("--sigma-frac", type=float, default=0.25)
     p.add_argument("--batch-size", type=int, default=16)
@@ -145,29 +167,38 @@ def main(argv=None) -> int:
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"), help="'' to skip writing")
     p.add_argument("--note", default="", help="a sentence about the model, printed under the subsection title")
     p.add_argument("--scores-csv", help="also write the per-image scores here")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return p.parse_args(argv)
 
+
+def run(args: argparse.Namespace, argv) -> None:
     predictor = load_predictor(args.model, args.device)
     names = predictor.class_names
     pos = predictor.positive_index if predictor.positive_index is not None else metrics.positive_class_index(names)
     boxes = boxes_by_name(Path(args.boxes))
     rows = select_images(Path(args.manifest), args.split, names[pos], boxes)
     if rows.empty:
-        log.error("no '%s' images of split %s have boxes in %s", names[pos], args.split, args.boxes)
-        return 2
+        raise BonefracError(f"no '{names[pos]}' images of split {args.split} have boxes in {args.boxes}")
+    seen = check_unseen(predictor, rows, args.split)
     scores = score_images(predictor, rows, boxes, pos, args.tolerance, args.sigma_frac, args.batch_size)
-    summary = summarise(scores)
+    summary = {**summarise(scores), "seen_by_model": seen}
     print(json.dumps(summary, indent=2))
     if args.scores_csv:
         scores.to_csv(args.scores_csv, index=False)
     if args.results:
         command = "python benchmarks/explain_pointing.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-        entry = markdown_entry(args.label or " + ".join(args.model), summary, command, args.tolerance,
-                               args.sigma_frac, args.note)
-        update_results(Path(args.results), args.label or " + ".join(args.model), entry)
+        unchecked = "" if seen else ("The model keeps no list of the images it was trained on: that none of these "
+                                     "images was among them is not checked.")
+        note = " ".join(n for n in (args.note, unchecked) if n)
+        label = args.label or " + ".join(args.model)
+        update_results(Path(args.results), label, markdown_entry(label, summary, command, args.tolerance,
+                                                                 args.sigma_frac, note))
         log.info("wrote section '%s' of %s", SECTION[3:], args.results)
-    return 0
+
+
+def main(argv=None) -> int:
+    """Exit status 2, one error line, for a problem the user can fix (bonefrac.cli.run_logged)."""
+    args = parse_args(argv)
+    return run_logged(run, args, argv)
 
 
 if __name__ == "__main__":

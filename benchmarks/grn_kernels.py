@@ -101,7 +101,8 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     total = {k: round(sum(r[k] * r["blocks"] for r in rows), 2) for k in ("stock_ms", "product_ms")}
     total["best_tiles_ms"] = round(sum(min(r[str(t)][0] for t in TILES) * r["blocks"] for r in rows), 2)
-    print(json.dumps({"device": torch.cuda.get_device_name(), "batch": batch, "stages": args.stages, "blocks_timed": total}))
+    print(json.dumps({"device": torch.cuda.get_device_name(), "batch": batch, "stages": args.stages,
+                      "blocks_timed": total}))
 
 
 if __name__ == "__main__":

@@ -66,7 +66,9 @@ def bench_arch(arch: str, size: int, batch: int, reps: int, variants: list[str],
     x = torch.rand(batch, 3, size, size, device="cuda")
     row = {"arch": arch, "size": size, "batch": batch}
     with torch.no_grad():
-        row["eager_fp32_img_s"] = eager = round(timed(model, x, reps // 2), 1)
+        # the same number of calls as every variant: a baseline timed over fewer calls is noisier (and reps // 2
+        # was 0 calls, 0 img/s, for --reps 1)
+        row["eager_fp32_img_s"] = eager = round(timed(model, x, reps), 1)
         model_cl = model.to(memory_format=torch.channels_last)
         xcl = x.contiguous(memory_format=torch.channels_last)
         for variant in [v for v in variants if v != "eager"]:
@@ -78,10 +80,16 @@ def bench_arch(arch: str, size: int, batch: int, reps: int, variants: list[str],
                 row[f"{variant}_error"] = f"{type(exc).__name__}: {exc}"[:300]
                 continue
             row[f"{variant}_img_s"] = round(ips, 1)
-            row[f"ratio_{variant}"] = round(ips / eager, 2)
+            row[f"ratio_{variant}"] = ratio(ips, eager)
             log.info("%s", row)
     row.update(onnxruntime_providers(model, size))
     return row
+
+
+def ratio(ips: float, baseline: float) -> float | None:
+    """ips / baseline to 2 decimals; None when the baseline is 0 (rounded from a very slow run), so that one
+    missing ratio does not lose the whole run's numbers to a ZeroDivisionError."""
+    return round(ips / baseline, 2) if baseline > 0 else None
 
 
 def run_variant(variant: str, model, x, reps: int, profile_to: str | None = None, grn_min_pixels: int = 0) -> float:
@@ -165,7 +173,7 @@ def main() -> None:
     p.add_argument("--archs", default="tf_efficientnetv2_s,convnextv2_base")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--reps", type=int, default=40)
+    p.add_argument("--reps", type=int, default=40, help="timed calls per variant, eager fp32 included (>= 1)")
     p.add_argument("--variants", default="eager,default,reduce-overhead,frozen",
                    help=f"comma-separated, from {','.join(VARIANTS)}; frozen may add -{'/-'.join(FROZEN_OPTIONS)}")
     p.add_argument("--profile-dir", help="write each compiled variant's top CUDA kernels here")
@@ -173,6 +181,8 @@ def main() -> None:
                    "maps have at least this many pixels per image (e.g. 100 leaves ConvNeXt's 7x7 last stage out)")
     p.add_argument("--json")
     args = p.parse_args()
+    if args.reps < 1:  # before the GPU check: a usage error is one whatever the machine
+        p.error(f"--reps must be at least 1, got {args.reps}")
     if not torch.cuda.is_available():
         p.error("this benchmark needs a CUDA GPU (none found)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

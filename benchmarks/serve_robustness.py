@@ -1,8 +1,11 @@
 """Robustness run against a live `bonefrac serve`: a corpus of bad inputs, then a seeded fuzz run.
 
-    python benchmarks/serve_robustness.py [--model CKPT] [--fuzz 300] [--seed 0] [--json F]
+    python benchmarks/serve_robustness.py [--model CKPT] [--fuzz 300] [--seed 0] [--max-request-mb MB] [--json F]
 
-Pass criteria: zero 5xx responses, zero dropped connections, and the server still healthy and correct after.
+Pass criteria: every corpus request answered with the status and error code it is built to provoke (the
+over-size bodies are sized from the server's request cap, which the script hands to the server it starts, so they
+reach the size guard: 413 from Content-Length up front, or from the streaming check for a chunked body),
+zero 5xx responses, zero dropped connections, and the server still healthy and correct after.
 The fuzz cases are mutations (bit flips, truncations, splices, random bytes, odd file names and content types)
 of real PNG/JPEG/WebP/DICOM files, drawn from numpy's seeded generator so a failure can be replayed.
 """
@@ -25,6 +28,8 @@ import numpy as np
 from PIL import Image
 
 from live_server import ROOT, fresh_checkpoint, serving
+
+from bonefrac.serve.settings import Settings
 
 log = logging.getLogger("bench")
 
@@ -75,8 +80,17 @@ def seeds() -> dict[str, bytes]:
             "dicom": dicom(gray)}
 
 
-def corpus(s: dict[str, bytes]) -> list[tuple[str, dict]]:
-    """(name, httpx request kwargs) of known-bad requests."""
+# Expected (status, error code) of each corpus request: the refusal it is built to provoke. Image content the
+# decoders cannot read is 422 unreadable_image, a format they do not know 415 unsupported_media_type.
+UNREADABLE, UNSUPPORTED, BAD_REQUEST, INVALID = ((422, "unreadable_image"), (415, "unsupported_media_type"),
+                                                 (400, "bad_request"), (422, "invalid_request"))
+TOO_LARGE = (413, "request_too_large")
+MARGIN = 1024 * 1024  # bytes past the cap: well over it, whatever the multipart framing adds or a proxy strips
+
+
+def corpus(s: dict[str, bytes], settings: Settings) -> list[tuple[str, dict, tuple[int, str]]]:
+    """(name, httpx request kwargs, expected (status, code)) of known-bad requests; the over-size ones are sized
+    from `settings` (the running server's) so that they exceed its request cap and file count."""
     def upload(name, data, ctype="application/octet-stream"):
         return {"files": [("files", (name, data, ctype))]}
 
@@ -84,28 +98,51 @@ def corpus(s: dict[str, bytes]) -> list[tuple[str, dict]]:
     corrupt_jpeg = jpeg[:200] + bytes(b ^ 0xFF for b in jpeg[200:600]) + jpeg[600:]
     corrupt_png = png[:40] + b"\xde\xad\xbe\xef" * 8 + png[72:]
     gray = np.zeros((64, 64), np.uint8)
+    big = settings.max_request_bytes + MARGIN
     return [
-        ("zero bytes", upload("empty.png", b"")),
-        ("truncated JPEG", upload("t.jpg", jpeg[: len(jpeg) // 2], "image/jpeg")),
-        ("corrupt JPEG", upload("c.jpg", corrupt_jpeg, "image/jpeg")),
-        ("truncated PNG", upload("t.png", png[: len(png) // 2], "image/png")),
-        ("corrupt PNG", upload("c.png", corrupt_png, "image/png")),
-        ("20000x20000 PNG bomb", upload("bomb.png", png_bomb(), "image/png")),
-        ("renamed PDF", upload("scan.png", b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj<<>>endobj\n" * 50, "image/png")),
-        ("malformed DICOM", upload("m.dcm", b"\0" * 128 + b"DICM" + bytes(range(256)) * 4)),
-        ("DICOM truncated pixels", upload("t.dcm", dicom(gray, truncate=True))),
-        ("DICOM with lying size", upload("l.dcm", dicom(gray, rows=60_000))),
-        ("huge multipart body", upload("big.png", b"\0" * (30 * 1024 * 1024))),
-        ("chunked body, no length", {"content": (b"\0" * 65536 for _ in range(500)),
-                                     "headers": {"content-type": "multipart/form-data; boundary=x"}}),
-        ("too many files", {"files": [("files", ("a.png", png))] * 40}),
+        ("zero bytes", upload("empty.png", b""), UNREADABLE),
+        ("truncated JPEG", upload("t.jpg", jpeg[: len(jpeg) // 2], "image/jpeg"), UNREADABLE),
+        ("corrupt JPEG", upload("c.jpg", corrupt_jpeg, "image/jpeg"), UNREADABLE),
+        ("truncated PNG", upload("t.png", png[: len(png) // 2], "image/png"), UNREADABLE),
+        ("corrupt PNG", upload("c.png", corrupt_png, "image/png"), UNSUPPORTED),
+        ("20000x20000 PNG bomb", upload("bomb.png", png_bomb(), "image/png"), (413, "image_too_large")),
+        ("renamed PDF", upload("scan.png", b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj<<>>endobj\n" * 50, "image/png"),
+         UNSUPPORTED),
+        ("malformed DICOM", upload("m.dcm", b"\0" * 128 + b"DICM" + bytes(range(256)) * 4), UNREADABLE),
+        ("DICOM truncated pixels", upload("t.dcm", dicom(gray, truncate=True)), UNREADABLE),
+        ("DICOM with lying size", upload("l.dcm", dicom(gray, rows=60_000)), UNREADABLE),
+        ("huge multipart body", upload("big.png", b"\0" * big), TOO_LARGE),
+        ("chunked body, no length", chunked_upload(big), TOO_LARGE),
+        ("too many files", {"files": [("files", ("a.png", png))] * (settings.max_files + 1)},
+         (413, "too_many_files")),
         ("broken multipart", {"content": b"--x\r\nContent-Disposition: form-data\r\n\r\n\x00\x01",
-                              "headers": {"content-type": "multipart/form-data; boundary=x"}}),
-        ("no boundary", {"content": b"abc", "headers": {"content-type": "multipart/form-data"}}),
-        ("JSON body", {"json": {"image": "aGVsbG8="}}),
-        ("wrong field name", {"files": [("image", ("a.png", png))]}),
-        ("text/plain body", {"content": b"hello", "headers": {"content-type": "text/plain"}}),
+                              "headers": {"content-type": "multipart/form-data; boundary=x"}}, BAD_REQUEST),
+        ("no boundary", {"content": b"abc", "headers": {"content-type": "multipart/form-data"}}, BAD_REQUEST),
+        ("JSON body", {"json": {"image": "aGVsbG8="}}, INVALID),
+        ("wrong field name", {"files": [("image", ("a.png", png))]}, INVALID),
+        ("text/plain body", {"content": b"hello", "headers": {"content-type": "text/plain"}}, INVALID),
     ]
+
+
+def chunked_upload(size: int, chunk: int = 65536) -> dict:
+    """A well-formed multipart file part of `size` zero bytes sent chunked (no Content-Length), never closed: the
+    multipart parser keeps reading, so only the streaming size check can stop it (zeros without a part header were
+    refused by the parser as malformed, 400, before the cap was reached)."""
+    head = (b'--x\r\nContent-Disposition: form-data; name="files"; filename="big.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n")
+    return {"content": (head if i == 0 else b"\0" * chunk for i in range(size // chunk + 2)),
+            "headers": {"content-type": "multipart/form-data; boundary=x"}}
+
+
+def mismatches(answers: dict[str, tuple[int, str | None]], expected: dict[str, tuple[int, str]]) -> dict:
+    """{name: {"expected": ..., "got": ...}} for each corpus request whose answer is not the one it was built for
+    (a missing answer counts as a mismatch)."""
+    out = {}
+    for name, want in expected.items():
+        got = answers.get(name)
+        if got is None or tuple(got) != tuple(want):
+            out[name] = {"expected": list(want), "got": None if got is None else list(got)}
+    return out
 
 
 def mutate(data: bytes, rng: np.random.Generator) -> bytes:
@@ -137,43 +174,80 @@ def fuzz_case(s: dict[str, bytes], rng: np.random.Generator) -> dict:
                                  ctypes[int(rng.integers(0, len(ctypes)))])) for _ in range(n)]}
 
 
-def send(http: httpx.Client, url: str, kwargs: dict) -> int:
+def answer(http: httpx.Client, url: str, kwargs: dict) -> tuple[int, str | None]:
+    """(status, error code of the JSON error body or None) of a POST to /v1/predict; (-1, transport error name)
+    when no HTTP answer came."""
     try:
-        return http.post(url + "/v1/predict", **kwargs).status_code
+        response = http.post(url + "/v1/predict", **kwargs)
     except httpx.HTTPError as exc:  # a refused upload may be cut off mid-stream: count it, it is not a 5xx
         log.info("transport: %s", type(exc).__name__)
-        return -1
+        return -1, type(exc).__name__
+    try:
+        code = response.json()["error"]["code"]
+    except (ValueError, KeyError, TypeError):  # a 200, or a body that is not bonefrac's error JSON
+        code = None
+    return response.status_code, code
 
 
-def main() -> None:
+def send(http: httpx.Client, url: str, kwargs: dict) -> int:
+    return answer(http, url, kwargs)[0]
+
+
+def run_corpus(http: httpx.Client, url: str, cases) -> dict[str, tuple[int, str | None]]:
+    answers = {}
+    for name, kwargs, _ in cases:
+        answers[name] = answer(http, url, kwargs)
+        log.info("%-26s -> %s %s", name, *answers[name])
+    return answers
+
+
+def verdict(report: dict) -> dict:
+    """n_5xx, transport_errors and passed for a report holding corpus, corpus_mismatches, fuzz_status_counts,
+    healthy_after and predicts_after."""
+    corpus_status = list(report["corpus"].values())
+    n_5xx = sum(1 for c in corpus_status if c >= 500) + \
+        sum(v for k, v in report["fuzz_status_counts"].items() if int(k) >= 500)
+    # -1: the connection dropped (no HTTP answer); counted per request, not per distinct status
+    transport = corpus_status.count(-1) + report["fuzz_status_counts"].get("-1", 0)
+    passed = (n_5xx == 0 and transport == 0 and not report["corpus_mismatches"] and report["healthy_after"]
+              and report["predicts_after"])
+    return {"n_5xx": n_5xx, "transport_errors": transport, "passed": passed}
+
+
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model")
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--fuzz", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-request-mb", type=float,
+                    help="the server's request cap (default: BONEFRAC_MAX_REQUEST_MB, else the service default)")
     ap.add_argument("--json")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the report
+    settings = Settings.from_env(max_request_mb=args.max_request_mb)
+    # The server gets these limits explicitly, so the corpus's over-size requests are sized from what it runs with.
+    env = {"BONEFRAC_MAX_REQUEST_MB": str(settings.max_request_mb), "BONEFRAC_MAX_FILES": str(settings.max_files)}
     s, rng = seeds(), np.random.default_rng(args.seed)
-    report = {"date": time.strftime("%Y-%m-%d"), "corpus": {}, "seed": args.seed}
+    cases = corpus(s, settings)
+    report = {"date": time.strftime("%Y-%m-%d"), "seed": args.seed, "max_request_mb": settings.max_request_mb,
+              "max_files": settings.max_files}
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(args.model) if args.model else fresh_checkpoint(Path(tmp), args.size)
-        with serving(model) as url, httpx.Client(timeout=120) as http:
-            for name, kwargs in corpus(s):
-                report["corpus"][name] = send(http, url, kwargs)
-                log.info("%-26s -> %s", name, report["corpus"][name])
+        with serving(model, env=env) as url, httpx.Client(timeout=120) as http:
+            answers = run_corpus(http, url, cases)
             fuzz = Counter(send(http, url, fuzz_case(s, rng)) for _ in range(args.fuzz))
             report["fuzz_status_counts"] = {str(k): v for k, v in sorted(fuzz.items())}
             report["healthy_after"] = http.get(url + "/health").status_code == 200
             ok = http.post(url + "/v1/predict", files=[("files", ("ok.png", s["png"]))])
             report["predicts_after"] = ok.status_code == 200 and ok.json()["results"][0]["status"] in ("ok", "not_xray")
-    report["n_5xx"] = sum(1 for c in report["corpus"].values() if c >= 500) + \
-        sum(v for k, v in report["fuzz_status_counts"].items() if int(k) >= 500)
-    # -1: the connection dropped (no HTTP answer); counted per request, not per distinct status
-    report["transport_errors"] = list(report["corpus"].values()).count(-1) + report["fuzz_status_counts"].get("-1", 0)
-    report["passed"] = (report["n_5xx"] == 0 and report["transport_errors"] == 0 and report["healthy_after"]
-                        and report["predicts_after"])
+    report["corpus"] = {name: status for name, (status, _) in answers.items()}
+    report["corpus_codes"] = {name: code for name, (_, code) in answers.items()}
+    report["corpus_mismatches"] = mismatches(answers, {name: want for name, _, want in cases})
+    for name, problem in report["corpus_mismatches"].items():
+        log.error("%s: expected %s, got %s", name, problem["expected"], problem["got"])
+    report.update(verdict(report))
     print(json.dumps(report, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

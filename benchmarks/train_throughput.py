@@ -4,20 +4,25 @@
         [--size 224] [--batch 256] [--steps 60] [--json OUT.json]
     torchrun --nproc_per_node=2 benchmarks/train_throughput.py --images DIR --seed-steps 0 ...   # multi-GPU
 
-Under torchrun every rank runs bonefrac's step on its own GPU and shard (DistributedDataParallel, NCCL), with
-the batch per GPU; images/s counts all ranks. Compare with a one-process run of the same flags for the scaling.
+Under torchrun every rank runs bonefrac's step on its own GPU and shard, with the batch per GPU; images/s counts
+all ranks. Gradients are averaged over NCCL by `bonefrac.distributed.GradAllReduce`, one all-reduce after the
+backward (--grad-sync allreduce, the default; what `bonefrac train` picks for a compiled model), or by
+DistributedDataParallel around the compiled model (--grad-sync ddp; allreduce,ddp for a same-run comparison).
+Compare with a one-process run of the same flags for the scaling.
 
-Seed-style: PIL decoding + torchvision transforms in 12 DataLoader workers, fp32, batch 32, Adam.
+Seed-style: PIL decoding + torchvision transforms in 12 DataLoader workers, fp32 at PyTorch's default precision
+(TF32 off for matmuls, allowed for cuDNN convolutions, as a stock script runs), batch 32, Adam.
 bonefrac: the decoded uint8 cache on the GPU, batched GPU augmentation, bf16 autocast, channels_last,
-fused AdamW, torch.compile (exactly `bonefrac.train.train_step`). Reports images/s, the ratio, and achieved
-TFLOP/s (3x the forward FLOPs counted by torch.utils.flop_counter) as a fraction of a bf16 8192^3 matmul timed in
-the run.
+fused AdamW, torch.compile (exactly `bonefrac.train.train_step`), with TF32 allowed for the float32 work outside
+autocast (`bonefrac train` leaves PyTorch's default). Reports images/s, the ratio, and achieved TFLOP/s (3x the
+forward FLOPs counted by torch.utils.flop_counter) as a fraction of a bf16 8192^3 matmul timed in the run.
 Models are randomly initialised: throughput does not depend on the weights.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import time
@@ -79,6 +84,19 @@ def images_per_s(epoch, step, warm: int, steps: int, batch: int, sync=None):
             if done >= warm + steps:
                 sync()
                 return steps * batch / (time.perf_counter() - t0), (x, y)
+
+
+@contextlib.contextmanager
+def tf32(matmul: bool, cudnn: bool):
+    """TF32 for CUDA matmuls and cuDNN convolutions on or off inside the block, the previous settings after: the
+    flags are process-wide, so set once for bonefrac's pipeline they also made the seed-style baseline use TF32
+    matmuls, which a stock PyTorch script does not."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def seed_style(arch: str, files: list[Path], size: int, steps: int, batch: int = 32, workers: int = 12) -> float:
@@ -187,8 +205,6 @@ def main() -> None:
     rank, world = distributed_setup()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(message)s")
     torch.backends.cudnn.benchmark = True
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
     files = sorted(f for f in Path(args.images).rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
     cache_dir = "/tmp/bench_cache"
     if rank == 0:  # one process decodes, the others map the finished file
@@ -201,13 +217,15 @@ def main() -> None:
     rows = []
     for arch in args.archs.split(","):
         flops = train_flops_per_image(arch, args.size)
-        seed = seed_style(arch, files, args.size, args.seed_steps) if args.seed_steps > 0 else float("nan")
+        with tf32(matmul=False, cudnn=True):  # PyTorch's defaults: what the seed's own fp32 script ran with
+            seed = seed_style(arch, files, args.size, args.seed_steps) if args.seed_steps > 0 else float("nan")
         syncs = args.grad_sync.split(",") if world > 1 else ["none"]
         for batch, mode, sync, dw in [(int(b), m, g, d) for b in args.batch.split(",") for m in args.modes.split(",")
                                       for g in syncs for d in args.depthwise_grad.split(",")]:
             prof = f"{args.profile_dir}/profile_{arch}_{batch}_{mode}_{dw}.txt" if args.profile_dir else None
-            ours = bonefrac_pipeline(arch, cache, args.size, batch, args.steps, mode, prof, rank, world, sync,
-                                     flip_dgrad=dw == "flipped")
+            with tf32(matmul=True, cudnn=True):
+                ours = bonefrac_pipeline(arch, cache, args.size, batch, args.steps, mode, prof, rank, world, sync,
+                                         flip_dgrad=dw == "flipped")
             tflops = ours * flops / 1e12 / world
             row = {"arch": arch, "size": args.size, "gpus": world, "grad_sync": sync, "batch_per_gpu": batch,
                    "compile_mode": mode, "depthwise_grad": dw,

@@ -97,9 +97,13 @@ def load_rows(args) -> pd.DataFrame:
         raise BonefracError(f"--data not found: {data}")
     if {"group", "split", "sha256"} <= set(pd.read_csv(data, nrows=0).columns):
         return load_manifest(data)
+    # prepare's default seed gives the detector a split of its own: NOT the shipped classifier's, which is pinned
+    # in models/fracatlas_effnet_lite/data_split.csv (prepare has ordered groups by a seeded content hash since
+    # session 10, so it cannot re-derive that split). Nothing here needs the two to agree: the detector learns no
+    # labels, and its val/test are held out from its own training sources only.
     with tempfile.TemporaryDirectory() as tmp:
         prepare(tmp, labels_csv=data, path_col=args.path_col, label_col=args.label_col, workers=args.workers,
-                match_copies="off")  # prepare's default seed: the same train split as the shipped classifier's
+                match_copies="off")
         return load_manifest(Path(tmp) / "manifest.csv")
 
 
