@@ -656,3 +656,19 @@ def test_onnx_metadata_that_does_not_fit_its_graph_is_refused_at_load(ckpt, tmp_
         onnx.save(model, str(edited))
         with pytest.raises(BonefracError, match=problem):
             load_backend(edited, "cpu")
+
+
+def test_torchscript_metadata_that_does_not_fit_its_graph_is_refused_at_load(ckpt, tmp_path):
+    import torch
+
+    out = tmp_path / "m.pt"
+    export(ckpt, out, fmt="torchscript", images=SAMPLE / "images", n_parity=4)
+    extra = {"bonefrac.json": ""}
+    module = torch.jit.load(str(out), _extra_files=extra)
+    meta = json.loads(extra["bonefrac.json"])
+    edited = tmp_path / "three.pt"
+    torch.jit.save(module, str(edited), _extra_files={"bonefrac.json": json.dumps({**meta, "class_names": [
+        "a", "b", "c"]})})
+    with pytest.raises(BonefracError, match="names 3 classes .* but the graph outputs 2"):
+        load_backend(edited, "cpu")
+    assert load_backend(out, "cpu").class_names == ["no_fracture", "fracture"]

@@ -131,6 +131,8 @@ def test_torchscript_auto_uses_the_gpu_like_checkpoints(monkeypatch, tmp_path):
         return torch.nn.Identity()
 
     monkeypatch.setattr(torch.jit, "load", fake_load)
+    # no GPU here to run the load-time check's blank image on (tested in test_export.py)
+    monkeypatch.setattr(backends.TorchScriptPredictor, "_check_graph", lambda self, path: None)
     (tmp_path / "m.pt").write_bytes(b"stand-in")
     loaded = backends.load_backend(tmp_path / "m.pt", "auto")
     assert where["device"] == torch.device("cuda:0") and torch.device(loaded.device) == torch.device("cuda:0")

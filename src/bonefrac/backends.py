@@ -164,6 +164,19 @@ class TorchScriptPredictor(_GraphPredictor):
         except Exception as exc:  # torch.jit raises RuntimeError and friends for non-TorchScript files
             raise BonefracError(f"{path}: cannot load TorchScript model: {exc}") from None
         super().__init__(_parse_meta(extra[f"{META_KEY}.json"], path), path, batch_size)
+        self._check_graph(path)
+
+    def _check_graph(self, path) -> None:
+        """As OnnxPredictor's: a traced graph states no sizes, so one blank image at the metadata's size must run
+        and give one score per class named."""
+        try:
+            out = self._logits(np.zeros((1, 1, self.size, self.size), np.float32))
+        except Exception as exc:  # noqa: BLE001 - torch.jit raises RuntimeError and friends for a wrong size
+            raise BonefracError(f"{path}: its metadata says {self.size} px input but the graph does not run on it "
+                                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+        if out.shape[-1] != len(self.class_names):
+            raise BonefracError(f"{path}: its metadata names {len(self.class_names)} classes "
+                                f"({', '.join(self.class_names)}) but the graph outputs {out.shape[-1]}")
 
     def _logits(self, x: np.ndarray) -> np.ndarray:
         import torch
